@@ -1,0 +1,3 @@
+//! conveyour-cdc streams a Postgres database's row changes into ConveYour.
+
+pub mod lsn;
