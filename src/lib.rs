@@ -1,3 +1,89 @@
-//! conveyour-cdc streams a Postgres database's row changes into ConveYour.
+//! conveyour-cdc streams a Postgres database's row changes into ConveYour:
+//! inserts and updates of identify tables become identify calls, rows of
+//! track tables become track events, and a replication position is
+//! confirmed to Postgres only after ConveYour acknowledged everything up to
+//! it.
+//!
+//! Stages: [`source`] (connections, slot, replication stream), [`decode`]
+//! (pgoutput and values), [`mapping`] (rows to actions), [`sink`] (requests
+//! to ConveYour), [`pipeline`] (the running connector) and [`check`]
+//! (preflight).
 
+use std::fmt;
+
+pub mod check;
+pub mod config;
+pub mod decode;
 pub mod lsn;
+pub mod mapping;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+
+/// Why the connector stopped. Each variant says whether waiting helps and
+/// what the operator should look at.
+#[derive(Debug)]
+pub enum Error {
+    Config(config::ConfigError),
+    Source(source::SourceError),
+    Decode(decode::DecodeError),
+    Map(mapping::MapError),
+    Sink(sink::SinkError),
+    /// A setup problem found outside the layers above.
+    Setup(String),
+}
+
+impl Error {
+    /// A hint for the operator, shown after the error.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "fix the config key named above; nothing was connected",
+            Error::Source(e) => e.hint(),
+            Error::Decode(_) => "this is a bug or an unsupported server; report it with the LSN, the position was not advanced",
+            Error::Map(_) => "fix the row or the mapping, then restart; the position was not advanced, so nothing is lost",
+            Error::Sink(e) => e.hint(),
+            Error::Setup(_) => "fix the setup named above, then restart",
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config(e) => e.fmt(f),
+            Error::Source(e) => e.fmt(f),
+            Error::Decode(e) => e.fmt(f),
+            Error::Map(e) => e.fmt(f),
+            Error::Sink(e) => e.fmt(f),
+            Error::Setup(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<config::ConfigError> for Error {
+    fn from(e: config::ConfigError) -> Self {
+        Error::Config(e)
+    }
+}
+impl From<source::SourceError> for Error {
+    fn from(e: source::SourceError) -> Self {
+        Error::Source(e)
+    }
+}
+impl From<decode::DecodeError> for Error {
+    fn from(e: decode::DecodeError) -> Self {
+        Error::Decode(e)
+    }
+}
+impl From<mapping::MapError> for Error {
+    fn from(e: mapping::MapError) -> Self {
+        Error::Map(e)
+    }
+}
+impl From<sink::SinkError> for Error {
+    fn from(e: sink::SinkError) -> Self {
+        Error::Sink(e)
+    }
+}

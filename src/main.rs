@@ -1,1 +1,139 @@
-fn main() {}
+//! The `conveyour-cdc` command: parses arguments, sets up logging, and
+//! hands over to the library. It orchestrates; the library does the work.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use conveyour_cdc::{check, config, pipeline, Error};
+
+/// Streams Postgres row changes into ConveYour identify and track calls.
+#[derive(Parser)]
+#[command(name = "conveyour-cdc", version, about, long_about = None)]
+struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text, env = "CONVEYOUR_CDC_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream changes until stopped (SIGTERM or Ctrl-C).
+    Run {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Verify everything `run` needs and print one line per check.
+    Check {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only parse and validate the config; do not connect.
+        #[arg(long)]
+        config_only: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match try_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(hint = e.hint(), "{e}");
+            eprintln!("error: {e} (hint: {})", e.hint());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main(cli: Cli) -> Result<ExitCode, Error> {
+    match cli.command {
+        Command::Run { config } => {
+            let settings = config::load(&config)?;
+            runtime()?.block_on(async {
+                let (trigger, shutdown) = pipeline::Shutdown::new();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("stop requested: finishing in-flight requests");
+                    trigger.trigger();
+                });
+                pipeline::run(&settings, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            config,
+            config_only,
+        } => {
+            let settings = config::load(&config)?;
+            println!("ok   config: {} tables mapped", settings.tables.len());
+            if config_only {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let results = runtime()?.block_on(check::run_checks(&settings));
+            for r in &results {
+                println!("{r}");
+            }
+            let failed: Vec<&str> = results
+                .iter()
+                .filter(|r| !r.ok)
+                .map(|r| r.name.as_str())
+                .collect();
+            if failed.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "error: {} check(s) failed: {}",
+                    failed.len(),
+                    failed.join(", ")
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Setup(format!("cannot start the async runtime: {e}")))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVEYOUR_CDC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

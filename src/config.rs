@@ -1,0 +1,596 @@
+//! The connector's configuration: a YAML file, parsed into typed structs and
+//! validated before anything connects.
+//!
+//! Every default is a named constant with the reason for its value. Every
+//! validation error names the config key it is about, so an operator can go
+//! straight to the line to fix.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::source::ConnParams;
+
+/// ConveYour refuses to store an event with more than this many key/value
+/// pairs in its properties (the API contract's "15 key/value pairs").
+pub const MAX_EVENT_PROPERTIES: usize = 15;
+
+/// Slot name when none is given: one connector per database is the common
+/// case, and a fixed name lets a restarted connector find its slot.
+pub const DEFAULT_SLOT: &str = "conveyour_cdc";
+/// Publication name when none is given, for the same reason as the slot.
+pub const DEFAULT_PUBLICATION: &str = "conveyour_cdc";
+/// Identify entries per request. ConveYour accepts arrays; 500 keeps a
+/// request well under a megabyte for typical rosters while amortising the
+/// round trip.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// How long a change may wait for its batch to fill. 200 ms keeps
+/// commit-to-ConveYour latency well inside the one-second promise.
+pub const DEFAULT_BATCH_WAIT_MS: u64 = 200;
+/// Longest a single HTTP request may take before it counts as failed and is
+/// retried. ConveYour normally answers in well under a second.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// First retry delay after a transient failure.
+pub const DEFAULT_MIN_BACKOFF_MS: u64 = 250;
+/// Cap on the retry delay: long enough not to hammer a ConveYour outage,
+/// short enough that recovery is noticed within half a minute.
+pub const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
+/// How many times a 2xx reply whose body is not `"status":"ok"` is retried
+/// before it counts as a rejection. Such replies are usually transient on
+/// ConveYour's side, but a permanent one must not be retried forever.
+pub const DEFAULT_BODY_ERROR_RETRIES: u32 = 3;
+/// Time allowed on SIGTERM to finish in-flight requests. 25 s stays under
+/// Kubernetes' default 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 25_000;
+/// Standby status updates are sent at least this often. Postgres drops a
+/// walsender that is silent for `wal_sender_timeout` (60 s by default).
+pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
+/// Environment variable that overrides `conveyour.appkey`.
+pub const APPKEY_ENV: &str = "CONVEYOUR_APPKEY";
+/// Environment variable that overrides `conveyour.token`.
+pub const TOKEN_ENV: &str = "CONVEYOUR_TOKEN";
+/// Environment variable that supplies the database password when the URL
+/// has none, as libpq does.
+pub const PGPASSWORD_ENV: &str = "PGPASSWORD";
+
+/// A credential. Its `Debug` and `Display` never show the value, so it
+/// cannot leak through logs, error messages or `{:?}` of a config struct.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The whole file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub conveyour: ConveyourConfig,
+    pub tables: Vec<TableConfig>,
+}
+
+/// `postgres:` — the source database.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user[:password]@host[:port]/dbname[?sslmode=...]`.
+    pub url: Secret,
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &"[redacted]")
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("status_interval_ms", &self.status_interval_ms)
+            .finish()
+    }
+}
+
+/// `conveyour:` — where changes go and how they are batched and retried.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConveyourConfig {
+    /// Base URL; `/api/analytics/identify` and `/api/analytics/track` are
+    /// appended.
+    pub url: String,
+    #[serde(default)]
+    pub appkey: Option<Secret>,
+    #[serde(default)]
+    pub token: Option<Secret>,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_wait_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_min_backoff_ms")]
+    pub min_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    #[serde(default = "default_body_error_retries")]
+    pub body_error_retries: u32,
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+/// One entry of `tables:`: a source table and what its rows become.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// `schema.table`, or `table` for the `public` schema.
+    pub table: String,
+    #[serde(default)]
+    pub identify: Option<IdentifyMapping>,
+    #[serde(default)]
+    pub track: Option<TrackMapping>,
+}
+
+/// Rows become identify calls: the contact and its traits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifyMapping {
+    /// Column holding the contact id.
+    pub id: String,
+    /// Trait name → column.
+    #[serde(default)]
+    pub traits: BTreeMap<String, String>,
+}
+
+/// Rows become track events on the contact.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackMapping {
+    /// Column holding the contact id; it must hold the same id the identify
+    /// mapping sends, or ConveYour cannot match the event to the contact.
+    pub id: String,
+    /// The event name, e.g. `made_sale`.
+    pub event: String,
+    /// Property name → column; at most [`MAX_EVENT_PROPERTIES`].
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_slot() -> String {
+    DEFAULT_SLOT.to_owned()
+}
+fn default_publication() -> String {
+    DEFAULT_PUBLICATION.to_owned()
+}
+fn default_status_interval_ms() -> u64 {
+    DEFAULT_STATUS_INTERVAL_MS
+}
+fn default_batch_size() -> usize {
+    DEFAULT_BATCH_SIZE
+}
+fn default_batch_wait_ms() -> u64 {
+    DEFAULT_BATCH_WAIT_MS
+}
+fn default_request_timeout_ms() -> u64 {
+    DEFAULT_REQUEST_TIMEOUT_MS
+}
+fn default_min_backoff_ms() -> u64 {
+    DEFAULT_MIN_BACKOFF_MS
+}
+fn default_max_backoff_ms() -> u64 {
+    DEFAULT_MAX_BACKOFF_MS
+}
+fn default_body_error_retries() -> u32 {
+    DEFAULT_BODY_ERROR_RETRIES
+}
+fn default_shutdown_grace_ms() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_MS
+}
+
+/// A config that cannot be used, with the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The key, e.g. `tables[1].track.properties`, or the file for errors
+    /// that are not about one key.
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config {}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A table's schema-qualified name, as the catalog spells it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` or `table` (schema `public`). Names are taken
+    /// literally, as stored in the catalog (no quote folding).
+    pub fn parse(text: &str) -> Option<TableName> {
+        let valid = |s: &str| !s.is_empty() && !s.contains('"') && s.trim() == s;
+        match text.split_once('.') {
+            Some((schema, name)) if valid(schema) && valid(name) && !name.contains('.') => {
+                Some(TableName {
+                    schema: schema.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            None if valid(text) => Some(TableName {
+                schema: "public".to_owned(),
+                name: text.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The name quoted for use in SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an identifier for SQL, doubling embedded quotes.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// What one mapped table's rows become, after validation.
+#[derive(Debug, Clone)]
+pub enum MappingKind {
+    Identify {
+        traits: Vec<(String, String)>,
+    },
+    Track {
+        event: String,
+        properties: Vec<(String, String)>,
+    },
+}
+
+/// A validated table mapping.
+#[derive(Debug, Clone)]
+pub struct TableMapping {
+    pub table: TableName,
+    /// Where in the file it came from, e.g. `tables[1]`, for error messages.
+    pub key: String,
+    pub id_column: String,
+    pub kind: MappingKind,
+}
+
+impl TableMapping {
+    /// Every column the mapping reads, id first, with the config key that
+    /// names it.
+    pub fn columns(&self) -> Vec<(String, &str)> {
+        let mut out = Vec::new();
+        let (section, pairs, what) = match &self.kind {
+            MappingKind::Identify { traits } => ("identify", traits, "traits"),
+            MappingKind::Track { properties, .. } => ("track", properties, "properties"),
+        };
+        out.push((
+            format!("{}.{section}.id", self.key),
+            self.id_column.as_str(),
+        ));
+        for (name, column) in pairs {
+            out.push((
+                format!("{}.{section}.{what}.{name}", self.key),
+                column.as_str(),
+            ));
+        }
+        out
+    }
+}
+
+/// Everything the connector needs, validated: credentials resolved, names
+/// parsed, limits checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub postgres: ConnParams,
+    pub slot: String,
+    pub publication: String,
+    pub status_interval: Duration,
+    pub conveyour: SinkSettings,
+    pub tables: Vec<TableMapping>,
+}
+
+/// Validated `conveyour:` settings.
+#[derive(Debug, Clone)]
+pub struct SinkSettings {
+    pub url: String,
+    pub appkey: Secret,
+    pub token: Secret,
+    pub batch_size: usize,
+    pub batch_wait: Duration,
+    pub request_timeout: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub body_error_retries: u32,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Reads and parses a config file; unknown keys and type errors name the
+    /// key and the line.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        Config::from_yaml(&text).map_err(|mut e| {
+            if e.field.is_empty() {
+                e.field = path.display().to_string();
+            }
+            e
+        })
+    }
+
+    /// Parses YAML text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        serde_yaml_ng::from_str(text).map_err(|e| {
+            // serde_yaml_ng puts the key path first ("tables[0].track: ...").
+            let message = e.to_string();
+            match message.split_once(": ") {
+                Some((path, rest)) if !path.contains(' ') => err(path, rest),
+                _ => err("", message),
+            }
+        })
+    }
+
+    /// Checks everything that can be checked without connecting and
+    /// resolves credentials from the environment (env wins over the file).
+    pub fn validate(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let pg = &self.postgres;
+        let postgres = ConnParams::from_url(pg.url.expose(), env(PGPASSWORD_ENV))
+            .map_err(|problem| err("postgres.url", problem))?;
+        check_name("postgres.slot", &pg.slot, true)?;
+        check_name("postgres.publication", &pg.publication, false)?;
+        if pg.status_interval_ms == 0 || pg.status_interval_ms > 30_000 {
+            return Err(err(
+                "postgres.status_interval_ms",
+                "must be between 1 and 30000 (Postgres drops a silent client after wal_sender_timeout)",
+            ));
+        }
+
+        let cy = &self.conveyour;
+        let url = cy.url.trim_end_matches('/').to_owned();
+        match url::Url::parse(&url) {
+            Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {
+                if u.query().is_some() || !u.username().is_empty() || u.password().is_some() {
+                    return Err(err(
+                        "conveyour.url",
+                        "give only the base URL (scheme, host, port, path); credentials go in appkey and token",
+                    ));
+                }
+            }
+            _ => {
+                return Err(err(
+                    "conveyour.url",
+                    format!("`{url}` is not an http(s) URL such as https://acme.conveyour.com"),
+                ))
+            }
+        }
+        let appkey = credential(env(APPKEY_ENV), &cy.appkey, "conveyour.appkey", APPKEY_ENV)?;
+        let token = credential(env(TOKEN_ENV), &cy.token, "conveyour.token", TOKEN_ENV)?;
+        if cy.batch_size == 0 || cy.batch_size > 10_000 {
+            return Err(err("conveyour.batch_size", "must be between 1 and 10000"));
+        }
+        if cy.batch_wait_ms > 60_000 {
+            return Err(err("conveyour.batch_wait_ms", "must be at most 60000"));
+        }
+        if cy.request_timeout_ms == 0 {
+            return Err(err(
+                "conveyour.request_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if cy.min_backoff_ms == 0 {
+            return Err(err("conveyour.min_backoff_ms", "must be greater than 0"));
+        }
+        if cy.max_backoff_ms < cy.min_backoff_ms {
+            return Err(err(
+                "conveyour.max_backoff_ms",
+                "must be at least conveyour.min_backoff_ms",
+            ));
+        }
+
+        if self.tables.is_empty() {
+            return Err(err("tables", "map at least one table"));
+        }
+        let mut seen: HashMap<TableName, String> = HashMap::new();
+        let mut tables = Vec::with_capacity(self.tables.len());
+        for (i, t) in self.tables.iter().enumerate() {
+            let key = format!("tables[{i}]");
+            let table = TableName::parse(&t.table).ok_or_else(|| {
+                err(
+                    format!("{key}.table"),
+                    format!("`{}` is not a table name of the form schema.table", t.table),
+                )
+            })?;
+            if let Some(first) = seen.get(&table) {
+                return Err(err(
+                    format!("{key}.table"),
+                    format!("{table} is already mapped at {first}; map each table once"),
+                ));
+            }
+            seen.insert(table.clone(), key.clone());
+            let mapping = match (&t.identify, &t.track) {
+                (Some(m), None) => {
+                    check_column(&format!("{key}.identify.id"), &m.id)?;
+                    for (name, column) in &m.traits {
+                        let k = format!("{key}.identify.traits.{name}");
+                        check_key(&k, name)?;
+                        check_column(&k, column)?;
+                    }
+                    TableMapping {
+                        table,
+                        key: key.clone(),
+                        id_column: m.id.clone(),
+                        kind: MappingKind::Identify {
+                            traits: m.traits.clone().into_iter().collect(),
+                        },
+                    }
+                }
+                (None, Some(m)) => {
+                    check_column(&format!("{key}.track.id"), &m.id)?;
+                    if m.event.trim().is_empty() {
+                        return Err(err(format!("{key}.track.event"), "must not be empty"));
+                    }
+                    if m.properties.len() > MAX_EVENT_PROPERTIES {
+                        return Err(err(
+                            format!("{key}.track.properties"),
+                            format!(
+                                "{} properties, but ConveYour blocks events with more than {MAX_EVENT_PROPERTIES}",
+                                m.properties.len()
+                            ),
+                        ));
+                    }
+                    for (name, column) in &m.properties {
+                        let k = format!("{key}.track.properties.{name}");
+                        check_key(&k, name)?;
+                        check_column(&k, column)?;
+                    }
+                    TableMapping {
+                        table,
+                        key: key.clone(),
+                        id_column: m.id.clone(),
+                        kind: MappingKind::Track {
+                            event: m.event.clone(),
+                            properties: m.properties.clone().into_iter().collect(),
+                        },
+                    }
+                }
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        key,
+                        "give either identify or track, not both; map the table twice under different roles is not supported",
+                    ))
+                }
+                (None, None) => {
+                    return Err(err(key, "missing identify or track: say what the rows become"))
+                }
+            };
+            tables.push(mapping);
+        }
+
+        Ok(Settings {
+            postgres,
+            slot: pg.slot.clone(),
+            publication: pg.publication.clone(),
+            status_interval: Duration::from_millis(pg.status_interval_ms),
+            conveyour: SinkSettings {
+                url,
+                appkey,
+                token,
+                batch_size: cy.batch_size,
+                batch_wait: Duration::from_millis(cy.batch_wait_ms),
+                request_timeout: Duration::from_millis(cy.request_timeout_ms),
+                min_backoff: Duration::from_millis(cy.min_backoff_ms),
+                max_backoff: Duration::from_millis(cy.max_backoff_ms),
+                body_error_retries: cy.body_error_retries,
+                shutdown_grace: Duration::from_millis(cy.shutdown_grace_ms),
+            },
+            tables,
+        })
+    }
+}
+
+/// Reads, parses and validates a config file against the process
+/// environment.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    Config::from_file(path)?.validate(&|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+}
+
+fn credential(
+    from_env: Option<String>,
+    from_file: &Option<Secret>,
+    field: &str,
+    env_name: &str,
+) -> Result<Secret, ConfigError> {
+    match (from_env, from_file) {
+        (Some(v), _) => Ok(Secret(v)),
+        (None, Some(v)) if !v.0.is_empty() => Ok(v.clone()),
+        _ => Err(err(
+            field,
+            format!("missing: set it in the config file or in the {env_name} environment variable"),
+        )),
+    }
+}
+
+/// Slot names are restricted by Postgres to lower-case letters, digits and
+/// underscores, at most 63 bytes; publications are ordinary identifiers.
+fn check_name(field: &str, name: &str, slot: bool) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(err(field, "must be 1 to 63 characters"));
+    }
+    if slot
+        && !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(err(
+            field,
+            format!(
+                "`{name}`: a slot name may hold only lower-case letters, digits and underscores"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_column(field: &str, column: &str) -> Result<(), ConfigError> {
+    if column.is_empty() || column.len() > 63 {
+        return Err(err(field, "must name a column (1 to 63 characters)"));
+    }
+    Ok(())
+}
+
+fn check_key(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(err(field, "the name must not be empty"));
+    }
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! The running connector: one replication session after another, each a
+//! reader (stream → decode → map), a delivery loop (batch → send →
+//! confirm) and a feedback loop (standby status updates).
+//!
+//! The guarantee lives here: the position reported to Postgres moves only
+//! to the end of a transaction all of whose actions ConveYour acknowledged,
+//! and all transactions before it; when nothing is pending it follows the
+//! server's keepalives, so an idle slot holds no WAL.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::config::{Settings, TableName};
+use crate::decode::{decode, PgOutput};
+use crate::lsn::Lsn;
+use crate::mapping::{Action, Mapper};
+use crate::sink::{Batcher, Sink};
+use crate::source::{
+    self, connect_sql, Catalog, ReplicationConn, ReplicationMessage, ReplicationReader,
+    ReplicationWriter,
+};
+use crate::Error;
+
+/// Decoded events between the reader and the delivery loop. Bounded so a
+/// slow ConveYour slows the reader (and, through TCP, the walsender) rather
+/// than growing memory: a million-row transaction streams through.
+const EVENT_BUFFER: usize = 4096;
+
+/// First pause before reconnecting to Postgres; doubles up to the cap.
+const RECONNECT_MIN: Duration = Duration::from_millis(500);
+/// Longest pause between reconnection attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// Asks the connector to stop; see [`Shutdown`].
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// A stop request every part of the connector can wait on.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger(tx), Shutdown(rx))
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once a stop was asked for (at once if it already was).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Streams until asked to stop or until an error a person must fix.
+/// Connection losses to Postgres reconnect with backoff and resume from the
+/// slot's confirmed position.
+pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
+    let sink = Sink::new(&settings.conveyour).map_err(|e| Error::Setup(e))?;
+    let mut failures: u32 = 0;
+    loop {
+        let started = Instant::now();
+        match session(settings, &sink, shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(Error::Source(e)) if e.is_transient() && !shutdown.is_set() => {
+                if started.elapsed() > RECONNECT_MAX * 2 {
+                    failures = 0;
+                }
+                let wait = crate::sink::backoff(failures, RECONNECT_MIN, RECONNECT_MAX);
+                failures += 1;
+                tracing::warn!(
+                    retry_in_ms = wait.as_millis() as u64,
+                    "replication interrupted, reconnecting: {e}"
+                );
+                let mut stop = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.wait() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One replication session, from connecting to the end of the stream.
+async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result<(), Error> {
+    let client = connect_sql(&settings.postgres).await?;
+    let catalog = Catalog::load(&client, &settings.tables).await?;
+    let tables: Vec<&TableName> = settings.tables.iter().map(|t| &t.table).collect();
+    if source::ensure_publication(&client, &settings.publication, &tables).await?
+        == source::PublicationState::Created
+    {
+        tracing::info!(publication = %settings.publication, "created the publication for the mapped tables");
+    }
+    if source::ensure_slot(&client, &settings.slot, &settings.postgres.dbname).await? {
+        tracing::info!(slot = %settings.slot, "created the replication slot");
+    }
+    let start = source::slot_confirmed(&client, &settings.slot).await?;
+    drop(client);
+
+    let mut conn = ReplicationConn::connect(&settings.postgres).await?;
+    let system = conn.identify_system().await?;
+    let (reader, writer) = conn
+        .start_replication(&settings.slot, &settings.publication, Lsn::ZERO)
+        .await?;
+    tracing::info!(
+        slot = %settings.slot,
+        confirmed = %start,
+        server_wal = %system.xlog_pos,
+        timeline = system.timeline,
+        "streaming"
+    );
+
+    let (confirmed_tx, confirmed_rx) = watch::channel(start);
+    let reply_now = Arc::new(Notify::new());
+    let (stop_feedback, stop_feedback_rx) = oneshot::channel();
+    let feedback = tokio::spawn(feedback_loop(
+        writer,
+        confirmed_rx,
+        reply_now.clone(),
+        settings.status_interval,
+        stop_feedback_rx,
+    ));
+    let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+    let mapper = Mapper::new(&settings.tables, catalog.kinds);
+    let reader = tokio::spawn(read_loop(
+        reader,
+        mapper,
+        events_tx,
+        reply_now,
+        shutdown.clone(),
+    ));
+
+    let mut delivery = Delivery {
+        sink,
+        batcher: Batcher::new(settings.conveyour.batch_size),
+        confirmed: confirmed_tx,
+        last_commit: None,
+        in_transaction: false,
+        batch_wait: settings.conveyour.batch_wait,
+        grace: settings.conveyour.shutdown_grace,
+        deadline: None,
+    };
+    let delivered = delivery.run(events_rx, shutdown).await;
+
+    reader.abort();
+    let read = match reader.await {
+        Ok(r) => r,
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(Error::Setup(format!("the replication reader failed: {e}"))),
+    };
+    let _ = stop_feedback.send(());
+    if let Ok(Err(e)) = feedback.await {
+        tracing::debug!("final status update not sent: {e}");
+    }
+    delivered.and(read)
+}
+
+/// What the reader hands the delivery loop, in stream order.
+#[derive(Debug)]
+enum Event {
+    Begin,
+    Action(Action),
+    Commit {
+        end_lsn: Lsn,
+    },
+    /// The server has sent everything up to here.
+    Keepalive {
+        wal_end: Lsn,
+    },
+}
+
+async fn read_loop(
+    mut reader: ReplicationReader,
+    mut mapper: Mapper,
+    events: mpsc::Sender<Event>,
+    reply_now: Arc<Notify>,
+    mut shutdown: Shutdown,
+) -> Result<(), Error> {
+    loop {
+        let message = tokio::select! {
+            m = reader.next() => m?,
+            _ = shutdown.wait() => return Ok(()),
+        };
+        let event = match message {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                if reply_requested {
+                    reply_now.notify_one();
+                }
+                Event::Keepalive { wal_end }
+            }
+            ReplicationMessage::XLogData { wal_start, data } => match decode(wal_start, data)? {
+                PgOutput::Begin { .. } => Event::Begin,
+                PgOutput::Commit { end_lsn, .. } => Event::Commit { end_lsn },
+                PgOutput::Relation(rel) => {
+                    mapper.relation(&rel, wal_start)?;
+                    continue;
+                }
+                PgOutput::Insert { relation, new } => {
+                    match mapper.insert(relation, &new, wal_start)? {
+                        Some(a) => Event::Action(a),
+                        None => continue,
+                    }
+                }
+                PgOutput::Update { relation, new, .. } => {
+                    match mapper.update(relation, &new, wal_start)? {
+                        Some(a) => Event::Action(a),
+                        None => continue,
+                    }
+                }
+                PgOutput::Truncate { relations, .. } => {
+                    tracing::warn!(lsn = %wal_start, relations = ?relations, "TRUNCATE of a published table: nothing is sent to ConveYour for it");
+                    continue;
+                }
+                PgOutput::Delete { .. }
+                | PgOutput::Origin { .. }
+                | PgOutput::Type { .. }
+                | PgOutput::Message { .. } => continue,
+            },
+        };
+        if events.send(event).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends standby status updates: whenever the confirmed position moves, when
+/// the server asks, and at least every `interval`. On stop, sends the final
+/// position and ends the stream.
+async fn feedback_loop(
+    mut writer: ReplicationWriter,
+    mut confirmed: watch::Receiver<Lsn>,
+    reply_now: Arc<Notify>,
+    interval: Duration,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<(), source::SourceError> {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            changed = confirmed.changed() => if changed.is_err() { break },
+            _ = tick.tick() => {}
+            _ = reply_now.notified() => {}
+        }
+        let lsn = *confirmed.borrow_and_update();
+        writer.send_status(lsn, false).await?;
+    }
+    let lsn = *confirmed.borrow();
+    let sent = writer.send_status(lsn, false).await;
+    writer.close().await;
+    tracing::info!(confirmed = %lsn, "replication stream closed");
+    sent
+}
+
+/// Batches actions, delivers them, and moves the confirmed position.
+struct Delivery<'a> {
+    sink: &'a Sink,
+    batcher: Batcher,
+    confirmed: watch::Sender<Lsn>,
+    /// End of the last transaction whose commit has been received.
+    last_commit: Option<Lsn>,
+    /// Between a Begin and its Commit.
+    in_transaction: bool,
+    batch_wait: Duration,
+    grace: Duration,
+    /// When the oldest pending action has waited long enough.
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// Whether a flush finished or was abandoned at shutdown.
+enum Flushed {
+    Done,
+    Abandoned,
+}
+
+impl Delivery<'_> {
+    async fn run(
+        &mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut shutdown: Shutdown,
+    ) -> Result<(), Error> {
+        loop {
+            let deadline = self.deadline;
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    match self.flush_guarded(&mut shutdown).await? {
+                        Flushed::Done => continue,
+                        Flushed::Abandoned => return Ok(()),
+                    }
+                }
+                e = events.recv() => match e {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
+            let flush_now = match event {
+                Event::Begin => {
+                    self.in_transaction = true;
+                    false
+                }
+                Event::Commit { end_lsn } => {
+                    self.in_transaction = false;
+                    self.last_commit = Some(end_lsn);
+                    if self.batcher.is_empty() {
+                        self.confirm(end_lsn);
+                    }
+                    false
+                }
+                Event::Keepalive { wal_end } => {
+                    if !self.in_transaction && self.batcher.is_empty() {
+                        self.confirm(wal_end);
+                    }
+                    false
+                }
+                Event::Action(action) => {
+                    if self.batcher.must_flush_before(&action) {
+                        if let Flushed::Abandoned = self.flush_guarded(&mut shutdown).await? {
+                            return Ok(());
+                        }
+                    }
+                    if self.batcher.is_empty() {
+                        self.deadline = Some(tokio::time::Instant::now() + self.batch_wait);
+                    }
+                    self.batcher.push(action);
+                    self.batcher.is_full()
+                }
+            };
+            if flush_now {
+                if let Flushed::Abandoned = self.flush_guarded(&mut shutdown).await? {
+                    return Ok(());
+                }
+            }
+        }
+        // Stopping (asked to, or the stream ended): deliver what is pending
+        // within the grace period, then confirm what was acknowledged.
+        if !self.batcher.is_empty() {
+            match tokio::time::timeout(self.grace, self.flush()).await {
+                Ok(r) => r?,
+                Err(_) => tracing::warn!(
+                    "shutdown grace period over with requests unacknowledged; they are sent again on the next start"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// A flush that, once a stop is asked for, gets the grace period to
+    /// finish before it is abandoned.
+    async fn flush_guarded(&mut self, shutdown: &mut Shutdown) -> Result<Flushed, Error> {
+        let grace = self.grace;
+        let flush = self.flush();
+        tokio::pin!(flush);
+        tokio::select! {
+            r = &mut flush => r.map(|_| Flushed::Done),
+            _ = shutdown.wait() => match tokio::time::timeout(grace, flush).await {
+                Ok(r) => r.map(|_| Flushed::Done),
+                Err(_) => {
+                    tracing::warn!("shutdown grace period over with a request unacknowledged; it is sent again on the next start");
+                    Ok(Flushed::Abandoned)
+                }
+            },
+        }
+    }
+
+    /// Delivers every pending action, in order; then everything received
+    /// so far is acknowledged, so the last complete transaction is
+    /// confirmed.
+    async fn flush(&mut self) -> Result<(), Error> {
+        self.deadline = None;
+        for request in self.batcher.take() {
+            self.sink.deliver(&request).await?;
+        }
+        if let Some(lsn) = self.last_commit {
+            self.confirm(lsn);
+        }
+        Ok(())
+    }
+
+    /// Moves the confirmed position forward (never back).
+    fn confirm(&self, lsn: Lsn) {
+        self.confirmed.send_if_modified(|current| {
+            if lsn > *current {
+                *current = lsn;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}

@@ -1,0 +1,212 @@
+//! The HTTP client that delivers requests to ConveYour and retries until
+//! each is acknowledged or definitely rejected.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
+
+use super::batch::{Origin, Request};
+use super::retry::{backoff, classify, Verdict};
+use super::Endpoint;
+use crate::config::SinkSettings;
+
+/// A request ConveYour will not accept as it is. The position does not
+/// move past it.
+#[derive(Debug, Clone)]
+pub struct SinkError {
+    endpoint: Endpoint,
+    count: usize,
+    first: Option<(String, String, crate::lsn::Lsn)>,
+    reason: String,
+    attempts: u32,
+}
+
+impl SinkError {
+    /// What the operator should do.
+    pub fn hint(&self) -> &'static str {
+        "fix the row or the mapping named above (or what ConveYour's message says), then restart; the position was not advanced, so nothing is lost"
+    }
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.endpoint {
+            Endpoint::Identify => "identify entries",
+            Endpoint::Track => "track events",
+        };
+        write!(f, "ConveYour rejected a request of {} {what}", self.count)?;
+        if let Some((table, contact, lsn)) = &self.first {
+            let lead = if self.count > 1 { "first: " } else { "" };
+            write!(f, " ({lead}table {table}, id {contact}, LSN {lsn})")?;
+        }
+        write!(f, " after {} attempt(s): {}", self.attempts, self.reason)
+    }
+}
+
+impl std::error::Error for SinkError {}
+
+/// Delivers requests to one ConveYour account.
+pub(crate) struct Sink {
+    http: reqwest::Client,
+    base: String,
+    settings: SinkSettings,
+}
+
+impl Sink {
+    pub(crate) fn new(settings: &SinkSettings) -> Result<Sink, String> {
+        let mut headers = HeaderMap::new();
+        let secret = |value: &str, what: &str| -> Result<HeaderValue, String> {
+            let mut v = HeaderValue::from_str(value).map_err(|_| {
+                format!("conveyour.{what}: holds characters that cannot go in an HTTP header")
+            })?;
+            v.set_sensitive(true);
+            Ok(v)
+        };
+        headers.insert(
+            "x-conveyour-appkey",
+            secret(settings.appkey.expose(), "appkey")?,
+        );
+        headers.insert(
+            "x-conveyour-token",
+            secret(settings.token.expose(), "token")?,
+        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("conveyour-cdc/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("conveyour: cannot build the HTTP client: {e}"))?;
+        Ok(Sink {
+            http,
+            base: settings.url.clone(),
+            settings: settings.clone(),
+        })
+    }
+
+    /// Sends one request until ConveYour acknowledges it. Transient failures
+    /// (connection errors, timeouts, 408, 429, 5xx) are retried forever with
+    /// capped, jittered backoff, honouring Retry-After; a 2xx whose body is
+    /// not ok is retried `body_error_retries` times; anything else is a
+    /// [`SinkError`]. Cancel by dropping the future.
+    pub(crate) async fn deliver(&self, req: &Request) -> Result<(), SinkError> {
+        let url = format!("{}{}", self.base, req.endpoint.path());
+        let key = req.idempotency_key();
+        let mut attempts: u32 = 0;
+        let mut not_ok: u32 = 0;
+        loop {
+            attempts += 1;
+            let verdict = match self
+                .http
+                .post(&url)
+                .header("Idempotency-Key", &key)
+                .body(req.body.clone())
+                .send()
+                .await
+            {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let retry_after = resp
+                        .headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    match resp.bytes().await {
+                        Ok(body) => classify(status, retry_after.as_deref(), &body),
+                        Err(e) => Verdict::Retry {
+                            reason: format!(
+                                "HTTP {status}, reading the body failed: {}",
+                                describe(&e)
+                            ),
+                            after: None,
+                        },
+                    }
+                }
+                Err(e) => Verdict::Retry {
+                    reason: describe(&e),
+                    after: None,
+                },
+            };
+            let wait = match verdict {
+                Verdict::Ack => return Ok(()),
+                Verdict::Retry { reason, after } => {
+                    let wait = after.unwrap_or_else(|| self.backoff(attempts));
+                    tracing::warn!(
+                        endpoint = req.endpoint.name(),
+                        entries = req.count,
+                        attempt = attempts,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "ConveYour request failed, will retry: {reason}"
+                    );
+                    wait
+                }
+                Verdict::NotOk { reason } => {
+                    not_ok += 1;
+                    if not_ok > self.settings.body_error_retries {
+                        return Err(self.rejected(req, reason, attempts));
+                    }
+                    let wait = self.backoff(attempts);
+                    tracing::warn!(
+                        endpoint = req.endpoint.name(),
+                        entries = req.count,
+                        attempt = attempts,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "ConveYour did not acknowledge the request, will retry: {reason}"
+                    );
+                    wait
+                }
+                Verdict::Reject { reason } => return Err(self.rejected(req, reason, attempts)),
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        backoff(
+            attempts.saturating_sub(1),
+            self.settings.min_backoff,
+            self.settings.max_backoff,
+        )
+    }
+
+    fn rejected(&self, req: &Request, reason: String, attempts: u32) -> SinkError {
+        SinkError {
+            endpoint: req.endpoint,
+            count: req.count,
+            first: req.origins.first().map(
+                |Origin {
+                     table,
+                     contact,
+                     lsn,
+                 }| { (table.to_string(), contact.clone(), *lsn) },
+            ),
+            reason,
+            attempts,
+        }
+    }
+}
+
+/// A transport error in one line, with its causes, and never the URL's
+/// query (there is none; credentials travel in headers).
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "request failed"
+    };
+    let mut text = kind.to_owned();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

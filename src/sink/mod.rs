@@ -1,0 +1,34 @@
+//! The ConveYour side: request building, the HTTP client, and the retry
+//! policy that decides what counts as an acknowledgement.
+
+mod batch;
+mod client;
+mod retry;
+
+pub(crate) use batch::Batcher;
+pub(crate) use client::Sink;
+pub use client::SinkError;
+pub(crate) use retry::backoff;
+
+/// Which ConveYour API a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Identify,
+    Track,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Identify => "/api/analytics/identify",
+            Endpoint::Track => "/api/analytics/track",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Identify => "identify",
+            Endpoint::Track => "track",
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The source side: connections to Postgres, the publication and slot the
+//! connector owns, and the logical replication stream.
+
+mod catalog;
+mod params;
+mod replication;
+mod tls;
+
+use std::fmt;
+
+pub(crate) use catalog::{
+    check_slot, connect_sql, ensure_publication, ensure_slot, missing_from_publication,
+    slot_confirmed, slot_info, Catalog, PublicationState,
+};
+pub use params::{ConnParams, Host, SslMode};
+pub(crate) use replication::{
+    ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
+};
+
+/// What to do about a source error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceErrorKind {
+    /// The connection broke or the server is busy (restarting, slot still
+    /// held by a dying session): reconnect after a pause.
+    Transient,
+    /// The setup is wrong (credentials, privileges, missing objects, TLS):
+    /// a person must fix it; retrying will not help.
+    Setup,
+}
+
+/// An error from the source database, with what to do about it.
+#[derive(Debug, Clone)]
+pub struct SourceError {
+    kind: SourceErrorKind,
+    message: String,
+}
+
+impl SourceError {
+    pub(crate) fn transient(message: String) -> Self {
+        SourceError {
+            kind: SourceErrorKind::Transient,
+            message,
+        }
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        SourceError {
+            kind: SourceErrorKind::Setup,
+            message: message.into(),
+        }
+    }
+
+    /// Classifies a server error by its SQLSTATE.
+    pub(crate) fn from_sqlstate(code: &str, message: String) -> Self {
+        let transient = matches!(
+            code,
+            // object_in_use: "replication slot … is active for PID …"
+            "55006"
+            // admin_shutdown, crash_shutdown, cannot_connect_now
+            | "57P01" | "57P02" | "57P03"
+            // too_many_connections, configuration_limit_exceeded
+            | "53300" | "53400"
+            // serialization / deadlock on catalog queries
+            | "40001" | "40P01"
+        ) || code.starts_with("08");
+        SourceError {
+            kind: if transient {
+                SourceErrorKind::Transient
+            } else {
+                SourceErrorKind::Setup
+            },
+            message,
+        }
+    }
+
+    pub(crate) fn from_sql(context: &str, e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => {
+                let mut text = format!(
+                    "{context}: {} (SQLSTATE {})",
+                    db.message(),
+                    db.code().code()
+                );
+                if let Some(hint) = db.hint() {
+                    text.push_str(&format!("; hint: {hint}"));
+                }
+                Self::from_sqlstate(db.code().code(), text)
+            }
+            None if e.is_closed() => Self::transient(format!("{context}: the connection closed")),
+            None => Self::transient(format!("{context}: {e}")),
+        }
+    }
+
+    pub fn kind(&self) -> SourceErrorKind {
+        self.kind
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.kind == SourceErrorKind::Transient
+    }
+
+    /// What the operator should look at.
+    pub fn hint(&self) -> &'static str {
+        match self.kind {
+            SourceErrorKind::Transient => "the connector reconnects by itself; check the database's availability if this repeats",
+            SourceErrorKind::Setup => "run `conveyour-cdc check --config FILE` to see what the database is missing",
+        }
+    }
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SourceError {}
