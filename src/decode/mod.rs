@@ -1222,4 +1222,68 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn captured_values_convert_to_json() {
+        use serde_json::json;
+        use value::{to_json, ValueKind};
+        let msgs: Vec<PgOutput> = fixture()
+            .into_iter()
+            .map(|(lsn, data)| decode(lsn, data).unwrap())
+            .collect();
+        let PgOutput::Relation(people) = &msgs[2] else {
+            panic!()
+        };
+        let convert = |tuple: &Tuple| {
+            people
+                .columns
+                .iter()
+                .zip(&tuple.0)
+                .map(|(col, datum)| {
+                    // The enum (not a built-in) falls back to its text.
+                    let kind = ValueKind::from_builtin_oid(col.type_oid).unwrap_or(ValueKind::Text);
+                    match datum {
+                        Datum::Null => json!(null),
+                        Datum::UnchangedToast => json!("<unchanged toast>"),
+                        Datum::Text(t) => to_json(&kind, t).unwrap(),
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
+        let PgOutput::Update { new, .. } = &msgs[11] else {
+            panic!()
+        };
+        assert_eq!(
+            convert(new),
+            vec![
+                json!(1),
+                json!(true),
+                json!(-32768),
+                json!(42),
+                json!(1.5),
+                json!("NaN"),
+                json!(1000.5),
+                json!("Ada"),
+                json!("ada@example.com"),
+                json!("ab "),
+                json!("2024-01-31"),
+                json!("2024-01-31T10:00:00.123"),
+                json!("2024-01-31T10:00:00Z"),
+                json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+                json!(r#"{"plan": "pro", "n": 1}"#),
+                json!([1, "two", null]),
+                json!([1, null, 3]),
+                json!(["a,b", "quote\"d", null, "NULL"]),
+                json!("happy"),
+                json!("<unchanged toast>"),
+            ]
+        );
+        let PgOutput::Insert { new, .. } = &msgs[4] else {
+            panic!()
+        };
+        let bob = convert(new);
+        assert_eq!(bob[5], json!("-Infinity"));
+        assert_eq!(bob[10], json!("infinity"));
+        assert_eq!(bob[16], json!([]));
+    }
 }

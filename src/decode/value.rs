@@ -475,3 +475,437 @@ fn array_value(elem: &ValueKind, s: &str) -> Result<Value, ValueError> {
     }
     Ok(Value::Array(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn conv(kind: &ValueKind, text: &str) -> Value {
+        to_json(kind, text.as_bytes()).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+    }
+
+    fn fails(kind: &ValueKind, text: &[u8]) -> String {
+        to_json(kind, text)
+            .expect_err("should not convert")
+            .to_string()
+    }
+
+    fn arr(k: ValueKind) -> ValueKind {
+        ValueKind::Array(Box::new(k))
+    }
+
+    /// Serialized JSON, to check numbers' exact form.
+    fn js(kind: &ValueKind, text: &str) -> String {
+        conv(kind, text).to_string()
+    }
+
+    #[test]
+    fn builtin_oids() {
+        use ValueKind::*;
+        let cases = [
+            (16, Bool),
+            (20, Int),
+            (21, Int),
+            (23, Int),
+            (26, Int),
+            (700, Float),
+            (701, Float),
+            (1700, Numeric),
+            (25, Text),
+            (1043, Text),
+            (1042, Text),
+            (19, Text),
+            (2950, Text),
+            (17, Text),
+            (1186, Text),
+            (1082, Date),
+            (1114, Timestamp),
+            (1184, TimestampTz),
+            (114, Json),
+            (3802, Json),
+            (1000, arr(Bool)),
+            (1005, arr(Int)),
+            (1007, arr(Int)),
+            (1016, arr(Int)),
+            (1021, arr(Float)),
+            (1022, arr(Float)),
+            (1231, arr(Numeric)),
+            (1009, arr(Text)),
+            (1015, arr(Text)),
+            (1014, arr(Text)),
+            (1003, arr(Text)),
+            (2951, arr(Text)),
+            (1182, arr(Date)),
+            (1115, arr(Timestamp)),
+            (1185, arr(TimestampTz)),
+            (199, arr(Json)),
+            (3807, arr(Json)),
+        ];
+        for (oid, kind) in cases {
+            assert_eq!(ValueKind::from_builtin_oid(oid), Some(kind), "OID {oid}");
+        }
+        // Enums, domains, user types: the caller asks the catalog.
+        for oid in [0, 16417, 100_000] {
+            assert_eq!(ValueKind::from_builtin_oid(oid), None);
+        }
+    }
+
+    #[test]
+    fn bool_values() {
+        assert_eq!(conv(&ValueKind::Bool, "t"), json!(true));
+        assert_eq!(conv(&ValueKind::Bool, "f"), json!(false));
+        for bad in ["true", "T", "", "tt", "1"] {
+            assert_eq!(
+                fails(&ValueKind::Bool, bad.as_bytes()),
+                format!("\"{bad}\" is not a boolean (t or f)")
+            );
+        }
+    }
+
+    #[test]
+    fn int_values() {
+        let k = ValueKind::Int;
+        assert_eq!(conv(&k, "0"), json!(0));
+        assert_eq!(conv(&k, "-32768"), json!(-32768));
+        assert_eq!(conv(&k, "2147483647"), json!(2_147_483_647));
+        assert_eq!(conv(&k, "4294967295"), json!(4_294_967_295u32)); // oid
+        assert_eq!(conv(&k, "9223372036854775807"), json!(i64::MAX));
+        assert_eq!(conv(&k, "-9223372036854775808"), json!(i64::MIN));
+        assert_eq!(js(&k, "-0"), "0");
+        for bad in [
+            "9223372036854775808",
+            "-9223372036854775809",
+            "",
+            "-",
+            "1.0",
+            " 1",
+            "1e3",
+            "abc",
+        ] {
+            assert_eq!(
+                fails(&k, bad.as_bytes()),
+                format!("\"{bad}\" is not an integer within 64 bits")
+            );
+        }
+        assert!(fails(&k, b"\xff1").contains("is not an integer"));
+    }
+
+    #[test]
+    fn float_values() {
+        let k = ValueKind::Float;
+        assert_eq!(js(&k, "1.5"), "1.5");
+        assert_eq!(js(&k, "-0.1"), "-0.1");
+        assert_eq!(js(&k, "3.4028235e+38"), "3.4028235e+38");
+        assert_eq!(js(&k, "1e-320"), "1e-320");
+        assert_eq!(js(&k, "1.7976931348623157e+308"), "1.7976931348623157e+308");
+        assert_eq!(conv(&k, "NaN"), json!("NaN"));
+        assert_eq!(conv(&k, "Infinity"), json!("Infinity"));
+        assert_eq!(conv(&k, "-Infinity"), json!("-Infinity"));
+        for bad in ["", "abc", "inf", "1e999", "1,5"] {
+            assert!(
+                fails(&k, bad.as_bytes()).ends_with("is not a floating-point number"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn numeric_values() {
+        let k = ValueKind::Numeric;
+        let cases = [
+            ("0", "0"),
+            ("-0", "0"),
+            ("0.00", "0"),
+            ("42", "42"),
+            ("1000.00", "1000"),
+            ("-17.000", "-17"),
+            ("9223372036854775807", "9223372036854775807"),
+            ("-9223372036854775808", "-9223372036854775808"),
+            ("1000.50", "1000.5"),
+            ("0.1", "0.1"),
+            ("-0.001", "-0.001"),
+            ("123.456", "123.456"),
+            ("0.30000000000000004", "0.30000000000000004"),
+            // Integral beyond i64 but exactly an f64 printed shortest.
+            ("100000000000000000000", "1e+20"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(js(&k, text), want, "{text}");
+        }
+        // 10^308 is exactly what the f64 1e308 prints as.
+        let big = format!("1{}", "0".repeat(308));
+        assert_eq!(js(&k, &big), "1e+308");
+        // 10^309 is beyond f64; 1e308 + 1 is not exactly an f64.
+        let bigger = format!("1{}", "0".repeat(309));
+        assert_eq!(conv(&k, &bigger), json!(bigger));
+        let plus_one = format!("1{}1", "0".repeat(307));
+        assert_eq!(conv(&k, &plus_one), json!(plus_one));
+        let tiny = format!("0.{}1", "0".repeat(306)); // 1e-307
+        assert_eq!(js(&k, &tiny), "1e-307");
+        // Not exactly representable: the string as sent.
+        for text in [
+            "12345678901234567890.123",
+            "12345678901234567890",
+            // 2^63 is an f64, but its shortest form 9.223372036854776e18 is another decimal.
+            "9223372036854775808",
+            "0.10000000000000001",
+            "3.141592653589793238462643383279",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+        ] {
+            assert_eq!(conv(&k, text), json!(text), "{text}");
+        }
+        for bad in ["", "-", "1.2.3", "abc", "1e5", ".5", "+1", "1.", " 1"] {
+            if bad == "1." {
+                // "1." is integral with an empty fraction: accepted as 1.
+                assert_eq!(js(&k, bad), "1");
+                continue;
+            }
+            assert!(
+                fails(&k, bad.as_bytes()).ends_with("is not a numeric value"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn text_and_date_values_are_passed_as_sent() {
+        assert_eq!(conv(&ValueKind::Text, "ab "), json!("ab "));
+        assert_eq!(conv(&ValueKind::Text, ""), json!(""));
+        assert_eq!(conv(&ValueKind::Text, "naïve ✓"), json!("naïve ✓"));
+        assert_eq!(
+            conv(&ValueKind::Text, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
+        for d in ["2024-01-31", "infinity", "-infinity", "0044-03-15 BC"] {
+            assert_eq!(conv(&ValueKind::Date, d), json!(d));
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error() {
+        for kind in [
+            ValueKind::Text,
+            ValueKind::Float,
+            ValueKind::Numeric,
+            ValueKind::Date,
+            ValueKind::Timestamp,
+            ValueKind::TimestampTz,
+            ValueKind::Json,
+            arr(ValueKind::Text),
+        ] {
+            assert!(fails(&kind, b"ab\xffc").starts_with("value is not valid UTF-8"));
+        }
+    }
+
+    #[test]
+    fn timestamp_values() {
+        let k = ValueKind::Timestamp;
+        assert_eq!(
+            conv(&k, "2024-01-31 10:00:00.123"),
+            json!("2024-01-31T10:00:00.123")
+        );
+        assert_eq!(
+            conv(&k, "2024-01-31 10:00:00"),
+            json!("2024-01-31T10:00:00")
+        );
+        for kept in ["infinity", "-infinity", "0044-03-15 12:00:00 BC"] {
+            assert_eq!(conv(&k, kept), json!(kept));
+        }
+    }
+
+    #[test]
+    fn timestamptz_values() {
+        let k = ValueKind::TimestampTz;
+        let cases = [
+            ("2024-01-31 10:00:00+00", "2024-01-31T10:00:00Z"),
+            ("2024-01-31 10:00:00.5+00", "2024-01-31T10:00:00.5Z"),
+            ("2024-01-31 10:00:00+05:30", "2024-01-31T10:00:00+05:30"),
+            ("2024-01-31 10:00:00-08", "2024-01-31T10:00:00-08:00"),
+            (
+                "2024-01-31 10:00:00.123456+02",
+                "2024-01-31T10:00:00.123456+02:00",
+            ),
+            (
+                "1900-01-01 00:00:00+05:30:15",
+                "1900-01-01T00:00:00+05:30:15",
+            ),
+            ("infinity", "infinity"),
+            ("-infinity", "-infinity"),
+            ("0044-03-15 12:00:00+00 BC", "0044-03-15 12:00:00+00 BC"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(conv(&k, text), json!(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn json_values() {
+        let k = ValueKind::Json;
+        assert_eq!(conv(&k, "1"), json!(1));
+        assert_eq!(conv(&k, "-2.5"), json!(-2.5));
+        assert_eq!(conv(&k, "\"hi\""), json!("hi"));
+        assert_eq!(conv(&k, "true"), json!(true));
+        assert_eq!(conv(&k, "null"), Value::Null);
+        assert_eq!(conv(&k, r#"[1, "two", null]"#), json!([1, "two", null]));
+        assert_eq!(conv(&k, r#"[{"a": 1}]"#), json!([{"a": 1}]));
+        // Objects go as their JSON text.
+        let obj = r#"{"plan": "pro", "n": 1}"#;
+        assert_eq!(conv(&k, obj), json!(obj));
+        assert_eq!(conv(&k, " {}"), json!(" {}"));
+        // Valid JSON serde_json can't hold as a number: its text.
+        assert_eq!(conv(&k, "1e400"), json!("1e400"));
+        for bad in ["", "{", r#"{"a": }"#, "[1,]", "tru", "1 2", "{} x"] {
+            assert!(
+                fails(&k, bad.as_bytes()).contains("is not valid JSON"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn arrays_of_scalars() {
+        use ValueKind::*;
+        assert_eq!(conv(&arr(Int), "{1,NULL,3}"), json!([1, null, 3]));
+        assert_eq!(conv(&arr(Int), "{}"), json!([]));
+        assert_eq!(conv(&arr(Int), "{ }"), json!([]));
+        assert_eq!(conv(&arr(Int), " { 1 , 2 } "), json!([1, 2]));
+        assert_eq!(
+            conv(&arr(Int), "{-9223372036854775808,9223372036854775807}"),
+            json!([i64::MIN, i64::MAX])
+        );
+        assert_eq!(conv(&arr(Bool), "{t,f,NULL}"), json!([true, false, null]));
+        assert_eq!(
+            conv(&arr(Float), "{1.5,NaN,-Infinity}"),
+            json!([1.5, "NaN", "-Infinity"])
+        );
+        assert_eq!(
+            conv(&arr(Numeric), "{1000.50,12345678901234567890.123}"),
+            json!([1000.5, "12345678901234567890.123"])
+        );
+        assert_eq!(
+            conv(&arr(Date), "{2024-01-31,infinity}"),
+            json!(["2024-01-31", "infinity"])
+        );
+        assert_eq!(
+            conv(&arr(Timestamp), r#"{"2024-01-31 10:00:00.123",infinity}"#),
+            json!(["2024-01-31T10:00:00.123", "infinity"])
+        );
+        assert_eq!(
+            conv(
+                &arr(TimestampTz),
+                r#"{"2024-01-31 10:00:00+00","2024-01-31 10:00:00-08"}"#
+            ),
+            json!(["2024-01-31T10:00:00Z", "2024-01-31T10:00:00-08:00"])
+        );
+        assert_eq!(
+            conv(&arr(Json), r#"{"{\"a\": 1}","[1, 2]",3,NULL,null}"#),
+            json!([r#"{"a": 1}"#, [1, 2], 3, null, null])
+        );
+        assert_eq!(conv(&arr(Text), r#"{"ab ","c  "}"#), json!(["ab ", "c  "]));
+    }
+
+    #[test]
+    fn array_quoting_and_escapes() {
+        let k = arr(ValueKind::Text);
+        assert_eq!(
+            conv(&k, r#"{"a,b","quote\"d",NULL,"NULL"}"#),
+            json!(["a,b", "quote\"d", null, "NULL"])
+        );
+        assert_eq!(
+            conv(&k, r#"{"back\\slash","{brace}","",plain,"with space"}"#),
+            json!(["back\\slash", "{brace}", "", "plain", "with space"])
+        );
+        // Unquoted NULL is case-insensitive; escaped or quoted it is a string.
+        assert_eq!(
+            conv(&k, r#"{null,Null,\NULL,"null"}"#),
+            json!([null, null, "NULL", "null"])
+        );
+        // Unquoted elements: surrounding whitespace dropped, inner kept,
+        // backslash escapes (an escaped trailing space stays).
+        assert_eq!(
+            conv(&k, "{  a b  ,c\\,d, e\\  ,ü}"),
+            json!(["a b", "c,d", "e ", "ü"])
+        );
+        assert_eq!(conv(&k, "{\"é\\\"\"}"), json!(["é\""]));
+    }
+
+    #[test]
+    fn other_array_shapes_are_text() {
+        let k = arr(ValueKind::Int);
+        for text in [
+            "{{1,2},{3,4}}",
+            "{{}}",
+            "[0:1]={1,2}",
+            "[1:2][1:1]={{1},{2}}",
+        ] {
+            assert_eq!(conv(&k, text), json!(text));
+        }
+    }
+
+    #[test]
+    fn malformed_arrays_and_bad_elements_are_errors() {
+        let k = arr(ValueKind::Int);
+        for (text, why) in [
+            ("", "does not start with '{'"),
+            ("1,2", "does not start with '{'"),
+            ("{1,2", "missing closing '}'"),
+            ("{1,2}x", "text after the closing '}'"),
+            ("{1,,2}", "empty element"),
+            ("{1,}", "empty element"),
+            ("{\"1\"2}", "expected ',' or '}' after an element"),
+            ("{\"1", "unterminated quoted element"),
+            ("{\"1\\", "backslash at end"),
+            ("{a\"b\"}", "unexpected quote or brace in element"),
+        ] {
+            let e = fails(&k, text.as_bytes());
+            assert!(e.ends_with(why), "{text}: {e}");
+            assert!(e.contains("is not a valid array"), "{text}: {e}");
+        }
+        assert_eq!(
+            fails(&k, b"{1,x}"),
+            "array element 2: \"x\" is not an integer within 64 bits"
+        );
+        assert_eq!(
+            fails(&arr(ValueKind::Bool), b"{t,\"yes\"}"),
+            "array element 2: \"yes\" is not a boolean (t or f)"
+        );
+    }
+
+    #[test]
+    fn error_values_are_shortened() {
+        let long = "x".repeat(100);
+        let e = fails(&ValueKind::Int, long.as_bytes());
+        assert_eq!(
+            e,
+            format!("\"{}…\" is not an integer within 64 bits", "x".repeat(40))
+        );
+    }
+
+    #[test]
+    fn random_array_text_never_panics() {
+        let pieces = [
+            "{", "}", ",", "\"", "\\", " ", "a", "1", "ü", "✓", "NULL", "[", "]",
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        let kinds = [
+            arr(ValueKind::Text),
+            arr(ValueKind::Int),
+            arr(ValueKind::Json),
+        ];
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            if rng.bool() {
+                text.push('{');
+            }
+            for _ in 0..rng.usize(..12) {
+                text.push_str(pieces[rng.usize(..pieces.len())]);
+            }
+            for kind in &kinds {
+                let _ = to_json(kind, text.as_bytes());
+            }
+        }
+    }
+}
