@@ -594,3 +594,229 @@ fn check_key(field: &str, name: &str) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+postgres:
+  url: postgres://cdc:hunter2@127.0.0.1:5432/app
+  slot: conveyour_cdc
+  publication: conveyour_cdc
+conveyour:
+  url: https://acme.conveyour.com
+  appkey: file-appkey
+  token: file-token
+  batch_size: 500
+  batch_wait_ms: 200
+tables:
+  - table: public.employees
+    identify:
+      id: email
+      traits: {first_name: first_name, last_name: last_name, career_sales: career_sales}
+  - table: public.sales
+    track:
+      id: employee_email
+      event: made_sale
+      properties: {amount: amount, customer: customer}
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn validate(yaml: &str) -> Result<Settings, ConfigError> {
+        Config::from_yaml(yaml)?.validate(&no_env)
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let s = validate(GOOD).unwrap();
+        assert_eq!(s.slot, "conveyour_cdc");
+        assert_eq!(s.conveyour.batch_size, 500);
+        assert_eq!(s.conveyour.batch_wait, Duration::from_millis(200));
+        assert_eq!(s.conveyour.url, "https://acme.conveyour.com");
+        assert_eq!(s.tables.len(), 2);
+        assert_eq!(s.tables[1].table.to_string(), "public.sales");
+        match &s.tables[1].kind {
+            MappingKind::Track { event, properties } => {
+                assert_eq!(event, "made_sale");
+                assert_eq!(properties.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let yaml = r#"
+postgres: {url: "postgres://cdc@db/app"}
+conveyour: {url: "https://acme.conveyour.com", appkey: k, token: t}
+tables: [{table: employees, identify: {id: email}}]
+"#;
+        let s = validate(yaml).unwrap();
+        assert_eq!(s.slot, DEFAULT_SLOT);
+        assert_eq!(s.publication, DEFAULT_PUBLICATION);
+        assert_eq!(s.conveyour.batch_size, DEFAULT_BATCH_SIZE);
+        assert_eq!(
+            s.conveyour.batch_wait,
+            Duration::from_millis(DEFAULT_BATCH_WAIT_MS)
+        );
+        assert_eq!(
+            s.conveyour.shutdown_grace,
+            Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS)
+        );
+        assert_eq!(s.tables[0].table.schema, "public");
+    }
+
+    #[test]
+    fn environment_wins_over_the_file_for_credentials() {
+        let env = |name: &str| match name {
+            APPKEY_ENV => Some("env-appkey".to_owned()),
+            TOKEN_ENV => Some("env-token".to_owned()),
+            _ => None,
+        };
+        let s = Config::from_yaml(GOOD).unwrap().validate(&env).unwrap();
+        assert_eq!(s.conveyour.appkey.expose(), "env-appkey");
+        assert_eq!(s.conveyour.token.expose(), "env-token");
+        let s = validate(GOOD).unwrap();
+        assert_eq!(s.conveyour.appkey.expose(), "file-appkey");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let config = Config::from_yaml(GOOD).unwrap();
+        let settings = config.validate(&no_env).unwrap();
+        let text = format!("{config:?} {settings:?}");
+        for secret in ["hunter2", "file-appkey", "file-token"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+    }
+
+    fn expect_error(yaml: &str, field: &str, needle: &str) {
+        let e = validate(yaml).expect_err("config should be refused");
+        assert!(
+            e.field.contains(field) && e.to_string().contains(needle),
+            "expected field {field} and `{needle}`, got: {e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        expect_error(
+            &GOOD.replace("batch_wait_ms: 200", "batch_wait_ms: 200\n  batch_wiat: 1"),
+            "conveyour",
+            "batch_wiat",
+        );
+        expect_error(
+            &GOOD.replace("event: made_sale", "event: made_sale\n      evnt: x"),
+            "tables[1].track",
+            "evnt",
+        );
+        expect_error(&format!("{GOOD}\nextra: 1\n"), "", "extra");
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        expect_error(
+            &GOOD.replace("  url: https://acme.conveyour.com\n", ""),
+            "conveyour",
+            "url",
+        );
+        expect_error(
+            &GOOD.replace("      id: email\n", ""),
+            "tables[0].identify",
+            "id",
+        );
+        expect_error(
+            &GOOD.replace("      event: made_sale\n", ""),
+            "tables[1].track",
+            "event",
+        );
+        expect_error(
+            &GOOD.replace("  appkey: file-appkey\n", ""),
+            "conveyour.appkey",
+            "CONVEYOUR_APPKEY",
+        );
+        expect_error(
+            &GOOD.replace("  token: file-token\n", ""),
+            "conveyour.token",
+            "CONVEYOUR_TOKEN",
+        );
+    }
+
+    #[test]
+    fn a_table_mapped_twice_is_refused() {
+        let yaml = GOOD.replace("table: public.sales", "table: employees");
+        expect_error(&yaml, "tables[1].table", "already mapped at tables[0]");
+    }
+
+    #[test]
+    fn more_than_fifteen_properties_is_refused() {
+        let props: Vec<String> = (0..16).map(|i| format!("p{i}: c{i}")).collect();
+        let yaml = GOOD.replace(
+            "properties: {amount: amount, customer: customer}",
+            &format!("properties: {{{}}}", props.join(", ")),
+        );
+        expect_error(&yaml, "tables[1].track.properties", "16 properties");
+        let props: Vec<String> = (0..15).map(|i| format!("p{i}: c{i}")).collect();
+        let yaml = GOOD.replace(
+            "properties: {amount: amount, customer: customer}",
+            &format!("properties: {{{}}}", props.join(", ")),
+        );
+        validate(&yaml).unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        expect_error(
+            &GOOD.replace("batch_size: 500", "batch_size: 0"),
+            "conveyour.batch_size",
+            "between",
+        );
+        expect_error(
+            &GOOD.replace("batch_size: 500", "batch_size: many"),
+            "conveyour.batch_size",
+            "invalid",
+        );
+        expect_error(
+            &GOOD.replace("slot: conveyour_cdc", "slot: Bad-Slot"),
+            "postgres.slot",
+            "lower-case",
+        );
+        expect_error(
+            &GOOD.replace("https://acme.conveyour.com", "acme.conveyour.com"),
+            "conveyour.url",
+            "not an http(s) URL",
+        );
+        expect_error(
+            &GOOD.replace("postgres://", "mysql://"),
+            "postgres.url",
+            "scheme",
+        );
+        expect_error(
+            &GOOD.replace("table: public.sales", "table: a.b.c"),
+            "tables[1].table",
+            "schema.table",
+        );
+        let both = GOOD.replace(
+            "    track:\n      id: employee_email",
+            "    identify: {id: x}\n    track:\n      id: employee_email",
+        );
+        expect_error(&both, "tables[1]", "either identify or track");
+        expect_error(
+            &GOOD.replace("    track:\n      id: employee_email\n      event: made_sale\n      properties: {amount: amount, customer: customer}\n", ""),
+            "tables[1]",
+            "missing identify or track",
+        );
+        expect_error("tables: [", "", "");
+    }
+
+    #[test]
+    fn a_bad_postgres_url_does_not_echo_the_password() {
+        let e = validate(&GOOD.replace("/app", "/app?sslmode=bogus")).unwrap_err();
+        assert_eq!(e.field, "postgres.url");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+}

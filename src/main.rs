@@ -45,12 +45,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let format = cli.log_format;
+    init_logging(format);
     match try_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(hint = e.hint(), "{e}");
-            eprintln!("error: {e} (hint: {})", e.hint());
+            // One line on stderr: a JSON log line when logs are JSON, so
+            // log collectors parse it, else plain text.
+            match format {
+                LogFormat::Json => tracing::error!(hint = e.hint(), "{e}"),
+                LogFormat::Text => eprintln!("error: {e} (hint: {})", e.hint()),
+            }
             ExitCode::FAILURE
         }
     }

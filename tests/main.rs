@@ -5,4 +5,8 @@
 
 mod support;
 
+mod auth;
+mod cli;
+mod faults;
 mod harness;
+mod spine;

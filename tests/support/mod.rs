@@ -6,6 +6,7 @@
 pub mod connector;
 pub mod pg;
 pub mod receiver;
+pub mod setup;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,0 +1,179 @@
+//! The command line: `check` against a real database, bad configs refused
+//! before anything connects, `--help` everywhere.
+
+use crate::support::connector::{run_cli, CONFIG_PLACEHOLDER as CONFIG};
+use crate::support::setup::{world, ROSTER_SQL, ROSTER_TABLES, TOKEN};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_passes_on_a_ready_database_with_one_line_per_check() {
+    let w = world("check_ok", ROSTER_SQL).await;
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &w.roster_config(), &[]);
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    for name in [
+        "config",
+        "server reachable",
+        "wal_level: logical",
+        "replication privilege",
+        "replication connection",
+        "tables and columns",
+        "read public.employees",
+        "read public.sales",
+        "publication",
+        "replication slot",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("ok ") && l.contains(name)),
+            "no ok line for {name}:\n{out}"
+        );
+    }
+    assert!(!out.contains("FAIL"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_names_each_problem_and_its_fix() {
+    let w = world(
+        "check_bad",
+        &format!("{ROSTER_SQL} CREATE ROLE plain LOGIN;"),
+    )
+    .await;
+    // A missing column, named by its config key.
+    let config = w.config(
+        &ROSTER_TABLES.replace("customer: customer", "customer: buyer"),
+        "",
+    );
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(!status.success());
+    assert!(
+        out.contains("FAIL tables and columns: tables[1].track.properties.customer: column `buyer` does not exist in table public.sales"),
+        "{out}"
+    );
+    assert_eq!(err.lines().count(), 1, "one-line reason on stderr: {err}");
+
+    // A publication that lacks a mapped table, with the statement to run.
+    w.db.exec(&format!(
+        "CREATE PUBLICATION pub_{} FOR TABLE employees;",
+        w.slot
+    ))
+    .await;
+    let (status, out, _) = run_cli(&["check", "--config", CONFIG], &w.roster_config(), &[]);
+    assert!(!status.success());
+    assert!(
+        out.contains(&format!(
+            "ALTER PUBLICATION \"pub_{}\" ADD TABLE \"public\".\"sales\"",
+            w.slot
+        )),
+        "{out}"
+    );
+
+    // A role that may not replicate or read.
+    let url = w.db.url().replacen("postgres@", "plain@", 1);
+    let (status, out, _) = run_cli(
+        &["check", "--config", CONFIG],
+        &w.config_with_url(&url, ROSTER_TABLES, ""),
+        &[],
+    );
+    assert!(!status.success());
+    assert!(
+        out.contains("FAIL replication privilege")
+            && out.contains("ALTER ROLE \"plain\" REPLICATION"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL read public.employees") && out.contains("GRANT SELECT"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_refuses_a_publication_that_lacks_a_mapped_table() {
+    let w = world("pub_lacks", ROSTER_SQL).await;
+    w.db.exec(&format!(
+        "CREATE PUBLICATION pub_{} FOR TABLE employees;",
+        w.slot
+    ))
+    .await;
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &w.roster_config(), &[]);
+    assert!(!status.success());
+    assert!(
+        err.contains("lacks public.sales") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_refuses_a_slot_of_another_plugin() {
+    let w = world("slot_plugin", ROSTER_SQL).await;
+    w.db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'test_decoding');",
+        w.slot
+    ))
+    .await;
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &w.roster_config(), &[]);
+    assert!(!status.success());
+    assert!(
+        err.contains("test_decoding") && err.contains("not pgoutput"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_configs_are_refused_before_connecting_with_the_key_named() {
+    // Port 1 would refuse a connection; a config error must come first.
+    let base = format!(
+        "postgres:\n  url: postgres://cdc:pw-hunter2@127.0.0.1:1/app\nconveyour:\n  url: http://127.0.0.1:1\n  appkey: k\n  token: {TOKEN}\n{ROSTER_TABLES}"
+    );
+    let cases: Vec<(String, &str)> = vec![
+        (
+            base.replace("  appkey: k\n", "  appkey: k\n  colour: blue\n"),
+            "unknown field `colour`",
+        ),
+        (
+            base.replace("      event: made_sale\n", ""),
+            "tables[1].track: missing field `event`",
+        ),
+        (
+            base.replace("table: public.sales", "table: public.employees"),
+            "tables[1].table: public.employees is already mapped",
+        ),
+        (
+            base.replace(
+                "properties: {amount: amount, customer: customer}",
+                &format!(
+                    "properties: {{{}}}",
+                    (0..16)
+                        .map(|i| format!("p{i}: c{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            "tables[1].track.properties: 16 properties",
+        ),
+    ];
+    for (yaml, needle) in cases {
+        let (status, out, err) = run_cli(&["check", "--config", CONFIG], &yaml, &[]);
+        assert!(!status.success(), "accepted:\n{yaml}");
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            !out.contains("server reachable"),
+            "connected despite a bad config"
+        );
+        assert!(!err.contains("hunter2") && !err.contains(TOKEN));
+    }
+    let (status, out, _) = run_cli(&["check", "--config", CONFIG, "--config-only"], &base, &[]);
+    assert!(status.success(), "{out}");
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["check", "--help"],
+    ] {
+        let (status, out, _) = run_cli(&args, "", &[]);
+        assert!(status.success(), "{args:?}");
+        assert!(out.contains("Usage: conveyour-cdc"), "{out}");
+    }
+}

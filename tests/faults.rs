@@ -1,0 +1,292 @@
+//! Nothing is lost and nothing is confirmed early when ConveYour fails,
+//! refuses, or the connector dies.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::support::connector::Connector;
+use crate::support::receiver::Fault;
+use crate::support::setup::{world, ROSTER_SQL};
+
+/// Samples the slot's position for `period` and returns every value seen.
+async fn positions_during(w: &crate::support::setup::World, period: Duration) -> HashSet<u64> {
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + period;
+    while Instant::now() < deadline {
+        seen.insert(w.confirmed().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_of_503s_holds_the_position_then_everything_arrives_in_order() {
+    let w = world("outage", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(20)).await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('warmup@x.test', 'w');")
+        .await;
+    w.rx.wait_until("warm-up identify", Duration::from_secs(20), |r| {
+        r.identify_count() >= 1
+    })
+    .await;
+    let warm = w.db.wal_lsn().await;
+    w.wait_confirmed(warm, Duration::from_secs(20)).await;
+    let held = w.confirmed().await;
+
+    w.rx.set_fault(Fault::Status(503));
+    // Five contacts, each updated ten times in separate transactions, with
+    // sales between: per-contact order must survive the outage.
+    for round in 0..10 {
+        let mut sql = String::new();
+        for c in 0..5 {
+            if round == 0 {
+                sql.push_str(&format!(
+                    "INSERT INTO employees (email, first_name, career_sales) VALUES ('c{c}@x.test', 'r0', 0);"
+                ));
+            } else {
+                sql.push_str(&format!(
+                    "UPDATE employees SET first_name = 'r{round}', career_sales = {round} WHERE email = 'c{c}@x.test';"
+                ));
+            }
+            sql.push_str(&format!(
+                "INSERT INTO sales (employee_email, amount, customer) VALUES ('c{c}@x.test', {round}, 'cust');"
+            ));
+        }
+        w.db.exec(&sql).await;
+    }
+    let end = w.db.wal_lsn().await;
+    w.rx.wait_until("requests refused with 503", Duration::from_secs(10), |r| {
+        r.rejected_count() >= 3
+    })
+    .await;
+    let seen = positions_during(&w, Duration::from_secs(3)).await;
+    assert_eq!(
+        seen,
+        HashSet::from([held]),
+        "confirmed_flush_lsn moved during the outage"
+    );
+    assert_eq!(
+        w.rx.identify_count(),
+        1,
+        "nothing may be accepted during the outage"
+    );
+
+    w.rx.clear_fault();
+    w.rx.wait_until(
+        "every change after the outage",
+        Duration::from_secs(30),
+        |r| r.identify_count() >= 1 + 50 && r.track_count() >= 50,
+    )
+    .await;
+    w.wait_confirmed(end, Duration::from_secs(20)).await;
+
+    // Per contact, identifies and events arrive in commit order.
+    let mut rounds: HashMap<String, Vec<String>> = HashMap::new();
+    for e in w.rx.identifies().iter().skip(1) {
+        rounds
+            .entry(e["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e["traits"]["first_name"].as_str().unwrap().to_owned());
+    }
+    let expected: Vec<String> = (0..10).map(|r| format!("r{r}")).collect();
+    for c in 0..5 {
+        assert_eq!(
+            rounds[&format!("c{c}@x.test")],
+            expected,
+            "identify order for c{c}"
+        );
+    }
+    let mut amounts: HashMap<String, Vec<i64>> = HashMap::new();
+    for (id, e) in w.rx.tracks() {
+        amounts
+            .entry(id)
+            .or_default()
+            .push(e["properties"]["amount"].as_i64().unwrap());
+    }
+    for c in 0..5 {
+        assert_eq!(
+            amounts[&format!("c{c}@x.test")],
+            (0..10).collect::<Vec<i64>>(),
+            "event order for c{c}"
+        );
+    }
+    for c in 0..5 {
+        let state = w.rx.contact(&format!("c{c}@x.test")).unwrap();
+        assert_eq!(state["first_name"], "r9");
+    }
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_200_with_status_error_is_not_an_acknowledgement() {
+    let w = world("bodyerr", ROSTER_SQL).await;
+    let conn = Connector::run(
+        &w.config(
+            crate::support::setup::ROSTER_TABLES,
+            "  body_error_retries: 1000\n",
+        ),
+        &[],
+    );
+    w.wait_streaming(Duration::from_secs(20)).await;
+    let held = w.confirmed().await;
+    w.rx.set_fault(Fault::BodyError);
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('b@x.test', 'B');")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.rx.wait_until("several not-ok replies", Duration::from_secs(10), |r| {
+        r.rejected_count() >= 3
+    })
+    .await;
+    let seen = positions_during(&w, Duration::from_secs(2)).await;
+    assert_eq!(
+        seen,
+        HashSet::from([held]),
+        "a status:error reply moved the position"
+    );
+    w.rx.clear_fault();
+    w.rx.wait_until(
+        "the identify after the errors",
+        Duration::from_secs(20),
+        |r| r.identify_count() == 1,
+    )
+    .await;
+    w.wait_confirmed(end, Duration::from_secs(20)).await;
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanent_rejection_stops_the_connector_without_advancing() {
+    let w = world("reject", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(20)).await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('ok@x.test', 'ok');")
+        .await;
+    w.rx.wait_until("the first identify", Duration::from_secs(20), |r| {
+        r.identify_count() == 1
+    })
+    .await;
+    let before_bad = w.db.wal_lsn().await;
+    w.wait_confirmed(before_bad, Duration::from_secs(20)).await;
+    let held = w.confirmed().await;
+
+    w.rx.set_fault(Fault::RejectId("poison@x.test".into()));
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('poison@x.test', 'bad');")
+        .await;
+    let status = conn.wait(Duration::from_secs(30)).await;
+    assert!(!status.success(), "a rejection must stop the connector");
+    let log = conn.log();
+    assert!(
+        log.contains("public.employees")
+            && log.contains("poison@x.test")
+            && log.contains("HTTP 400"),
+        "{log}"
+    );
+    assert_eq!(
+        w.confirmed().await,
+        held,
+        "the position moved past a rejected row"
+    );
+
+    // After the cause is fixed, a restart delivers the row.
+    w.rx.clear_fault();
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.rx.wait_until("the fixed row", Duration::from_secs(20), |r| {
+        r.contact("poison@x.test").is_some()
+    })
+    .await;
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connector_killed_mid_stream_delivers_everything_after_restart() {
+    let w = world("sigkill", ROSTER_SQL).await;
+    let config = w.roster_config();
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(20)).await;
+    // Slow replies so requests are in flight when the kill lands.
+    w.rx.set_fault(Fault::Slow(Duration::from_millis(30)));
+
+    let writer = {
+        let url = w.db.url();
+        tokio::spawn(async move {
+            let client = crate::support::pg::connect(&url).await.unwrap();
+            for batch in 0..40 {
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO employees (email, first_name) SELECT 'k' || g || '@x.test', 'b{batch}' FROM generate_series({}, {}) g;
+                         INSERT INTO sales (employee_email, amount, customer) VALUES ('k{}@x.test', {batch}, 'c');",
+                        batch * 50 + 1,
+                        batch * 50 + 50,
+                        batch * 50 + 1
+                    ))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    w.rx.wait_until(
+        "some progress before the kill",
+        Duration::from_secs(20),
+        |r| r.identify_count() >= 200,
+    )
+    .await;
+    conn.sigkill();
+    conn.wait(Duration::from_secs(10)).await;
+    writer.await.unwrap();
+    let end = w.db.wal_lsn().await;
+
+    w.rx.clear_fault();
+    let conn = Connector::run(&config, &[]);
+    w.rx.wait_until("all 2000 contacts", Duration::from_secs(60), |r| {
+        r.contact_count() >= 2000
+    })
+    .await;
+    w.rx.wait_until("all 40 sales", Duration::from_secs(30), |r| {
+        r.tracks()
+            .iter()
+            .map(|(_, e)| e["properties"]["amount"].as_i64().unwrap())
+            .collect::<HashSet<_>>()
+            .len()
+            == 40
+    })
+    .await;
+    w.wait_confirmed(end, Duration::from_secs(30)).await;
+    let duplicates = w.rx.identify_count() - 2000;
+    eprintln!("identify entries delivered twice after SIGKILL: {duplicates}");
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_row_transaction_streams_through_in_bounded_memory() {
+    const ROWS: usize = 1_000_000;
+    let w = world("million", ROSTER_SQL).await;
+    w.rx.set_keep_bodies(false);
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(20)).await;
+    w.db.exec(&format!(
+        "INSERT INTO employees (email, first_name, last_name, career_sales)
+         SELECT 'm' || g || '@x.test', 'First' || g, 'Last', g FROM generate_series(1, {ROWS}) g;"
+    ))
+    .await;
+    let end = w.db.wal_lsn().await;
+    let started = Instant::now();
+    w.rx.wait_until("a million identifies", Duration::from_secs(600), |r| {
+        r.identify_count() >= ROWS
+    })
+    .await;
+    let elapsed = started.elapsed();
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    let rss = conn.peak_rss_kib().expect("peak RSS");
+    eprintln!(
+        "million-row transaction: {ROWS} identifies in {:.1} s after commit ({:.0} changes/s), peak RSS {:.1} MiB",
+        elapsed.as_secs_f64(),
+        ROWS as f64 / elapsed.as_secs_f64(),
+        rss as f64 / 1024.0
+    );
+    assert_eq!(w.rx.identify_count(), ROWS, "every row exactly once");
+    assert!(rss < 200 * 1024, "peak RSS {rss} KiB is over 200 MiB");
+    conn.sigterm();
+    assert!(conn.wait(Duration::from_secs(30)).await.success());
+}
