@@ -66,7 +66,7 @@ impl Shutdown {
 /// Connection losses to Postgres reconnect with backoff and resume from the
 /// slot's confirmed position.
 pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
-    let sink = Sink::new(&settings.conveyour).map_err(|e| Error::Setup(e))?;
+    let sink = Sink::new(&settings.conveyour).map_err(Error::Setup)?;
     let mut failures: u32 = 0;
     loop {
         let started = Instant::now();

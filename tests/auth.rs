@@ -124,9 +124,7 @@ async fn tls_modes_follow_libpq_rules() {
     .await;
     let ssl: bool = w
         .db
-        .query_opt_string(&format!(
-            "SELECT s.ssl::text FROM pg_stat_ssl s JOIN pg_stat_replication r ON r.pid = s.pid WHERE r.application_name = 'conveyour-cdc' LIMIT 1"
-        ))
+        .query_opt_string("SELECT s.ssl::text FROM pg_stat_ssl s JOIN pg_stat_replication r ON r.pid = s.pid WHERE r.application_name = 'conveyour-cdc' LIMIT 1")
         .await
         .map(|v| v == "true")
         .unwrap_or(false);

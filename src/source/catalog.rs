@@ -42,25 +42,9 @@ pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceErr
     Ok(client)
 }
 
-/// A column of a mapped table, as the catalog describes it.
-#[derive(Debug, Clone)]
-pub(crate) struct ColumnInfo {
-    pub type_oid: u32,
-    pub type_name: String,
-}
-
-/// A mapped table, as the catalog describes it.
-#[derive(Debug, Clone)]
-pub(crate) struct TableInfo {
-    pub columns: HashMap<String, ColumnInfo>,
-    /// `d` default, `f` full, `i` index, `n` nothing.
-    pub replica_identity: char,
-}
-
-/// What the catalog says about the mapped tables and their column types.
+/// What the catalog says about the mapped tables' column types.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Catalog {
-    pub tables: HashMap<TableName, TableInfo>,
     /// How each column type's values become JSON, by type OID, including
     /// domains, enums and arrays that are not built in.
     pub kinds: HashMap<u32, ValueKind>,
@@ -77,7 +61,7 @@ impl Catalog {
         for m in mappings {
             let rows = client
                 .query(
-                    "SELECT a.attname, a.atttypid::int8, format_type(a.atttypid, a.atttypmod), c.relreplident::text
+                    "SELECT a.attname, a.atttypid::int8
                        FROM pg_class c
                        JOIN pg_namespace n ON n.oid = c.relnamespace
                        LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -92,21 +76,15 @@ impl Catalog {
                     m.key, m.table
                 )));
             }
-            let replica_identity = rows[0].get::<_, String>(3).chars().next().unwrap_or('d');
-            let mut columns = HashMap::new();
-            for row in &rows {
-                let Some(name) = row.get::<_, Option<String>>(0) else {
-                    continue;
-                };
-                let type_oid = row.get::<_, i64>(1) as u32;
-                columns.insert(
-                    name,
-                    ColumnInfo {
-                        type_oid,
-                        type_name: row.get(2),
-                    },
-                );
-            }
+            let columns: HashMap<String, u32> = rows
+                .iter()
+                .filter_map(|row| {
+                    Some((
+                        row.get::<_, Option<String>>(0)?,
+                        row.get::<_, i64>(1) as u32,
+                    ))
+                })
+                .collect();
             for (key, column) in m.columns() {
                 if !columns.contains_key(column) {
                     return Err(SourceError::config(format!(
@@ -115,16 +93,9 @@ impl Catalog {
                     )));
                 }
             }
-            for info in columns.values() {
-                catalog.resolve_kind(client, info.type_oid).await?;
+            for type_oid in columns.values() {
+                catalog.resolve_kind(client, *type_oid).await?;
             }
-            catalog.tables.insert(
-                m.table.clone(),
-                TableInfo {
-                    columns,
-                    replica_identity,
-                },
-            );
         }
         Ok(catalog)
     }

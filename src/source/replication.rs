@@ -2,7 +2,7 @@
 //! authentication and CopyBoth streaming, built on postgres-protocol's
 //! message codecs (tokio-postgres has no replication support).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -40,23 +40,12 @@ pub(crate) fn pg_now() -> i64 {
     us - PG_EPOCH_OFFSET_US
 }
 
-/// Converts a protocol timestamp to wall-clock time.
-pub(crate) fn pg_time(us: i64) -> SystemTime {
-    let unix = us.saturating_add(PG_EPOCH_OFFSET_US);
-    if unix >= 0 {
-        UNIX_EPOCH + Duration::from_micros(unix as u64)
-    } else {
-        UNIX_EPOCH
-    }
-}
-
 /// What `IDENTIFY_SYSTEM` reports.
 #[derive(Debug, Clone)]
 pub(crate) struct SystemId {
     pub system_id: String,
     pub timeline: u32,
     pub xlog_pos: Lsn,
-    pub dbname: Option<String>,
 }
 
 /// A connection in replication mode (`replication=database`), before
@@ -328,7 +317,6 @@ impl ReplicationConn {
             xlog_pos: field(2)
                 .parse()
                 .map_err(|e| SourceError::transient(format!("IDENTIFY_SYSTEM: {e}")))?,
-            dbname: row[3].clone(),
         })
     }
 
@@ -503,7 +491,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
     loop {
         if buf.len() >= 5 && buf[0] == b'W' {
             let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if buf.len() >= len + 1 {
+            if buf.len() > len {
                 buf.advance(len + 1);
                 return Ok(Frame::CopyBothResponse);
             }
