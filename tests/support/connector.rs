@@ -12,7 +12,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_conveyour-cdc");
+/// Cargo sets it for integration tests; other targets that share this
+/// harness (the demo, benchmarks) fall back to the debug build's path.
+pub const BIN: &str = match option_env!("CARGO_BIN_EXE_conveyour-cdc") {
+    Some(path) => path,
+    None => concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/conveyour-cdc"),
+};
 
 /// Placeholder in `args` that is replaced by the config file's path.
 pub const CONFIG_PLACEHOLDER: &str = "{config}";
