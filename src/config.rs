@@ -92,6 +92,33 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub conveyour: ConveyourConfig,
     pub tables: Vec<TableConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Where Prometheus metrics and health checks are served. The default
+/// listens on every interface so a scraper and kubelet probes reach it in
+/// a pod.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9187";
+
+/// `metrics:` — the HTTP listener for `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.to_owned()
 }
 
 /// `postgres:` — the source database.
@@ -337,6 +364,8 @@ pub struct Settings {
     pub status_interval: Duration,
     pub conveyour: SinkSettings,
     pub tables: Vec<TableMapping>,
+    /// `host:port` for the metrics and health listener.
+    pub metrics_listen: String,
 }
 
 /// Validated `conveyour:` settings.
@@ -437,6 +466,15 @@ impl Config {
             ));
         }
 
+        if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(err(
+                "metrics.listen",
+                format!(
+                    "`{}` is not an address such as 0.0.0.0:9187",
+                    self.metrics.listen
+                ),
+            ));
+        }
         if self.tables.is_empty() {
             return Err(err("tables", "map at least one table"));
         }
@@ -534,6 +572,7 @@ impl Config {
                 shutdown_grace: Duration::from_millis(cy.shutdown_grace_ms),
             },
             tables,
+            metrics_listen: self.metrics.listen.clone(),
         })
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use conveyour_cdc::{check, config, pipeline, Error};
+use conveyour_cdc::{check, config, pipeline, telemetry, Error};
 
 /// Streams Postgres row changes into ConveYour identify and track calls.
 #[derive(Parser)]
@@ -66,6 +66,13 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
         Command::Run { config } => {
             let settings = config::load(&config)?;
             runtime()?.block_on(async {
+                let listener = telemetry::bind(&settings.metrics_listen)
+                    .await
+                    .map_err(Error::Setup)?;
+                if let Some(addr) = telemetry::local_addr(&listener) {
+                    tracing::info!(%addr, "metrics and health checks listening");
+                }
+                tokio::spawn(telemetry::serve(listener));
                 let (trigger, shutdown) = pipeline::Shutdown::new();
                 tokio::spawn(async move {
                     wait_for_signal().await;

@@ -159,6 +159,11 @@ impl Mapper {
         Ok(())
     }
 
+    /// The mapped table a relation id stands for, if any.
+    pub fn table(&self, relation: u32) -> Option<&Arc<str>> {
+        self.plans.get(&relation)?.as_ref().map(|p| &p.table)
+    }
+
     /// The action for an inserted row, if its table is mapped.
     pub fn insert(&self, relation: u32, new: &Tuple, lsn: Lsn) -> Result<Option<Action>, MapError> {
         self.row(relation, new, lsn, true)

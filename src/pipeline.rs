@@ -21,7 +21,7 @@ use crate::source::{
     self, connect_sql, Catalog, ReplicationConn, ReplicationMessage, ReplicationReader,
     ReplicationWriter,
 };
-use crate::Error;
+use crate::{telemetry, Error};
 
 /// Decoded events between the reader and the delivery loop. Bounded so a
 /// slow ConveYour slows the reader (and, through TCP, the walsender) rather
@@ -107,7 +107,6 @@ async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result
         tracing::info!(slot = %settings.slot, "created the replication slot");
     }
     let start = source::slot_confirmed(&client, &settings.slot).await?;
-    drop(client);
 
     let mut conn = ReplicationConn::connect(&settings.postgres).await?;
     let system = conn.identify_system().await?;
@@ -123,6 +122,9 @@ async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result
     );
 
     let (confirmed_tx, confirmed_rx) = watch::channel(start);
+    let metrics = telemetry::metrics();
+    metrics.confirmed(start, None);
+    metrics.connected.set(1);
     let reply_now = Arc::new(Notify::new());
     let (stop_feedback, stop_feedback_rx) = oneshot::channel();
     let feedback = tokio::spawn(feedback_loop(
@@ -152,8 +154,12 @@ async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result
         grace: settings.conveyour.shutdown_grace,
         deadline: None,
     };
-    let delivered = delivery.run(events_rx, shutdown).await;
+    let delivered = tokio::select! {
+        r = delivery.run(events_rx, shutdown) => r,
+        e = watch_slot(&client, &settings.slot) => Err(e),
+    };
 
+    metrics.connected.set(0);
     reader.abort();
     let read = match reader.await {
         Ok(r) => r,
@@ -167,6 +173,44 @@ async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result
     delivered.and(read)
 }
 
+/// How often the slot's retained WAL and health are read while streaming.
+const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Watches the slot while streaming: exports the WAL it retains, and stops
+/// the connector at once if the server invalidates or drops it, since the
+/// changes it would have kept are gone.
+async fn watch_slot(client: &tokio_postgres::Client, slot: &str) -> Error {
+    let mut tick = tokio::time::interval(SLOT_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        let row = client
+            .query_opt(
+                "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        match row {
+            Ok(Some(row)) => {
+                let retained: Option<i64> = row.get(0);
+                telemetry::metrics()
+                    .slot_retained_wal_bytes
+                    .set(retained.unwrap_or(0) as f64);
+                if row.get::<_, Option<String>>(1).as_deref() == Some("lost") {
+                    return Error::Source(source::SourceError::config(format!(
+                        "postgres.slot: slot {slot} was invalidated by the server (wal_status = lost, see max_slot_wal_keep_size): changes it held are gone. Drop it with SELECT pg_drop_replication_slot('{slot}') and start again"
+                    )));
+                }
+            }
+            Ok(None) => {
+                return Error::Source(source::SourceError::config(format!(
+                    "postgres.slot: slot {slot} was dropped while streaming"
+                )))
+            }
+            Err(e) => return Error::Source(source::SourceError::from_sql("checking the slot", e)),
+        }
+    }
+}
+
 /// What the reader hands the delivery loop, in stream order.
 #[derive(Debug)]
 enum Event {
@@ -174,6 +218,7 @@ enum Event {
     Action(Action),
     Commit {
         end_lsn: Lsn,
+        commit_time: i64,
     },
     /// The server has sent everything up to here.
     Keepalive {
@@ -205,36 +250,60 @@ async fn read_loop(
             }
             ReplicationMessage::XLogData { wal_start, data } => match decode(wal_start, data)? {
                 PgOutput::Begin { .. } => Event::Begin,
-                PgOutput::Commit { end_lsn, .. } => Event::Commit { end_lsn },
+                PgOutput::Commit {
+                    end_lsn,
+                    commit_time,
+                    ..
+                } => Event::Commit {
+                    end_lsn,
+                    commit_time,
+                },
                 PgOutput::Relation(rel) => {
                     mapper.relation(&rel, wal_start)?;
                     continue;
                 }
                 PgOutput::Insert { relation, new } => {
+                    count_change(&mapper, relation, "insert");
                     match mapper.insert(relation, &new, wal_start)? {
                         Some(a) => Event::Action(a),
                         None => continue,
                     }
                 }
                 PgOutput::Update { relation, new, .. } => {
+                    count_change(&mapper, relation, "update");
                     match mapper.update(relation, &new, wal_start)? {
                         Some(a) => Event::Action(a),
                         None => continue,
                     }
                 }
+                PgOutput::Delete { relation, .. } => {
+                    count_change(&mapper, relation, "delete");
+                    continue;
+                }
                 PgOutput::Truncate { relations, .. } => {
+                    for r in &relations {
+                        count_change(&mapper, *r, "truncate");
+                    }
                     tracing::warn!(lsn = %wal_start, relations = ?relations, "TRUNCATE of a published table: nothing is sent to ConveYour for it");
                     continue;
                 }
-                PgOutput::Delete { .. }
-                | PgOutput::Origin { .. }
-                | PgOutput::Type { .. }
-                | PgOutput::Message { .. } => continue,
+                PgOutput::Origin { .. } | PgOutput::Type { .. } | PgOutput::Message { .. } => {
+                    continue
+                }
             },
         };
         if events.send(event).await.is_err() {
             return Ok(());
         }
+    }
+}
+
+fn count_change(mapper: &Mapper, relation: u32, op: &str) {
+    if let Some(table) = mapper.table(relation) {
+        telemetry::metrics()
+            .changes_received
+            .with_label_values(&[table.as_ref(), op])
+            .inc();
     }
 }
 
@@ -272,8 +341,9 @@ struct Delivery<'a> {
     sink: &'a Sink,
     batcher: Batcher,
     confirmed: watch::Sender<Lsn>,
-    /// End of the last transaction whose commit has been received.
-    last_commit: Option<Lsn>,
+    /// End and commit time of the last transaction whose commit has been
+    /// received.
+    last_commit: Option<(Lsn, i64)>,
     /// Between a Begin and its Commit.
     in_transaction: bool,
     batch_wait: Duration,
@@ -315,17 +385,20 @@ impl Delivery<'_> {
                     self.in_transaction = true;
                     false
                 }
-                Event::Commit { end_lsn } => {
+                Event::Commit {
+                    end_lsn,
+                    commit_time,
+                } => {
                     self.in_transaction = false;
-                    self.last_commit = Some(end_lsn);
+                    self.last_commit = Some((end_lsn, commit_time));
                     if self.batcher.is_empty() {
-                        self.confirm(end_lsn);
+                        self.confirm(end_lsn, Some(commit_time));
                     }
                     false
                 }
                 Event::Keepalive { wal_end } => {
                     if !self.in_transaction && self.batcher.is_empty() {
-                        self.confirm(wal_end);
+                        self.confirm(wal_end, None);
                     }
                     false
                 }
@@ -339,6 +412,9 @@ impl Delivery<'_> {
                         self.deadline = Some(tokio::time::Instant::now() + self.batch_wait);
                     }
                     self.batcher.push(action);
+                    telemetry::metrics()
+                        .buffered_actions
+                        .set(self.batcher.len() as i64);
                     self.batcher.is_full()
                 }
             };
@@ -384,18 +460,23 @@ impl Delivery<'_> {
     /// confirmed.
     async fn flush(&mut self) -> Result<(), Error> {
         self.deadline = None;
-        for request in self.batcher.take() {
+        let requests = self.batcher.take();
+        let buffered = &telemetry::metrics().buffered_actions;
+        let mut left: usize = requests.iter().map(|r| r.count).sum();
+        for request in requests {
             self.sink.deliver(&request).await?;
+            left -= request.count;
+            buffered.set(left as i64);
         }
-        if let Some(lsn) = self.last_commit {
-            self.confirm(lsn);
+        if let Some((lsn, commit_time)) = self.last_commit {
+            self.confirm(lsn, Some(commit_time));
         }
         Ok(())
     }
 
     /// Moves the confirmed position forward (never back).
-    fn confirm(&self, lsn: Lsn) {
-        self.confirmed.send_if_modified(|current| {
+    fn confirm(&self, lsn: Lsn, commit_time: Option<i64>) {
+        let moved = self.confirmed.send_if_modified(|current| {
             if lsn > *current {
                 *current = lsn;
                 true
@@ -403,5 +484,8 @@ impl Delivery<'_> {
                 false
             }
         });
+        if moved {
+            telemetry::metrics().confirmed(lsn, commit_time);
+        }
     }
 }

@@ -8,5 +8,7 @@ mod support;
 mod auth;
 mod cli;
 mod faults;
+mod observe;
 mod harness;
 mod spine;
+mod sql;

@@ -94,6 +94,11 @@ impl Batcher {
         }
     }
 
+    /// Pending actions.
+    pub(crate) fn len(&self) -> usize {
+        self.identify.len() + self.track_count
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.identify.is_empty() && self.track_count == 0
     }

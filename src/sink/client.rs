@@ -99,8 +99,13 @@ impl Sink {
         let key = req.idempotency_key();
         let mut attempts: u32 = 0;
         let mut not_ok: u32 = 0;
+        let m = crate::telemetry::metrics();
+        let endpoint = req.endpoint.name();
+        let outcome = |o: &str| m.requests.with_label_values(&[endpoint, o]).inc();
         loop {
             attempts += 1;
+            m.in_flight.inc();
+            let started = std::time::Instant::now();
             let verdict = match self
                 .http
                 .post(&url)
@@ -132,8 +137,20 @@ impl Sink {
                     after: None,
                 },
             };
+            m.in_flight.dec();
+            m.request_duration
+                .with_label_values(&[endpoint])
+                .observe(started.elapsed().as_secs_f64());
             let wait = match verdict {
-                Verdict::Ack => return Ok(()),
+                Verdict::Ack => {
+                    outcome("ok");
+                    m.backoff_seconds.set(0.0);
+                    match req.endpoint {
+                        Endpoint::Identify => m.identify_acknowledged.inc_by(req.count as u64),
+                        Endpoint::Track => m.track_acknowledged.inc_by(req.count as u64),
+                    }
+                    return Ok(());
+                }
                 Verdict::Retry { reason, after } => {
                     let wait = after.unwrap_or_else(|| self.backoff(attempts));
                     tracing::warn!(
@@ -148,6 +165,7 @@ impl Sink {
                 Verdict::NotOk { reason } => {
                     not_ok += 1;
                     if not_ok > self.settings.body_error_retries {
+                        outcome("rejected");
                         return Err(self.rejected(req, reason, attempts));
                     }
                     let wait = self.backoff(attempts);
@@ -160,8 +178,14 @@ impl Sink {
                     );
                     wait
                 }
-                Verdict::Reject { reason } => return Err(self.rejected(req, reason, attempts)),
+                Verdict::Reject { reason } => {
+                    outcome("rejected");
+                    return Err(self.rejected(req, reason, attempts));
+                }
             };
+            outcome("retried");
+            m.retries.with_label_values(&[endpoint]).inc();
+            m.backoff_seconds.set(wait.as_secs_f64());
             tokio::time::sleep(wait).await;
         }
     }

@@ -14,7 +14,7 @@ pub(crate) use catalog::{
 };
 pub use params::{ConnParams, Host, SslMode};
 pub(crate) use replication::{
-    ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
+    pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
 };
 
 /// What to do about a source error.

@@ -40,6 +40,11 @@ pub(crate) fn pg_now() -> i64 {
     us - PG_EPOCH_OFFSET_US
 }
 
+/// A protocol timestamp (µs since 2000-01-01 UTC) as Unix milliseconds.
+pub(crate) fn pg_time_unix_ms(us: i64) -> u64 {
+    (us.saturating_add(PG_EPOCH_OFFSET_US) / 1000).max(0) as u64
+}
+
 /// What `IDENTIFY_SYSTEM` reports.
 #[derive(Debug, Clone)]
 pub(crate) struct SystemId {
@@ -391,7 +396,10 @@ impl ReplicationReader {
                             }
                             data.advance(1);
                             let wal_start = Lsn(data.get_u64());
-                            let _wal_end = data.get_u64();
+                            let wal_end = Lsn(data.get_u64());
+                            let m = crate::telemetry::metrics();
+                            m.server_wal_end(wal_end);
+                            m.received_lsn.set(wal_start.0 as f64);
                             let _send_time = data.get_i64();
                             return Ok(ReplicationMessage::XLogData { wal_start, data });
                         }
@@ -401,6 +409,7 @@ impl ReplicationReader {
                             }
                             data.advance(1);
                             let wal_end = Lsn(data.get_u64());
+                            crate::telemetry::metrics().server_wal_end(wal_end);
                             let _send_time = data.get_i64();
                             let reply_requested = data.get_u8() == 1;
                             return Ok(ReplicationMessage::Keepalive {

@@ -82,6 +82,7 @@ impl World {
     pub fn config_with_url(&self, url: &str, tables: &str, conveyour_extra: &str) -> String {
         format!(
             "postgres:\n  url: \"{url}\"\n  slot: {slot}\n  publication: pub_{slot}\n  status_interval_ms: 1000\n\
+             metrics:\n  listen: 127.0.0.1:0\n\
              conveyour:\n  url: {rx}\n  appkey: {APPKEY}\n  token: {TOKEN}\n  batch_wait_ms: 50\n  min_backoff_ms: 50\n  max_backoff_ms: 500\n{conveyour_extra}\n{tables}\n",
             slot = self.slot,
             rx = self.rx.url(),
