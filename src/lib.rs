@@ -19,6 +19,7 @@ pub mod mapping;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod telemetry;
 
 /// Why the connector stopped. Each variant says whether waiting helps and

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use conveyour_cdc::{check, config, pipeline, telemetry, Error};
+use conveyour_cdc::{check, config, pipeline, status, telemetry, Error};
 
 /// Streams Postgres row changes into ConveYour identify and track calls.
 #[derive(Parser)]
@@ -40,6 +40,15 @@ enum Command {
         /// Only parse and validate the config; do not connect.
         #[arg(long)]
         config_only: bool,
+    },
+    /// Report the slot, the publication, dead letters and initial-sync state.
+    Status {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -81,6 +90,18 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
                 });
                 pipeline::run(&settings, shutdown).await
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { config, json } => {
+            let settings = config::load(&config)?;
+            let status = runtime()?.block_on(status::read(&settings))?;
+            if json {
+                let text = serde_json::to_string_pretty(&status)
+                    .map_err(|e| Error::Setup(e.to_string()))?;
+                println!("{text}");
+            } else {
+                print!("{}", status.human());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {

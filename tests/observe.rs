@@ -11,8 +11,11 @@ use crate::support::setup::{world, ROSTER_SQL, TOKEN};
 
 /// The metrics address the connector logged at startup.
 async fn metrics_addr(conn: &Connector) -> String {
-    conn.wait_for_log("metrics and health checks listening", Duration::from_secs(20))
-        .await;
+    conn.wait_for_log(
+        "metrics and health checks listening",
+        Duration::from_secs(20),
+    )
+    .await;
     let log = conn.log();
     let line = log
         .lines()
@@ -27,7 +30,9 @@ async fn metrics_addr(conn: &Connector) -> String {
 }
 
 async fn get(addr: &str, path: &str) -> (u16, String) {
-    let resp = reqwest::get(format!("http://{addr}{path}")).await.expect("GET");
+    let resp = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("GET");
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
@@ -43,7 +48,8 @@ fn parse(text: &str) -> HashMap<String, f64> {
 }
 
 fn sample(m: &HashMap<String, f64>, key: &str) -> f64 {
-    *m.get(key).unwrap_or_else(|| panic!("no sample {key} in {m:?}"))
+    *m.get(key)
+        .unwrap_or_else(|| panic!("no sample {key} in {m:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -87,31 +93,48 @@ async fn metrics_match_what_conveyour_received() {
         w.rx.track_count() as f64
     );
     assert_eq!(
-        sample(&m, r#"conveyour_cdc_requests_total{endpoint="identify",outcome="ok"}"#),
+        sample(
+            &m,
+            r#"conveyour_cdc_requests_total{endpoint="identify",outcome="ok"}"#
+        ),
         accepted("/identify")
     );
     assert_eq!(
-        sample(&m, r#"conveyour_cdc_requests_total{endpoint="track",outcome="ok"}"#),
+        sample(
+            &m,
+            r#"conveyour_cdc_requests_total{endpoint="track",outcome="ok"}"#
+        ),
         accepted("/track")
     );
     let refused = requests.iter().filter(|r| r.response_status == 503).count() as f64;
     assert_eq!(refused, 3.0);
     let retried = m
         .iter()
-        .filter(|(k, _)| k.starts_with("conveyour_cdc_requests_total{") && k.contains(r#"outcome="retried""#))
+        .filter(|(k, _)| {
+            k.starts_with("conveyour_cdc_requests_total{") && k.contains(r#"outcome="retried""#)
+        })
         .map(|(_, v)| v)
         .sum::<f64>();
     assert_eq!(retried, refused);
     assert_eq!(
-        sample(&m, r#"conveyour_cdc_changes_received_total{op="insert",table="public.employees"}"#),
+        sample(
+            &m,
+            r#"conveyour_cdc_changes_received_total{op="insert",table="public.employees"}"#
+        ),
         1200.0
     );
     assert_eq!(
-        sample(&m, r#"conveyour_cdc_changes_received_total{op="update",table="public.employees"}"#),
+        sample(
+            &m,
+            r#"conveyour_cdc_changes_received_total{op="update",table="public.employees"}"#
+        ),
         100.0
     );
     assert_eq!(
-        sample(&m, r#"conveyour_cdc_changes_received_total{op="insert",table="public.sales"}"#),
+        sample(
+            &m,
+            r#"conveyour_cdc_changes_received_total{op="insert",table="public.sales"}"#
+        ),
         30.0
     );
     assert_eq!(sample(&m, "conveyour_cdc_connected"), 1.0);
@@ -120,9 +143,23 @@ async fn metrics_match_what_conveyour_received() {
     assert_eq!(sample(&m, "conveyour_cdc_in_flight_requests"), 0.0);
     assert_eq!(sample(&m, "conveyour_cdc_lag_seconds"), 0.0);
     assert!(m.contains_key(r#"conveyour_cdc_build_info{version="0.1.0"}"#));
-    assert!(m.keys().any(|k| k.starts_with("conveyour_cdc_request_duration_seconds_bucket{endpoint=\"identify\"")));
-    for name in ["lag_bytes", "received_lsn", "backoff_seconds", "slot_retained_wal_bytes", "snapshot_rows_total", "snapshot_tables_remaining", "dead_letters_total"] {
-        assert!(m.contains_key(&format!("conveyour_cdc_{name}")), "missing {name}");
+    assert!(m
+        .keys()
+        .any(|k| k
+            .starts_with("conveyour_cdc_request_duration_seconds_bucket{endpoint=\"identify\"")));
+    for name in [
+        "lag_bytes",
+        "received_lsn",
+        "backoff_seconds",
+        "slot_retained_wal_bytes",
+        "snapshot_rows_total",
+        "snapshot_tables_remaining",
+        "dead_letters_total",
+    ] {
+        assert!(
+            m.contains_key(&format!("conveyour_cdc_{name}")),
+            "missing {name}"
+        );
     }
     // No label carries a contact id or a row value.
     assert!(!text.contains("@x.test") && !text.contains(TOKEN));
@@ -150,20 +187,69 @@ async fn json_logs_parse_and_never_hold_secrets() {
     );
     w.wait_streaming(Duration::from_secs(20)).await;
     w.rx.set_fault(Fault::StatusTimes(500, 2));
-    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('j@x.test', 'J');").await;
-    w.rx.wait_until("the identify", Duration::from_secs(20), |r| r.identify_count() == 1).await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('j@x.test', 'J');")
+        .await;
+    w.rx.wait_until("the identify", Duration::from_secs(20), |r| {
+        r.identify_count() == 1
+    })
+    .await;
     conn.sigterm();
     assert!(conn.wait(Duration::from_secs(30)).await.success());
     let log = conn.log();
     let mut lines = 0;
     for line in log.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert!(v.get("level").is_some() && v.get("timestamp").is_some(), "{line}");
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
         lines += 1;
     }
     assert!(lines >= 3, "{log}");
-    assert!(log.contains("will retry"), "retries should be logged: {log}");
+    assert!(
+        log.contains("will retry"),
+        "retries should be logged: {log}"
+    );
     for secret in [TOKEN, crate::support::setup::APPKEY, pg_password.as_str()] {
         assert!(!log.contains(secret), "secret {secret} leaked into the log");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_the_slot_and_publication_as_text_and_json() {
+    use crate::support::connector::{run_cli, CONFIG_PLACEHOLDER as CONFIG};
+    let w = world("status", ROSTER_SQL).await;
+    let config = w.roster_config();
+    let (status, out, err) = run_cli(&["status", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains(&format!("slot {}: does not exist", w.slot)),
+        "{out}"
+    );
+
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(20)).await;
+    w.db.exec("INSERT INTO employees (email) VALUES ('s@x.test');")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(20)).await;
+
+    let (status, out, _) = run_cli(&["status", "--config", CONFIG], &config, &[]);
+    assert!(status.success());
+    assert!(out.contains(&format!("slot {}: active", w.slot)), "{out}");
+    assert!(out.contains("public.employees, public.sales"), "{out}");
+
+    let (status, out, _) = run_cli(&["status", "--config", CONFIG, "--json"], &config, &[]);
+    assert!(status.success());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["slot"]["exists"], true);
+    assert_eq!(v["slot"]["active"], true);
+    assert_eq!(v["slot"]["plugin"], "pgoutput");
+    assert_eq!(v["slot"]["wal_status"], "reserved");
+    let confirmed =
+        crate::support::pg::parse_lsn(v["slot"]["confirmed_flush_lsn"].as_str().unwrap()).unwrap();
+    assert!(confirmed >= end);
+    assert_eq!(v["publication"]["missing"], serde_json::json!([]));
+    drop(conn);
 }

@@ -1,0 +1,212 @@
+//! `conveyour-cdc status`: where the connector stands, read from the
+//! database (the slot, the publication, the connector's own schema), so it
+//! works whether or not a connector is running.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::config::{Settings, TableName};
+use crate::source::{self, connect_sql};
+use crate::Error;
+
+/// The connector's own schema in the source database, where progress and
+/// dead letters are kept.
+pub const STATE_SCHEMA: &str = "conveyour_cdc";
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub slot: SlotStatus,
+    pub publication: PublicationStatus,
+    /// Rows in the dead-letter table, when the connector's schema has one.
+    pub dead_letters: Option<i64>,
+    /// Tables the initial sync has recorded progress for, when it has run.
+    pub snapshot_tables: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub exists: bool,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub plugin: Option<String>,
+    pub confirmed_flush_lsn: Option<String>,
+    /// Server WAL position minus the confirmed position.
+    pub lag_bytes: Option<i64>,
+    /// WAL the server keeps for the slot.
+    pub retained_wal_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PublicationStatus {
+    pub name: String,
+    pub exists: bool,
+    pub tables: Vec<String>,
+    /// Mapped tables the publication does not hold.
+    pub missing: Vec<String>,
+}
+
+/// Reads the status from the database.
+pub async fn read(settings: &Settings) -> Result<Status, Error> {
+    let client = connect_sql(&settings.postgres).await?;
+    let sql_err = |what: &str| {
+        let what = what.to_owned();
+        move |e| Error::Source(source::SourceError::from_sql(&what, e))
+    };
+    let slot = match client
+        .query_opt(
+            "SELECT active, active_pid, plugin::text, confirmed_flush_lsn::text,
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
+                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&settings.slot],
+        )
+        .await
+        .map_err(sql_err("reading the slot"))?
+    {
+        Some(r) => SlotStatus {
+            name: settings.slot.clone(),
+            exists: true,
+            active: r.get(0),
+            active_pid: r.get(1),
+            plugin: r.get(2),
+            confirmed_flush_lsn: r.get(3),
+            lag_bytes: r.get(4),
+            retained_wal_bytes: r.get(5),
+            wal_status: r.get(6),
+        },
+        None => SlotStatus {
+            name: settings.slot.clone(),
+            exists: false,
+            active: false,
+            active_pid: None,
+            plugin: None,
+            confirmed_flush_lsn: None,
+            lag_bytes: None,
+            retained_wal_bytes: None,
+            wal_status: None,
+        },
+    };
+
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&settings.publication],
+        )
+        .await
+        .map_err(sql_err("reading the publication"))?
+        .is_some();
+    let tables: Vec<String> = client
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[&settings.publication],
+        )
+        .await
+        .map_err(sql_err("reading the publication's tables"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mapped: Vec<&TableName> = settings.tables.iter().map(|t| &t.table).collect();
+    let missing = mapped
+        .iter()
+        .map(|t| t.to_string())
+        .filter(|t| !tables.contains(t))
+        .collect();
+
+    let count = |table: &'static str| {
+        let client = &client;
+        async move {
+            let exists = client
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&format!("{STATE_SCHEMA}.{table}")],
+                )
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false);
+            if !exists {
+                return None;
+            }
+            client
+                .query_one(&format!("SELECT count(*) FROM {STATE_SCHEMA}.{table}"), &[])
+                .await
+                .ok()
+                .map(|r| r.get::<_, i64>(0))
+        }
+    };
+    Ok(Status {
+        slot,
+        publication: PublicationStatus {
+            name: settings.publication.clone(),
+            exists,
+            tables,
+            missing,
+        },
+        dead_letters: count("dead_letters").await,
+        snapshot_tables: count("snapshot_progress").await,
+    })
+}
+
+impl Status {
+    /// The human-readable report.
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        let s = &self.slot;
+        if s.exists {
+            let _ = writeln!(
+                out,
+                "slot {}: {}{}, plugin {}, wal_status {}",
+                s.name,
+                if s.active { "active" } else { "inactive" },
+                s.active_pid
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default(),
+                s.plugin.as_deref().unwrap_or("?"),
+                s.wal_status.as_deref().unwrap_or("?"),
+            );
+            let _ = writeln!(
+                out,
+                "  confirmed {}, lag {} bytes, retained WAL {} bytes",
+                s.confirmed_flush_lsn.as_deref().unwrap_or("none"),
+                s.lag_bytes
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                s.retained_wal_bytes
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "?".into()),
+            );
+        } else {
+            let _ = writeln!(out, "slot {}: does not exist (run creates it)", s.name);
+        }
+        let p = &self.publication;
+        if p.exists {
+            let _ = writeln!(out, "publication {}: {}", p.name, p.tables.join(", "));
+            if !p.missing.is_empty() {
+                let _ = writeln!(out, "  lacks mapped tables: {}", p.missing.join(", "));
+            }
+        } else {
+            let _ = writeln!(
+                out,
+                "publication {}: does not exist (run creates it)",
+                p.name
+            );
+        }
+        let _ = writeln!(
+            out,
+            "dead letters: {}",
+            self.dead_letters
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "none recorded".into())
+        );
+        let _ = writeln!(
+            out,
+            "initial sync: {}",
+            self.snapshot_tables
+                .map(|n| format!("progress recorded for {n} table(s)"))
+                .unwrap_or_else(|| "no progress recorded".into())
+        );
+        out
+    }
+}
