@@ -1,0 +1,172 @@
+-- conveyour-cdc: prepares a database for the connector, with the least
+-- privilege it needs. Safe to run again: every step checks what exists and
+-- only adds what is missing (the publication is set to exactly `tables`).
+--
+-- Run it as a superuser (or your platform's admin role) connected to the
+-- database that holds the mapped tables:
+--
+--   psql -X -d appdb -v ON_ERROR_STOP=1 \
+--        -v role=conveyour_cdc -v password='...' \
+--        -v tables='public.employees, public.sales' \
+--        -v full_identity_tables='public.employees' \
+--        -f sql/setup.sql
+--
+-- Variables (psql -v NAME=VALUE):
+--   tables                required. Comma-separated tables the connector reads
+--                         (the `tables:` of its config), as `schema.table` or
+--                         `table` (search_path). Quote mixed-case names the SQL
+--                         way: -v tables='public."Staff"'. Names may not
+--                         contain commas.
+--   role                  default conveyour_cdc. The login the connector uses.
+--                         Created when missing; an existing superuser is
+--                         refused (use a dedicated role).
+--   password              default: not set, the role's password is left as is
+--                         (certificate or external auth, or set it yourself
+--                         with psql's \password). When set, the role's
+--                         password is set to it; note that the server logs the
+--                         statement if log_statement is 'ddl' or 'all'.
+--   publication           default conveyour_cdc. Must match the connector's
+--                         postgres.publication.
+--   schema                default conveyour_cdc. The connector's own schema
+--                         (its state and dead-letter tables), created and
+--                         owned by the role.
+--   full_identity_tables  default empty. Comma-separated tables to switch to
+--                         REPLICA IDENTITY FULL, so updates and deletes carry
+--                         the whole old row (needed when a mapped column is
+--                         not in the primary key, or for TOAST columns).
+--
+-- What the role gets: LOGIN and REPLICATION (to create and stream its
+-- logical slot), CONNECT on this database, USAGE on the mapped tables'
+-- schemas and SELECT on the mapped tables only (for the initial snapshot),
+-- and its own schema. Nothing else: no writes to the mapped tables, no other
+-- tables, no CREATE elsewhere.
+--
+-- Managed services: where REPLICATION cannot be granted (e.g. Amazon RDS),
+-- grant the platform's replication role instead (GRANT rds_replication TO ...)
+-- and run the rest as the admin role.
+
+\set ON_ERROR_STOP on
+\set QUIET on
+SET client_min_messages = warning;
+
+\if :{?role}
+\else
+  \set role conveyour_cdc
+\endif
+\if :{?publication}
+\else
+  \set publication conveyour_cdc
+\endif
+\if :{?schema}
+\else
+  \set schema conveyour_cdc
+\endif
+\if :{?full_identity_tables}
+\else
+  \set full_identity_tables ''
+\endif
+\if :{?tables}
+\else
+  DO $$ BEGIN RAISE EXCEPTION USING
+    MESSAGE = 'setup.sql: no tables given',
+    HINT = 'pass the mapped tables: psql -v tables=''public.employees, public.sales'' -f sql/setup.sql';
+  END $$;
+\endif
+
+-- Resolve the table lists now, so a typo fails before anything changes.
+-- The names are re-quoted from the catalog, so they are safe to splice in.
+SELECT coalesce(string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY n.nspname, c.relname), '') AS cdc_table_list,
+       count(*) AS cdc_table_count
+  FROM (SELECT DISTINCT trim(t)::regclass AS rel
+          FROM unnest(string_to_array(:'tables', ',')) AS t
+         WHERE trim(t) <> '') AS wanted
+  JOIN pg_class c ON c.oid = wanted.rel
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+\gset
+SELECT coalesce(string_agg(format('%I.%I', n.nspname, c.relname), ', '), '') AS cdc_full_identity_list
+  FROM (SELECT DISTINCT trim(t)::regclass AS rel
+          FROM unnest(string_to_array(:'full_identity_tables', ',')) AS t
+         WHERE trim(t) <> '') AS wanted
+  JOIN pg_class c ON c.oid = wanted.rel
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+\gset
+
+SELECT :cdc_table_count = 0 AS cdc_no_tables,
+       coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = :'role'), false) AS cdc_role_is_superuser
+\gset
+\if :cdc_no_tables
+  DO $$ BEGIN RAISE EXCEPTION 'setup.sql: the tables variable names no table'; END $$;
+\endif
+\if :cdc_role_is_superuser
+  SELECT format('DO %L', format('BEGIN RAISE EXCEPTION USING MESSAGE = %L, HINT = %L; END',
+                'setup.sql: role ' || :'role' || ' is a superuser',
+                'give the connector a dedicated role: -v role=conveyour_cdc')) \gexec
+\endif
+
+BEGIN;
+
+-- The role: created when missing, then given exactly the attributes it needs.
+SELECT format('CREATE ROLE %I LOGIN REPLICATION', :'role')
+ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'role')
+\gexec
+SELECT format('ALTER ROLE %I LOGIN REPLICATION NOCREATEDB NOCREATEROLE NOBYPASSRLS', :'role')
+\gexec
+\if :{?password}
+  SELECT format('ALTER ROLE %I PASSWORD %L', :'role', :'password')
+  \gexec
+\endif
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'role')
+\gexec
+
+-- Its own schema, owned by it: the connector keeps its state there.
+SELECT format('CREATE SCHEMA %I AUTHORIZATION %I', :'schema', :'role')
+ WHERE NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :'schema')
+\gexec
+SELECT format('ALTER SCHEMA %I OWNER TO %I', :'schema', :'role')
+  FROM pg_namespace
+ WHERE nspname = :'schema' AND nspowner <> (SELECT oid FROM pg_roles WHERE rolname = :'role')
+\gexec
+SELECT format('GRANT USAGE, CREATE ON SCHEMA %I TO %I', :'schema', :'role')
+\gexec
+
+-- Read access to the mapped tables, and nothing more.
+SELECT DISTINCT format('GRANT USAGE ON SCHEMA %I TO %I', n.nspname, :'role')
+  FROM unnest(string_to_array(:'cdc_table_list', ', ')) AS t
+  JOIN pg_class c ON c.oid = t::regclass
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+\gexec
+SELECT format('GRANT SELECT ON TABLE %s TO %I', :'cdc_table_list', :'role')
+\gexec
+-- Tables dropped from the list since the last run are no longer readable.
+SELECT format('REVOKE SELECT ON TABLE %I.%I FROM %I', n.nspname, c.relname, :'role')
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+ WHERE a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :'role')
+   AND a.privilege_type = 'SELECT'
+   AND n.nspname <> :'schema'
+   AND format('%I.%I', n.nspname, c.relname) <> ALL (string_to_array(:'cdc_table_list', ', '))
+\gexec
+
+-- The publication: created when missing, else set to exactly these tables.
+SELECT format('CREATE PUBLICATION %I FOR TABLE %s', :'publication', :'cdc_table_list')
+ WHERE NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = :'publication')
+\gexec
+SELECT format('ALTER PUBLICATION %I SET TABLE %s', :'publication', :'cdc_table_list')
+  FROM pg_publication p
+ WHERE p.pubname = :'publication'
+   AND NOT p.puballtables
+   AND ((SELECT coalesce(string_agg(format('%I.%I', schemaname, tablename), ', ' ORDER BY schemaname, tablename), '')
+              FROM pg_publication_tables WHERE pubname = :'publication') <> :'cdc_table_list')
+\gexec
+
+-- Full old rows in the WAL for the tables that need them.
+SELECT format('ALTER TABLE %s REPLICA IDENTITY FULL', t)
+  FROM unnest(string_to_array(:'cdc_full_identity_list', ', ')) AS t
+  JOIN pg_class c ON c.oid = t::regclass
+ WHERE c.relreplident <> 'f'
+\gexec
+
+COMMIT;
+
+\echo 'conveyour-cdc setup done: role' :'role' 'reads' :'cdc_table_list' 'through publication' :'publication'

@@ -1,0 +1,463 @@
+//! `sql/setup.sql` and `sql/teardown.sql` against the real server: both run
+//! twice without harm, the role they make can do what the connector needs
+//! (log in, create and stream its slot, read the mapped tables, keep state in
+//! its own schema) and nothing more, and teardown leaves nothing behind.
+//!
+//! Roles are cluster-wide and tests run in parallel, so every test names its
+//! roles after its own database.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
+
+use crate::support::connector::{run_cli, Connector, CONFIG_PLACEHOLDER as CONFIG};
+use crate::support::pg::{cluster, connect, percent_encode, TestDb};
+use crate::support::setup::{world, ROSTER_SQL, ROSTER_TABLES};
+
+const PASSWORD: &str = "pw with 'quote' and spaces";
+
+fn sql_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("sql")
+        .join(name)
+}
+
+/// Runs one of the sql/ files through psql as the superuser, with `vars` as
+/// `-v NAME=VALUE`.
+fn psql(db: &TestDb, file: &str, vars: &[(&str, &str)]) -> Output {
+    let c = cluster();
+    let mut cmd = Command::new(c.bin("psql"));
+    cmd.args(["-X", "-v", "ON_ERROR_STOP=1", "-h", c.host()])
+        .args([
+            "-p",
+            &c.port().to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            db.name(),
+        ])
+        .stdin(Stdio::null());
+    for (name, value) in vars {
+        cmd.arg("-v").arg(format!("{name}={value}"));
+    }
+    cmd.arg("-f").arg(sql_file(file));
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running psql for {file}: {e}"))
+}
+
+fn psql_ok(db: &TestDb, file: &str, vars: &[(&str, &str)]) -> String {
+    let out = psql(db, file, vars);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "psql -f sql/{file} {vars:?} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status
+    );
+    stdout + &stderr
+}
+
+fn psql_fails(db: &TestDb, file: &str, vars: &[(&str, &str)]) -> String {
+    let out = psql(db, file, vars);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "psql -f sql/{file} {vars:?} should have failed:\n{text}"
+    );
+    text
+}
+
+fn role_url(db: &TestDb, role: &str) -> String {
+    format!(
+        "postgres://{}:{}@127.0.0.1:{}/{}",
+        percent_encode(role),
+        percent_encode(PASSWORD),
+        db.cluster().port(),
+        db.name()
+    )
+}
+
+/// Asserts that `sql`, run as the role, is refused for lack of privilege.
+async fn refused(client: &tokio_postgres::Client, sql: &str) {
+    match client.batch_execute(sql).await {
+        Ok(()) => panic!("the connector role could run: {sql}"),
+        Err(e) => assert_eq!(
+            e.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: expected a privilege error, got {e:?}"
+        ),
+    }
+}
+
+async fn exists(db: &TestDb, sql: &str) -> bool {
+    db.query_i64(&format!("SELECT count(*) FROM ({sql}) AS x"))
+        .await
+        > 0
+}
+
+/// Roles, publication, schema and slot names for one test.
+struct Names {
+    role: String,
+    publication: String,
+    schema: String,
+    slot: String,
+}
+
+impl Names {
+    fn for_db(db: &TestDb) -> Names {
+        let base = db.name().to_string();
+        Names {
+            role: format!("r_{base}"),
+            publication: format!("pub_{base}"),
+            schema: format!("cdc_{base}"),
+            slot: format!("slot_{base}"),
+        }
+    }
+
+    async fn gone(&self, db: &TestDb) {
+        let Names {
+            role,
+            publication,
+            schema,
+            slot,
+        } = self;
+        assert!(
+            !exists(
+                db,
+                &format!("SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
+            )
+            .await
+        );
+        assert!(
+            !exists(
+                db,
+                &format!("SELECT 1 FROM pg_publication WHERE pubname = '{publication}'")
+            )
+            .await
+        );
+        assert!(
+            !exists(
+                db,
+                &format!("SELECT 1 FROM pg_namespace WHERE nspname = '{schema}'")
+            )
+            .await
+        );
+        assert!(
+            !exists(
+                db,
+                &format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}'")
+            )
+            .await
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_grants_exactly_what_the_connector_needs_and_teardown_removes_it() {
+    let db = crate::support::pg::fresh_db("sql_least_privilege").await;
+    db.exec(&format!(
+        "{ROSTER_SQL}
+         CREATE TABLE payroll (id int PRIMARY KEY, salary numeric);
+         INSERT INTO employees (email) VALUES ('a@example.com');"
+    ))
+    .await;
+    let n = Names::for_db(&db);
+    let vars = [
+        ("role", n.role.as_str()),
+        ("password", PASSWORD),
+        ("tables", "public.employees, sales"),
+        ("publication", n.publication.as_str()),
+        ("schema", n.schema.as_str()),
+        ("full_identity_tables", "public.employees"),
+    ];
+
+    // Twice: the second run must find everything in place and change nothing.
+    let first = psql_ok(&db, "setup.sql", &vars);
+    assert!(first.contains("setup done"), "{first}");
+    psql_ok(&db, "setup.sql", &vars);
+
+    // The catalog says what was asked for.
+    assert_eq!(
+        db.query_opt_string(&format!(
+            "SELECT string_agg(schemaname || '.' || tablename, ',' ORDER BY tablename)
+               FROM pg_publication_tables WHERE pubname = '{}'",
+            n.publication
+        ))
+        .await
+        .as_deref(),
+        Some("public.employees,public.sales")
+    );
+    assert_eq!(
+        db.query_opt_string(
+            "SELECT string_agg(relname || '=' || relreplident::text, ',' ORDER BY relname)
+               FROM pg_class WHERE relname IN ('employees', 'sales')"
+        )
+        .await
+        .as_deref(),
+        Some("employees=f,sales=d")
+    );
+    assert_eq!(
+        db.query_i64(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{}' AND rolcanlogin AND rolreplication
+                AND NOT rolsuper AND NOT rolcreatedb AND NOT rolcreaterole AND NOT rolbypassrls",
+            n.role
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        db.query_i64(&format!(
+            "SELECT count(*) FROM pg_authid WHERE rolname = '{}' AND rolpassword IS NOT NULL",
+            n.role
+        ))
+        .await,
+        1,
+        "the password was not set"
+    );
+    assert_eq!(
+        db.query_opt_string(&format!(
+            "SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = '{}'",
+            n.schema
+        ))
+        .await,
+        Some(n.role.clone()),
+        "the connector's schema belongs to its role"
+    );
+
+    // What the connector needs: log in, read the mapped tables, create and
+    // decode its slot through the publication, keep state in its schema.
+    let role = connect(&role_url(&db, &n.role))
+        .await
+        .unwrap_or_else(|e| panic!("the connector role cannot log in: {e}"));
+    assert_eq!(
+        role.query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        n.role
+    );
+    for table in ["employees", "public.sales"] {
+        role.query(&format!("SELECT * FROM {table}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("the role cannot read {table}: {e:?}"));
+    }
+    role.query_one(
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&n.slot],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the role cannot create a logical slot: {e:?}"));
+    db.exec("INSERT INTO employees (email) VALUES ('b@example.com');")
+        .await;
+    let messages: i64 = role
+        .query_one(
+            "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL,
+                 'proto_version', '1', 'publication_names', $2)",
+            &[&n.slot, &n.publication],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the role cannot decode its slot: {e:?}"))
+        .get(0);
+    assert!(
+        messages >= 3,
+        "begin, relation/insert and commit expected, got {messages}"
+    );
+    role.batch_execute(&format!(
+        "CREATE TABLE {s}.state (k text PRIMARY KEY, v text);
+         INSERT INTO {s}.state VALUES ('lsn', '0/0');
+         UPDATE {s}.state SET v = '0/1';
+         CREATE TABLE {s}.dead_letters (id bigserial PRIMARY KEY, body jsonb);
+         DROP TABLE {s}.dead_letters;",
+        s = n.schema
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("the role cannot keep state in its schema: {e:?}"));
+
+    // And nothing more.
+    refused(&role, "UPDATE employees SET first_name = 'x'").await;
+    refused(
+        &role,
+        "INSERT INTO employees (email) VALUES ('c@example.com')",
+    )
+    .await;
+    refused(&role, "DELETE FROM employees").await;
+    refused(&role, "TRUNCATE sales").await;
+    refused(&role, "SELECT * FROM payroll").await;
+    refused(&role, "ALTER TABLE employees ADD COLUMN x int").await;
+    refused(
+        &role,
+        &format!("ALTER PUBLICATION {} ADD TABLE payroll", n.publication),
+    )
+    .await;
+    refused(&role, "CREATE SCHEMA elsewhere").await;
+    // Before PostgreSQL 15 everyone may create in `public` unless the
+    // database owner revoked it; that is the database's setting, not ours.
+    let public_open = db
+        .query_i64(
+            "SELECT count(*) FROM pg_namespace, aclexplode(nspacl) a
+              WHERE nspname = 'public' AND a.grantee = 0 AND a.privilege_type = 'CREATE'",
+        )
+        .await
+        > 0;
+    if !public_open {
+        refused(&role, "CREATE TABLE public.sneaky (x int)").await;
+    }
+    drop(role);
+
+    // A smaller table list on a later run takes the dropped table away.
+    let mut narrowed = vars;
+    narrowed[2] = ("tables", "public.employees");
+    psql_ok(&db, "setup.sql", &narrowed);
+    let role = connect(&role_url(&db, &n.role)).await.unwrap();
+    refused(&role, "SELECT * FROM sales").await;
+    role.query("SELECT * FROM employees", &[]).await.unwrap();
+    assert_eq!(
+        db.query_opt_string(&format!(
+            "SELECT string_agg(tablename, ',') FROM pg_publication_tables WHERE pubname = '{}'",
+            n.publication
+        ))
+        .await
+        .as_deref(),
+        Some("employees")
+    );
+    drop(role);
+
+    // Teardown, twice; the slot is inactive, so it goes too.
+    let teardown = [
+        ("role", n.role.as_str()),
+        ("slot", n.slot.as_str()),
+        ("publication", n.publication.as_str()),
+        ("schema", n.schema.as_str()),
+    ];
+    psql_ok(&db, "teardown.sql", &teardown);
+    n.gone(&db).await;
+    psql_ok(&db, "teardown.sql", &teardown);
+    n.gone(&db).await;
+    assert!(
+        connect(&role_url(&db, &n.role)).await.is_err(),
+        "the dropped role can still log in"
+    );
+    // The mapped tables themselves are untouched.
+    assert_eq!(db.query_i64("SELECT count(*) FROM employees").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_refuses_bad_input_before_changing_anything() {
+    let db = crate::support::pg::fresh_db("sql_bad_input").await;
+    db.exec(ROSTER_SQL).await;
+    let n = Names::for_db(&db);
+
+    let out = psql_fails(&db, "setup.sql", &[("role", &n.role)]);
+    assert!(out.contains("no tables given"), "{out}");
+    let out = psql_fails(
+        &db,
+        "setup.sql",
+        &[
+            ("role", &n.role),
+            ("tables", "public.employees, public.nope"),
+        ],
+    );
+    assert!(out.contains("\"public.nope\" does not exist"), "{out}");
+    assert!(
+        !exists(
+            &db,
+            &format!("SELECT 1 FROM pg_roles WHERE rolname = '{}'", n.role)
+        )
+        .await,
+        "a failed setup left a role behind"
+    );
+
+    // An existing superuser is never turned into the connector's role.
+    db.exec(&format!("CREATE ROLE {} SUPERUSER LOGIN", n.role))
+        .await;
+    let out = psql_fails(
+        &db,
+        "setup.sql",
+        &[("role", &n.role), ("tables", "employees")],
+    );
+    assert!(out.contains("is a superuser"), "{out}");
+    assert!(
+        exists(
+            &db,
+            &format!(
+                "SELECT 1 FROM pg_roles WHERE rolname = '{}' AND rolsuper",
+                n.role
+            )
+        )
+        .await
+    );
+    db.exec(&format!("DROP ROLE {}", n.role)).await;
+}
+
+/// The role from setup.sql is enough for the real connector: `check` passes
+/// and a row reaches the receiver. Teardown refuses while it streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connector_runs_as_the_setup_role_and_teardown_waits_for_it_to_stop() {
+    let w = world("sql_connector_role", ROSTER_SQL).await;
+    let role = format!("r_{}", w.db.name());
+    let publication = format!("pub_{}", w.slot);
+    psql_ok(
+        &w.db,
+        "setup.sql",
+        &[
+            ("role", &role),
+            ("password", PASSWORD),
+            ("tables", "public.employees, public.sales"),
+            ("publication", &publication),
+        ],
+    );
+    let config = w.config_with_url(&role_url(&w.db, &role), ROSTER_TABLES, "");
+
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(
+        status.success(),
+        "check as the setup role failed:\n{out}\n{err}"
+    );
+
+    let connector = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(30)).await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('ann@example.com', 'Ann');")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.rx.contact("ann@example.com").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no identify for the new row; connector log:\n{}",
+            connector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // While it streams, teardown must not pull the slot from under it.
+    let teardown = [
+        ("role", role.as_str()),
+        ("slot", w.slot.as_str()),
+        ("publication", publication.as_str()),
+    ];
+    let out = psql_fails(&w.db, "teardown.sql", &teardown);
+    assert!(out.contains("is in use"), "{out}");
+    assert!(w.db.slot_active(&w.slot).await);
+
+    connector.sigterm();
+    assert!(connector.wait(Duration::from_secs(30)).await.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.db.slot_active(&w.slot).await {
+        assert!(Instant::now() < deadline, "the slot stayed active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    psql_ok(&w.db, "teardown.sql", &teardown);
+    assert!(w.db.confirmed_flush(&w.slot).await.is_none(), "slot left");
+    assert!(
+        !exists(
+            &w.db,
+            &format!("SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
+        )
+        .await
+    );
+}
