@@ -10,5 +10,6 @@ mod cli;
 mod faults;
 mod observe;
 mod harness;
+mod reliability;
 mod spine;
 mod sql;

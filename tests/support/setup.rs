@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::pg::{fresh_db, TestDb};
+use super::pg::{cluster, Cluster, TestDb};
 use super::receiver::Receiver;
 
 /// Credentials the receiver expects; the token doubles as a canary for
@@ -50,7 +50,13 @@ pub struct World {
 
 /// A fresh database running `schema_sql`, and a fresh receiver.
 pub async fn world(hint: &str, schema_sql: &str) -> World {
-    let db = fresh_db(hint).await;
+    world_on(cluster(), hint, schema_sql).await
+}
+
+/// Like [`world`], in a given cluster: tests that restart or reconfigure
+/// PostgreSQL pass a [`super::pg::private_cluster`].
+pub async fn world_on(cluster: &'static Cluster, hint: &str, schema_sql: &str) -> World {
+    let db = cluster.fresh_db(hint).await;
     db.exec(schema_sql).await;
     let rx = Receiver::start(APPKEY, TOKEN).await;
     let slot: String = db
