@@ -48,6 +48,13 @@ pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 25_000;
 /// Standby status updates are sent at least this often. Postgres drops a
 /// walsender that is silent for `wal_sender_timeout` (60 s by default).
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
+/// Requests in flight at once. Four hides ConveYour's round trip behind
+/// batching on small hardware while keeping each contact's actions on one
+/// lane, in order.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
+/// Warn when the slot holds more WAL than this (MiB): 1 GiB is well past a
+/// healthy backlog and well before a typical disk fills.
+pub const DEFAULT_RETAINED_WAL_WARN_MB: u64 = 1024;
 /// Environment variable that overrides `conveyour.appkey`.
 pub const APPKEY_ENV: &str = "CONVEYOUR_APPKEY";
 /// Environment variable that overrides `conveyour.token`.
@@ -133,6 +140,8 @@ pub struct PostgresConfig {
     pub publication: String,
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    #[serde(default = "default_retained_wal_warn_mb")]
+    pub retained_wal_warn_mb: u64,
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -142,6 +151,7 @@ impl fmt::Debug for PostgresConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("status_interval_ms", &self.status_interval_ms)
+            .field("retained_wal_warn_mb", &self.retained_wal_warn_mb)
             .finish()
     }
 }
@@ -171,6 +181,24 @@ pub struct ConveyourConfig {
     pub body_error_retries: u32,
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Requests per second toward ConveYour at most; unset means no ceiling.
+    #[serde(default)]
+    pub max_requests_per_second: Option<f64>,
+    #[serde(default)]
+    pub on_reject: OnReject,
+}
+
+/// What to do with entries ConveYour rejects for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnReject {
+    /// Store them in the dead-letter table and go on.
+    #[default]
+    DeadLetter,
+    /// Stop the connector without advancing past them.
+    Stop,
 }
 
 /// One entry of `tables:`: a source table and what its rows become.
@@ -239,6 +267,12 @@ fn default_body_error_retries() -> u32 {
 }
 fn default_shutdown_grace_ms() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_MS
+}
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT
+}
+fn default_retained_wal_warn_mb() -> u64 {
+    DEFAULT_RETAINED_WAL_WARN_MB
 }
 
 /// A config that cannot be used, with the key it is about.
@@ -362,6 +396,7 @@ pub struct Settings {
     pub slot: String,
     pub publication: String,
     pub status_interval: Duration,
+    pub retained_wal_warn_bytes: u64,
     pub conveyour: SinkSettings,
     pub tables: Vec<TableMapping>,
     /// `host:port` for the metrics and health listener.
@@ -381,6 +416,9 @@ pub struct SinkSettings {
     pub max_backoff: Duration,
     pub body_error_retries: u32,
     pub shutdown_grace: Duration,
+    pub max_in_flight: usize,
+    pub max_requests_per_second: Option<f64>,
+    pub on_reject: OnReject,
 }
 
 impl Config {
@@ -466,6 +504,17 @@ impl Config {
             ));
         }
 
+        if cy.max_in_flight == 0 || cy.max_in_flight > 64 {
+            return Err(err("conveyour.max_in_flight", "must be between 1 and 64"));
+        }
+        if let Some(r) = cy.max_requests_per_second {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err(err(
+                    "conveyour.max_requests_per_second",
+                    "must be a positive number",
+                ));
+            }
+        }
         if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(err(
                 "metrics.listen",
@@ -559,6 +608,7 @@ impl Config {
             slot: pg.slot.clone(),
             publication: pg.publication.clone(),
             status_interval: Duration::from_millis(pg.status_interval_ms),
+            retained_wal_warn_bytes: pg.retained_wal_warn_mb.saturating_mul(1024 * 1024),
             conveyour: SinkSettings {
                 url,
                 appkey,
@@ -570,6 +620,9 @@ impl Config {
                 max_backoff: Duration::from_millis(cy.max_backoff_ms),
                 body_error_retries: cy.body_error_retries,
                 shutdown_grace: Duration::from_millis(cy.shutdown_grace_ms),
+                max_in_flight: cy.max_in_flight,
+                max_requests_per_second: cy.max_requests_per_second,
+                on_reject: cy.on_reject,
             },
             tables,
             metrics_listen: self.metrics.listen.clone(),

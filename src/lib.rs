@@ -19,6 +19,7 @@ pub mod mapping;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod status;
 pub mod telemetry;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use conveyour_cdc::{check, config, pipeline, status, telemetry, Error};
+use conveyour_cdc::{check, config, pipeline, state, status, telemetry, Error};
 
 /// Streams Postgres row changes into ConveYour identify and track calls.
 #[derive(Parser)]
@@ -25,6 +25,37 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Show the stored entries with ConveYour's reason.
+    List {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send stored entries again (after fixing the cause); delivered ones are removed.
+    Retry {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this entry.
+        #[arg(long)]
+        id: Option<i64>,
+    },
+    /// Delete stored entries.
+    Purge {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this entry.
+        #[arg(long)]
+        id: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Stream changes until stopped (SIGTERM or Ctrl-C).
     Run {
@@ -40,6 +71,11 @@ enum Command {
         /// Only parse and validate the config; do not connect.
         #[arg(long)]
         config_only: bool,
+    },
+    /// List, re-send or delete entries ConveYour rejected for good.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
     },
     /// Report the slot, the publication, dead letters and initial-sync state.
     Status {
@@ -92,6 +128,7 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::DeadLetters { action } => dead_letters(action),
         Command::Status { config, json } => {
             let settings = config::load(&config)?;
             let status = runtime()?.block_on(status::read(&settings))?;
@@ -132,6 +169,66 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
                 );
                 Ok(ExitCode::FAILURE)
             }
+        }
+    }
+}
+
+fn dead_letters(action: DeadLetterAction) -> Result<ExitCode, Error> {
+    match action {
+        DeadLetterAction::List { config, json } => {
+            let settings = config::load(&config)?;
+            let letters = runtime()?.block_on(async {
+                let client = conveyour_cdc::source::connect(&settings.postgres).await?;
+                Ok::<_, Error>(state::list_dead_letters(&client, &settings.slot, None).await?)
+            })?;
+            if json {
+                let text = serde_json::to_string_pretty(&letters)
+                    .map_err(|e| Error::Setup(e.to_string()))?;
+                println!("{text}");
+            } else if letters.is_empty() {
+                println!("no dead letters for slot {}", settings.slot);
+            } else {
+                for l in &letters {
+                    println!(
+                        "{:>6}  {}  {} {} id={} lsn={} HTTP {} attempts={}: {}",
+                        l.id,
+                        l.created_at,
+                        l.endpoint,
+                        l.table,
+                        l.contact,
+                        l.lsn,
+                        l.status,
+                        l.attempts,
+                        l.message
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLetterAction::Retry { config, id } => {
+            let settings = config::load(&config)?;
+            let outcome = runtime()?.block_on(state::retry_dead_letters(&settings, id))?;
+            println!(
+                "delivered {}, rejected again {}",
+                outcome.delivered, outcome.rejected
+            );
+            if outcome.rejected > 0 {
+                eprintln!(
+                    "error: {} dead letter(s) rejected again; see `dead-letters list`",
+                    outcome.rejected
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLetterAction::Purge { config, id } => {
+            let settings = config::load(&config)?;
+            let n = runtime()?.block_on(async {
+                let client = conveyour_cdc::source::connect(&settings.postgres).await?;
+                Ok::<_, Error>(state::purge_dead_letters(&client, &settings.slot, id).await?)
+            })?;
+            println!("deleted {n} dead letter(s)");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -56,6 +56,7 @@ pub(crate) struct Metrics {
     pub lag_seconds: Gauge,
     pub slot_retained_wal_bytes: Gauge,
     pub connected: IntGauge,
+    pub dead_letters: IntCounter,
     /// The server's WAL end as last reported, for lag in bytes.
     server_wal_end: AtomicU64,
     confirmed: AtomicU64,
@@ -132,7 +133,7 @@ impl Metrics {
             "snapshot_tables_remaining",
             "Tables the initial sync has not finished",
         );
-        counter("dead_letters_total", "Entries stored as dead letters");
+
         let now = unix_ms();
         Metrics {
             changes_received: counter_vec(
@@ -164,6 +165,7 @@ impl Metrics {
             ),
             slot_retained_wal_bytes: gauge("slot_retained_wal_bytes", "WAL the server keeps for the slot"),
             connected: int_gauge("connected", "1 while the replication stream is connected"),
+            dead_letters: counter("dead_letters_total", "Entries stored as dead letters"),
             registry,
             server_wal_end: AtomicU64::new(0),
             confirmed: AtomicU64::new(0),

@@ -11,7 +11,9 @@ use crate::support::setup::{world, World, ROSTER_SQL, ROSTER_TABLES};
 /// superuser creates the publication they cannot.
 async fn grant(w: &World, roles: &str) {
     w.db.exec(&format!(
-        "GRANT SELECT ON employees, sales TO {roles}; CREATE PUBLICATION pub_{} FOR TABLE employees, sales;",
+        "GRANT SELECT ON employees, sales TO {roles}; GRANT CREATE ON DATABASE \"{}\" TO {roles};
+         CREATE PUBLICATION pub_{} FOR TABLE employees, sales;",
+        w.db.name(),
         w.slot
     ))
     .await;

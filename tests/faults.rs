@@ -151,6 +151,14 @@ async fn http_200_with_status_error_is_not_an_acknowledgement() {
         |r| r.identify_count() == 1,
     )
     .await;
+    // Every attempt of the same request carries the same Idempotency-Key.
+    let keys: HashSet<Option<String>> =
+        w.rx.requests()
+            .into_iter()
+            .map(|r| r.idempotency_key)
+            .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys.iter().all(|k| k.is_some()));
     w.wait_confirmed(end, Duration::from_secs(20)).await;
     drop(conn);
 }
@@ -158,7 +166,8 @@ async fn http_200_with_status_error_is_not_an_acknowledgement() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_permanent_rejection_stops_the_connector_without_advancing() {
     let w = world("reject", ROSTER_SQL).await;
-    let conn = Connector::run(&w.roster_config(), &[]);
+    let config = w.config(crate::support::setup::ROSTER_TABLES, "  on_reject: stop\n");
+    let conn = Connector::run(&config, &[]);
     w.wait_streaming(Duration::from_secs(20)).await;
     w.db.exec("INSERT INTO employees (email, first_name) VALUES ('ok@x.test', 'ok');")
         .await;
@@ -190,7 +199,7 @@ async fn a_permanent_rejection_stops_the_connector_without_advancing() {
 
     // After the cause is fixed, a restart delivers the row.
     w.rx.clear_fault();
-    let conn = Connector::run(&w.roster_config(), &[]);
+    let conn = Connector::run(&config, &[]);
     w.rx.wait_until("the fixed row", Duration::from_secs(20), |r| {
         r.contact("poison@x.test").is_some()
     })

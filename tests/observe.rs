@@ -175,7 +175,9 @@ async fn json_logs_parse_and_never_hold_secrets() {
     let w = world("jsonlogs", ROSTER_SQL).await;
     let pg_password = crate::support::pg::password_for("scram_user");
     w.db.exec(&format!(
-        "GRANT SELECT ON employees, sales TO scram_user; CREATE PUBLICATION pub_{} FOR TABLE employees, sales;",
+        "GRANT SELECT ON employees, sales TO scram_user; GRANT CREATE ON DATABASE \"{}\" TO scram_user;
+         CREATE PUBLICATION pub_{} FOR TABLE employees, sales;",
+        w.db.name(),
         w.slot
     ))
     .await;

@@ -8,50 +8,70 @@
 //! flush order cannot keep, an identify after an event for the same
 //! contact, makes [`Batcher::must_flush_before`] ask for a flush first.
 
-use std::collections::HashMap;
-#[cfg(test)]
-use std::collections::HashSet;
-use std::sync::Arc;
-
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
+#[cfg(test)]
+use std::collections::HashSet;
 
 use super::Endpoint;
-use crate::lsn::Lsn;
 use crate::mapping::{Action, ActionBody};
 
-/// Which row an entry of a request came from, for error messages.
-#[derive(Debug, Clone)]
-pub(crate) struct Origin {
-    pub table: Arc<str>,
-    pub contact: String,
-    pub lsn: Lsn,
-}
+/// An action with its place in the stream, so acknowledgements can be
+/// matched back to positions.
+pub(crate) type Item = (u64, Action);
 
 /// One HTTP request, body already encoded so retries resend the same bytes.
 #[derive(Debug, Clone)]
 pub(crate) struct Request {
     pub endpoint: Endpoint,
     pub body: Bytes,
-    /// Identify entries or track events in the body.
-    pub count: usize,
-    pub origins: Vec<Origin>,
+    /// The identify entries or track events in the body, in order.
+    pub items: Vec<Item>,
 }
 
 impl Request {
+    /// A request with a body stored earlier (a dead letter sent again).
+    pub(crate) fn stored(endpoint: Endpoint, body: Bytes) -> Request {
+        Request {
+            endpoint,
+            body,
+            items: Vec::new(),
+        }
+    }
+
+    /// Identify entries or track events in the body.
+    pub(crate) fn count(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The first action, for error messages.
+    pub(crate) fn first(&self) -> Option<&Action> {
+        self.items.first().map(|(_, a)| a)
+    }
+
     /// Deterministic for the request's content and position, so a receiver
-    /// that deduplicates can recognise a retry.
+    /// that deduplicates can recognise a retry, also after a restart.
     pub(crate) fn idempotency_key(&self) -> String {
-        let first = self.origins.first().map(|o| o.lsn).unwrap_or_default();
-        let last = self.origins.last().map(|o| o.lsn).unwrap_or_default();
+        let first = self.items.first().map(|(_, a)| a.lsn.0).unwrap_or_default();
+        let last = self.items.last().map(|(_, a)| a.lsn.0).unwrap_or_default();
         format!(
-            "{}-{:X}-{:X}-{}",
+            "{}-{first:X}-{last:X}-{}",
             self.endpoint.name(),
-            first.0,
-            last.0,
-            self.count
+            self.count()
         )
+    }
+
+    /// Halves the request, to find the entries ConveYour rejects (it
+    /// rejects whole requests). A single entry comes back as it is.
+    pub(crate) fn split(self) -> Result<(Request, Request), Request> {
+        if self.items.len() < 2 {
+            return Err(self);
+        }
+        let mut left = self.items;
+        let right = left.split_off(left.len() / 2);
+        Ok((build(self.endpoint, left), build(self.endpoint, right)))
     }
 }
 
@@ -76,9 +96,9 @@ struct TrackBody<'a> {
 /// Pending actions, grouped into requests.
 pub(crate) struct Batcher {
     batch_size: usize,
-    identify: Vec<Action>,
+    identify: Vec<Item>,
     /// Track events by contact, in order of each contact's first event.
-    tracks: Vec<(String, Vec<Action>)>,
+    tracks: Vec<(String, Vec<Item>)>,
     track_index: HashMap<String, usize>,
     track_count: usize,
 }
@@ -92,11 +112,6 @@ impl Batcher {
             track_index: HashMap::new(),
             track_count: 0,
         }
-    }
-
-    /// Pending actions.
-    pub(crate) fn len(&self) -> usize {
-        self.identify.len() + self.track_count
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -116,17 +131,18 @@ impl Batcher {
             && self.track_index.contains_key(&action.contact)
     }
 
-    pub(crate) fn push(&mut self, action: Action) {
+    pub(crate) fn push(&mut self, seq: u64, action: Action) {
         match action.body {
-            ActionBody::Identify { .. } => self.identify.push(action),
+            ActionBody::Identify { .. } => self.identify.push((seq, action)),
             ActionBody::Track { .. } => {
                 self.track_count += 1;
                 match self.track_index.get(&action.contact) {
-                    Some(&i) => self.tracks[i].1.push(action),
+                    Some(&i) => self.tracks[i].1.push((seq, action)),
                     None => {
                         self.track_index
                             .insert(action.contact.clone(), self.tracks.len());
-                        self.tracks.push((action.contact.clone(), vec![action]));
+                        self.tracks
+                            .push((action.contact.clone(), vec![(seq, action)]));
                     }
                 }
             }
@@ -136,15 +152,20 @@ impl Batcher {
     /// Takes everything pending as requests, identify requests first.
     pub(crate) fn take(&mut self) -> Vec<Request> {
         let mut out = Vec::new();
-        let identify = std::mem::take(&mut self.identify);
-        for chunk in identify.chunks(self.batch_size) {
-            out.push(identify_request(chunk));
+        let mut identify = std::mem::take(&mut self.identify);
+        while !identify.is_empty() {
+            let rest = identify.split_off(identify.len().min(self.batch_size));
+            out.push(build(
+                Endpoint::Identify,
+                std::mem::replace(&mut identify, rest),
+            ));
         }
         self.track_index.clear();
         self.track_count = 0;
-        for (contact, events) in std::mem::take(&mut self.tracks) {
-            for chunk in events.chunks(self.batch_size) {
-                out.push(track_request(&contact, chunk));
+        for (_, mut events) in std::mem::take(&mut self.tracks) {
+            while !events.is_empty() {
+                let rest = events.split_off(events.len().min(self.batch_size));
+                out.push(build(Endpoint::Track, std::mem::replace(&mut events, rest)));
             }
         }
         out
@@ -155,63 +176,59 @@ impl Batcher {
     fn contacts(&self) -> HashSet<&str> {
         self.identify
             .iter()
-            .map(|a| a.contact.as_str())
+            .map(|(_, a)| a.contact.as_str())
             .chain(self.tracks.iter().map(|(c, _)| c.as_str()))
             .collect()
     }
 }
 
-fn origin(a: &Action) -> Origin {
-    Origin {
-        table: a.table.clone(),
-        contact: a.contact.clone(),
-        lsn: a.lsn,
-    }
-}
-
-fn identify_request(actions: &[Action]) -> Request {
-    let entries: Vec<IdentifyEntry<'_>> = actions
-        .iter()
-        .filter_map(|a| match &a.body {
-            ActionBody::Identify { traits } => Some(IdentifyEntry {
-                id: &a.contact,
-                traits,
-            }),
-            ActionBody::Track { .. } => None,
-        })
-        .collect();
-    Request {
-        endpoint: Endpoint::Identify,
-        body: Bytes::from(serde_json::to_vec(&entries).expect("JSON values always serialise")),
-        count: entries.len(),
-        origins: actions.iter().map(origin).collect(),
-    }
-}
-
-fn track_request(contact: &str, actions: &[Action]) -> Request {
-    let events: Vec<TrackEvent<'_>> = actions
-        .iter()
-        .filter_map(|a| match &a.body {
-            ActionBody::Track { event, properties } => Some(TrackEvent { event, properties }),
-            ActionBody::Identify { .. } => None,
-        })
-        .collect();
-    let count = events.len();
-    let body = TrackBody {
-        id: contact,
-        events,
+/// Encodes a request. Identify: an array of `{id, traits}`. Track: one
+/// contact (every item has the same) with its `events`.
+pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>) -> Request {
+    let body = match endpoint {
+        Endpoint::Identify => {
+            let entries: Vec<IdentifyEntry<'_>> = items
+                .iter()
+                .filter_map(|(_, a)| match &a.body {
+                    ActionBody::Identify { traits } => Some(IdentifyEntry {
+                        id: &a.contact,
+                        traits,
+                    }),
+                    ActionBody::Track { .. } => None,
+                })
+                .collect();
+            serde_json::to_vec(&entries)
+        }
+        Endpoint::Track => {
+            let events: Vec<TrackEvent<'_>> = items
+                .iter()
+                .filter_map(|(_, a)| match &a.body {
+                    ActionBody::Track { event, properties } => {
+                        Some(TrackEvent { event, properties })
+                    }
+                    ActionBody::Identify { .. } => None,
+                })
+                .collect();
+            let id = items
+                .first()
+                .map(|(_, a)| a.contact.as_str())
+                .unwrap_or_default();
+            serde_json::to_vec(&TrackBody { id, events })
+        }
     };
     Request {
-        endpoint: Endpoint::Track,
-        body: Bytes::from(serde_json::to_vec(&body).expect("JSON values always serialise")),
-        count,
-        origins: actions.iter().map(origin).collect(),
+        endpoint,
+        body: Bytes::from(body.expect("JSON values always serialise")),
+        items,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use crate::lsn::Lsn;
     use serde_json::json;
 
     fn identify(contact: &str, lsn: u64, traits: Value) -> Action {
@@ -245,7 +262,7 @@ mod tests {
     fn identify_entries_share_array_requests_of_batch_size() {
         let mut b = Batcher::new(2);
         for (i, c) in ["a", "b", "c"].iter().enumerate() {
-            b.push(identify(c, i as u64, json!({ "n": i })));
+            b.push(i as u64, identify(c, i as u64, json!({ "n": i })));
         }
         assert!(b.is_full());
         let reqs = b.take();
@@ -256,17 +273,17 @@ mod tests {
             json!([{"id": "a", "traits": {"n": 0}}, {"id": "b", "traits": {"n": 1}}])
         );
         assert_eq!(body(&reqs[1]), json!([{"id": "c", "traits": {"n": 2}}]));
-        assert_eq!(reqs[0].count, 2);
+        assert_eq!(reqs[0].count(), 2);
         assert_eq!(reqs[0].endpoint, Endpoint::Identify);
     }
 
     #[test]
     fn track_events_go_one_contact_per_request_after_identifies() {
         let mut b = Batcher::new(10);
-        b.push(track("a", 1, 10));
-        b.push(identify("a", 2, json!({ "x": 1 })));
-        b.push(track("b", 3, 20));
-        b.push(track("a", 4, 30));
+        b.push(1, track("a", 1, 10));
+        b.push(2, identify("a", 2, json!({ "x": 1 })));
+        b.push(3, track("b", 3, 20));
+        b.push(4, track("a", 4, 30));
         let reqs = b.take();
         let endpoints: Vec<_> = reqs.iter().map(|r| r.endpoint).collect();
         assert_eq!(
@@ -286,7 +303,7 @@ mod tests {
     #[test]
     fn identify_after_an_event_of_the_same_contact_asks_for_a_flush() {
         let mut b = Batcher::new(10);
-        b.push(track("a", 1, 10));
+        b.push(1, track("a", 1, 10));
         assert!(b.must_flush_before(&identify("a", 2, json!({}))));
         assert!(!b.must_flush_before(&identify("b", 2, json!({}))));
         assert!(!b.must_flush_before(&track("a", 2, 1)));
@@ -298,9 +315,29 @@ mod tests {
     #[test]
     fn idempotency_key_is_deterministic() {
         let mut b = Batcher::new(10);
-        b.push(identify("a", 0x10, json!({})));
-        b.push(identify("b", 0x20, json!({})));
+        b.push(1, identify("a", 0x10, json!({})));
+        b.push(2, identify("b", 0x20, json!({})));
         let r = b.take().remove(0);
         assert_eq!(r.idempotency_key(), "identify-10-20-2");
+    }
+
+    #[test]
+    fn splitting_halves_a_request_and_keeps_order() {
+        let mut b = Batcher::new(10);
+        for i in 0..5u64 {
+            b.push(i, identify(&format!("c{i}"), i, json!({ "n": i })));
+        }
+        let r = b.take().remove(0);
+        let (left, right) = r.split().unwrap();
+        assert_eq!(
+            body(&left),
+            json!([{"id": "c0", "traits": {"n": 0}}, {"id": "c1", "traits": {"n": 1}}])
+        );
+        assert_eq!(
+            right.items.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
+        let (one, _) = left.split().unwrap();
+        assert!(one.split().is_err());
     }
 }

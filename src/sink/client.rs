@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 
-use super::batch::{Origin, Request};
+use super::batch::Request;
 use super::retry::{backoff, classify, Verdict};
+use super::throttle::Throttle;
 use super::Endpoint;
 use crate::config::SinkSettings;
 
@@ -18,14 +19,40 @@ pub struct SinkError {
     endpoint: Endpoint,
     count: usize,
     first: Option<(String, String, crate::lsn::Lsn)>,
-    reason: String,
+    /// The HTTP status; 2xx when the body did not say ok.
+    status: u16,
+    /// ConveYour's message.
+    message: String,
     attempts: u32,
 }
 
 impl SinkError {
     /// What the operator should do.
     pub fn hint(&self) -> &'static str {
-        "fix the row or the mapping named above (or what ConveYour's message says), then restart; the position was not advanced, so nothing is lost"
+        if self.is_content_rejection() {
+            "fix the row or the mapping named above (or what ConveYour's message says), then restart; the position was not advanced, so nothing is lost"
+        } else {
+            "check conveyour.url, conveyour.appkey and conveyour.token; the position was not advanced, so nothing is lost"
+        }
+    }
+
+    /// Whether ConveYour refused what the request says (a bad entry), as
+    /// opposed to who sent it or where (credentials, URL), which no entry
+    /// can be blamed for.
+    pub fn is_content_rejection(&self) -> bool {
+        !matches!(self.status, 401 | 403 | 404 | 405 | 407)
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 }
 
@@ -40,7 +67,11 @@ impl fmt::Display for SinkError {
             let lead = if self.count > 1 { "first: " } else { "" };
             write!(f, " ({lead}table {table}, id {contact}, LSN {lsn})")?;
         }
-        write!(f, " after {} attempt(s): {}", self.attempts, self.reason)
+        write!(
+            f,
+            " after {} attempt(s): HTTP {}: {}",
+            self.attempts, self.status, self.message
+        )
     }
 }
 
@@ -51,6 +82,7 @@ pub(crate) struct Sink {
     http: reqwest::Client,
     base: String,
     settings: SinkSettings,
+    throttle: Throttle,
 }
 
 impl Sink {
@@ -86,6 +118,7 @@ impl Sink {
             http,
             base: settings.url.clone(),
             settings: settings.clone(),
+            throttle: Throttle::new(settings.max_requests_per_second),
         })
     }
 
@@ -104,6 +137,7 @@ impl Sink {
         let outcome = |o: &str| m.requests.with_label_values(&[endpoint, o]).inc();
         loop {
             attempts += 1;
+            self.throttle.acquire().await;
             m.in_flight.inc();
             let started = std::time::Instant::now();
             let verdict = match self
@@ -146,41 +180,46 @@ impl Sink {
                     outcome("ok");
                     m.backoff_seconds.set(0.0);
                     match req.endpoint {
-                        Endpoint::Identify => m.identify_acknowledged.inc_by(req.count as u64),
-                        Endpoint::Track => m.track_acknowledged.inc_by(req.count as u64),
+                        Endpoint::Identify => m.identify_acknowledged.inc_by(req.count() as u64),
+                        Endpoint::Track => m.track_acknowledged.inc_by(req.count() as u64),
                     }
                     return Ok(());
                 }
                 Verdict::Retry { reason, after } => {
                     let wait = after.unwrap_or_else(|| self.backoff(attempts));
+                    if after.is_some() || reason.starts_with("HTTP 429") {
+                        // ConveYour is throttling: every lane waits.
+                        self.throttle.pause(wait);
+                    }
                     tracing::warn!(
                         endpoint = req.endpoint.name(),
-                        entries = req.count,
+                        entries = req.count(),
                         attempt = attempts,
                         retry_in_ms = wait.as_millis() as u64,
                         "ConveYour request failed, will retry: {reason}"
                     );
                     wait
                 }
-                Verdict::NotOk { reason } => {
+                Verdict::NotOk { status, message } => {
                     not_ok += 1;
                     if not_ok > self.settings.body_error_retries {
                         outcome("rejected");
-                        return Err(self.rejected(req, reason, attempts));
+                        return Err(self.rejected(req, status, message, attempts));
                     }
+                    let reason = format!("HTTP {status}: {message}");
                     let wait = self.backoff(attempts);
                     tracing::warn!(
                         endpoint = req.endpoint.name(),
-                        entries = req.count,
+                        entries = req.count(),
                         attempt = attempts,
                         retry_in_ms = wait.as_millis() as u64,
                         "ConveYour did not acknowledge the request, will retry: {reason}"
                     );
                     wait
                 }
-                Verdict::Reject { reason } => {
+                Verdict::Reject { status, message } => {
                     outcome("rejected");
-                    return Err(self.rejected(req, reason, attempts));
+                    return Err(self.rejected(req, status, message, attempts));
                 }
             };
             outcome("retried");
@@ -198,18 +237,15 @@ impl Sink {
         )
     }
 
-    fn rejected(&self, req: &Request, reason: String, attempts: u32) -> SinkError {
+    fn rejected(&self, req: &Request, status: u16, message: String, attempts: u32) -> SinkError {
         SinkError {
             endpoint: req.endpoint,
-            count: req.count,
-            first: req.origins.first().map(
-                |Origin {
-                     table,
-                     contact,
-                     lsn,
-                 }| { (table.to_string(), contact.clone(), *lsn) },
-            ),
-            reason,
+            count: req.count(),
+            first: req
+                .first()
+                .map(|a| (a.table.to_string(), a.contact.clone(), a.lsn)),
+            status,
+            message,
             attempts,
         }
     }

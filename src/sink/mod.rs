@@ -4,8 +4,9 @@
 mod batch;
 mod client;
 mod retry;
+mod throttle;
 
-pub(crate) use batch::Batcher;
+pub(crate) use batch::{Batcher, Request};
 pub(crate) use client::Sink;
 pub use client::SinkError;
 pub(crate) use retry::backoff;

@@ -15,9 +15,9 @@ pub(crate) enum Verdict {
     },
     /// 2xx but the body does not say ok. Retried a bounded number of times,
     /// then treated as a rejection.
-    NotOk { reason: String },
+    NotOk { status: u16, message: String },
     /// ConveYour will never accept this request as it is.
-    Reject { reason: String },
+    Reject { status: u16, message: String },
 }
 
 /// Longest Retry-After honoured; a larger value is clamped so a bogus
@@ -34,10 +34,12 @@ pub(crate) fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> V
         200..=299 => match serde_json::from_slice::<serde_json::Value>(body) {
             Ok(v) if v.get("status").and_then(|s| s.as_str()) == Some("ok") => Verdict::Ack,
             Ok(_) => Verdict::NotOk {
-                reason: format!("HTTP {status} but the body's status is not \"ok\": {message}"),
+                status,
+                message: format!("the body's status is not \"ok\": {message}"),
             },
             Err(_) => Verdict::NotOk {
-                reason: format!("HTTP {status} with a body that is not JSON: {message}"),
+                status,
+                message: format!("the body is not JSON: {message}"),
             },
         },
         408 | 429 | 500..=599 => Verdict::Retry {
@@ -46,9 +48,7 @@ pub(crate) fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> V
                 .and_then(parse_retry_after)
                 .map(|d| d.min(MAX_RETRY_AFTER)),
         },
-        _ => Verdict::Reject {
-            reason: format!("HTTP {status}: {message}"),
-        },
+        _ => Verdict::Reject { status, message },
     }
 }
 
@@ -107,7 +107,7 @@ mod tests {
             Verdict::Ack
         );
         assert!(
-            matches!(classify(200, None, br#"{"status":"error","message":"bad"}"#), Verdict::NotOk { reason } if reason.contains("bad"))
+            matches!(classify(200, None, br#"{"status":"error","message":"bad"}"#), Verdict::NotOk { message, .. } if message.contains("bad"))
         );
         assert!(matches!(classify(200, None, b""), Verdict::NotOk { .. }));
         assert!(matches!(
@@ -154,7 +154,10 @@ mod tests {
             None,
             br#"{"status":"error","message":"too many properties"}"#,
         ) {
-            Verdict::Reject { reason } => assert_eq!(reason, "HTTP 400: too many properties"),
+            Verdict::Reject { status, message } => {
+                assert_eq!(status, 400);
+                assert_eq!(message, "too many properties");
+            }
             other => panic!("{other:?}"),
         }
     }

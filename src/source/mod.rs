@@ -17,6 +17,12 @@ pub(crate) use replication::{
     pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
 };
 
+/// Opens an ordinary SQL session to the source database (for the
+/// subcommands that read or manage the connector's own tables).
+pub async fn connect(params: &ConnParams) -> Result<tokio_postgres::Client, SourceError> {
+    connect_sql(params).await
+}
+
 /// What to do about a source error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceErrorKind {

@@ -94,7 +94,14 @@ impl ConnParams {
     /// parameters: sslmode, sslrootcert, application_name, connect_timeout,
     /// host (a socket directory). The error text never holds the password.
     pub fn from_url(text: &str, pgpassword: Option<String>) -> Result<ConnParams, String> {
-        let url = url::Url::parse(text).map_err(|e| format!("not a postgres:// URL ({e})"))?;
+        // libpq accepts an empty host (`postgres://user@/db?host=/run/pg`);
+        // the url crate does not, so give it a placeholder the `host`
+        // parameter or the default replaces.
+        let url = match url::Url::parse(text) {
+            Err(url::ParseError::EmptyHost) => url::Url::parse(&with_placeholder_host(text)),
+            other => other,
+        }
+        .map_err(|e| format!("not a postgres:// URL ({e})"))?;
         if url.scheme() != "postgres" && url.scheme() != "postgresql" {
             return Err(format!(
                 "scheme `{}` is not postgres:// or postgresql://",
@@ -201,6 +208,21 @@ impl ConnParams {
         }
         c
     }
+}
+
+fn with_placeholder_host(text: &str) -> String {
+    let Some(start) = text.find("://").map(|i| i + 3) else {
+        return text.to_owned();
+    };
+    let end = text[start..]
+        .find(['/', '?'])
+        .map(|i| start + i)
+        .unwrap_or(text.len());
+    let mut out = text.to_owned();
+    if text[start..end].is_empty() || text[start..end].ends_with('@') {
+        out.insert_str(end, "localhost");
+    }
+    out
 }
 
 fn percent_decode(s: &str) -> Option<String> {

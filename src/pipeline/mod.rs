@@ -1,6 +1,7 @@
 //! The running connector: one replication session after another, each a
-//! reader (stream → decode → map), a delivery loop (batch → send →
-//! confirm) and a feedback loop (standby status updates).
+//! reader (stream → decode → map), delivery (lanes that batch and send,
+//! a coordinator that confirms) and a feedback loop (standby status
+//! updates).
 //!
 //! The guarantee lives here: the position reported to Postgres moves only
 //! to the end of a transaction all of whose actions ConveYour acknowledged,
@@ -12,15 +13,20 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::config::{Settings, TableName};
+mod delivery;
+
+use delivery::{Coordinator, Event};
+
+use crate::config::{OnReject, Settings, TableName};
 use crate::decode::{decode, PgOutput};
 use crate::lsn::Lsn;
-use crate::mapping::{Action, Mapper};
-use crate::sink::{Batcher, Sink};
+use crate::mapping::Mapper;
+use crate::sink::Sink;
 use crate::source::{
     self, connect_sql, Catalog, ReplicationConn, ReplicationMessage, ReplicationReader,
     ReplicationWriter,
 };
+use crate::state::{Progress, State};
 use crate::{telemetry, Error};
 
 /// Decoded events between the reader and the delivery loop. Bounded so a
@@ -66,7 +72,7 @@ impl Shutdown {
 /// Connection losses to Postgres reconnect with backoff and resume from the
 /// slot's confirmed position.
 pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
-    let sink = Sink::new(&settings.conveyour).map_err(Error::Setup)?;
+    let sink = Arc::new(Sink::new(&settings.conveyour).map_err(Error::Setup)?);
     let mut failures: u32 = 0;
     loop {
         let started = Instant::now();
@@ -94,8 +100,8 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
 }
 
 /// One replication session, from connecting to the end of the stream.
-async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result<(), Error> {
-    let client = connect_sql(&settings.postgres).await?;
+async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> Result<(), Error> {
+    let client = Arc::new(connect_sql(&settings.postgres).await?);
     let catalog = Catalog::load(&client, &settings.tables).await?;
     let tables: Vec<&TableName> = settings.tables.iter().map(|t| &t.table).collect();
     if source::ensure_publication(&client, &settings.publication, &tables).await?
@@ -107,6 +113,25 @@ async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result
         tracing::info!(slot = %settings.slot, "created the replication slot");
     }
     let start = source::slot_confirmed(&client, &settings.slot).await?;
+    let state = match State::open(client.clone(), &settings.slot).await {
+        Ok(state) => Some(state),
+        Err(e) if settings.conveyour.on_reject == OnReject::DeadLetter || !e.is_transient() => {
+            if settings.conveyour.on_reject == OnReject::DeadLetter {
+                return Err(Error::Setup(format!(
+                    "{e}; dead letters need the connector's schema: run sql/setup.sql, or set conveyour.on_reject: stop"
+                )));
+            }
+            tracing::warn!("progress is tracked per transaction only (the connector's schema is unavailable): {e}");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Row-grain progress lets a restart skip the acknowledged part of a
+    // transaction the slot position alone would resend.
+    let skip = match &state {
+        Some(state) => state.progress().await?.filter(|p| p.commit_lsn >= start),
+        None => None,
+    };
 
     let mut conn = ReplicationConn::connect(&settings.postgres).await?;
     let system = conn.identify_system().await?;
@@ -141,22 +166,30 @@ async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result
         mapper,
         events_tx,
         reply_now,
+        skip,
         shutdown.clone(),
     ));
-
-    let mut delivery = Delivery {
-        sink,
-        batcher: Batcher::new(settings.conveyour.batch_size),
-        confirmed: confirmed_tx,
-        last_commit: None,
-        in_transaction: false,
-        batch_wait: settings.conveyour.batch_wait,
-        grace: settings.conveyour.shutdown_grace,
-        deadline: None,
+    let (progress_tx, progress_writer) = match &state {
+        Some(state) => {
+            let (tx, rx) = watch::channel(skip.unwrap_or_default());
+            (
+                Some(tx),
+                Some(tokio::spawn(record_progress(state.clone(), rx))),
+            )
+        }
+        None => (None, None),
     };
+
+    let coordinator = Coordinator::new(
+        sink.clone(),
+        &settings.conveyour,
+        state,
+        confirmed_tx,
+        progress_tx,
+    );
     let delivered = tokio::select! {
-        r = delivery.run(events_rx, shutdown) => r,
-        e = watch_slot(&client, &settings.slot) => Err(e),
+        r = coordinator.run(events_rx, shutdown) => r,
+        e = watch_slot(&client, &settings.slot, settings.retained_wal_warn_bytes) => Err(e),
     };
 
     metrics.connected.set(0);
@@ -166,11 +199,36 @@ async fn session(settings: &Settings, sink: &Sink, shutdown: Shutdown) -> Result
         Err(e) if e.is_cancelled() => Ok(()),
         Err(e) => Err(Error::Setup(format!("the replication reader failed: {e}"))),
     };
+    if let Some(writer) = progress_writer {
+        // The writer ends once the coordinator (its sender) is gone, after
+        // recording the last progress.
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    }
     let _ = stop_feedback.send(());
     if let Ok(Err(e)) = feedback.await {
         tracing::debug!("final status update not sent: {e}");
     }
     delivered.and(read)
+}
+
+/// Writes row-grain progress as it moves, latest value first; a slow write
+/// is overtaken, never queued.
+async fn record_progress(state: State, mut progress: watch::Receiver<Progress>) {
+    let mut recorded = *progress.borrow();
+    while progress.changed().await.is_ok() {
+        let p = *progress.borrow_and_update();
+        if p > recorded {
+            if let Err(e) = state.save_progress(p).await {
+                tracing::warn!("could not record progress: {e}");
+                continue;
+            }
+            recorded = p;
+        }
+    }
+    let p = *progress.borrow();
+    if p > recorded {
+        let _ = state.save_progress(p).await;
+    }
 }
 
 /// How often the slot's retained WAL and health are read while streaming.
@@ -179,8 +237,9 @@ const SLOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Watches the slot while streaming: exports the WAL it retains, and stops
 /// the connector at once if the server invalidates or drops it, since the
 /// changes it would have kept are gone.
-async fn watch_slot(client: &tokio_postgres::Client, slot: &str) -> Error {
+async fn watch_slot(client: &tokio_postgres::Client, slot: &str, warn_bytes: u64) -> Error {
     let mut tick = tokio::time::interval(SLOT_CHECK_INTERVAL);
+    let mut warned = false;
     loop {
         tick.tick().await;
         let row = client
@@ -192,9 +251,18 @@ async fn watch_slot(client: &tokio_postgres::Client, slot: &str) -> Error {
         match row {
             Ok(Some(row)) => {
                 let retained: Option<i64> = row.get(0);
+                let retained = retained.unwrap_or(0).max(0) as u64;
                 telemetry::metrics()
                     .slot_retained_wal_bytes
-                    .set(retained.unwrap_or(0) as f64);
+                    .set(retained as f64);
+                if retained > warn_bytes && !warned {
+                    tracing::warn!(
+                        retained_bytes = retained,
+                        threshold_bytes = warn_bytes,
+                        "the slot holds more WAL than postgres.retained_wal_warn_mb; the database disk fills while delivery lags"
+                    );
+                }
+                warned = retained > warn_bytes;
                 if row.get::<_, Option<String>>(1).as_deref() == Some("lost") {
                     return Error::Source(source::SourceError::config(format!(
                         "postgres.slot: slot {slot} was invalidated by the server (wal_status = lost, see max_slot_wal_keep_size): changes it held are gone. Drop it with SELECT pg_drop_replication_slot('{slot}') and start again"
@@ -211,28 +279,24 @@ async fn watch_slot(client: &tokio_postgres::Client, slot: &str) -> Error {
     }
 }
 
-/// What the reader hands the delivery loop, in stream order.
-#[derive(Debug)]
-enum Event {
-    Begin,
-    Action(Action),
-    Commit {
-        end_lsn: Lsn,
-        commit_time: i64,
-    },
-    /// The server has sent everything up to here.
-    Keepalive {
-        wal_end: Lsn,
-    },
-}
-
 async fn read_loop(
     mut reader: ReplicationReader,
     mut mapper: Mapper,
     events: mpsc::Sender<Event>,
     reply_now: Arc<Notify>,
+    skip: Option<Progress>,
     mut shutdown: Shutdown,
 ) -> Result<(), Error> {
+    // The transaction being read, by its commit LSN.
+    let mut commit_lsn = Lsn::ZERO;
+    let skipped = |commit_lsn: Lsn, row_lsn: Lsn| {
+        skip.is_some_and(|p| {
+            Progress {
+                commit_lsn,
+                row_lsn,
+            } <= p
+        })
+    };
     loop {
         let message = tokio::select! {
             m = reader.next() => m?,
@@ -249,7 +313,10 @@ async fn read_loop(
                 Event::Keepalive { wal_end }
             }
             ReplicationMessage::XLogData { wal_start, data } => match decode(wal_start, data)? {
-                PgOutput::Begin { .. } => Event::Begin,
+                PgOutput::Begin { final_lsn, .. } => {
+                    commit_lsn = final_lsn;
+                    Event::Begin { final_lsn }
+                }
                 PgOutput::Commit {
                     end_lsn,
                     commit_time,
@@ -265,6 +332,7 @@ async fn read_loop(
                 PgOutput::Insert { relation, new } => {
                     count_change(&mapper, relation, "insert");
                     match mapper.insert(relation, &new, wal_start)? {
+                        Some(_) if skipped(commit_lsn, wal_start) => continue,
                         Some(a) => Event::Action(a),
                         None => continue,
                     }
@@ -272,6 +340,7 @@ async fn read_loop(
                 PgOutput::Update { relation, new, .. } => {
                     count_change(&mapper, relation, "update");
                     match mapper.update(relation, &new, wal_start)? {
+                        Some(_) if skipped(commit_lsn, wal_start) => continue,
                         Some(a) => Event::Action(a),
                         None => continue,
                     }
@@ -334,158 +403,4 @@ async fn feedback_loop(
     writer.close().await;
     tracing::info!(confirmed = %lsn, "replication stream closed");
     sent
-}
-
-/// Batches actions, delivers them, and moves the confirmed position.
-struct Delivery<'a> {
-    sink: &'a Sink,
-    batcher: Batcher,
-    confirmed: watch::Sender<Lsn>,
-    /// End and commit time of the last transaction whose commit has been
-    /// received.
-    last_commit: Option<(Lsn, i64)>,
-    /// Between a Begin and its Commit.
-    in_transaction: bool,
-    batch_wait: Duration,
-    grace: Duration,
-    /// When the oldest pending action has waited long enough.
-    deadline: Option<tokio::time::Instant>,
-}
-
-/// Whether a flush finished or was abandoned at shutdown.
-enum Flushed {
-    Done,
-    Abandoned,
-}
-
-impl Delivery<'_> {
-    async fn run(
-        &mut self,
-        mut events: mpsc::Receiver<Event>,
-        mut shutdown: Shutdown,
-    ) -> Result<(), Error> {
-        loop {
-            let deadline = self.deadline;
-            let event = tokio::select! {
-                biased;
-                _ = shutdown.wait() => break,
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                    match self.flush_guarded(&mut shutdown).await? {
-                        Flushed::Done => continue,
-                        Flushed::Abandoned => return Ok(()),
-                    }
-                }
-                e = events.recv() => match e {
-                    Some(e) => e,
-                    None => break,
-                },
-            };
-            let flush_now = match event {
-                Event::Begin => {
-                    self.in_transaction = true;
-                    false
-                }
-                Event::Commit {
-                    end_lsn,
-                    commit_time,
-                } => {
-                    self.in_transaction = false;
-                    self.last_commit = Some((end_lsn, commit_time));
-                    if self.batcher.is_empty() {
-                        self.confirm(end_lsn, Some(commit_time));
-                    }
-                    false
-                }
-                Event::Keepalive { wal_end } => {
-                    if !self.in_transaction && self.batcher.is_empty() {
-                        self.confirm(wal_end, None);
-                    }
-                    false
-                }
-                Event::Action(action) => {
-                    if self.batcher.must_flush_before(&action) {
-                        if let Flushed::Abandoned = self.flush_guarded(&mut shutdown).await? {
-                            return Ok(());
-                        }
-                    }
-                    if self.batcher.is_empty() {
-                        self.deadline = Some(tokio::time::Instant::now() + self.batch_wait);
-                    }
-                    self.batcher.push(action);
-                    telemetry::metrics()
-                        .buffered_actions
-                        .set(self.batcher.len() as i64);
-                    self.batcher.is_full()
-                }
-            };
-            if flush_now {
-                if let Flushed::Abandoned = self.flush_guarded(&mut shutdown).await? {
-                    return Ok(());
-                }
-            }
-        }
-        // Stopping (asked to, or the stream ended): deliver what is pending
-        // within the grace period, then confirm what was acknowledged.
-        if !self.batcher.is_empty() {
-            match tokio::time::timeout(self.grace, self.flush()).await {
-                Ok(r) => r?,
-                Err(_) => tracing::warn!(
-                    "shutdown grace period over with requests unacknowledged; they are sent again on the next start"
-                ),
-            }
-        }
-        Ok(())
-    }
-
-    /// A flush that, once a stop is asked for, gets the grace period to
-    /// finish before it is abandoned.
-    async fn flush_guarded(&mut self, shutdown: &mut Shutdown) -> Result<Flushed, Error> {
-        let grace = self.grace;
-        let flush = self.flush();
-        tokio::pin!(flush);
-        tokio::select! {
-            r = &mut flush => r.map(|_| Flushed::Done),
-            _ = shutdown.wait() => match tokio::time::timeout(grace, flush).await {
-                Ok(r) => r.map(|_| Flushed::Done),
-                Err(_) => {
-                    tracing::warn!("shutdown grace period over with a request unacknowledged; it is sent again on the next start");
-                    Ok(Flushed::Abandoned)
-                }
-            },
-        }
-    }
-
-    /// Delivers every pending action, in order; then everything received
-    /// so far is acknowledged, so the last complete transaction is
-    /// confirmed.
-    async fn flush(&mut self) -> Result<(), Error> {
-        self.deadline = None;
-        let requests = self.batcher.take();
-        let buffered = &telemetry::metrics().buffered_actions;
-        let mut left: usize = requests.iter().map(|r| r.count).sum();
-        for request in requests {
-            self.sink.deliver(&request).await?;
-            left -= request.count;
-            buffered.set(left as i64);
-        }
-        if let Some((lsn, commit_time)) = self.last_commit {
-            self.confirm(lsn, Some(commit_time));
-        }
-        Ok(())
-    }
-
-    /// Moves the confirmed position forward (never back).
-    fn confirm(&self, lsn: Lsn, commit_time: Option<i64>) {
-        let moved = self.confirmed.send_if_modified(|current| {
-            if lsn > *current {
-                *current = lsn;
-                true
-            } else {
-                false
-            }
-        });
-        if moved {
-            telemetry::metrics().confirmed(lsn, commit_time);
-        }
-    }
 }
