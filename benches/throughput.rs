@@ -1,0 +1,1208 @@
+//! End-to-end throughput and latency benchmark (issue 7).
+//!
+//! ```text
+//! cargo bench --bench throughput -- [--changes N] [--quick] [--repeat R]
+//!     [--sales-per-rep K] [--delay-ms D] [--latency-rate R] [--latency-secs S]
+//!     [--batch-size B] [--batch-wait-ms W] [--set conveyour_key=value]... [--perf FILE] [--no-build]
+//!     [--timeout-secs T] [--skip-latency]
+//! ```
+//!
+//! In one process, on one machine, it:
+//! 1. starts a throwaway Postgres (the integration-test harness,
+//!    `tests/support/pg.rs`) and a minimal in-process ConveYour stand-in that
+//!    answers `{"status":"ok"}` at once (or after `--delay-ms`), counting
+//!    identify entries and track events;
+//! 2. creates one fresh pgoutput slot per measured run, then loads the
+//!    workload (N employee inserts, N updates of mapped columns, N/2 sales
+//!    inserts, in transactions of 1000 rows; N = 2/5 of `--changes`), so the
+//!    WAL is there before anything is timed;
+//! 3. measures, alternating and `--repeat` times each (median reported):
+//!    (a) `pg_recvlogical` draining its slot through pgoutput to /dev/null
+//!    until `--endpos` = the WAL end (the ceiling);
+//!    (b) the release `conveyour-cdc run` until the receiver counted every
+//!    change and the slot's `confirmed_flush_lsn` reached the WAL end;
+//!    (c) the same with `--delay-ms` (20) of latency per request;
+//! 4. measures commit-to-acknowledgement latency with a writer committing
+//!    `--latency-rate` changes/s (transactions of 100 employee inserts every
+//!    100/rate seconds) for `--latency-secs`, using each row's
+//!    `written_us` (clock_timestamp() at insert, mapped as a trait);
+//! 5. verifies counts and confirmed LSNs (non-zero exit otherwise), prints a
+//!    Markdown table and writes it to `target/bench/throughput.md`, with a bar
+//!    chart in `target/bench/throughput.svg`.
+//!
+//! The connector is built with `cargo build --release` first (skip with
+//! `--no-build`, or point `CONVEYOUR_CDC_BIN` at a binary).
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use support::pg::{self, TestDb};
+
+const TX_ROWS: i64 = 1000;
+const PUBLICATION: &str = "bench_pub";
+
+// ---------------------------------------------------------------- options
+
+struct Opts {
+    changes: u64,
+    repeat: usize,
+    sales_per_rep: i64,
+    delay_ms: u64,
+    latency_rate: u64,
+    latency_secs: u64,
+    batch_size: Option<u64>,
+    batch_wait_ms: Option<u64>,
+    /// More `conveyour:` keys, `key: value`, from `--set key=value`.
+    extra: Vec<String>,
+    perf: Option<PathBuf>,
+    build: bool,
+    timeout: Duration,
+    latency: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cargo bench --bench throughput -- [--changes N (1000000)] [--quick (50000 changes)] \
+         [--repeat R (2)] [--sales-per-rep K (100)] [--delay-ms D (20)] [--latency-rate R (5000)] \
+         [--latency-secs S (10)] [--batch-size B] [--batch-wait-ms W] [--set conveyour_key=value]... [--perf FILE] [--no-build] \
+         [--timeout-secs T (900)] [--skip-latency]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        changes: 1_000_000,
+        repeat: 2,
+        sales_per_rep: 100,
+        delay_ms: 20,
+        latency_rate: 5000,
+        latency_secs: 10,
+        batch_size: None,
+        batch_wait_ms: None,
+        extra: Vec::new(),
+        perf: None,
+        build: true,
+        timeout: Duration::from_secs(900),
+        latency: true,
+    };
+    let mut args = std::env::args().skip(1);
+    let num = |v: Option<String>| -> u64 {
+        v.and_then(|s| s.replace('_', "").parse().ok())
+            .unwrap_or_else(|| usage())
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--bench" => {} // passed by `cargo bench`
+            "--quick" => o.changes = 50_000,
+            "--changes" => o.changes = num(args.next()),
+            "--repeat" => o.repeat = num(args.next()).max(1) as usize,
+            "--sales-per-rep" => o.sales_per_rep = num(args.next()).max(1) as i64,
+            "--delay-ms" => o.delay_ms = num(args.next()),
+            "--latency-rate" => o.latency_rate = num(args.next()).max(100),
+            "--latency-secs" => o.latency_secs = num(args.next()).max(1),
+            "--batch-size" => o.batch_size = Some(num(args.next())),
+            "--batch-wait-ms" => o.batch_wait_ms = Some(num(args.next())),
+            "--set" => {
+                let kv = args.next().unwrap_or_else(|| usage());
+                let (k, v) = kv.split_once('=').unwrap_or_else(|| usage());
+                o.extra.push(format!("{}: {}", k.trim(), v.trim()));
+            }
+            "--perf" => o.perf = Some(PathBuf::from(args.next().unwrap_or_else(|| usage()))),
+            "--no-build" => o.build = false,
+            "--timeout-secs" => o.timeout = Duration::from_secs(num(args.next())),
+            "--skip-latency" => o.latency = false,
+            "-h" | "--help" => usage(),
+            other => {
+                eprintln!("unknown argument {other}");
+                usage()
+            }
+        }
+    }
+    o
+}
+
+// ---------------------------------------------------------------- receiver
+
+/// The minimal ConveYour: counts, answers ok, optionally waits first.
+#[derive(Default)]
+struct Stats {
+    identify: AtomicU64,
+    track: AtomicU64,
+    requests: AtomicU64,
+    bad: AtomicU64,
+    delay_ms: AtomicU64,
+    record_latency: AtomicBool,
+    /// Acknowledgement time minus `written_us`, in microseconds.
+    latencies: Mutex<Vec<i64>>,
+}
+
+impl Stats {
+    fn changes(&self) -> u64 {
+        self.identify.load(Ordering::Relaxed) + self.track.load(Ordering::Relaxed)
+    }
+    fn reset(&self, delay_ms: u64, record_latency: bool) {
+        self.identify.store(0, Ordering::Relaxed);
+        self.track.store(0, Ordering::Relaxed);
+        self.requests.store(0, Ordering::Relaxed);
+        self.bad.store(0, Ordering::Relaxed);
+        self.delay_ms.store(delay_ms, Ordering::Relaxed);
+        self.record_latency.store(record_latency, Ordering::Relaxed);
+        self.latencies.lock().unwrap().clear();
+    }
+}
+
+#[derive(Deserialize)]
+struct IdentifyEntry {
+    #[serde(default)]
+    traits: Option<Traits>,
+}
+
+#[derive(Deserialize)]
+struct Traits {
+    #[serde(default)]
+    written_us: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct TrackBody {
+    events: Vec<IgnoredAny>,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+async fn handle(
+    stats: Arc<Stats>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let delay = stats.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let mut ok = true;
+    if path.ends_with("/api/analytics/identify") {
+        match serde_json::from_slice::<Vec<IdentifyEntry>>(&body) {
+            Ok(entries) => {
+                if stats.record_latency.load(Ordering::Relaxed) {
+                    let ack = now_us();
+                    let mut l = stats.latencies.lock().unwrap();
+                    l.extend(
+                        entries
+                            .iter()
+                            .filter_map(|e| e.traits.as_ref()?.written_us)
+                            .map(|w| ack - w),
+                    );
+                }
+                stats
+                    .identify
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => ok = false,
+        }
+    } else if path.ends_with("/api/analytics/track") {
+        match serde_json::from_slice::<TrackBody>(&body) {
+            Ok(t) => {
+                stats
+                    .track
+                    .fetch_add(t.events.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => ok = false,
+        }
+    } else {
+        ok = false;
+    }
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let reply = if ok {
+        Response::new(Full::new(Bytes::from_static(br#"{"status":"ok"}"#)))
+    } else {
+        stats.bad.fetch_add(1, Ordering::Relaxed);
+        let mut r = Response::new(Full::new(Bytes::from_static(br#"{"status":"error"}"#)));
+        *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
+        r
+    };
+    let mut reply = reply;
+    reply.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(reply)
+}
+
+async fn start_receiver(stats: Arc<Stats>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding the receiver");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| handle(stats.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+// ---------------------------------------------------------------- workload
+
+const SCHEMA: &str = "
+    CREATE TABLE employees (
+        id bigint PRIMARY KEY,
+        email text NOT NULL,
+        first_name text,
+        last_name text,
+        career_sales numeric,
+        written_us bigint DEFAULT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+    );
+    CREATE TABLE sales (
+        id bigserial PRIMARY KEY,
+        employee_email text NOT NULL,
+        amount numeric,
+        customer text
+    );
+    CREATE PUBLICATION bench_pub FOR TABLE employees, sales;
+";
+
+const TABLES_YAML: &str = "
+tables:
+  - table: public.employees
+    identify:
+      id: email
+      traits: {first_name: first_name, last_name: last_name, career_sales: career_sales, written_us: written_us}
+  - table: public.sales
+    track:
+      id: employee_email
+      event: made_sale
+      properties: {amount: amount, customer: customer}
+";
+
+/// N employee inserts, N updates, N/2 sales; returns the number of changes.
+async fn load_workload(client: &tokio_postgres::Client, n: i64, sales_per_rep: i64) -> u64 {
+    let insert = client
+        .prepare(
+            "INSERT INTO employees (id, email, first_name, last_name, career_sales) \
+             SELECT g, 'emp' || g || '@example.com', 'First' || g, 'Last' || g, 0 \
+             FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .await
+        .unwrap();
+    let update = client
+        .prepare(
+            "UPDATE employees SET career_sales = career_sales + 1250.50, last_name = 'Updated' || id \
+             WHERE id BETWEEN $1::bigint AND $2::bigint",
+        )
+        .await
+        .unwrap();
+    let sale = client
+        .prepare(
+            "INSERT INTO sales (employee_email, amount, customer) \
+             SELECT 'emp' || ((g / $3::bigint) % $4::bigint + 1) || '@example.com', (g % 1000) + 0.25, 'Customer ' || g \
+             FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .await
+        .unwrap();
+    let mut total = 0u64;
+    for (stmt, rows) in [(&insert, n), (&update, n), (&sale, n / 2)] {
+        let mut start = 0i64;
+        while start < rows {
+            let end = (start + TX_ROWS).min(rows) - 1;
+            let done = if std::ptr::eq(stmt, &sale) {
+                client
+                    .execute(stmt, &[&start, &end, &sales_per_rep, &n])
+                    .await
+            } else {
+                client.execute(stmt, &[&(start + 1), &(end + 1)]).await
+            }
+            .unwrap_or_else(|e| panic!("workload statement failed: {e}"));
+            total += done;
+            start = end + 1;
+        }
+    }
+    total
+}
+
+// ---------------------------------------------------------------- processes
+
+struct ProcSample {
+    cpu_s: f64,
+    hwm_kib: u64,
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+fn sample(pid: u32) -> Option<ProcSample> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the `(comm)`: state is field 3; utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Some(ProcSample {
+        cpu_s: (utime + stime) / clock_ticks(),
+        hwm_kib: hwm,
+    })
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Waits for exit up to `timeout`, then SIGKILLs.
+fn reap(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn connector_bin(opts: &Opts) -> PathBuf {
+    if let Some(p) = std::env::var_os("CONVEYOUR_CDC_BIN") {
+        return PathBuf::from(p);
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("target"));
+    let bin = target.join("release").join("conveyour-cdc");
+    if opts.build {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        eprintln!("building: {cargo} build --release --bin conveyour-cdc");
+        let ok = Command::new(&cargo)
+            .args(["build", "--release", "--bin", "conveyour-cdc"])
+            .current_dir(manifest)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("`cargo build --release` failed");
+            std::process::exit(1);
+        }
+    }
+    if !bin.is_file() {
+        eprintln!(
+            "{} not found: run `cargo build --release` (or set CONVEYOUR_CDC_BIN)",
+            bin.display()
+        );
+        std::process::exit(1);
+    }
+    bin
+}
+
+// ---------------------------------------------------------------- runs
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Recvlogical,
+    Connector,
+    ConnectorSlow,
+}
+
+struct RunResult {
+    kind: Kind,
+    secs: f64,
+    counted: u64,
+    /// CPU of the client: pg_recvlogical or the connector.
+    cpu_s: Option<f64>,
+    hwm_kib: Option<u64>,
+    /// CPU of the walsender serving the slot (last sample before the end).
+    walsender_cpu_s: Option<f64>,
+    requests: u64,
+    ok: bool,
+    note: String,
+}
+
+/// The walsender process serving a slot, found once it is active.
+#[derive(Default)]
+struct Walsender {
+    pid: Option<u32>,
+    cpu_s: Option<f64>,
+    polls: u32,
+}
+
+impl Walsender {
+    async fn poll(&mut self, ctx: &Ctx, slot: &str) {
+        self.polls += 1;
+        if self.pid.is_none() && self.polls % 5 == 1 {
+            self.pid = ctx
+                .admin
+                .query_opt(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.get::<_, Option<i32>>(0))
+                .map(|p| p as u32);
+        }
+        if let Some(s) = self.pid.and_then(sample) {
+            self.cpu_s = Some(s.cpu_s);
+        }
+    }
+}
+
+struct Ctx {
+    db: TestDb,
+    admin: tokio_postgres::Client,
+    stats: Arc<Stats>,
+    receiver: SocketAddr,
+    bin: PathBuf,
+    scratch: PathBuf,
+}
+
+impl Ctx {
+    async fn confirmed(&self, slot: &str) -> u64 {
+        self.admin
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|t| pg::parse_lsn(&t))
+            .unwrap_or(0)
+    }
+
+    async fn create_slot(&self, slot: &str) {
+        self.admin
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("creating slot {slot}: {e}"));
+    }
+
+    async fn drop_slot(&self, slot: &str) {
+        let _ = self
+            .admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await;
+    }
+
+    fn config(&self, slot: &str, opts: &Opts) -> PathBuf {
+        let mut extra = String::new();
+        if let Some(b) = opts.batch_size {
+            let _ = writeln!(extra, "  batch_size: {b}");
+        }
+        if let Some(w) = opts.batch_wait_ms {
+            let _ = writeln!(extra, "  batch_wait_ms: {w}");
+        }
+        for kv in &opts.extra {
+            let _ = writeln!(extra, "  {kv}");
+        }
+        let yaml = format!(
+            "postgres:\n  url: \"{url}\"\n  slot: {slot}\n  publication: {PUBLICATION}\n\
+             conveyour:\n  url: http://{rx}\n  appkey: bench-appkey\n  token: bench-token\n{extra}{TABLES_YAML}",
+            url = self.db.url(),
+            rx = self.receiver,
+        );
+        let path = self.scratch.join(format!("{slot}.yaml"));
+        fs::write(&path, yaml).expect("writing the connector config");
+        path
+    }
+
+    fn spawn_connector(&self, slot: &str, opts: &Opts) -> (Child, PathBuf) {
+        let config = self.config(slot, opts);
+        let log = self.scratch.join(format!("{slot}.log"));
+        let out = fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = Command::new(&self.bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        (child, log)
+    }
+
+    async fn run_recvlogical(
+        &self,
+        slot: &str,
+        end: u64,
+        expected: u64,
+        timeout: Duration,
+    ) -> RunResult {
+        let cluster = self.db.cluster();
+        let endpos = format!("{:X}/{:X}", end >> 32, end & 0xffff_ffff);
+        let dsn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={}",
+            cluster.port(),
+            self.db.name()
+        );
+        let err_path = self.scratch.join(format!("{slot}.recvlogical.log"));
+        let t0 = Instant::now();
+        let mut child = Command::new(cluster.bin("pg_recvlogical"))
+            .args(["--start", "--no-loop", "-S", slot, "-d", &dsn])
+            .args(["-o", "proto_version=1", "-o"])
+            .arg(format!("publication_names={PUBLICATION}"))
+            .args(["--plugin=pgoutput", "-f", "/dev/null", "--endpos", &endpos])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&err_path).unwrap())
+            .spawn()
+            .expect("starting pg_recvlogical");
+        let pid = child.id();
+        let mut walsender = Walsender::default();
+        let mut last = None;
+        let status = loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                break Some(s);
+            }
+            if let Some(s) = sample(pid) {
+                last = Some(s);
+            }
+            walsender.poll(self, slot).await;
+            if t0.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        let confirmed = self.confirmed(slot).await;
+        let ok = matches!(status, Some(s) if s.success());
+        RunResult {
+            kind: Kind::Recvlogical,
+            secs,
+            counted: if ok { expected } else { 0 },
+            cpu_s: last.as_ref().map(|s| s.cpu_s),
+            hwm_kib: last.as_ref().map(|s| s.hwm_kib),
+            walsender_cpu_s: walsender.cpu_s,
+            requests: 0,
+            ok,
+            note: if ok {
+                format!(
+                    "confirmed {:X}/{:X}",
+                    confirmed >> 32,
+                    confirmed & 0xffff_ffff
+                )
+            } else {
+                format!(
+                    "pg_recvlogical failed: {status:?} {}",
+                    fs::read_to_string(&err_path).unwrap_or_default().trim()
+                )
+            },
+        }
+    }
+
+    async fn run_connector(
+        &self,
+        kind: Kind,
+        slot: &str,
+        end: u64,
+        expected: u64,
+        delay_ms: u64,
+        opts: &Opts,
+        perf: Option<&Path>,
+    ) -> RunResult {
+        self.stats.reset(delay_ms, false);
+        let t0 = Instant::now();
+        let (mut child, log) = self.spawn_connector(slot, opts);
+        let pid = child.id();
+        let perf_child = perf.map(|file| {
+            Command::new("perf")
+                .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                .arg(file)
+                .args(["-p", &pid.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting perf record")
+        });
+        let deadline = t0 + opts.timeout;
+        let mut last_sample = None;
+        let mut walsender = Walsender::default();
+        let mut confirmed = 0;
+        let mut note = String::new();
+        let mut exited = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(s) = sample(pid) {
+                last_sample = Some(s);
+            }
+            walsender.poll(self, slot).await;
+            if self.stats.changes() >= expected {
+                confirmed = self.confirmed(slot).await;
+                if confirmed >= end {
+                    break;
+                }
+            }
+            if let Ok(Some(s)) = child.try_wait() {
+                exited = Some(s);
+                note = format!("connector exited early: {s}");
+                break;
+            }
+            if Instant::now() > deadline {
+                confirmed = self.confirmed(slot).await;
+                note = format!("timed out after {:?}", opts.timeout);
+                break;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        if let Some(s) = sample(pid) {
+            last_sample = Some(s);
+        }
+        // Settle: anything sent twice (retries) would show up now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let counted = self.stats.changes();
+        let requests = self.stats.requests.load(Ordering::Relaxed);
+        let bad = self.stats.bad.load(Ordering::Relaxed);
+        if let Some(mut p) = perf_child {
+            signal(p.id(), "INT");
+            let _ = p.wait();
+        }
+        if exited.is_none() {
+            signal(pid, "TERM");
+            match tokio::task::spawn_blocking(move || reap(&mut child, Duration::from_secs(30)))
+                .await
+                .unwrap()
+            {
+                Some(s) if s.success() => {}
+                Some(s) => note.push_str(&format!(" exit after SIGTERM: {s}")),
+                None => note.push_str(" did not exit within 30 s of SIGTERM (killed)"),
+            }
+        }
+        let confirmed_ok = confirmed >= end;
+        let ok =
+            exited.is_none() && counted == expected && confirmed_ok && bad == 0 && note.is_empty();
+        if !ok {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            eprintln!(
+                "!! connector run on {slot} failed: counted {counted}/{expected}, bad requests {bad}, \
+                 confirmed {confirmed:X} vs end {end:X}, {note}\n--- log tail ---\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            if counted != expected {
+                note.push_str(&format!(" counted {counted} of {expected}"));
+            }
+            if !confirmed_ok {
+                note.push_str(" confirmed LSN short of the end");
+            }
+        }
+        RunResult {
+            kind,
+            secs,
+            counted,
+            cpu_s: last_sample.as_ref().map(|s| s.cpu_s),
+            hwm_kib: last_sample.as_ref().map(|s| s.hwm_kib),
+            walsender_cpu_s: walsender.cpu_s,
+            requests,
+            ok,
+            note: note.trim().to_owned(),
+        }
+    }
+}
+
+struct Latency {
+    rows: u64,
+    counted: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    cpu_s: Option<f64>,
+    hwm_kib: Option<u64>,
+    ok: bool,
+}
+
+async fn run_latency(ctx: &Ctx, opts: &Opts, first_id: i64) -> Latency {
+    let slot = "bench_latency";
+    ctx.create_slot(slot).await;
+    ctx.stats.reset(0, false);
+    let (mut child, log) = ctx.spawn_connector(slot, opts);
+    let pid = child.id();
+    // Streaming and caught up: the slot is active and confirmed reaches now.
+    let start_lsn = ctx.db.wal_lsn().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if ctx.db.slot_active(slot).await && ctx.confirmed(slot).await >= start_lsn {
+            break;
+        }
+        if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+            eprintln!(
+                "!! latency: connector did not start streaming\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            let _ = child.kill();
+            return Latency {
+                rows: 0,
+                counted: 0,
+                p50_ms: 0.0,
+                p99_ms: 0.0,
+                max_ms: 0.0,
+                cpu_s: None,
+                hwm_kib: None,
+                ok: false,
+            };
+        }
+    }
+    ctx.stats.reset(0, true);
+    let cpu0 = sample(pid).map(|s| s.cpu_s).unwrap_or(0.0);
+    let writer = ctx.db.client().await;
+    let insert = writer
+        .prepare(
+            "INSERT INTO employees (id, email, first_name, last_name, career_sales) \
+             SELECT g, 'lat' || g || '@example.com', 'First' || g, 'Last' || g, 0 \
+             FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .await
+        .unwrap();
+    let tx_rows: u64 = 100;
+    let period = Duration::from_secs_f64(tx_rows as f64 / opts.latency_rate as f64);
+    let txs = opts.latency_rate * opts.latency_secs / tx_rows;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut id = first_id;
+    for _ in 0..txs {
+        tick.tick().await;
+        let end = id + tx_rows as i64 - 1;
+        writer.execute(&insert, &[&id, &end]).await.unwrap();
+        id = end + 1;
+    }
+    let rows = txs * tx_rows;
+    let end_lsn = ctx.db.wal_lsn().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (ctx.stats.changes() < rows || ctx.confirmed(slot).await < end_lsn)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = sample(pid);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(pid, "TERM");
+    let _ = tokio::task::spawn_blocking(move || reap(&mut child, Duration::from_secs(30))).await;
+    let counted = ctx.stats.changes();
+    let confirmed_ok = ctx.confirmed(slot).await >= end_lsn;
+    let mut l = std::mem::take(&mut *ctx.stats.latencies.lock().unwrap());
+    l.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if l.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
+        l[i] as f64 / 1000.0
+    };
+    ctx.stats.reset(0, false);
+    ctx.drop_slot(slot).await;
+    let ok = counted == rows && confirmed_ok && l.len() as u64 == rows;
+    if !ok {
+        eprintln!("!! latency run: counted {counted} of {rows}, {} latencies, confirmed ok {confirmed_ok}", l.len());
+    }
+    Latency {
+        rows,
+        counted,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: l.last().map(|&v| v as f64 / 1000.0).unwrap_or(f64::NAN),
+        cpu_s: s.as_ref().map(|s| s.cpu_s - cpu0),
+        hwm_kib: s.as_ref().map(|s| s.hwm_kib),
+        ok,
+    }
+}
+
+// ---------------------------------------------------------------- report
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn machine() -> String {
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map(|kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let load = fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    format!("{nproc} CPUs (`nproc`), {cpu}, {mem} RAM, load average at the end {load} (the bench itself included)")
+}
+
+fn svg(bars: &[(String, f64)]) -> String {
+    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
+    let (w, bar_h, gap, left) = (640.0, 28.0, 12.0, 250.0);
+    let h = 40.0 + bars.len() as f64 * (bar_h + gap);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n\
+         <text x=\"10\" y=\"20\" font-weight=\"bold\">changes/s (median)</text>\n"
+    );
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let y = 32.0 + i as f64 * (bar_h + gap);
+        let bw = (w - left - 90.0) * v / max;
+        let _ = writeln!(
+            s,
+            "<text x=\"10\" y=\"{ty}\">{label}</text><rect x=\"{left}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{fill}\"/>\
+             <text x=\"{tx:.1}\" y=\"{ty}\">{v:.0}</text>",
+            ty = y + 19.0,
+            fill = if i == 0 { "#888" } else { "#2a6fb0" },
+            tx = left + bw + 6.0,
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+// ---------------------------------------------------------------- main
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let opts = parse_opts();
+    let n = (opts.changes * 2 / 5).max(2) as i64;
+    let bin = connector_bin(&opts);
+    let stats = Arc::new(Stats::default());
+    let receiver = start_receiver(stats.clone()).await;
+    eprintln!("starting Postgres ...");
+    let db = pg::fresh_db("bench").await;
+    let admin = db.client().await;
+    let scratch = support::scratch_path("conveyour-cdc-bench");
+    fs::create_dir_all(&scratch).unwrap();
+    let pg_version = admin
+        .query_one("SHOW server_version", &[])
+        .await
+        .map(|r| r.get::<_, String>(0))
+        .unwrap_or_default();
+    let ctx = Ctx {
+        db,
+        admin,
+        stats,
+        receiver,
+        bin,
+        scratch,
+    };
+    ctx.db.exec(SCHEMA).await;
+
+    // One fresh slot per run, all created before the workload.
+    let order = [Kind::Recvlogical, Kind::Connector, Kind::ConnectorSlow];
+    let mut plan = Vec::new();
+    for r in 0..opts.repeat {
+        for (k, kind) in order.iter().enumerate() {
+            let slot = format!("bench_{}_{r}", ["a", "b", "c"][k]);
+            ctx.create_slot(&slot).await;
+            plan.push((*kind, slot));
+        }
+    }
+    eprintln!(
+        "loading the workload: {n} employee inserts, {n} updates, {} sales ...",
+        n / 2
+    );
+    let t = Instant::now();
+    let expected = load_workload(&ctx.admin, n, opts.sales_per_rep).await;
+    // Settle before timing: no autovacuum or checkpoint of the fresh load
+    // competing with the first measured runs.
+    for sql in ["VACUUM (ANALYZE) employees, sales", "CHECKPOINT"] {
+        ctx.admin
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let end = pg::parse_lsn(
+        &ctx.admin
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+    )
+    .unwrap();
+    eprintln!(
+        "loaded {expected} changes in {:.1} s; WAL end {:X}/{:X}",
+        t.elapsed().as_secs_f64(),
+        end >> 32,
+        end & 0xffff_ffff
+    );
+
+    let mut results: Vec<RunResult> = Vec::new();
+    let mut perf_done = false;
+    for (kind, slot) in &plan {
+        let r = match kind {
+            Kind::Recvlogical => ctx.run_recvlogical(slot, end, expected, opts.timeout).await,
+            Kind::Connector => {
+                let perf = if perf_done {
+                    None
+                } else {
+                    opts.perf.as_deref()
+                };
+                perf_done = true;
+                ctx.run_connector(*kind, slot, end, expected, 0, &opts, perf)
+                    .await
+            }
+            Kind::ConnectorSlow => {
+                ctx.run_connector(*kind, slot, end, expected, opts.delay_ms, &opts, None)
+                    .await
+            }
+        };
+        eprintln!(
+            "{slot}: {:.2} s, {:.0} changes/s, {} requests{}{}",
+            r.secs,
+            r.counted as f64 / r.secs,
+            r.requests,
+            r.cpu_s
+                .map(|c| format!(", cpu {c:.2} s"))
+                .unwrap_or_default(),
+            if r.note.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", r.note)
+            }
+        );
+        ctx.drop_slot(slot).await;
+        results.push(r);
+    }
+
+    let latency = if opts.latency {
+        eprintln!(
+            "latency: {} changes/s for {} s ...",
+            opts.latency_rate, opts.latency_secs
+        );
+        Some(run_latency(&ctx, &opts, n + 1_000_000_000).await)
+    } else {
+        None
+    };
+
+    // ---- report
+    let ceiling = median(
+        results
+            .iter()
+            .filter(|r| r.kind == Kind::Recvlogical && r.ok)
+            .map(|r| expected as f64 / r.secs)
+            .collect(),
+    );
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### Throughput benchmark (`cargo bench --bench throughput`)\n"
+    );
+    let _ = writeln!(
+        md,
+        "Machine: {}; PostgreSQL {pg_version}. Workload: {expected} changes = {n} employee inserts + {n} updates + {} sales inserts, \
+         transactions of {TX_ROWS} rows, {} consecutive sales per rep; WAL written before timing. Connector `{}`: batch_size {}, batch_wait_ms {}{}. \
+         Median of {} runs each, alternating, each from its own fresh slot; times include starting the client. \
+         Client = pg_recvlogical in (a), the connector in (b) and (c); both use sslmode=prefer, so the replication stream is TLS-encrypted in every run. \
+         CPU = utime+stime from /proc at the end of the run; RSS = VmHWM.\n",
+        machine(),
+        n / 2,
+        opts.sales_per_rep,
+        ctx.bin.display(),
+        opts.batch_size.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
+        opts.batch_wait_ms.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
+        opts.extra.iter().map(|kv| format!(", {kv}")).collect::<String>(),
+        opts.repeat,
+    );
+    let _ = writeln!(
+        md,
+        "| run | changes/s | seconds (each run) | client CPU s / M changes | walsender CPU s / M changes | client peak RSS MiB | HTTP requests | vs (a) | verified |\n|---|---:|---|---:|---:|---:|---:|---:|---|"
+    );
+    let mut bars = Vec::new();
+    let mut all_ok = true;
+    for (kind, label) in [
+        (
+            Kind::Recvlogical,
+            "(a) pg_recvlogical → /dev/null (ceiling)".to_string(),
+        ),
+        (Kind::Connector, "(b) conveyour-cdc → receiver".to_string()),
+        (
+            Kind::ConnectorSlow,
+            format!("(c) conveyour-cdc → receiver +{} ms/request", opts.delay_ms),
+        ),
+    ] {
+        let runs: Vec<&RunResult> = results.iter().filter(|r| r.kind == kind).collect();
+        let ok = runs.iter().all(|r| r.ok);
+        all_ok &= ok;
+        let rate = median(runs.iter().map(|r| r.counted as f64 / r.secs).collect());
+        let secs: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.secs)).collect();
+        let cpu = median(
+            runs.iter()
+                .filter_map(|r| r.cpu_s)
+                .map(|c| c / (expected as f64 / 1e6))
+                .collect(),
+        );
+        let ws_cpu = median(
+            runs.iter()
+                .filter_map(|r| r.walsender_cpu_s)
+                .map(|c| c / (expected as f64 / 1e6))
+                .collect(),
+        );
+        let rss = runs.iter().filter_map(|r| r.hwm_kib).max();
+        let reqs = median(runs.iter().map(|r| r.requests as f64).collect());
+        let fmt_opt = |v: f64, d: usize| {
+            if v.is_nan() {
+                "—".to_string()
+            } else {
+                format!("{v:.d$}")
+            }
+        };
+        let notes: Vec<&str> = runs
+            .iter()
+            .filter(|r| !r.note.is_empty() && !r.ok)
+            .map(|r| r.note.as_str())
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt_opt(rate, 0),
+            secs.join(", "),
+            fmt_opt(cpu, 2),
+            fmt_opt(ws_cpu, 2),
+            rss.map(|k| format!("{:.1}", k as f64 / 1024.0))
+                .unwrap_or_else(|| "—".into()),
+            if kind == Kind::Recvlogical {
+                "—".into()
+            } else {
+                format!("{reqs:.0}")
+            },
+            if kind == Kind::Recvlogical {
+                "1.00".into()
+            } else {
+                fmt_opt(rate / ceiling, 2)
+            },
+            if ok {
+                if kind == Kind::Recvlogical {
+                    "reached end LSN".to_string()
+                } else {
+                    "count ✓, confirmed LSN ✓".to_string()
+                }
+            } else {
+                format!("**FAILED** {}", notes.join("; "))
+            },
+        );
+        bars.push((label.replace('→', "to").replace('&', "and"), rate));
+    }
+    if let Some(l) = &latency {
+        all_ok &= l.ok;
+        let _ = writeln!(
+            md,
+            "\nCommit-to-ack latency at {} changes/s ({} transactions of 100 employee inserts per second, {} s, {} rows; \
+             write time = `clock_timestamp()` at insert, ack time = receiver answering): \
+             **p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms**; connector CPU {} s, peak RSS {} MiB; {}.",
+            opts.latency_rate,
+            opts.latency_rate / 100,
+            opts.latency_secs,
+            l.rows,
+            l.p50_ms,
+            l.p99_ms,
+            l.max_ms,
+            l.cpu_s.map(|c| format!("{c:.2}")).unwrap_or_else(|| "—".into()),
+            l.hwm_kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "—".into()),
+            if l.ok { "count ✓, confirmed LSN ✓".to_string() } else { format!("**FAILED**: counted {} of {}", l.counted, l.rows) },
+        );
+    }
+    println!("\n{md}");
+    let out_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench");
+    let _ = fs::create_dir_all(&out_dir);
+    let _ = fs::write(out_dir.join("throughput.md"), &md);
+    let _ = fs::write(out_dir.join("throughput.svg"), svg(&bars));
+    eprintln!(
+        "wrote {}/throughput.md and throughput.svg",
+        out_dir.display()
+    );
+    let _ = fs::remove_dir_all(&ctx.scratch);
+    drop(ctx);
+    if !all_ok {
+        eprintln!("verification FAILED");
+        std::process::exit(1);
+    }
+}
