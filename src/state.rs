@@ -1,6 +1,7 @@
 //! The connector's own schema in the source database: acknowledged progress
-//! at row grain (so a restart does not resend the acknowledged part of a
-//! transaction) and dead letters (entries ConveYour rejected for good).
+//! at row grain, per delivery lane (so a restart resends only what was in
+//! flight, not everything after the slot's position), and dead letters
+//! (entries ConveYour rejected for good).
 //!
 //! Writes are autocommitted, so what is recorded survives a crash of the
 //! connector the moment the call returns.
@@ -17,8 +18,8 @@ use crate::source::SourceError;
 /// role; the connector creates it itself when it may.
 pub const SCHEMA: &str = "conveyour_cdc";
 
-/// Where delivery stands at row grain: everything up to this row of this
-/// transaction (by commit LSN) is acknowledged.
+/// A row's place in the stream: transactions in commit order, rows in
+/// their order within the transaction. Ordering follows the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Progress {
     /// The LSN of the transaction's commit record (Begin's final LSN).
@@ -45,23 +46,28 @@ impl State {
             .map_err(|e| SourceError::from_sql("looking up the connector's schema", e))?
             .is_some();
         if !exists {
-            client
-                .batch_execute(&format!("CREATE SCHEMA {SCHEMA}"))
-                .await
-                .map_err(|e| {
-                    SourceError::from_sql(
+            match client.batch_execute(&format!("CREATE SCHEMA {SCHEMA}")).await {
+                Ok(()) => {}
+                // Another connector created it just now.
+                Err(e) if SourceError::already_exists(&e) => {}
+                Err(e) => {
+                    return Err(SourceError::from_sql(
                         &format!("creating the connector's schema {SCHEMA} (run sql/setup.sql, or GRANT CREATE ON DATABASE to the role)"),
                         e,
-                    )
-                })?;
+                    ))
+                }
+            }
         }
-        client
+        let tables = client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {SCHEMA}.progress (
-                     slot text PRIMARY KEY,
+                     slot text NOT NULL,
+                     lane int NOT NULL,
+                     lanes int NOT NULL,
                      commit_lsn pg_lsn NOT NULL,
                      row_lsn pg_lsn NOT NULL,
-                     updated_at timestamptz NOT NULL DEFAULT now()
+                     updated_at timestamptz NOT NULL DEFAULT now(),
+                     PRIMARY KEY (slot, lane)
                  );
                  CREATE TABLE IF NOT EXISTS {SCHEMA}.dead_letters (
                      id bigserial PRIMARY KEY,
@@ -77,46 +83,82 @@ impl State {
                      created_at timestamptz NOT NULL DEFAULT now()
                  );"
             ))
-            .await
-            .map_err(|e| {
-                SourceError::from_sql(&format!("creating the tables in schema {SCHEMA}"), e)
-            })?;
+            .await;
+        match tables {
+            Ok(()) => {}
+            // Two connectors creating the same table at once: the loser's
+            // IF NOT EXISTS still trips on the catalog's unique index.
+            Err(e) if SourceError::already_exists(&e) => {}
+            Err(e) => {
+                return Err(SourceError::from_sql(
+                    &format!("creating the tables in schema {SCHEMA}"),
+                    e,
+                ))
+            }
+        }
         Ok(State {
             client,
             slot: slot.to_owned(),
         })
     }
 
-    /// The recorded progress, if any.
-    pub(crate) async fn progress(&self) -> Result<Option<Progress>, SourceError> {
-        let row = self
+    /// Recorded progress: `(lane, lanes, progress)` for each lane, where
+    /// `lanes` is how many lanes the connector that wrote it had.
+    pub(crate) async fn lane_progress(&self) -> Result<Vec<(usize, usize, Progress)>, SourceError> {
+        let rows = self
             .client
-            .query_opt(
-                &format!(
-                    "SELECT commit_lsn::text, row_lsn::text FROM {SCHEMA}.progress WHERE slot = $1"
-                ),
+            .query(
+                &format!("SELECT lane, lanes, commit_lsn::text, row_lsn::text FROM {SCHEMA}.progress WHERE slot = $1"),
                 &[&self.slot],
             )
             .await
             .map_err(|e| SourceError::from_sql("reading progress", e))?;
-        Ok(row.and_then(|r| {
-            Some(Progress {
-                commit_lsn: r.get::<_, String>(0).parse().ok()?,
-                row_lsn: r.get::<_, String>(1).parse().ok()?,
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    usize::try_from(r.get::<_, i32>(0)).ok()?,
+                    usize::try_from(r.get::<_, i32>(1)).ok()?,
+                    Progress {
+                        commit_lsn: r.get::<_, String>(2).parse().ok()?,
+                        row_lsn: r.get::<_, String>(3).parse().ok()?,
+                    },
+                ))
             })
-        }))
+            .collect())
     }
 
-    /// Records progress (only ever forward).
-    pub(crate) async fn save_progress(&self, p: Progress) -> Result<(), SourceError> {
+    /// Forgets progress written with another lane count, once it has been
+    /// read: the new lanes record their own.
+    pub(crate) async fn forget_other_lanes(&self, lanes: usize) -> Result<(), SourceError> {
         self.client
             .execute(
                 &format!(
-                    "INSERT INTO {SCHEMA}.progress AS p (slot, commit_lsn, row_lsn) VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn)
-                     ON CONFLICT (slot) DO UPDATE SET commit_lsn = excluded.commit_lsn, row_lsn = excluded.row_lsn, updated_at = now()
-                     WHERE (p.commit_lsn, p.row_lsn) < (excluded.commit_lsn, excluded.row_lsn)"
+                    "DELETE FROM {SCHEMA}.progress WHERE slot = $1 AND (lanes <> $2 OR lane >= $2)"
                 ),
-                &[&self.slot, &p.commit_lsn.to_string(), &p.row_lsn.to_string()],
+                &[&self.slot, &(lanes as i32)],
+            )
+            .await
+            .map_err(|e| SourceError::from_sql("resetting progress", e))?;
+        Ok(())
+    }
+
+    /// Records that `lane` (of `lanes`) has everything up to `p`
+    /// acknowledged. Durable when it returns.
+    pub(crate) async fn save_lane_progress(
+        &self,
+        lane: usize,
+        lanes: usize,
+        p: Progress,
+    ) -> Result<(), SourceError> {
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {SCHEMA}.progress (slot, lane, lanes, commit_lsn, row_lsn) VALUES ($1, $2, $3, $4::text::pg_lsn, $5::text::pg_lsn)
+                     ON CONFLICT (slot, lane) DO UPDATE SET lanes = excluded.lanes, commit_lsn = excluded.commit_lsn,
+                         row_lsn = excluded.row_lsn, updated_at = now()"
+                ),
+                &[&self.slot, &(lane as i32), &(lanes as i32), &p.commit_lsn.to_string(), &p.row_lsn.to_string()],
             )
             .await
             .map_err(|e| SourceError::from_sql("recording progress", e))?;

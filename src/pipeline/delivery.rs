@@ -4,9 +4,14 @@
 //! coordinator confirms positions at the low-water mark: a transaction's
 //! end is confirmed once every action up to its last one is acknowledged
 //! (or durably dead-lettered).
+//!
+//! Each lane also records, after every flush, the last row it has
+//! delivered. A lane handles its contacts' rows in stream order, so on a
+//! restart every row of that lane up to the record is known delivered and
+//! skipped ([`Replay`]): what repeats after a crash is at most what the
+//! lanes had in flight.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,31 +48,83 @@ pub(super) enum Event {
     },
 }
 
-/// An action's place, for the low-water mark and row-grain progress.
-struct Slot {
-    progress: Progress,
-    acked: bool,
+/// The lane of a contact among `lanes`: FNV-1a, stable across restarts and
+/// versions, since recorded progress is per lane.
+pub(super) fn lane_for(contact: &str, lanes: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in contact.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % lanes.max(1) as u64) as usize
+}
+
+/// What a restart may skip: rows each lane recorded as delivered.
+#[derive(Debug, Clone)]
+pub(super) struct Replay {
+    /// Per lane; a single entry applies to every lane (the lane count
+    /// changed, so only what every lane had delivered is known).
+    per_lane: Vec<Progress>,
+}
+
+impl Replay {
+    /// From recorded `(lane, lanes, progress)` rows, for `lanes` lanes now.
+    pub(super) fn new(rows: &[(usize, usize, Progress)], lanes: usize) -> Option<Replay> {
+        if rows.is_empty() {
+            return None;
+        }
+        if rows.iter().all(|(lane, n, _)| *n == lanes && *lane < lanes) {
+            let mut per_lane = vec![Progress::default(); lanes];
+            for (lane, _, p) in rows {
+                per_lane[*lane] = *p;
+            }
+            return Some(Replay { per_lane });
+        }
+        // Written with another lane count: only a row every old lane had
+        // passed is surely delivered.
+        let old_lanes = rows.iter().map(|(_, n, _)| *n).max().unwrap_or(0);
+        let common = if rows.len() < old_lanes {
+            Progress::default()
+        } else {
+            rows.iter().map(|(_, _, p)| *p).min().unwrap_or_default()
+        };
+        Some(Replay {
+            per_lane: vec![common],
+        })
+    }
+
+    /// Whether this row of this contact was delivered before.
+    pub(super) fn covers(&self, contact: &str, at: Progress) -> bool {
+        let lane = if self.per_lane.len() == 1 {
+            0
+        } else {
+            lane_for(contact, self.per_lane.len())
+        };
+        at <= self.per_lane[lane]
+    }
 }
 
 /// Runs delivery until the events end or a stop is asked for; then lets
 /// the lanes finish within the grace period.
 pub(super) struct Coordinator {
-    lanes: Vec<mpsc::Sender<(u64, Action)>>,
+    lanes: Vec<mpsc::Sender<LaneItem>>,
     lane_tasks: JoinSet<Result<(), Error>>,
     acks: mpsc::UnboundedReceiver<Vec<u64>>,
-    hasher: std::collections::hash_map::RandomState,
     next_seq: u64,
-    /// Dispatched actions not yet below the low-water mark.
-    window: BTreeMap<u64, Slot>,
+    /// Dispatched actions not yet below the low-water mark: acknowledged?
+    window: BTreeMap<u64, bool>,
     /// Transactions whose commit has been seen: confirmed once every
     /// action before `seq` is acknowledged.
     commits: VecDeque<(u64, Lsn, i64)>,
     in_transaction: bool,
     commit_lsn: Lsn,
     confirmed: watch::Sender<Lsn>,
-    progress: Option<watch::Sender<Progress>>,
     grace: Duration,
 }
+
+/// An action on its way to a lane, with its sequence number and the
+/// commit LSN of its transaction.
+type LaneItem = (u64, Lsn, Action);
 
 impl Coordinator {
     pub(super) fn new(
@@ -75,24 +132,23 @@ impl Coordinator {
         settings: &SinkSettings,
         state: Option<State>,
         confirmed: watch::Sender<Lsn>,
-        progress: Option<watch::Sender<Progress>>,
     ) -> Coordinator {
         let (ack_tx, acks) = mpsc::unbounded_channel();
         let mut lanes = Vec::new();
         let mut lane_tasks = JoinSet::new();
-        let dead_letters = match settings.on_reject {
-            OnReject::DeadLetter => state,
-            OnReject::Stop => None,
-        };
-        for _ in 0..settings.max_in_flight {
+        for index in 0..settings.max_in_flight {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
             lanes.push(tx);
             let lane = Lane {
+                index,
+                lanes: settings.max_in_flight,
                 sink: sink.clone(),
                 batcher: Batcher::new(settings.batch_size),
                 batch_wait: settings.batch_wait,
                 acks: ack_tx.clone(),
-                dead_letters: dead_letters.clone(),
+                state: state.clone(),
+                dead_letter: settings.on_reject == OnReject::DeadLetter,
+                last: None,
             };
             lane_tasks.spawn(lane.run(rx));
         }
@@ -100,14 +156,12 @@ impl Coordinator {
             lanes,
             lane_tasks,
             acks,
-            hasher: Default::default(),
             next_seq: 0,
             window: BTreeMap::new(),
             commits: VecDeque::new(),
             in_transaction: false,
             commit_lsn: Lsn::ZERO,
             confirmed,
-            progress,
             grace: settings.shutdown_grace,
         }
     }
@@ -185,22 +239,13 @@ impl Coordinator {
             Event::Action(action) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.window.insert(
-                    seq,
-                    Slot {
-                        progress: Progress {
-                            commit_lsn: self.commit_lsn,
-                            row_lsn: action.lsn,
-                        },
-                        acked: false,
-                    },
-                );
-                let lane = self.lane_of(&action.contact);
+                self.window.insert(seq, false);
+                let lane = lane_for(&action.contact, self.lanes.len());
                 telemetry::metrics().buffered_actions.inc();
                 // A full lane makes the reader wait; acknowledgements and
                 // lane failures are still taken meanwhile.
                 let lane = self.lanes[lane].clone();
-                let send = lane.send((seq, action));
+                let send = lane.send((seq, self.commit_lsn, action));
                 tokio::pin!(send);
                 loop {
                     tokio::select! {
@@ -220,41 +265,24 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The lane for a contact: always the same one, so its actions stay in
-    /// order.
-    fn lane_of(&self, contact: &str) -> usize {
-        (self.hasher.hash_one(contact) % self.lanes.len() as u64) as usize
-    }
-
     fn acked(&mut self, seqs: Vec<u64>) {
         telemetry::metrics().buffered_actions.sub(seqs.len() as i64);
         for seq in seqs {
-            if let Some(slot) = self.window.get_mut(&seq) {
-                slot.acked = true;
+            if let Some(acked) = self.window.get_mut(&seq) {
+                *acked = true;
             }
         }
         self.advance();
     }
 
-    /// Moves the low-water mark over acknowledged actions, records
-    /// row-grain progress, and confirms every transaction now wholly
-    /// acknowledged.
+    /// Moves the low-water mark over acknowledged actions and confirms
+    /// every transaction now wholly acknowledged.
     fn advance(&mut self) {
-        let mut last = None;
         while let Some(entry) = self.window.first_entry() {
-            if !entry.get().acked {
+            if !*entry.get() {
                 break;
             }
-            last = Some(entry.remove().progress);
-        }
-        if let (Some(p), Some(tx)) = (last, &self.progress) {
-            tx.send_if_modified(|cur| {
-                let moved = p > *cur;
-                if moved {
-                    *cur = p;
-                }
-                moved
-            });
+            entry.remove();
         }
         let low_water = self
             .window
@@ -300,21 +328,28 @@ fn lane_failed(result: Result<Result<(), Error>, tokio::task::JoinError>) -> Err
 
 /// One lane: batches its contacts' actions and sends them in order.
 struct Lane {
+    index: usize,
+    lanes: usize,
     sink: Arc<Sink>,
     batcher: Batcher,
     batch_wait: Duration,
     acks: mpsc::UnboundedSender<Vec<u64>>,
-    /// Where rejected entries go; `None` stops the connector instead.
-    dead_letters: Option<State>,
+    /// Where progress is recorded and rejected entries stored, if the
+    /// connector's schema is available.
+    state: Option<State>,
+    /// Store rejected entries (else stop the connector).
+    dead_letter: bool,
+    /// The place of the last row pushed into the batch.
+    last: Option<Progress>,
 }
 
 impl Lane {
-    async fn run(mut self, mut actions: mpsc::Receiver<(u64, Action)>) -> Result<(), Error> {
+    async fn run(mut self, mut actions: mpsc::Receiver<LaneItem>) -> Result<(), Error> {
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 a = actions.recv() => match a {
-                    Some((seq, action)) => {
+                    Some((seq, commit_lsn, action)) => {
                         if self.batcher.must_flush_before(&action) {
                             self.flush().await?;
                             deadline = None;
@@ -322,6 +357,7 @@ impl Lane {
                         if self.batcher.is_empty() {
                             deadline = Some(tokio::time::Instant::now() + self.batch_wait);
                         }
+                        self.last = Some(Progress { commit_lsn, row_lsn: action.lsn });
                         self.batcher.push(seq, action);
                         if self.batcher.is_full() {
                             self.flush().await?;
@@ -341,9 +377,20 @@ impl Lane {
         }
     }
 
+    /// Delivers everything batched, then records the lane's progress, so
+    /// a restart skips it.
     async fn flush(&mut self) -> Result<(), Error> {
-        for request in self.batcher.take() {
+        let requests = self.batcher.take();
+        if requests.is_empty() {
+            return Ok(());
+        }
+        for request in requests {
             self.deliver(request).await?;
+        }
+        if let (Some(state), Some(last)) = (&self.state, self.last) {
+            state
+                .save_lane_progress(self.index, self.lanes, last)
+                .await?;
         }
         Ok(())
     }
@@ -358,9 +405,9 @@ impl Lane {
                 Ok(()) => {}
                 Err(e) => {
                     let Some(state) = self
-                        .dead_letters
+                        .state
                         .as_ref()
-                        .filter(|_| e.is_content_rejection())
+                        .filter(|_| self.dead_letter && e.is_content_rejection())
                     else {
                         return Err(e.into());
                     };
@@ -395,5 +442,64 @@ impl Lane {
                 .send(request.items.iter().map(|(seq, _)| *seq).collect());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(commit: u64, row: u64) -> Progress {
+        Progress {
+            commit_lsn: Lsn(commit),
+            row_lsn: Lsn(row),
+        }
+    }
+
+    #[test]
+    fn lanes_are_stable_and_spread() {
+        assert_eq!(lane_for("jill@acme.test", 4), lane_for("jill@acme.test", 4));
+        let mut used = [0usize; 4];
+        for i in 0..1000 {
+            used[lane_for(&format!("c{i}@x.test"), 4)] += 1;
+        }
+        assert!(used.iter().all(|n| *n > 150), "{used:?}");
+        // Pinned: recorded progress depends on it across versions.
+        assert_eq!(lane_for("a", 7), (0xaf63_dc4c_8601_ec8c_u64 % 7) as usize);
+        assert_eq!(
+            lane_for("a", 1000),
+            (0xaf63_dc4c_8601_ec8c_u64 % 1000) as usize
+        );
+    }
+
+    #[test]
+    fn replay_skips_per_lane_with_the_same_lane_count() {
+        let a = "a@x.test";
+        let la = lane_for(a, 2);
+        let rows = vec![(la, 2, at(100, 50)), (1 - la, 2, at(90, 10))];
+        let r = Replay::new(&rows, 2).unwrap();
+        assert!(r.covers(a, at(100, 50)));
+        assert!(r.covers(a, at(99, 999)));
+        assert!(!r.covers(a, at(100, 51)));
+        assert!(!r.covers(a, at(101, 1)));
+        // A contact of the other lane only up to that lane's record.
+        let b = (0..100)
+            .map(|i| format!("b{i}"))
+            .find(|c| lane_for(c, 2) != la)
+            .unwrap();
+        assert!(r.covers(&b, at(90, 10)));
+        assert!(!r.covers(&b, at(95, 1)));
+    }
+
+    #[test]
+    fn replay_after_a_lane_count_change_uses_what_every_lane_passed() {
+        let rows = vec![(0, 2, at(100, 5)), (1, 2, at(80, 9))];
+        let r = Replay::new(&rows, 4).unwrap();
+        assert!(r.covers("anyone", at(80, 9)));
+        assert!(!r.covers("anyone", at(80, 10)));
+        // An old lane that never recorded anything: nothing is known.
+        let r = Replay::new(&[(0, 2, at(100, 5))], 3).unwrap();
+        assert!(!r.covers("anyone", at(1, 1)));
+        assert!(Replay::new(&[], 4).is_none());
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 mod delivery;
 
-use delivery::{Coordinator, Event};
+use delivery::{Coordinator, Event, Replay};
 
 use crate::config::{OnReject, Settings, TableName};
 use crate::decode::{decode, PgOutput};
@@ -36,6 +36,10 @@ const EVENT_BUFFER: usize = 4096;
 
 /// First pause before reconnecting to Postgres; doubles up to the cap.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
+/// How often a standby connector tries a slot another one holds: the
+/// takeover after the holder dies is at most this plus the server noticing.
+const SLOT_BUSY_RETRY: Duration = Duration::from_secs(2);
+
 /// Longest pause between reconnection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
@@ -74,10 +78,24 @@ impl Shutdown {
 pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
     let sink = Arc::new(Sink::new(&settings.conveyour).map_err(Error::Setup)?);
     let mut failures: u32 = 0;
+    let mut standing_by = false;
     loop {
         let started = Instant::now();
         match session(settings, &sink, shutdown.clone()).await {
             Ok(()) => return Ok(()),
+            Err(Error::Source(e))
+                if e.kind() == source::SourceErrorKind::SlotBusy && !shutdown.is_set() =>
+            {
+                if !standing_by {
+                    tracing::info!("standing by: {e}");
+                    standing_by = true;
+                }
+                let mut stop = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(SLOT_BUSY_RETRY) => {}
+                    _ = stop.wait() => return Ok(()),
+                }
+            }
             Err(Error::Source(e)) if e.is_transient() && !shutdown.is_set() => {
                 if started.elapsed() > RECONNECT_MAX * 2 {
                     failures = 0;
@@ -126,10 +144,16 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         }
         Err(e) => return Err(e.into()),
     };
-    // Row-grain progress lets a restart skip the acknowledged part of a
-    // transaction the slot position alone would resend.
-    let skip = match &state {
-        Some(state) => state.progress().await?.filter(|p| p.commit_lsn >= start),
+    // Rows the lanes recorded as delivered are skipped, so a restart
+    // resends only what was in flight, not everything after the slot's
+    // position.
+    let replay = match &state {
+        Some(state) => {
+            let lanes = settings.conveyour.max_in_flight;
+            let replay = Replay::new(&state.lane_progress().await?, lanes);
+            state.forget_other_lanes(lanes).await?;
+            replay
+        }
         None => None,
     };
 
@@ -166,27 +190,11 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         mapper,
         events_tx,
         reply_now,
-        skip,
+        replay,
         shutdown.clone(),
     ));
-    let (progress_tx, progress_writer) = match &state {
-        Some(state) => {
-            let (tx, rx) = watch::channel(skip.unwrap_or_default());
-            (
-                Some(tx),
-                Some(tokio::spawn(record_progress(state.clone(), rx))),
-            )
-        }
-        None => (None, None),
-    };
 
-    let coordinator = Coordinator::new(
-        sink.clone(),
-        &settings.conveyour,
-        state,
-        confirmed_tx,
-        progress_tx,
-    );
+    let coordinator = Coordinator::new(sink.clone(), &settings.conveyour, state, confirmed_tx);
     let delivered = tokio::select! {
         r = coordinator.run(events_rx, shutdown) => r,
         e = watch_slot(&client, &settings.slot, settings.retained_wal_warn_bytes) => Err(e),
@@ -199,36 +207,11 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         Err(e) if e.is_cancelled() => Ok(()),
         Err(e) => Err(Error::Setup(format!("the replication reader failed: {e}"))),
     };
-    if let Some(writer) = progress_writer {
-        // The writer ends once the coordinator (its sender) is gone, after
-        // recording the last progress.
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-    }
     let _ = stop_feedback.send(());
     if let Ok(Err(e)) = feedback.await {
         tracing::debug!("final status update not sent: {e}");
     }
     delivered.and(read)
-}
-
-/// Writes row-grain progress as it moves, latest value first; a slow write
-/// is overtaken, never queued.
-async fn record_progress(state: State, mut progress: watch::Receiver<Progress>) {
-    let mut recorded = *progress.borrow();
-    while progress.changed().await.is_ok() {
-        let p = *progress.borrow_and_update();
-        if p > recorded {
-            if let Err(e) = state.save_progress(p).await {
-                tracing::warn!("could not record progress: {e}");
-                continue;
-            }
-            recorded = p;
-        }
-    }
-    let p = *progress.borrow();
-    if p > recorded {
-        let _ = state.save_progress(p).await;
-    }
 }
 
 /// How often the slot's retained WAL and health are read while streaming.
@@ -284,17 +267,20 @@ async fn read_loop(
     mut mapper: Mapper,
     events: mpsc::Sender<Event>,
     reply_now: Arc<Notify>,
-    skip: Option<Progress>,
+    replay: Option<Replay>,
     mut shutdown: Shutdown,
 ) -> Result<(), Error> {
     // The transaction being read, by its commit LSN.
     let mut commit_lsn = Lsn::ZERO;
-    let skipped = |commit_lsn: Lsn, row_lsn: Lsn| {
-        skip.is_some_and(|p| {
-            Progress {
-                commit_lsn,
-                row_lsn,
-            } <= p
+    let delivered_before = |a: &crate::mapping::Action, commit_lsn: Lsn| {
+        replay.as_ref().is_some_and(|r| {
+            r.covers(
+                &a.contact,
+                Progress {
+                    commit_lsn,
+                    row_lsn: a.lsn,
+                },
+            )
         })
     };
     loop {
@@ -332,7 +318,7 @@ async fn read_loop(
                 PgOutput::Insert { relation, new } => {
                     count_change(&mapper, relation, "insert");
                     match mapper.insert(relation, &new, wal_start)? {
-                        Some(_) if skipped(commit_lsn, wal_start) => continue,
+                        Some(a) if delivered_before(&a, commit_lsn) => continue,
                         Some(a) => Event::Action(a),
                         None => continue,
                     }
@@ -340,7 +326,7 @@ async fn read_loop(
                 PgOutput::Update { relation, new, .. } => {
                     count_change(&mapper, relation, "update");
                     match mapper.update(relation, &new, wal_start)? {
-                        Some(_) if skipped(commit_lsn, wal_start) => continue,
+                        Some(a) if delivered_before(&a, commit_lsn) => continue,
                         Some(a) => Event::Action(a),
                         None => continue,
                     }

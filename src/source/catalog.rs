@@ -173,15 +173,17 @@ pub(crate) async fn ensure_publication(
             quote_ident(publication),
             list.join(", ")
         );
-        client.batch_execute(&sql).await.map_err(|e| {
-            SourceError::from_sql(
+        match client.batch_execute(&sql).await {
+            Ok(()) => return Ok(PublicationState::Created),
+            // Another connector created it just now: check it like any other.
+            Err(e) if SourceError::already_exists(&e) => {}
+            Err(e) => return Err(SourceError::from_sql(
                 &format!(
                     "creating publication {publication} (run as a table owner or superuser: {sql})"
                 ),
                 e,
-            )
-        })?;
-        return Ok(PublicationState::Created);
+            )),
+        }
     }
     let missing = missing_from_publication(client, publication, tables).await?;
     if !missing.is_empty() {
@@ -258,24 +260,30 @@ pub(crate) async fn ensure_slot(
     slot: &str,
     dbname: &str,
 ) -> Result<bool, SourceError> {
-    match slot_info(client, slot).await? {
-        None => {
-            client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await
-                .map_err(|e| {
-                    SourceError::from_sql(&format!("creating replication slot {slot}"), e)
-                })?;
-            Ok(true)
-        }
-        Some(info) => {
-            check_slot(slot, dbname, &info)?;
-            Ok(false)
+    if slot_info(client, slot).await?.is_none() {
+        let created = client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await;
+        match created {
+            Ok(_) => return Ok(true),
+            // Another connector created it just now: check it below.
+            Err(e) if SourceError::already_exists(&e) => {}
+            Err(e) => {
+                return Err(SourceError::from_sql(
+                    &format!("creating replication slot {slot}"),
+                    e,
+                ))
+            }
         }
     }
+    let info = slot_info(client, slot)
+        .await?
+        .ok_or_else(|| SourceError::transient(format!("slot {slot} vanished while starting")))?;
+    check_slot(slot, dbname, &info)?;
+    Ok(false)
 }
 
 /// Refuses a slot the connector cannot use.

@@ -32,6 +32,9 @@ pub enum SourceErrorKind {
     /// The setup is wrong (credentials, privileges, missing objects, TLS):
     /// a person must fix it; retrying will not help.
     Setup,
+    /// Another connector streams from the slot: stand by and try again
+    /// soon, to take over quickly when it goes away.
+    SlotBusy,
 }
 
 /// An error from the source database, with what to do about it.
@@ -58,12 +61,17 @@ impl SourceError {
 
     /// Classifies a server error by its SQLSTATE.
     pub(crate) fn from_sqlstate(code: &str, message: String) -> Self {
+        if code == "55006" {
+            // object_in_use: "replication slot … is active for PID …"
+            return SourceError {
+                kind: SourceErrorKind::SlotBusy,
+                message,
+            };
+        }
         let transient = matches!(
             code,
-            // object_in_use: "replication slot … is active for PID …"
-            "55006"
             // admin_shutdown, crash_shutdown, cannot_connect_now
-            | "57P01" | "57P02" | "57P03"
+            |"57P01"| "57P02" | "57P03"
             // too_many_connections, configuration_limit_exceeded
             | "53300" | "53400"
             // serialization / deadlock on catalog queries
@@ -101,8 +109,19 @@ impl SourceError {
         self.kind
     }
 
+    /// Worth retrying: the connection broke, or the slot is busy.
     pub fn is_transient(&self) -> bool {
-        self.kind == SourceErrorKind::Transient
+        matches!(
+            self.kind,
+            SourceErrorKind::Transient | SourceErrorKind::SlotBusy
+        )
+    }
+
+    /// The SQLSTATE says the object already exists: another connector won
+    /// a race to create it.
+    pub(crate) fn already_exists(e: &tokio_postgres::Error) -> bool {
+        e.as_db_error()
+            .is_some_and(|db| matches!(db.code().code(), "42710" | "42P06" | "23505" | "42P07"))
     }
 
     /// What the operator should look at.
@@ -110,6 +129,7 @@ impl SourceError {
         match self.kind {
             SourceErrorKind::Transient => "the connector reconnects by itself; check the database's availability if this repeats",
             SourceErrorKind::Setup => "run `conveyour-cdc check --config FILE` to see what the database is missing",
+            SourceErrorKind::SlotBusy => "another connector holds the slot; this one takes over when it stops",
         }
     }
 }
