@@ -7,9 +7,10 @@ mod support;
 
 mod auth;
 mod cli;
+mod dead_letters;
 mod faults;
-mod observe;
 mod harness;
+mod observe;
 mod reliability;
 mod spine;
 mod sql;
