@@ -188,6 +188,9 @@ pub struct ConveyourConfig {
     pub max_requests_per_second: Option<f64>,
     #[serde(default)]
     pub on_reject: OnReject,
+    /// Fold a contact's identifies within one batch into one entry.
+    #[serde(default)]
+    pub coalesce: bool,
 }
 
 /// What to do with entries ConveYour rejects for good.
@@ -419,6 +422,7 @@ pub struct SinkSettings {
     pub max_in_flight: usize,
     pub max_requests_per_second: Option<f64>,
     pub on_reject: OnReject,
+    pub coalesce: bool,
 }
 
 impl Config {
@@ -623,6 +627,7 @@ impl Config {
                 max_in_flight: cy.max_in_flight,
                 max_requests_per_second: cy.max_requests_per_second,
                 on_reject: cy.on_reject,
+                coalesce: cy.coalesce,
             },
             tables,
             metrics_listen: self.metrics.listen.clone(),

@@ -8,6 +8,22 @@ use crate::support::connector::Connector;
 use crate::support::receiver::Fault;
 use crate::support::setup::{world, ROSTER_SQL};
 
+/// The position stood still while requests failed, and never reached the
+/// writes they carried. (Before the first write is received, keepalives may
+/// still move an idle slot forward, so `held` is only a lower bound.)
+fn assert_held(seen: &HashSet<u64>, held: u64, end: u64) {
+    assert_eq!(
+        seen.len(),
+        1,
+        "confirmed_flush_lsn moved while ConveYour failed: {seen:?}"
+    );
+    let at = *seen.iter().next().unwrap();
+    assert!(
+        at >= held && at < end,
+        "position {at:X} not in [{held:X}, {end:X})"
+    );
+}
+
 /// Samples the slot's position for `period` and returns every value seen.
 async fn positions_during(w: &crate::support::setup::World, period: Duration) -> HashSet<u64> {
     let mut seen = HashSet::new();
@@ -61,11 +77,7 @@ async fn an_outage_of_503s_holds_the_position_then_everything_arrives_in_order()
     })
     .await;
     let seen = positions_during(&w, Duration::from_secs(3)).await;
-    assert_eq!(
-        seen,
-        HashSet::from([held]),
-        "confirmed_flush_lsn moved during the outage"
-    );
+    assert_held(&seen, held, end);
     assert_eq!(
         w.rx.identify_count(),
         1,
@@ -139,11 +151,7 @@ async fn http_200_with_status_error_is_not_an_acknowledgement() {
     })
     .await;
     let seen = positions_during(&w, Duration::from_secs(2)).await;
-    assert_eq!(
-        seen,
-        HashSet::from([held]),
-        "a status:error reply moved the position"
-    );
+    assert_held(&seen, held, end);
     w.rx.clear_fault();
     w.rx.wait_until(
         "the identify after the errors",
@@ -182,6 +190,7 @@ async fn a_permanent_rejection_stops_the_connector_without_advancing() {
     w.rx.set_fault(Fault::RejectId("poison@x.test".into()));
     w.db.exec("INSERT INTO employees (email, first_name) VALUES ('poison@x.test', 'bad');")
         .await;
+    let end = w.db.wal_lsn().await;
     let status = conn.wait(Duration::from_secs(30)).await;
     assert!(!status.success(), "a rejection must stop the connector");
     let log = conn.log();
@@ -191,9 +200,11 @@ async fn a_permanent_rejection_stops_the_connector_without_advancing() {
             && log.contains("HTTP 400"),
         "{log}"
     );
-    assert_eq!(
-        w.confirmed().await,
-        held,
+    // Keepalives may have moved an idle slot a little before the row came,
+    // but never to its end; the restart below shows the row is still ahead.
+    let at = w.confirmed().await;
+    assert!(
+        at >= held && at < end,
         "the position moved past a rejected row"
     );
 

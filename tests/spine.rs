@@ -220,3 +220,35 @@ async fn sigterm_confirms_what_was_acknowledged_and_exits_zero() {
     );
     assert!(!w.db.slot_active(&w.slot).await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coalescing_folds_a_contacts_updates_within_a_batch_window() {
+    let w = world("coalesce", ROSTER_SQL).await;
+    let config = w.config(crate::support::setup::ROSTER_TABLES, "  coalesce: true\n");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(20)).await;
+    let mut sql = String::from(
+        "INSERT INTO employees (email, first_name, career_sales) VALUES ('c@x.test', 'C', 0);",
+    );
+    for i in 1..=20 {
+        sql.push_str(&format!(
+            "UPDATE employees SET career_sales = {i} WHERE email = 'c@x.test';"
+        ));
+    }
+    w.db.exec(&sql).await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(20)).await;
+    let entries = w.rx.identifies();
+    assert!(
+        entries.len() < 21,
+        "21 identifies within one window should fold: {}",
+        entries.len()
+    );
+    assert_eq!(
+        entries.last().unwrap()["traits"]["career_sales"],
+        json!(20),
+        "the last value wins"
+    );
+    assert_eq!(w.rx.contact("c@x.test").unwrap()["career_sales"], json!(20));
+    drop(conn);
+}

@@ -143,7 +143,7 @@ impl Coordinator {
                 index,
                 lanes: settings.max_in_flight,
                 sink: sink.clone(),
-                batcher: Batcher::new(settings.batch_size),
+                batcher: Batcher::new(settings.batch_size, settings.coalesce),
                 batch_wait: settings.batch_wait,
                 acks: ack_tx.clone(),
                 state: state.clone(),
@@ -429,17 +429,13 @@ impl Lane {
                                 endpoint = request.endpoint.name(),
                                 "stored a rejected entry as a dead letter: {e}"
                             );
-                            let _ = self
-                                .acks
-                                .send(request.items.iter().map(|(seq, _)| *seq).collect());
+                            let _ = self.acks.send(request.seqs());
                             continue;
                         }
                     }
                 }
             }
-            let _ = self
-                .acks
-                .send(request.items.iter().map(|(seq, _)| *seq).collect());
+            let _ = self.acks.send(request.seqs());
         }
         Ok(())
     }

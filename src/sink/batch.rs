@@ -29,6 +29,10 @@ pub(crate) struct Request {
     pub body: Bytes,
     /// The identify entries or track events in the body, in order.
     pub items: Vec<Item>,
+    /// Per item, the sequence numbers of later identifies folded into it
+    /// by coalescing (empty when nothing was folded); they are
+    /// acknowledged with it.
+    pub merged: Vec<Vec<u64>>,
 }
 
 impl Request {
@@ -38,7 +42,15 @@ impl Request {
             endpoint,
             body,
             items: Vec::new(),
+            merged: Vec::new(),
         }
+    }
+
+    /// Every sequence number this request acknowledges.
+    pub(crate) fn seqs(&self) -> Vec<u64> {
+        let mut seqs: Vec<u64> = self.items.iter().map(|(seq, _)| *seq).collect();
+        seqs.extend(self.merged.iter().flatten());
+        seqs
     }
 
     /// Identify entries or track events in the body.
@@ -69,9 +81,19 @@ impl Request {
         if self.items.len() < 2 {
             return Err(self);
         }
+        let mid = self.items.len() / 2;
         let mut left = self.items;
-        let right = left.split_off(left.len() / 2);
-        Ok((build(self.endpoint, left), build(self.endpoint, right)))
+        let right = left.split_off(mid);
+        let mut left_merged = self.merged;
+        let right_merged = if left_merged.is_empty() {
+            Vec::new()
+        } else {
+            left_merged.split_off(mid)
+        };
+        Ok((
+            build(self.endpoint, left, left_merged),
+            build(self.endpoint, right, right_merged),
+        ))
     }
 }
 
@@ -96,7 +118,13 @@ struct TrackBody<'a> {
 /// Pending actions, grouped into requests.
 pub(crate) struct Batcher {
     batch_size: usize,
+    /// Fold a contact's identifies within one batch into one entry.
+    coalesce: bool,
     identify: Vec<Item>,
+    /// With coalescing: each pending identify's contact → its index, and
+    /// the identifies folded into each entry.
+    identify_index: HashMap<String, usize>,
+    identify_merged: Vec<Vec<u64>>,
     /// Track events by contact, in order of each contact's first event.
     tracks: Vec<(String, Vec<Item>)>,
     track_index: HashMap<String, usize>,
@@ -104,10 +132,13 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    pub(crate) fn new(batch_size: usize) -> Batcher {
+    pub(crate) fn new(batch_size: usize, coalesce: bool) -> Batcher {
         Batcher {
             batch_size,
+            coalesce,
             identify: Vec::new(),
+            identify_index: HashMap::new(),
+            identify_merged: Vec::new(),
             tracks: Vec::new(),
             track_index: HashMap::new(),
             track_count: 0,
@@ -131,8 +162,29 @@ impl Batcher {
             && self.track_index.contains_key(&action.contact)
     }
 
+    /// Adds an action. With coalescing, an identify for a contact that
+    /// already has one pending merges into it: the later value of each
+    /// trait wins. (Order is safe: `must_flush_before` already flushed any
+    /// event of the contact that came between.)
     pub(crate) fn push(&mut self, seq: u64, action: Action) {
         match action.body {
+            ActionBody::Identify { .. } if self.coalesce => {
+                if let Some(&i) = self.identify_index.get(&action.contact) {
+                    if let (
+                        ActionBody::Identify { traits },
+                        ActionBody::Identify { traits: later },
+                    ) = (&mut self.identify[i].1.body, action.body)
+                    {
+                        traits.extend(later);
+                    }
+                    self.identify_merged[i].push(seq);
+                    return;
+                }
+                self.identify_index
+                    .insert(action.contact.clone(), self.identify.len());
+                self.identify.push((seq, action));
+                self.identify_merged.push(Vec::new());
+            }
             ActionBody::Identify { .. } => self.identify.push((seq, action)),
             ActionBody::Track { .. } => {
                 self.track_count += 1;
@@ -153,11 +205,20 @@ impl Batcher {
     pub(crate) fn take(&mut self) -> Vec<Request> {
         let mut out = Vec::new();
         let mut identify = std::mem::take(&mut self.identify);
+        let mut merged = std::mem::take(&mut self.identify_merged);
+        self.identify_index.clear();
         while !identify.is_empty() {
-            let rest = identify.split_off(identify.len().min(self.batch_size));
+            let at = identify.len().min(self.batch_size);
+            let rest = identify.split_off(at);
+            let merged_rest = if merged.is_empty() {
+                Vec::new()
+            } else {
+                merged.split_off(at)
+            };
             out.push(build(
                 Endpoint::Identify,
                 std::mem::replace(&mut identify, rest),
+                std::mem::replace(&mut merged, merged_rest),
             ));
         }
         self.track_index.clear();
@@ -165,7 +226,11 @@ impl Batcher {
         for (_, mut events) in std::mem::take(&mut self.tracks) {
             while !events.is_empty() {
                 let rest = events.split_off(events.len().min(self.batch_size));
-                out.push(build(Endpoint::Track, std::mem::replace(&mut events, rest)));
+                out.push(build(
+                    Endpoint::Track,
+                    std::mem::replace(&mut events, rest),
+                    Vec::new(),
+                ));
             }
         }
         out
@@ -184,7 +249,7 @@ impl Batcher {
 
 /// Encodes a request. Identify: an array of `{id, traits}`. Track: one
 /// contact (every item has the same) with its `events`.
-pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>) -> Request {
+pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>, merged: Vec<Vec<u64>>) -> Request {
     let body = match endpoint {
         Endpoint::Identify => {
             let entries: Vec<IdentifyEntry<'_>> = items
@@ -220,6 +285,7 @@ pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>) -> Request {
         endpoint,
         body: Bytes::from(body.expect("JSON values always serialise")),
         items,
+        merged,
     }
 }
 
@@ -260,7 +326,7 @@ mod tests {
 
     #[test]
     fn identify_entries_share_array_requests_of_batch_size() {
-        let mut b = Batcher::new(2);
+        let mut b = Batcher::new(2, false);
         for (i, c) in ["a", "b", "c"].iter().enumerate() {
             b.push(i as u64, identify(c, i as u64, json!({ "n": i })));
         }
@@ -279,7 +345,7 @@ mod tests {
 
     #[test]
     fn track_events_go_one_contact_per_request_after_identifies() {
-        let mut b = Batcher::new(10);
+        let mut b = Batcher::new(10, false);
         b.push(1, track("a", 1, 10));
         b.push(2, identify("a", 2, json!({ "x": 1 })));
         b.push(3, track("b", 3, 20));
@@ -302,7 +368,7 @@ mod tests {
 
     #[test]
     fn identify_after_an_event_of_the_same_contact_asks_for_a_flush() {
-        let mut b = Batcher::new(10);
+        let mut b = Batcher::new(10, false);
         b.push(1, track("a", 1, 10));
         assert!(b.must_flush_before(&identify("a", 2, json!({}))));
         assert!(!b.must_flush_before(&identify("b", 2, json!({}))));
@@ -314,7 +380,7 @@ mod tests {
 
     #[test]
     fn idempotency_key_is_deterministic() {
-        let mut b = Batcher::new(10);
+        let mut b = Batcher::new(10, false);
         b.push(1, identify("a", 0x10, json!({})));
         b.push(2, identify("b", 0x20, json!({})));
         let r = b.take().remove(0);
@@ -322,8 +388,30 @@ mod tests {
     }
 
     #[test]
+    fn coalescing_folds_a_contacts_identifies_last_value_wins() {
+        let mut b = Batcher::new(10, true);
+        b.push(1, identify("a", 1, json!({ "x": 1, "y": 1 })));
+        b.push(2, identify("b", 2, json!({ "x": 5 })));
+        b.push(3, identify("a", 3, json!({ "y": 2, "z": 3 })));
+        let reqs = b.take();
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(
+            body(&reqs[0]),
+            json!([{"id": "a", "traits": {"x": 1, "y": 2, "z": 3}}, {"id": "b", "traits": {"x": 5}}])
+        );
+        let mut seqs = reqs[0].seqs();
+        seqs.sort();
+        assert_eq!(seqs, [1, 2, 3], "the folded identify is acknowledged too");
+        // Off by default: both entries go out.
+        let mut b = Batcher::new(10, false);
+        b.push(1, identify("a", 1, json!({ "x": 1 })));
+        b.push(2, identify("a", 2, json!({ "x": 2 })));
+        assert_eq!(body(&b.take()[0]).as_array().unwrap().len(), 2);
+    }
+
+    #[test]
     fn splitting_halves_a_request_and_keeps_order() {
-        let mut b = Batcher::new(10);
+        let mut b = Batcher::new(10, false);
         for i in 0..5u64 {
             b.push(i, identify(&format!("c{i}"), i, json!({ "n": i })));
         }

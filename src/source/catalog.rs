@@ -177,12 +177,14 @@ pub(crate) async fn ensure_publication(
             Ok(()) => return Ok(PublicationState::Created),
             // Another connector created it just now: check it like any other.
             Err(e) if SourceError::already_exists(&e) => {}
-            Err(e) => return Err(SourceError::from_sql(
-                &format!(
+            Err(e) => {
+                return Err(SourceError::from_sql(
+                    &format!(
                     "creating publication {publication} (run as a table owner or superuser: {sql})"
                 ),
-                e,
-            )),
+                    e,
+                ))
+            }
         }
     }
     let missing = missing_from_publication(client, publication, tables).await?;
