@@ -34,7 +34,7 @@
 //! `--no-build`, or point `CONVEYOUR_CDC_BIN` at a binary).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::convert::Infallible;
@@ -661,6 +661,7 @@ impl Ctx {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_connector(
         &self,
         kind: Kind,
