@@ -117,10 +117,10 @@ async fn tls_modes_follow_libpq_rules() {
         ),
         &[],
     );
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     w.db.exec("INSERT INTO employees (email, first_name) VALUES ('tls@x.test', 'T');")
         .await;
-    w.rx.wait_until("the identify over TLS", Duration::from_secs(20), |r| {
+    w.rx.wait_until("the identify over TLS", Duration::from_secs(60), |r| {
         r.identify_count() == 1
     })
     .await;

@@ -13,7 +13,7 @@ async fn a_poisoned_row_is_dead_lettered_and_the_rest_goes_through() {
     let w = world("dead_letter", ROSTER_SQL).await;
     let config = w.config(ROSTER_TABLES, "  batch_size: 50\n  max_in_flight: 1\n");
     let conn = Connector::run(&config, &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     w.rx.set_fault(Fault::RejectId("poison@x.test".into()));
     // One transaction of 40 rows with the poisoned one in the middle.
     w.db.exec(
@@ -23,12 +23,12 @@ async fn a_poisoned_row_is_dead_lettered_and_the_rest_goes_through() {
     )
     .await;
     let end = w.db.wal_lsn().await;
-    w.rx.wait_until("the 39 good rows", Duration::from_secs(30), |r| {
+    w.rx.wait_until("the 39 good rows", Duration::from_secs(60), |r| {
         r.contact_count() == 39
     })
     .await;
     // The position moves past the poisoned row once it is stored.
-    w.wait_confirmed(end, Duration::from_secs(20)).await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
     assert!(
         conn.is_running(),
         "dead-lettering must not stop the connector\n{}",
@@ -91,7 +91,7 @@ async fn a_poisoned_row_is_dead_lettered_and_the_rest_goes_through() {
     w.db.exec("INSERT INTO employees (email) VALUES ('poison2@x.test');")
         .await;
     let end = w.db.wal_lsn().await;
-    w.wait_confirmed(end, Duration::from_secs(20)).await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
     let (status, out, _) = run_cli(&["dead-letters", "purge", "--config", CONFIG], &config, &[]);
     assert!(status.success());
     assert!(out.contains("deleted 1"), "{out}");
@@ -105,10 +105,10 @@ async fn bad_credentials_stop_the_connector_instead_of_dead_lettering() {
         .roster_config()
         .replace(crate::support::setup::TOKEN, "wrong-token");
     let conn = Connector::run(&config, &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     w.db.exec("INSERT INTO employees (email) VALUES ('a@x.test');")
         .await;
-    let status = conn.wait(Duration::from_secs(30)).await;
+    let status = conn.wait(Duration::from_secs(60)).await;
     assert!(!status.success());
     assert!(
         conn.log().contains("HTTP 401") && conn.log().contains("conveyour.token"),
@@ -136,7 +136,7 @@ async fn a_kill_mid_transaction_resends_at_most_what_was_in_flight() {
         &format!("  batch_size: {BATCH}\n  max_in_flight: {LANES}\n"),
     );
     let conn = Connector::run(&config, &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     w.rx.set_fault(Fault::Slow(Duration::from_millis(20)));
     w.db.exec(&format!(
         "INSERT INTO employees (email, first_name) SELECT 'k' || g || '@x.test', 'x' FROM generate_series(1, {ROWS}) g;"
@@ -156,7 +156,7 @@ async fn a_kill_mid_transaction_resends_at_most_what_was_in_flight() {
         r.contact_count() >= ROWS
     })
     .await;
-    w.wait_confirmed(end, Duration::from_secs(30)).await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
     let duplicates = w.rx.identify_count() - ROWS;
     eprintln!(
         "kill after {before_restart} of {ROWS} rows of one transaction: {duplicates} entries sent twice (bound {})",

@@ -13,7 +13,7 @@ use crate::support::setup::{world, ROSTER_SQL, TOKEN};
 async fn metrics_addr(conn: &Connector) -> String {
     conn.wait_for_log(
         "metrics and health checks listening",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
     )
     .await;
     let log = conn.log();
@@ -57,7 +57,7 @@ async fn metrics_match_what_conveyour_received() {
     let w = world("metrics", ROSTER_SQL).await;
     let conn = Connector::run(&w.roster_config(), &[]);
     let addr = metrics_addr(&conn).await;
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     // Some 503s first, so retries show.
     w.rx.set_fault(Fault::StatusTimes(503, 3));
     w.db.exec(
@@ -67,11 +67,11 @@ async fn metrics_match_what_conveyour_received() {
     )
     .await;
     let end = w.db.wal_lsn().await;
-    w.rx.wait_until("all changes", Duration::from_secs(30), |r| {
+    w.rx.wait_until("all changes", Duration::from_secs(60), |r| {
         r.identify_count() >= 1300 && r.track_count() >= 30
     })
     .await;
-    w.wait_confirmed(end, Duration::from_secs(20)).await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let (status, text) = get(&addr, "/metrics").await;
@@ -187,16 +187,16 @@ async fn json_logs_parse_and_never_hold_secrets() {
         &w.config_with_url(&url, crate::support::setup::ROSTER_TABLES, ""),
         &[("CONVEYOUR_CDC_LOG", "debug")],
     );
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     w.rx.set_fault(Fault::StatusTimes(500, 2));
     w.db.exec("INSERT INTO employees (email, first_name) VALUES ('j@x.test', 'J');")
         .await;
-    w.rx.wait_until("the identify", Duration::from_secs(20), |r| {
+    w.rx.wait_until("the identify", Duration::from_secs(60), |r| {
         r.identify_count() == 1
     })
     .await;
     conn.sigterm();
-    assert!(conn.wait(Duration::from_secs(30)).await.success());
+    assert!(conn.wait(Duration::from_secs(60)).await.success());
     let log = conn.log();
     let mut lines = 0;
     for line in log.lines() {
@@ -231,11 +231,11 @@ async fn status_reports_the_slot_and_publication_as_text_and_json() {
     );
 
     let conn = Connector::run(&config, &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     w.db.exec("INSERT INTO employees (email) VALUES ('s@x.test');")
         .await;
     let end = w.db.wal_lsn().await;
-    w.wait_confirmed(end, Duration::from_secs(20)).await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
 
     let (status, out, _) = run_cli(&["status", "--config", CONFIG], &config, &[]);
     assert!(status.success());

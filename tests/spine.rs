@@ -40,7 +40,7 @@ tables:
 async fn every_value_type_becomes_the_documented_json() {
     let w = world("types", TYPES_SQL).await;
     let conn = Connector::run(&w.config(TYPES_TABLES, ""), &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
 
     let big = "x".repeat(3_000);
     w.db.exec(&format!(
@@ -55,7 +55,7 @@ async fn every_value_type_becomes_the_documented_json() {
     ))
     .await;
 
-    w.rx.wait_until("two identify entries", Duration::from_secs(20), |r| {
+    w.rx.wait_until("two identify entries", Duration::from_secs(60), |r| {
         r.identify_count() >= 2
     })
     .await;
@@ -98,7 +98,7 @@ async fn every_value_type_becomes_the_documented_json() {
     }
     conn.sigterm();
     assert!(
-        conn.wait(Duration::from_secs(30)).await.success(),
+        conn.wait(Duration::from_secs(60)).await.success(),
         "{}",
         conn.log()
     );
@@ -108,7 +108,7 @@ async fn every_value_type_becomes_the_documented_json() {
 async fn insert_update_and_sale_reach_conveyour_and_the_position_follows() {
     let w = world("roster", ROSTER_SQL).await;
     let conn = Connector::run(&w.roster_config(), &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
 
     w.db.exec(
         "INSERT INTO employees (email, first_name, last_name, career_sales) VALUES ('jill@acme.test', 'Jill', 'Hill', 500000);
@@ -121,7 +121,7 @@ async fn insert_update_and_sale_reach_conveyour_and_the_position_follows() {
     .await;
     let end = w.db.wal_lsn().await;
 
-    w.rx.wait_until("3 identifies and 1 track", Duration::from_secs(20), |r| {
+    w.rx.wait_until("3 identifies and 1 track", Duration::from_secs(60), |r| {
         r.identify_count() >= 3 && r.track_count() >= 1
     })
     .await;
@@ -158,10 +158,10 @@ async fn insert_update_and_sale_reach_conveyour_and_the_position_follows() {
         w.rx.contact("jill@acme.test").unwrap().get("first_name"),
         Some(&Value::from("Jillian"))
     );
-    w.wait_confirmed(end, Duration::from_secs(20)).await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
 
     conn.sigterm();
-    let status = conn.wait(Duration::from_secs(30)).await;
+    let status = conn.wait(Duration::from_secs(60)).await;
     assert!(
         status.success(),
         "SIGTERM should exit 0: {status:?}\n{}",
@@ -178,7 +178,7 @@ async fn an_idle_slot_follows_the_server_while_unmapped_tables_take_writes() {
     )
     .await;
     let conn = Connector::run(&w.roster_config(), &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     let before = w.confirmed().await;
     for i in 0..20 {
         w.db.exec(&format!(
@@ -188,30 +188,30 @@ async fn an_idle_slot_follows_the_server_while_unmapped_tables_take_writes() {
     }
     let end = w.db.wal_lsn().await;
     assert!(end > before);
-    w.wait_confirmed(end, Duration::from_secs(30)).await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
     assert_eq!(
         w.rx.request_count(),
         0,
         "nothing mapped changed, nothing should be sent"
     );
     conn.sigterm();
-    assert!(conn.wait(Duration::from_secs(30)).await.success());
+    assert!(conn.wait(Duration::from_secs(60)).await.success());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_confirms_what_was_acknowledged_and_exits_zero() {
     let w = world("sigterm", ROSTER_SQL).await;
     let conn = Connector::run(&w.roster_config(), &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     w.db.exec("INSERT INTO employees (email, first_name) SELECT 'e' || g || '@x.test', 'n' FROM generate_series(1, 2000) g;")
         .await;
     let end = w.db.wal_lsn().await;
-    w.rx.wait_until("2000 identifies", Duration::from_secs(30), |r| {
+    w.rx.wait_until("2000 identifies", Duration::from_secs(60), |r| {
         r.identify_count() >= 2000
     })
     .await;
     conn.sigterm();
-    let status = conn.wait(Duration::from_secs(30)).await;
+    let status = conn.wait(Duration::from_secs(60)).await;
     assert!(status.success(), "{status:?}\n{}", conn.log());
     // The final status update carried the acknowledged position.
     assert!(
@@ -226,7 +226,7 @@ async fn coalescing_folds_a_contacts_updates_within_a_batch_window() {
     let w = world("coalesce", ROSTER_SQL).await;
     let config = w.config(crate::support::setup::ROSTER_TABLES, "  coalesce: true\n");
     let conn = Connector::run(&config, &[]);
-    w.wait_streaming(Duration::from_secs(20)).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
     let mut sql = String::from(
         "INSERT INTO employees (email, first_name, career_sales) VALUES ('c@x.test', 'C', 0);",
     );
@@ -237,7 +237,7 @@ async fn coalescing_folds_a_contacts_updates_within_a_batch_window() {
     }
     w.db.exec(&sql).await;
     let end = w.db.wal_lsn().await;
-    w.wait_confirmed(end, Duration::from_secs(20)).await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
     let entries = w.rx.identifies();
     assert!(
         entries.len() < 21,

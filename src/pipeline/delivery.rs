@@ -107,7 +107,7 @@ impl Replay {
 /// Runs delivery until the events end or a stop is asked for; then lets
 /// the lanes finish within the grace period.
 pub(super) struct Coordinator {
-    lanes: Vec<mpsc::Sender<LaneItem>>,
+    lanes: Vec<mpsc::Sender<LaneMsg>>,
     lane_tasks: JoinSet<Result<(), Error>>,
     acks: mpsc::UnboundedReceiver<Vec<u64>>,
     next_seq: u64,
@@ -122,9 +122,14 @@ pub(super) struct Coordinator {
     grace: Duration,
 }
 
-/// An action on its way to a lane, with its sequence number and the
-/// commit LSN of its transaction.
-type LaneItem = (u64, Lsn, Action);
+/// What a lane is told.
+pub(super) enum LaneMsg {
+    /// An action, with its sequence number and the commit LSN of its
+    /// transaction.
+    Item(u64, Lsn, Action),
+    /// Send what is batched now: the stream went quiet after a commit.
+    Flush,
+}
 
 impl Coordinator {
     pub(super) fn new(
@@ -168,7 +173,7 @@ impl Coordinator {
 
     pub(super) async fn run(
         mut self,
-        mut events: mpsc::Receiver<Event>,
+        mut events: mpsc::Receiver<Vec<Event>>,
         mut shutdown: Shutdown,
     ) -> Result<(), Error> {
         loop {
@@ -177,8 +182,21 @@ impl Coordinator {
                 _ = shutdown.wait() => break,
                 Some(result) = self.lane_tasks.join_next() => return Err(lane_failed(result)),
                 Some(seqs) = self.acks.recv() => self.acked(seqs),
-                e = events.recv() => match e {
-                    Some(e) => self.handle(e, &mut shutdown).await?,
+                chunk = events.recv() => match chunk {
+                    Some(chunk) => {
+                        let mut committed = false;
+                        for e in chunk {
+                            committed |= matches!(e, Event::Commit { .. });
+                            self.handle(e, &mut shutdown).await?;
+                        }
+                        // The stream has gone quiet after a commit: send
+                        // now rather than wait for batches to fill.
+                        if committed && events.is_empty() {
+                            for lane in &self.lanes {
+                                let _ = lane.try_send(LaneMsg::Flush);
+                            }
+                        }
+                    }
                     None => break,
                 },
             }
@@ -242,10 +260,18 @@ impl Coordinator {
                 self.window.insert(seq, false);
                 let lane = lane_for(&action.contact, self.lanes.len());
                 telemetry::metrics().buffered_actions.inc();
+                let msg =
+                    match self.lanes[lane].try_send(LaneMsg::Item(seq, self.commit_lsn, action)) {
+                        Ok(()) => return Ok(()),
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return Err(Error::Setup("a delivery lane stopped unexpectedly".into()))
+                        }
+                        Err(mpsc::error::TrySendError::Full(msg)) => msg,
+                    };
                 // A full lane makes the reader wait; acknowledgements and
                 // lane failures are still taken meanwhile.
                 let lane = self.lanes[lane].clone();
-                let send = lane.send((seq, self.commit_lsn, action));
+                let send = lane.send(msg);
                 tokio::pin!(send);
                 loop {
                     tokio::select! {
@@ -344,12 +370,16 @@ struct Lane {
 }
 
 impl Lane {
-    async fn run(mut self, mut actions: mpsc::Receiver<LaneItem>) -> Result<(), Error> {
+    async fn run(mut self, mut actions: mpsc::Receiver<LaneMsg>) -> Result<(), Error> {
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 a = actions.recv() => match a {
-                    Some((seq, commit_lsn, action)) => {
+                    Some(LaneMsg::Flush) => {
+                        self.flush().await?;
+                        deadline = None;
+                    }
+                    Some(LaneMsg::Item(seq, commit_lsn, action)) => {
                         if self.batcher.must_flush_before(&action) {
                             self.flush().await?;
                             deadline = None;

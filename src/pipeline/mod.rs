@@ -29,10 +29,14 @@ use crate::source::{
 use crate::state::{Progress, State};
 use crate::{telemetry, Error};
 
-/// Decoded events between the reader and the delivery loop. Bounded so a
+/// Chunks of decoded events between the reader and delivery. Bounded so a
 /// slow ConveYour slows the reader (and, through TCP, the walsender) rather
 /// than growing memory: a million-row transaction streams through.
-const EVENT_BUFFER: usize = 4096;
+const EVENT_CHUNKS: usize = 16;
+/// Events per chunk at most. The reader hands over a chunk when it is full
+/// or when no more data is waiting, so a busy stream crosses threads once
+/// per chunk rather than once per change, and a quiet one without delay.
+const EVENT_CHUNK: usize = 256;
 
 /// First pause before reconnecting to Postgres; doubles up to the cap.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
@@ -183,7 +187,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         settings.status_interval,
         stop_feedback_rx,
     ));
-    let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_CHUNKS);
     let mapper = Mapper::new(&settings.tables, catalog.kinds);
     let reader = tokio::spawn(read_loop(
         reader,
@@ -265,7 +269,7 @@ async fn watch_slot(client: &tokio_postgres::Client, slot: &str, warn_bytes: u64
 async fn read_loop(
     mut reader: ReplicationReader,
     mut mapper: Mapper,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Vec<Event>>,
     reply_now: Arc<Notify>,
     replay: Option<Replay>,
     mut shutdown: Shutdown,
@@ -283,10 +287,22 @@ async fn read_loop(
             )
         })
     };
+    let mut chunk = Vec::with_capacity(EVENT_CHUNK);
     loop {
-        let message = tokio::select! {
-            m = reader.next() => m?,
-            _ = shutdown.wait() => return Ok(()),
+        // Hand over what was decoded before waiting on the network.
+        if !chunk.is_empty() && (chunk.len() >= EVENT_CHUNK || !reader.has_buffered_message()) {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(EVENT_CHUNK));
+            if events.send(full).await.is_err() {
+                return Ok(());
+            }
+        }
+        let message = if reader.has_buffered_message() {
+            reader.next().await?
+        } else {
+            tokio::select! {
+                m = reader.next() => m?,
+                _ = shutdown.wait() => return Ok(()),
+            }
         };
         let event = match message {
             ReplicationMessage::Keepalive {
@@ -347,9 +363,7 @@ async fn read_loop(
                 }
             },
         };
-        if events.send(event).await.is_err() {
-            return Ok(());
-        }
+        chunk.push(event);
     }
 }
 

@@ -377,6 +377,14 @@ pub(crate) struct ReplicationReader {
 }
 
 impl ReplicationReader {
+    /// Whether a whole message is already buffered, so `next` will not wait
+    /// on the network.
+    pub(crate) fn has_buffered_message(&self) -> bool {
+        self.buf.len() >= 5
+            && self.buf.len()
+                > u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize
+    }
+
     /// The next XLogData or keepalive. The end of the stream or a server
     /// error is an error: a logical stream does not end on its own.
     pub(crate) async fn next(&mut self) -> Result<ReplicationMessage, SourceError> {
