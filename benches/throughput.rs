@@ -949,6 +949,13 @@ fn svg(bars: &[(String, f64)]) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench
+    // targets too, without it. The benchmark takes minutes and a release
+    // build, so under `cargo test` it only says how to run it.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("throughput benchmark: run it with `cargo bench --bench throughput` (skipped under cargo test)");
+        return;
+    }
     let opts = parse_opts();
     let n = (opts.changes * 2 / 5).max(2) as i64;
     let bin = connector_bin(&opts);
