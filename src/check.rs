@@ -227,6 +227,8 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         Err(e) => out.push(fail("publication", e.to_string())),
     }
 
+    out.push(state_schema(&client, settings).await);
+
     let slot = &settings.slot;
     match source::slot_info(&client, slot).await {
         Ok(Some(info)) => match source::check_slot(slot, &settings.postgres.dbname, &info) {
@@ -259,4 +261,40 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         Err(e) => out.push(fail("replication slot", e.to_string())),
     }
     out
+}
+
+/// The connector's own schema: dead letters and row-grain progress live
+/// there. It must exist and be usable by the role, or be creatable.
+async fn state_schema(client: &tokio_postgres::Client, settings: &Settings) -> CheckResult {
+    const NAME: &str = "connector schema";
+    let schema = crate::state::SCHEMA;
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),
+                    has_database_privilege(current_database(), 'CREATE'),
+                    CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)
+                         THEN has_schema_privilege($1, 'CREATE') AND has_schema_privilege($1, 'USAGE') END",
+            &[&schema],
+        )
+        .await;
+    let needed = if settings.conveyour.on_reject == crate::config::OnReject::DeadLetter {
+        "dead letters need it (or set conveyour.on_reject: stop)"
+    } else {
+        "without it a restart resends everything after the last confirmed transaction"
+    };
+    match row {
+        Ok(r) => match (r.get::<_, bool>(0), r.get::<_, bool>(1), r.get::<_, Option<bool>>(2)) {
+            (true, _, Some(true)) => pass(NAME, format!("{schema} exists and the role may use it")),
+            (true, _, _) => fail(
+                NAME,
+                format!("{schema} exists but role {} may not create tables in it; run sql/setup.sql; {needed}", settings.postgres.user),
+            ),
+            (false, true, _) => pass(NAME, format!("{schema} does not exist yet; run will create it")),
+            (false, false, _) => fail(
+                NAME,
+                format!("{schema} does not exist and role {} may not create it; run sql/setup.sql; {needed}", settings.postgres.user),
+            ),
+        },
+        Err(e) => fail(NAME, e.to_string()),
+    }
 }

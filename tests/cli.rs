@@ -19,6 +19,7 @@ async fn check_passes_on_a_ready_database_with_one_line_per_check() {
         "read public.employees",
         "read public.sales",
         "publication",
+        "connector schema",
         "replication slot",
     ] {
         assert!(
@@ -77,6 +78,10 @@ async fn check_names_each_problem_and_its_fix() {
     assert!(
         out.contains("FAIL replication privilege")
             && out.contains("ALTER ROLE \"plain\" REPLICATION"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL connector schema") && out.contains("sql/setup.sql"),
         "{out}"
     );
     assert!(
