@@ -8,11 +8,8 @@ use serde::Serialize;
 
 use crate::config::{Settings, TableName};
 use crate::source::{self, connect_sql};
+use crate::state::SCHEMA;
 use crate::Error;
-
-/// The connector's own schema in the source database, where progress and
-/// dead letters are kept.
-pub const STATE_SCHEMA: &str = "conveyour_cdc";
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -121,7 +118,7 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
             let exists = client
                 .query_one(
                     "SELECT to_regclass($1) IS NOT NULL",
-                    &[&format!("{STATE_SCHEMA}.{table}")],
+                    &[&format!("{SCHEMA}.{table}")],
                 )
                 .await
                 .map(|r| r.get::<_, bool>(0))
@@ -130,7 +127,10 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
                 return None;
             }
             client
-                .query_one(&format!("SELECT count(*) FROM {STATE_SCHEMA}.{table}"), &[])
+                .query_one(
+                    &format!("SELECT count(*) FROM {SCHEMA}.{table} WHERE slot = $1"),
+                    &[&settings.slot],
+                )
                 .await
                 .ok()
                 .map(|r| r.get::<_, i64>(0))
