@@ -501,6 +501,12 @@ impl Config {
         if cy.min_backoff_ms == 0 {
             return Err(err("conveyour.min_backoff_ms", "must be greater than 0"));
         }
+        if cy.max_backoff_ms > 3_600_000 {
+            return Err(err(
+                "conveyour.max_backoff_ms",
+                "must be at most 3600000 (an hour)",
+            ));
+        }
         if cy.max_backoff_ms < cy.min_backoff_ms {
             return Err(err(
                 "conveyour.max_backoff_ms",

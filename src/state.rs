@@ -18,14 +18,18 @@ use crate::source::SourceError;
 /// role; the connector creates it itself when it may.
 pub const SCHEMA: &str = "conveyour_cdc";
 
-/// A row's place in the stream: transactions in commit order, rows in
-/// their order within the transaction. Ordering follows the stream.
+/// A row change's place in the stream: transactions in commit order, then
+/// changes in their order within the transaction. Ordering follows the
+/// stream. The ordinal, not the row's LSN, tells changes apart: one
+/// multi-insert WAL record (COPY) decodes into many changes with the same
+/// LSN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Progress {
     /// The LSN of the transaction's commit record (Begin's final LSN).
     pub commit_lsn: Lsn,
-    /// The LSN of the last acknowledged row in that transaction.
-    pub row_lsn: Lsn,
+    /// The change's ordinal within the transaction, from 1, counting every
+    /// row change the stream carries for it.
+    pub change: u64,
 }
 
 /// The schema's tables, opened for one slot.
@@ -65,7 +69,7 @@ impl State {
                      lane int NOT NULL,
                      lanes int NOT NULL,
                      commit_lsn pg_lsn NOT NULL,
-                     row_lsn pg_lsn NOT NULL,
+                     change bigint NOT NULL,
                      updated_at timestamptz NOT NULL DEFAULT now(),
                      PRIMARY KEY (slot, lane)
                  );
@@ -108,7 +112,7 @@ impl State {
         let rows = self
             .client
             .query(
-                &format!("SELECT lane, lanes, commit_lsn::text, row_lsn::text FROM {SCHEMA}.progress WHERE slot = $1"),
+                &format!("SELECT lane, lanes, commit_lsn::text, change FROM {SCHEMA}.progress WHERE slot = $1"),
                 &[&self.slot],
             )
             .await
@@ -117,11 +121,11 @@ impl State {
             .iter()
             .filter_map(|r| {
                 Some((
-                    usize::try_from(r.get::<_, i32>(0)).ok()?,
-                    usize::try_from(r.get::<_, i32>(1)).ok()?,
+                    usize::try_from(r.try_get::<_, i32>(0).ok()?).ok()?,
+                    usize::try_from(r.try_get::<_, i32>(1).ok()?).ok()?,
                     Progress {
-                        commit_lsn: r.get::<_, String>(2).parse().ok()?,
-                        row_lsn: r.get::<_, String>(3).parse().ok()?,
+                        commit_lsn: r.try_get::<_, String>(2).ok()?.parse().ok()?,
+                        change: u64::try_from(r.try_get::<_, i64>(3).ok()?).ok()?,
                     },
                 ))
             })
@@ -154,11 +158,11 @@ impl State {
         self.client
             .execute(
                 &format!(
-                    "INSERT INTO {SCHEMA}.progress (slot, lane, lanes, commit_lsn, row_lsn) VALUES ($1, $2, $3, $4::text::pg_lsn, $5::text::pg_lsn)
+                    "INSERT INTO {SCHEMA}.progress (slot, lane, lanes, commit_lsn, change) VALUES ($1, $2, $3, $4::text::pg_lsn, $5)
                      ON CONFLICT (slot, lane) DO UPDATE SET lanes = excluded.lanes, commit_lsn = excluded.commit_lsn,
-                         row_lsn = excluded.row_lsn, updated_at = now()"
+                         change = excluded.change, updated_at = now()"
                 ),
-                &[&self.slot, &(lane as i32), &(lanes as i32), &p.commit_lsn.to_string(), &p.row_lsn.to_string()],
+                &[&self.slot, &(lane as i32), &(lanes as i32), &p.commit_lsn.to_string(), &(p.change as i64)],
             )
             .await
             .map_err(|e| SourceError::from_sql("recording progress", e))?;

@@ -33,11 +33,13 @@ const LANE_QUEUE: usize = 1024;
 /// What the reader hands the delivery coordinator, in stream order.
 #[derive(Debug)]
 pub(super) enum Event {
-    /// A transaction starts; its commit record is at `final_lsn`.
-    Begin {
-        final_lsn: Lsn,
+    /// A transaction starts.
+    Begin,
+    /// A row change to deliver, and its place in the stream.
+    Action {
+        action: Action,
+        at: Progress,
     },
-    Action(Action),
     Commit {
         end_lsn: Lsn,
         commit_time: i64,
@@ -117,16 +119,14 @@ pub(super) struct Coordinator {
     /// action before `seq` is acknowledged.
     commits: VecDeque<(u64, Lsn, i64)>,
     in_transaction: bool,
-    commit_lsn: Lsn,
     confirmed: watch::Sender<Lsn>,
     grace: Duration,
 }
 
 /// What a lane is told.
 pub(super) enum LaneMsg {
-    /// An action, with its sequence number and the commit LSN of its
-    /// transaction.
-    Item(u64, Lsn, Action),
+    /// An action, with its sequence number and its place in the stream.
+    Item(u64, Progress, Action),
     /// Send what is batched now: the stream went quiet after a commit.
     Flush,
 }
@@ -165,7 +165,6 @@ impl Coordinator {
             window: BTreeMap::new(),
             commits: VecDeque::new(),
             in_transaction: false,
-            commit_lsn: Lsn::ZERO,
             confirmed,
             grace: settings.shutdown_grace,
         }
@@ -185,9 +184,16 @@ impl Coordinator {
                 chunk = events.recv() => match chunk {
                     Some(chunk) => {
                         let mut committed = false;
+                        let mut going = true;
                         for e in chunk {
                             committed |= matches!(e, Event::Commit { .. });
-                            self.handle(e, &mut shutdown).await?;
+                            going = self.handle(e, &mut shutdown).await?;
+                            if !going {
+                                break;
+                            }
+                        }
+                        if !going {
+                            break;
                         }
                         // The stream has gone quiet after a commit: send
                         // now rather than wait for batches to fill.
@@ -234,19 +240,28 @@ impl Coordinator {
         }
     }
 
-    async fn handle(&mut self, event: Event, shutdown: &mut Shutdown) -> Result<(), Error> {
+    /// Takes one event. Returns `false` once a stop was asked for while an
+    /// action waited for its lane: that action was not dispatched, so
+    /// nothing after it may be either (a lane would record progress past
+    /// it, and a restart would skip it).
+    async fn handle(&mut self, event: Event, shutdown: &mut Shutdown) -> Result<bool, Error> {
         match event {
-            Event::Begin { final_lsn } => {
-                self.in_transaction = true;
-                self.commit_lsn = final_lsn;
-            }
+            Event::Begin => self.in_transaction = true,
             Event::Commit {
                 end_lsn,
                 commit_time,
             } => {
                 self.in_transaction = false;
-                self.commits
-                    .push_back((self.next_seq, end_lsn, commit_time));
+                // Transactions without actions share the slot of the last
+                // one, so a long outage does not grow the queue per commit.
+                match self.commits.back_mut() {
+                    Some(last) if last.0 == self.next_seq => {
+                        *last = (self.next_seq, end_lsn, commit_time)
+                    }
+                    _ => self
+                        .commits
+                        .push_back((self.next_seq, end_lsn, commit_time)),
+                }
                 self.advance();
             }
             Event::Keepalive { wal_end } => {
@@ -254,20 +269,19 @@ impl Coordinator {
                     self.confirm(wal_end, None);
                 }
             }
-            Event::Action(action) => {
+            Event::Action { action, at } => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.window.insert(seq, false);
                 let lane = lane_for(&action.contact, self.lanes.len());
                 telemetry::metrics().buffered_actions.inc();
-                let msg =
-                    match self.lanes[lane].try_send(LaneMsg::Item(seq, self.commit_lsn, action)) {
-                        Ok(()) => return Ok(()),
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            return Err(Error::Setup("a delivery lane stopped unexpectedly".into()))
-                        }
-                        Err(mpsc::error::TrySendError::Full(msg)) => msg,
-                    };
+                let msg = match self.lanes[lane].try_send(LaneMsg::Item(seq, at, action)) {
+                    Ok(()) => return Ok(true),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        return Err(self.lane_error().await)
+                    }
+                    Err(mpsc::error::TrySendError::Full(msg)) => msg,
+                };
                 // A full lane makes the reader wait; acknowledgements and
                 // lane failures are still taken meanwhile.
                 let lane = self.lanes[lane].clone();
@@ -275,20 +289,30 @@ impl Coordinator {
                 tokio::pin!(send);
                 loop {
                     tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => return Ok(false),
                         sent = &mut send => {
                             if sent.is_err() {
-                                return Err(Error::Setup("a delivery lane stopped unexpectedly".into()));
+                                return Err(self.lane_error().await);
                             }
                             break;
                         }
                         Some(seqs) = self.acks.recv() => self.acked(seqs),
                         Some(result) = self.lane_tasks.join_next() => return Err(lane_failed(result)),
-                        _ = shutdown.wait() => break,
                     }
                 }
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// The error of a lane that stopped, for when its queue turns out
+    /// closed.
+    async fn lane_error(&mut self) -> Error {
+        match self.lane_tasks.join_next().await {
+            Some(result) => lane_failed(result),
+            None => Error::Setup("every delivery lane stopped".into()),
+        }
     }
 
     fn acked(&mut self, seqs: Vec<u64>) {
@@ -379,7 +403,7 @@ impl Lane {
                         self.flush().await?;
                         deadline = None;
                     }
-                    Some(LaneMsg::Item(seq, commit_lsn, action)) => {
+                    Some(LaneMsg::Item(seq, at, action)) => {
                         if self.batcher.must_flush_before(&action) {
                             self.flush().await?;
                             deadline = None;
@@ -387,7 +411,7 @@ impl Lane {
                         if self.batcher.is_empty() {
                             deadline = Some(tokio::time::Instant::now() + self.batch_wait);
                         }
-                        self.last = Some(Progress { commit_lsn, row_lsn: action.lsn });
+                        self.last = Some(at);
                         self.batcher.push(seq, action);
                         if self.batcher.is_full() {
                             self.flush().await?;
@@ -475,10 +499,10 @@ impl Lane {
 mod tests {
     use super::*;
 
-    fn at(commit: u64, row: u64) -> Progress {
+    fn at(commit: u64, change: u64) -> Progress {
         Progress {
             commit_lsn: Lsn(commit),
-            row_lsn: Lsn(row),
+            change,
         }
     }
 

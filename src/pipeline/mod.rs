@@ -137,7 +137,9 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     let start = source::slot_confirmed(&client, &settings.slot).await?;
     let state = match State::open(client.clone(), &settings.slot).await {
         Ok(state) => Some(state),
-        Err(e) if settings.conveyour.on_reject == OnReject::DeadLetter || !e.is_transient() => {
+        // A dropped connection: reconnect like any other.
+        Err(e) if e.is_transient() => return Err(e.into()),
+        Err(e) => {
             if settings.conveyour.on_reject == OnReject::DeadLetter {
                 return Err(Error::Setup(format!(
                     "{e}; dead letters need the connector's schema: run sql/setup.sql, or set conveyour.on_reject: stop"
@@ -146,18 +148,15 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             tracing::warn!("progress is tracked per transaction only (the connector's schema is unavailable): {e}");
             None
         }
-        Err(e) => return Err(e.into()),
     };
     // Rows the lanes recorded as delivered are skipped, so a restart
     // resends only what was in flight, not everything after the slot's
     // position.
     let replay = match &state {
-        Some(state) => {
-            let lanes = settings.conveyour.max_in_flight;
-            let replay = Replay::new(&state.lane_progress().await?, lanes);
-            state.forget_other_lanes(lanes).await?;
-            replay
-        }
+        Some(state) => Replay::new(
+            &state.lane_progress().await?,
+            settings.conveyour.max_in_flight,
+        ),
         None => None,
     };
 
@@ -166,6 +165,13 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     let (reader, writer) = conn
         .start_replication(&settings.slot, &settings.publication, Lsn::ZERO)
         .await?;
+    // Only the slot's holder may tidy its progress: a standby with another
+    // lane count must not erase what the active connector records.
+    if let Some(state) = &state {
+        state
+            .forget_other_lanes(settings.conveyour.max_in_flight)
+            .await?;
+    }
     tracing::info!(
         slot = %settings.slot,
         confirmed = %start,
@@ -274,18 +280,11 @@ async fn read_loop(
     replay: Option<Replay>,
     mut shutdown: Shutdown,
 ) -> Result<(), Error> {
-    // The transaction being read, by its commit LSN.
-    let mut commit_lsn = Lsn::ZERO;
-    let delivered_before = |a: &crate::mapping::Action, commit_lsn: Lsn| {
-        replay.as_ref().is_some_and(|r| {
-            r.covers(
-                &a.contact,
-                Progress {
-                    commit_lsn,
-                    row_lsn: a.lsn,
-                },
-            )
-        })
+    // Where the reader is: the transaction (by its commit LSN) and the
+    // ordinal of the last row change in it.
+    let mut at = Progress::default();
+    let delivered_before = |a: &crate::mapping::Action, at: Progress| {
+        replay.as_ref().is_some_and(|r| r.covers(&a.contact, at))
     };
     let mut chunk = Vec::with_capacity(EVENT_CHUNK);
     loop {
@@ -316,8 +315,11 @@ async fn read_loop(
             }
             ReplicationMessage::XLogData { wal_start, data } => match decode(wal_start, data)? {
                 PgOutput::Begin { final_lsn, .. } => {
-                    commit_lsn = final_lsn;
-                    Event::Begin { final_lsn }
+                    at = Progress {
+                        commit_lsn: final_lsn,
+                        change: 0,
+                    };
+                    Event::Begin
                 }
                 PgOutput::Commit {
                     end_lsn,
@@ -333,22 +335,25 @@ async fn read_loop(
                 }
                 PgOutput::Insert { relation, new } => {
                     count_change(&mapper, relation, "insert");
+                    at.change += 1;
                     match mapper.insert(relation, &new, wal_start)? {
-                        Some(a) if delivered_before(&a, commit_lsn) => continue,
-                        Some(a) => Event::Action(a),
+                        Some(a) if delivered_before(&a, at) => continue,
+                        Some(action) => Event::Action { action, at },
                         None => continue,
                     }
                 }
                 PgOutput::Update { relation, new, .. } => {
                     count_change(&mapper, relation, "update");
+                    at.change += 1;
                     match mapper.update(relation, &new, wal_start)? {
-                        Some(a) if delivered_before(&a, commit_lsn) => continue,
-                        Some(a) => Event::Action(a),
+                        Some(a) if delivered_before(&a, at) => continue,
+                        Some(action) => Event::Action { action, at },
                         None => continue,
                     }
                 }
                 PgOutput::Delete { relation, .. } => {
                     count_change(&mapper, relation, "delete");
+                    at.change += 1;
                     continue;
                 }
                 PgOutput::Truncate { relations, .. } => {

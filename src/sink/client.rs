@@ -40,7 +40,8 @@ impl SinkError {
     /// opposed to who sent it or where (credentials, URL), which no entry
     /// can be blamed for.
     pub fn is_content_rejection(&self) -> bool {
-        !matches!(self.status, 401 | 403 | 404 | 405 | 407)
+        matches!(self.status, 200..=299 | 400..=499)
+            && !matches!(self.status, 401 | 403 | 404 | 405 | 407)
     }
 
     pub fn status(&self) -> u16 {
@@ -112,6 +113,10 @@ impl Sink {
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("conveyour-cdc/", env!("CARGO_PKG_VERSION")))
+            // A redirect would carry the app key and token to wherever it
+            // points, and turn the POST into a GET: treat it as the wrong
+            // URL instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("conveyour: cannot build the HTTP client: {e}"))?;
         Ok(Sink {

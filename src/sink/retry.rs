@@ -42,6 +42,10 @@ pub(crate) fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> V
                 message: format!("the body is not JSON: {message}"),
             },
         },
+        300..=399 => Verdict::Reject {
+            status,
+            message: "ConveYour answered with a redirect; set conveyour.url to the address it redirects to (https?)".to_owned(),
+        },
         408 | 429 | 500..=599 => Verdict::Retry {
             reason: format!("HTTP {status}: {message}"),
             after: retry_after
