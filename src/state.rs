@@ -37,6 +37,10 @@ pub struct Progress {
 pub(crate) struct State {
     client: Arc<Client>,
     slot: String,
+    /// The server's system identifier (IDENTIFY_SYSTEM): progress recorded
+    /// on another cluster (a restored dump) means nothing here, since its
+    /// positions are another history's.
+    system_id: String,
 }
 
 impl State {
@@ -68,6 +72,7 @@ impl State {
                      slot text NOT NULL,
                      lane int NOT NULL,
                      lanes int NOT NULL,
+                     system_id text NOT NULL,
                      commit_lsn pg_lsn NOT NULL,
                      change bigint NOT NULL,
                      updated_at timestamptz NOT NULL DEFAULT now(),
@@ -103,7 +108,13 @@ impl State {
         Ok(State {
             client,
             slot: slot.to_owned(),
+            system_id: String::new(),
         })
+    }
+
+    /// Ties progress to the cluster the replication connection reports.
+    pub(crate) fn set_system(&mut self, system_id: &str) {
+        self.system_id = system_id.to_owned();
     }
 
     /// Recorded progress: `(lane, lanes, progress)` for each lane, where
@@ -112,8 +123,8 @@ impl State {
         let rows = self
             .client
             .query(
-                &format!("SELECT lane, lanes, commit_lsn::text, change FROM {SCHEMA}.progress WHERE slot = $1"),
-                &[&self.slot],
+                &format!("SELECT lane, lanes, commit_lsn::text, change FROM {SCHEMA}.progress WHERE slot = $1 AND system_id = $2"),
+                &[&self.slot, &self.system_id],
             )
             .await
             .map_err(|e| SourceError::from_sql("reading progress", e))?;
@@ -138,9 +149,9 @@ impl State {
         self.client
             .execute(
                 &format!(
-                    "DELETE FROM {SCHEMA}.progress WHERE slot = $1 AND (lanes <> $2 OR lane >= $2)"
+                    "DELETE FROM {SCHEMA}.progress WHERE slot = $1 AND (lanes <> $2 OR lane >= $2 OR system_id <> $3)"
                 ),
-                &[&self.slot, &(lanes as i32)],
+                &[&self.slot, &(lanes as i32), &self.system_id],
             )
             .await
             .map_err(|e| SourceError::from_sql("resetting progress", e))?;
@@ -158,11 +169,11 @@ impl State {
         self.client
             .execute(
                 &format!(
-                    "INSERT INTO {SCHEMA}.progress (slot, lane, lanes, commit_lsn, change) VALUES ($1, $2, $3, $4::text::pg_lsn, $5)
-                     ON CONFLICT (slot, lane) DO UPDATE SET lanes = excluded.lanes, commit_lsn = excluded.commit_lsn,
-                         change = excluded.change, updated_at = now()"
+                    "INSERT INTO {SCHEMA}.progress (slot, lane, lanes, system_id, commit_lsn, change) VALUES ($1, $2, $3, $6, $4::text::pg_lsn, $5)
+                     ON CONFLICT (slot, lane) DO UPDATE SET lanes = excluded.lanes, system_id = excluded.system_id,
+                         commit_lsn = excluded.commit_lsn, change = excluded.change, updated_at = now()"
                 ),
-                &[&self.slot, &(lane as i32), &(lanes as i32), &p.commit_lsn.to_string(), &(p.change as i64)],
+                &[&self.slot, &(lane as i32), &(lanes as i32), &p.commit_lsn.to_string(), &(p.change as i64), &self.system_id],
             )
             .await
             .map_err(|e| SourceError::from_sql("recording progress", e))?;

@@ -208,3 +208,40 @@ async fn a_kill_during_a_copy_loses_no_row_of_a_multi_insert_record() {
     assert!(duplicates <= 2 * LANES * BATCH, "{duplicates} duplicates");
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_recorded_on_another_cluster_is_ignored() {
+    // A dump restored elsewhere carries conveyour_cdc.progress with
+    // positions of another history; they must not make the reader skip.
+    let w = world("foreign_progress", ROSTER_SQL).await;
+    let config = w.roster_config();
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    conn.sigterm();
+    assert!(conn.wait(Duration::from_secs(60)).await.success());
+    w.db.exec(&format!(
+        "INSERT INTO conveyour_cdc.progress (slot, lane, lanes, system_id, commit_lsn, change)
+         SELECT '{}', g, 4, 'another-cluster', 'FFFFFFFF/0', 1000000 FROM generate_series(0, 3) g;",
+        w.slot
+    ))
+    .await;
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec(
+        "INSERT INTO employees (email) SELECT 'f' || g || '@x.test' FROM generate_series(1, 20) g;",
+    )
+    .await;
+    w.rx.wait_until(
+        "every row despite the foreign progress",
+        Duration::from_secs(60),
+        |r| r.contact_count() == 20,
+    )
+    .await;
+    let left =
+        w.db.query_i64(
+            "SELECT count(*) FROM conveyour_cdc.progress WHERE system_id = 'another-cluster'",
+        )
+        .await;
+    assert_eq!(left, 0, "foreign progress is tidied once the slot is held");
+    drop(conn);
+}

@@ -135,7 +135,9 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         tracing::info!(slot = %settings.slot, "created the replication slot");
     }
     let start = source::slot_confirmed(&client, &settings.slot).await?;
-    let state = match State::open(client.clone(), &settings.slot).await {
+    let mut conn = ReplicationConn::connect(&settings.postgres).await?;
+    let system = conn.identify_system().await?;
+    let mut state = match State::open(client.clone(), &settings.slot).await {
         Ok(state) => Some(state),
         // A dropped connection: reconnect like any other.
         Err(e) if e.is_transient() => return Err(e.into()),
@@ -149,6 +151,9 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             None
         }
     };
+    if let Some(state) = &mut state {
+        state.set_system(&system.system_id);
+    }
     // Rows the lanes recorded as delivered are skipped, so a restart
     // resends only what was in flight, not everything after the slot's
     // position.
@@ -160,8 +165,6 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         None => None,
     };
 
-    let mut conn = ReplicationConn::connect(&settings.postgres).await?;
-    let system = conn.identify_system().await?;
     let (reader, writer) = conn
         .start_replication(&settings.slot, &settings.publication, Lsn::ZERO)
         .await?;
