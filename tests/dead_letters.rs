@@ -124,27 +124,24 @@ async fn bad_credentials_stop_the_connector_instead_of_dead_lettering() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_kill_mid_transaction_resends_at_most_what_was_in_flight() {
-    const ROWS: usize = 20_000;
-    const BATCH: usize = 100;
-    const LANES: usize = 2;
-    let w = world("dup_bound", ROSTER_SQL).await;
+/// Writes `rows` rows in one transaction with `fill_sql`, kills the
+/// connector once `kill_after` have arrived (replies are slowed so requests
+/// are in flight), restarts it, and returns how many entries arrived twice.
+/// Every row must arrive and the position reach the end.
+async fn kill_mid_transaction(hint: &str, rows: usize, kill_after: usize, fill_sql: &str) -> usize {
+    let w = world(hint, ROSTER_SQL).await;
     w.rx.set_keep_bodies(false);
     let config = w.config(
         ROSTER_TABLES,
-        &format!("  batch_size: {BATCH}\n  max_in_flight: {LANES}\n"),
+        &format!("  batch_size: {KILL_BATCH}\n  max_in_flight: {KILL_LANES}\n"),
     );
     let conn = Connector::run(&config, &[]);
     w.wait_streaming(Duration::from_secs(60)).await;
     w.rx.set_fault(Fault::Slow(Duration::from_millis(20)));
-    w.db.exec(&format!(
-        "INSERT INTO employees (email, first_name) SELECT 'k' || g || '@x.test', 'x' FROM generate_series(1, {ROWS}) g;"
-    ))
-    .await;
+    w.db.exec(fill_sql).await;
     let end = w.db.wal_lsn().await;
     w.rx.wait_until("part of the transaction", Duration::from_secs(60), |r| {
-        r.identify_count() >= 5_000
+        r.identify_count() >= kill_after
     })
     .await;
     conn.sigkill();
@@ -153,60 +150,48 @@ async fn a_kill_mid_transaction_resends_at_most_what_was_in_flight() {
     w.rx.clear_fault();
     let conn = Connector::run(&config, &[]);
     w.rx.wait_until("every row", Duration::from_secs(120), |r| {
-        r.contact_count() >= ROWS
+        r.contact_count() >= rows
     })
     .await;
     w.wait_confirmed(end, Duration::from_secs(60)).await;
-    let duplicates = w.rx.identify_count() - ROWS;
-    eprintln!(
-        "kill after {before_restart} of {ROWS} rows of one transaction: {duplicates} entries sent twice (bound {})",
-        2 * LANES * BATCH
-    );
-    // In flight: one request per lane; acknowledged but not yet recorded:
-    // at most about as much again.
-    assert!(duplicates <= 2 * LANES * BATCH, "{duplicates} duplicates");
     drop(conn);
+    let duplicates = w.rx.identify_count() - rows;
+    eprintln!("{hint}: kill after {before_restart} of {rows} rows of one transaction: {duplicates} entries sent twice");
+    duplicates
+}
+
+const KILL_BATCH: usize = 100;
+const KILL_LANES: usize = 2;
+/// In flight at a kill: each lane's current flush.
+const KILL_BOUND: usize = 2 * KILL_LANES * KILL_BATCH;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_mid_transaction_resends_at_most_what_was_in_flight() {
+    let rows = 20_000;
+    let fill = format!(
+        "INSERT INTO employees (email, first_name) SELECT 'k' || g || '@x.test', 'x' FROM generate_series(1, {rows}) g;"
+    );
+    let duplicates = kill_mid_transaction("dup_bound", rows, 5_000, &fill).await;
+    assert!(
+        duplicates <= KILL_BOUND,
+        "{duplicates} duplicates, bound {KILL_BOUND}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_during_a_copy_loses_no_row_of_a_multi_insert_record() {
     // COPY writes many rows per WAL record, so rows share an LSN: recorded
     // progress must tell them apart, or a restart would skip undelivered
-    // ones.
-    const ROWS: usize = 3_000;
-    const BATCH: usize = 100;
-    const LANES: usize = 2;
-    let w = world("copy_kill", ROSTER_SQL).await;
-    w.rx.set_keep_bodies(false);
-    let config = w.config(
-        ROSTER_TABLES,
-        &format!("  batch_size: {BATCH}\n  max_in_flight: {LANES}\n"),
+    // ones (kill_mid_transaction waits for every row).
+    let rows = 3_000;
+    let fill = format!(
+        "COPY employees (email, first_name) FROM PROGRAM 'seq 1 {rows} | sed -e \"s/.*/c&@x.test,n/\"' WITH (FORMAT csv);"
     );
-    let conn = Connector::run(&config, &[]);
-    w.wait_streaming(Duration::from_secs(60)).await;
-    w.rx.set_fault(Fault::Slow(Duration::from_millis(20)));
-    w.db.exec(&format!(
-        "COPY employees (email, first_name) FROM PROGRAM 'seq 1 {ROWS} | sed -e \"s/.*/c&@x.test,n/\"' WITH (FORMAT csv);"
-    ))
-    .await;
-    let end = w.db.wal_lsn().await;
-    w.rx.wait_until("part of the copy", Duration::from_secs(60), |r| {
-        r.identify_count() >= 800
-    })
-    .await;
-    conn.sigkill();
-    conn.wait(Duration::from_secs(10)).await;
-    w.rx.clear_fault();
-    let conn = Connector::run(&config, &[]);
-    w.rx.wait_until("every copied row", Duration::from_secs(120), |r| {
-        r.contact_count() >= ROWS
-    })
-    .await;
-    w.wait_confirmed(end, Duration::from_secs(60)).await;
-    let duplicates = w.rx.identify_count() - ROWS;
-    eprintln!("kill during a {ROWS}-row COPY: {duplicates} entries sent twice");
-    assert!(duplicates <= 2 * LANES * BATCH, "{duplicates} duplicates");
-    drop(conn);
+    let duplicates = kill_mid_transaction("copy_kill", rows, 800, &fill).await;
+    assert!(
+        duplicates <= KILL_BOUND,
+        "{duplicates} duplicates, bound {KILL_BOUND}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

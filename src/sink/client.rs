@@ -180,7 +180,7 @@ impl Sink {
             m.request_duration
                 .with_label_values(&[endpoint])
                 .observe(started.elapsed().as_secs_f64());
-            let wait = match verdict {
+            let (wait, reason) = match verdict {
                 Verdict::Ack => {
                     outcome("ok");
                     m.backoff_seconds.set(0.0);
@@ -196,14 +196,7 @@ impl Sink {
                         // ConveYour is throttling: every lane waits.
                         self.throttle.pause(wait);
                     }
-                    tracing::warn!(
-                        endpoint = req.endpoint.name(),
-                        entries = req.count(),
-                        attempt = attempts,
-                        retry_in_ms = wait.as_millis() as u64,
-                        "ConveYour request failed, will retry: {reason}"
-                    );
-                    wait
+                    (wait, reason)
                 }
                 Verdict::NotOk { status, message } => {
                     not_ok += 1;
@@ -211,22 +204,21 @@ impl Sink {
                         outcome("rejected");
                         return Err(self.rejected(req, status, message, attempts));
                     }
-                    let reason = format!("HTTP {status}: {message}");
-                    let wait = self.backoff(attempts);
-                    tracing::warn!(
-                        endpoint = req.endpoint.name(),
-                        entries = req.count(),
-                        attempt = attempts,
-                        retry_in_ms = wait.as_millis() as u64,
-                        "ConveYour did not acknowledge the request, will retry: {reason}"
-                    );
-                    wait
+                    let reason = format!("HTTP {status}, not acknowledged: {message}");
+                    (self.backoff(attempts), reason)
                 }
                 Verdict::Reject { status, message } => {
                     outcome("rejected");
                     return Err(self.rejected(req, status, message, attempts));
                 }
             };
+            tracing::warn!(
+                endpoint = req.endpoint.name(),
+                entries = req.count(),
+                attempt = attempts,
+                retry_in_ms = wait.as_millis() as u64,
+                "ConveYour request failed, will retry: {reason}"
+            );
             outcome("retried");
             m.retries.with_label_values(&[endpoint]).inc();
             m.backoff_seconds.set(wait.as_secs_f64());
