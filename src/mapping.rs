@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{MappingKind, TableMapping, TableName};
 use crate::decode::value::{to_json, ValueKind};
-use crate::decode::{Datum, Relation, Tuple};
+use crate::decode::{Datum, OldTuple, Relation, Tuple};
 use crate::lsn::Lsn;
 
 /// One thing to tell ConveYour about one row change.
@@ -170,8 +170,27 @@ impl Mapper {
     }
 
     /// The action for an updated row: identify tables send the new values;
-    /// track tables record events for inserts only.
-    pub fn update(&self, relation: u32, new: &Tuple, lsn: Lsn) -> Result<Option<Action>, MapError> {
+    /// track tables record events for inserts only. When the old row is
+    /// known in full (REPLICA IDENTITY FULL) and no mapped column changed
+    /// (`updated_at`, `last_login_ip` …), there is nothing to send.
+    pub fn update(
+        &self,
+        relation: u32,
+        old: Option<&OldTuple>,
+        new: &Tuple,
+        lsn: Lsn,
+    ) -> Result<Option<Action>, MapError> {
+        if let (Some(OldTuple::Full(old)), Some(Some(plan))) = (old, self.plans.get(&relation)) {
+            let same = |i: usize| match (old.0.get(i), new.0.get(i)) {
+                // Postgres resends a large value only when it changed.
+                (_, Some(Datum::UnchangedToast)) => true,
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            };
+            if same(plan.id_index) && plan.fields.iter().all(|f| same(f.index)) {
+                return Ok(None);
+            }
+        }
         self.row(relation, new, lsn, false)
     }
 

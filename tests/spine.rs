@@ -252,3 +252,54 @@ async fn coalescing_folds_a_contacts_updates_within_a_batch_window() {
     assert_eq!(w.rx.contact("c@x.test").unwrap()["career_sales"], json!(20));
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_that_change_no_mapped_column_send_nothing_when_the_old_row_is_known() {
+    let w = world(
+        "noop",
+        &format!(
+            "{ROSTER_SQL}
+             ALTER TABLE employees ADD COLUMN last_login_ip text;
+             ALTER TABLE employees REPLICA IDENTITY FULL;"
+        ),
+    )
+    .await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec(
+        "INSERT INTO employees (email, first_name) VALUES ('n@x.test', 'N');
+         UPDATE employees SET last_login_ip = '10.0.0.1' WHERE email = 'n@x.test';
+         UPDATE employees SET last_login_ip = '10.0.0.2' WHERE email = 'n@x.test';",
+    )
+    .await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    assert_eq!(
+        w.rx.identify_count(),
+        1,
+        "only the insert: {:?}",
+        w.rx.identifies()
+    );
+
+    w.db.exec("UPDATE employees SET first_name = 'Nora', last_login_ip = '10.0.0.3' WHERE email = 'n@x.test';")
+        .await;
+    w.rx.wait_until("the mapped change", Duration::from_secs(60), |r| {
+        r.identify_count() == 2
+    })
+    .await;
+    assert_eq!(w.rx.identifies()[1]["traits"]["first_name"], json!("Nora"));
+
+    // Without the old row (REPLICA IDENTITY DEFAULT) the update is sent.
+    w.db.exec(
+        "ALTER TABLE employees REPLICA IDENTITY DEFAULT;
+         UPDATE employees SET last_login_ip = '10.0.0.4' WHERE email = 'n@x.test';",
+    )
+    .await;
+    w.rx.wait_until(
+        "the update without an old row",
+        Duration::from_secs(60),
+        |r| r.identify_count() == 3,
+    )
+    .await;
+    drop(conn);
+}

@@ -345,10 +345,10 @@ async fn read_loop(
                         None => continue,
                     }
                 }
-                PgOutput::Update { relation, new, .. } => {
+                PgOutput::Update { relation, old, new } => {
                     count_change(&mapper, relation, "update");
                     at.change += 1;
-                    match mapper.update(relation, &new, wal_start)? {
+                    match mapper.update(relation, old.as_ref(), &new, wal_start)? {
                         Some(a) if delivered_before(&a, at) => continue,
                         Some(action) => Event::Action { action, at },
                         None => continue,
