@@ -8,6 +8,7 @@
 //! and all transactions before it; when nothing is pending it follows the
 //! server's keepalives, so an idle slot holds no WAL.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,7 +86,7 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
     let mut standing_by = false;
     loop {
         let started = Instant::now();
-        match session(settings, &sink, shutdown.clone()).await {
+        let wait = match session(settings, &sink, shutdown.clone()).await {
             Ok(()) => return Ok(()),
             Err(Error::Source(e))
                 if e.kind() == source::SourceErrorKind::SlotBusy && !shutdown.is_set() =>
@@ -94,13 +95,10 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
                     tracing::info!("standing by: {e}");
                     standing_by = true;
                 }
-                let mut stop = shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(SLOT_BUSY_RETRY) => {}
-                    _ = stop.wait() => return Ok(()),
-                }
+                SLOT_BUSY_RETRY
             }
             Err(Error::Source(e)) if e.is_transient() && !shutdown.is_set() => {
+                standing_by = false;
                 if started.elapsed() > RECONNECT_MAX * 2 {
                     failures = 0;
                 }
@@ -110,13 +108,14 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
                     retry_in_ms = wait.as_millis() as u64,
                     "replication interrupted, reconnecting: {e}"
                 );
-                let mut stop = shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait() => return Ok(()),
-                }
+                wait
             }
             Err(e) => return Err(e),
+        };
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait() => return Ok(()),
         }
     }
 }
@@ -289,6 +288,7 @@ async fn read_loop(
     let delivered_before = |a: &crate::mapping::Action, at: Progress| {
         replay.as_ref().is_some_and(|r| r.covers(&a.contact, at))
     };
+    let mut counters = ChangeCounters::new();
     let mut chunk = Vec::with_capacity(EVENT_CHUNK);
     loop {
         // Hand over what was decoded before waiting on the network.
@@ -334,10 +334,12 @@ async fn read_loop(
                 },
                 PgOutput::Relation(rel) => {
                     mapper.relation(&rel, wal_start)?;
+                    // The relation id may now stand for another table.
+                    counters.retain(|(id, _), _| *id != rel.id);
                     continue;
                 }
                 PgOutput::Insert { relation, new } => {
-                    count_change(&mapper, relation, "insert");
+                    count_change(&mapper, &mut counters, relation, "insert");
                     at.change += 1;
                     match mapper.insert(relation, &new, wal_start)? {
                         Some(a) if delivered_before(&a, at) => continue,
@@ -346,7 +348,7 @@ async fn read_loop(
                     }
                 }
                 PgOutput::Update { relation, old, new } => {
-                    count_change(&mapper, relation, "update");
+                    count_change(&mapper, &mut counters, relation, "update");
                     at.change += 1;
                     match mapper.update(relation, old.as_ref(), &new, wal_start)? {
                         Some(a) if delivered_before(&a, at) => continue,
@@ -355,13 +357,13 @@ async fn read_loop(
                     }
                 }
                 PgOutput::Delete { relation, .. } => {
-                    count_change(&mapper, relation, "delete");
+                    count_change(&mapper, &mut counters, relation, "delete");
                     at.change += 1;
                     continue;
                 }
                 PgOutput::Truncate { relations, .. } => {
                     for r in &relations {
-                        count_change(&mapper, *r, "truncate");
+                        count_change(&mapper, &mut counters, *r, "truncate");
                     }
                     tracing::warn!(lsn = %wal_start, relations = ?relations, "TRUNCATE of a published table: nothing is sent to ConveYour for it");
                     continue;
@@ -375,12 +377,20 @@ async fn read_loop(
     }
 }
 
-fn count_change(mapper: &Mapper, relation: u32, op: &str) {
-    if let Some(table) = mapper.table(relation) {
-        telemetry::metrics()
-            .changes_received
-            .with_label_values(&[table.as_ref(), op])
-            .inc();
+/// `changes_received_total` counters by relation and operation, looked up
+/// once rather than per change.
+type ChangeCounters = HashMap<(u32, &'static str), Option<prometheus::IntCounter>>;
+
+fn count_change(mapper: &Mapper, counters: &mut ChangeCounters, relation: u32, op: &'static str) {
+    let counter = counters.entry((relation, op)).or_insert_with(|| {
+        mapper.table(relation).map(|table| {
+            telemetry::metrics()
+                .changes_received
+                .with_label_values(&[table.as_ref(), op])
+        })
+    });
+    if let Some(c) = counter {
+        c.inc();
     }
 }
 
@@ -404,10 +414,10 @@ async fn feedback_loop(
             _ = reply_now.notified() => {}
         }
         let lsn = *confirmed.borrow_and_update();
-        writer.send_status(lsn, false).await?;
+        writer.send_status(lsn).await?;
     }
     let lsn = *confirmed.borrow();
-    let sent = writer.send_status(lsn, false).await;
+    let sent = writer.send_status(lsn).await;
     writer.close().await;
     tracing::info!(confirmed = %lsn, "replication stream closed");
     sent

@@ -464,18 +464,14 @@ impl ReplicationWriter {
     /// as durably handled (the slot's confirmed_flush_lsn moves to it);
     /// written and applied are reported as the same position, since the
     /// connector has no separate stages the server could act on.
-    pub(crate) async fn send_status(
-        &mut self,
-        flushed: Lsn,
-        reply_requested: bool,
-    ) -> Result<(), SourceError> {
+    pub(crate) async fn send_status(&mut self, flushed: Lsn) -> Result<(), SourceError> {
         let mut msg = BytesMut::with_capacity(34);
         msg.extend_from_slice(b"r");
         msg.extend_from_slice(&flushed.0.to_be_bytes()); // last WAL byte + 1 received and written
         msg.extend_from_slice(&flushed.0.to_be_bytes()); // ... flushed: the confirmed position
         msg.extend_from_slice(&flushed.0.to_be_bytes()); // ... applied
         msg.extend_from_slice(&pg_now().to_be_bytes()); // client clock, for the server's lag stats
-        msg.extend_from_slice(&[u8::from(reply_requested)]);
+        msg.extend_from_slice(&[0]); // no reply wanted: keepalives come anyway
         frontend::CopyData::new(&msg[..])
             .map_err(proto)?
             .write(&mut self.buf);
