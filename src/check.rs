@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::config::{quote_ident, Settings, TableName};
+use crate::config::{quote_ident, Settings};
 use crate::source::{self, connect_sql, Catalog, ReplicationConn};
 
 /// The outcome of one check.
@@ -157,7 +157,7 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         }
     }
 
-    let tables: Vec<&TableName> = settings.tables.iter().map(|t| &t.table).collect();
+    let tables = settings.published_tables();
     let publication = &settings.publication;
     match client
         .query_opt(

@@ -1,7 +1,10 @@
 //! Rows to ConveYour actions: which tables are mapped, which columns feed
 //! the contact id, traits and properties, and how each value becomes JSON.
 //!
-//! Pure: no I/O, so every rule is unit-tested on its own.
+//! Pure: no I/O, so every rule is unit-tested on its own. A contact id that
+//! lives in another table comes out as [`ContactRef::Lookup`]; the caller
+//! resolves it (see `pipeline::lookup`) and keeps its cache fresh from the
+//! related table's own changes ([`Mapper::observe`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -9,8 +12,11 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use crate::config::{MappingKind, TableMapping, TableName};
-use crate::decode::value::{to_json, ValueKind};
+use crate::config::{
+    ContactSource, EventName, FieldSource, IncrementBy, Lookup, MappingKind, NullPolicy, OnDelete,
+    Operations, TableMapping, TableName, TimeFormat,
+};
+use crate::decode::value::{to_json, to_json_formatted, ValueKind};
 use crate::decode::{Datum, OldTuple, Relation, Tuple};
 use crate::lsn::Lsn;
 
@@ -38,7 +44,8 @@ pub enum ActionBody {
     },
 }
 
-/// A row that cannot become an action, with where it is.
+/// A row that cannot become an action, or a table whose shape no longer
+/// fits the mapping, with where it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MapError {
     pub table: String,
@@ -53,19 +60,192 @@ impl fmt::Display for MapError {
         if let Some(c) = &self.column {
             write!(f, ", column {c}")?;
         }
-        write!(f, ", row at LSN {}: {}", self.lsn, self.problem)
+        write!(f, ", at LSN {}: {}", self.lsn, self.problem)
     }
 }
 
 impl std::error::Error for MapError {}
 
-/// One mapped field: where its value is in the tuple and how it converts.
+/// A related table's column that holds contact ids, resolved against the
+/// catalog: `SELECT column FROM from WHERE references = key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupTarget {
+    pub from: TableName,
+    /// The indexed column the foreign key points at.
+    pub references: String,
+    /// The column holding the contact id.
+    pub column: String,
+    /// `references`' SQL type, to compare the key in its own type (and so
+    /// use the index).
+    pub key_type: String,
+}
+
+impl LookupTarget {
+    /// Whether this target serves a configured lookup (whose `references`
+    /// may have been left to default to the primary key).
+    pub fn serves(&self, l: &Lookup) -> bool {
+        self.from == l.from
+            && self.column == l.column
+            && l.references.as_ref().is_none_or(|r| *r == self.references)
+    }
+}
+
+/// What the catalog said at startup: the mapped tables' column types and
+/// the lookups' targets.
+#[derive(Debug, Clone, Default)]
+pub struct Schema {
+    /// How each non-built-in column type becomes JSON, by type OID.
+    pub kinds: HashMap<u32, ValueKind>,
+    /// Column name → type OID, per mapped (or looked-up) table.
+    pub columns: HashMap<TableName, HashMap<String, u32>>,
+    /// One per distinct lookup; [`ContactRef::Lookup`] indexes this.
+    pub lookups: Vec<LookupTarget>,
+}
+
+impl Schema {
+    /// The index of the target serving `l`.
+    pub fn lookup_index(&self, l: &Lookup) -> Option<usize> {
+        self.lookups.iter().position(|t| t.serves(l))
+    }
+}
+
+/// Whose change it is: known from the row, or to be looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContactRef {
+    Known(String),
+    /// Look up `key` in [`Schema::lookups`]`[lookup]`.
+    Lookup {
+        lookup: usize,
+        key: String,
+    },
+}
+
+/// What one row change becomes before its contact is resolved: one or two
+/// bodies (a `$inc` identify, then the track event), in send order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    pub table: Arc<str>,
+    pub contact: ContactRef,
+    pub first: ActionBody,
+    pub then: Option<ActionBody>,
+}
+
+impl Mapped {
+    /// The actions, once the contact is known.
+    pub fn into_actions(self, contact: String, lsn: Lsn) -> impl Iterator<Item = Action> {
+        let table = self.table;
+        let first = Action {
+            table: table.clone(),
+            lsn,
+            contact,
+            body: self.first,
+        };
+        let then = self.then.map(|body| Action {
+            table,
+            lsn,
+            contact: first.contact.clone(),
+            body,
+        });
+        std::iter::once(first).chain(then)
+    }
+}
+
+/// What the mapper makes of one row change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The table is not mapped, the operation does not count, or nothing
+    /// mapped changed.
+    Nothing,
+    Send(Mapped),
+    /// The row cannot be sent anywhere (no contact, no event name); the
+    /// caller logs and counts it. Named by column and reason.
+    Skip {
+        table: Arc<str>,
+        column: String,
+        reason: String,
+    },
+}
+
+/// A change to a lookup's cache, seen in the related table's own stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheChange {
+    /// `key` now resolves to this contact id.
+    Set {
+        lookup: usize,
+        key: String,
+        contact: String,
+    },
+    /// `key` resolves to nothing known any more.
+    Forget { lookup: usize, key: String },
+}
+
+/// How a field's value is made.
+#[derive(Debug, Clone)]
+enum FieldPlan {
+    Value {
+        index: usize,
+        kind: ValueKind,
+        format: TimeFormat,
+    },
+    List {
+        index: usize,
+        /// The array's element kind, or Text for a delimited text column.
+        element: ValueKind,
+        delimiter: Option<String>,
+    },
+    Const(Value),
+}
+
 #[derive(Debug, Clone)]
 struct Field {
     name: String,
-    column: String,
-    index: usize,
-    kind: ValueKind,
+    column: Option<String>,
+    plan: FieldPlan,
+}
+
+#[derive(Debug, Clone)]
+enum ContactPlan {
+    Column {
+        index: usize,
+        column: String,
+    },
+    Lookup {
+        lookup: usize,
+        index: usize,
+        column: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum EventPlan {
+    Fixed(Arc<str>),
+    Column { index: usize, column: String },
+}
+
+#[derive(Debug, Clone)]
+enum IncrementPlan {
+    Const(serde_json::Number),
+    Column {
+        index: usize,
+        column: String,
+        kind: ValueKind,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum DeletePlan {
+    Ignore,
+    Identify(Map<String, Value>),
+    Track { event: Arc<str>, fields: Vec<Field> },
+}
+
+/// A lookup fed by this table's rows: which columns hold its key and
+/// contact id.
+#[derive(Debug, Clone)]
+struct Watch {
+    lookup: usize,
+    references: usize,
+    column: usize,
 }
 
 /// How one relation's tuples become actions, built from its Relation
@@ -73,125 +253,129 @@ struct Field {
 #[derive(Debug, Clone)]
 struct Plan {
     table: Arc<str>,
-    id_index: usize,
-    id_column: String,
+    /// None for a table that only feeds lookups.
+    act: Option<ActPlan>,
+    watches: Vec<Watch>,
+}
+
+#[derive(Debug, Clone)]
+struct ActPlan {
+    contact: ContactPlan,
     fields: Vec<Field>,
-    event: Option<Arc<str>>,
+    /// Some for track tables.
+    event: Option<EventPlan>,
+    increments: Vec<(String, IncrementPlan)>,
+    delete: DeletePlan,
+    operations: Operations,
+    nulls: NullPolicy,
 }
 
 /// Turns decoded row changes into actions. Knows the mapping and the
 /// column types; learns relation ids from the stream's Relation messages.
 pub struct Mapper {
     mappings: HashMap<TableName, TableMapping>,
-    kinds: HashMap<u32, ValueKind>,
+    schema: Schema,
     plans: HashMap<u32, Option<Plan>>,
 }
 
+/// The row operation being mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Insert,
+    Update,
+}
+
 impl Mapper {
-    /// `kinds` holds the JSON conversion of every non-built-in column type
-    /// (domains, enums, arrays) the catalog reported at startup.
-    pub fn new(mappings: &[TableMapping], kinds: HashMap<u32, ValueKind>) -> Mapper {
+    pub fn new(mappings: &[TableMapping], schema: Schema) -> Mapper {
         Mapper {
             mappings: mappings
                 .iter()
                 .map(|m| (m.table.clone(), m.clone()))
                 .collect(),
-            kinds,
+            schema,
             plans: HashMap::new(),
         }
     }
 
-    /// Learns (or relearns) a relation. A mapped column missing from it is
-    /// an error: sending rows without it would silently drop data.
+    /// Learns (or relearns) a relation. A mapped column that is gone or has
+    /// another type than at startup is an error: sending rows without it,
+    /// or with values of another shape, would silently corrupt ConveYour.
+    /// Columns the mapping does not read may come and go.
     pub fn relation(&mut self, rel: &Relation, lsn: Lsn) -> Result<(), MapError> {
         let name = TableName {
             schema: rel.namespace.clone(),
             name: rel.name.clone(),
         };
-        let Some(mapping) = self.mappings.get(&name) else {
+        let mapping = self.mappings.get(&name);
+        let watched: Vec<(usize, &LookupTarget)> = self
+            .schema
+            .lookups
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.from == name)
+            .collect();
+        if mapping.is_none() && watched.is_empty() {
             self.plans.insert(rel.id, None);
             return Ok(());
-        };
+        }
         let table: Arc<str> = Arc::from(name.to_string());
-        let find = |column: &str| -> Result<(usize, ValueKind), MapError> {
-            let index = rel.columns.iter().position(|c| c.name == column).ok_or_else(|| MapError {
+        let known = self.schema.columns.get(&name);
+        let mut find = |column: &str, key: &str| -> Result<(usize, ValueKind), MapError> {
+            let error = |problem: String| MapError {
                 table: table.to_string(),
                 column: Some(column.to_owned()),
                 lsn,
-                problem: format!(
-                    "the mapped column is no longer in the table (config {}); fix the mapping or the table, then restart",
-                    mapping.key
-                ),
+                problem,
+            };
+            let index = rel.columns.iter().position(|c| c.name == column).ok_or_else(|| {
+                error(format!(
+                    "the column ({key}) was dropped or renamed; nothing after this point was sent. Fix the mapping or the table, then restart"
+                ))
             })?;
             let oid = rel.columns[index].type_oid;
+            if let Some(was) = known.and_then(|k| k.get(column)) {
+                if *was != oid {
+                    return Err(error(format!(
+                        "the column ({key}) changed type (OID {was} → {oid}); nothing after this point was sent. Check the mapping against the new type, then restart"
+                    )));
+                }
+            }
             let kind = ValueKind::from_builtin_oid(oid)
-                .or_else(|| self.kinds.get(&oid).cloned())
+                .or_else(|| self.schema.kinds.get(&oid).cloned())
                 .unwrap_or(ValueKind::Text);
             Ok((index, kind))
         };
-        let (id_index, _) = find(&mapping.id_column)?;
-        let (pairs, event) = match &mapping.kind {
-            MappingKind::Identify { traits } => (traits, None),
-            MappingKind::Track { event, properties } => {
-                (properties, Some(Arc::from(event.as_str())))
-            }
-        };
-        let mut fields = Vec::with_capacity(pairs.len());
-        for (field, column) in pairs {
-            let (index, kind) = find(column)?;
-            fields.push(Field {
-                name: field.clone(),
-                column: column.clone(),
-                index,
-                kind,
+
+        let mut watches = Vec::new();
+        for (lookup, target) in &watched {
+            let key = format!("lookup {}.{}", target.from, target.references);
+            let (references, _) = find(&target.references, &key)?;
+            let (column, _) = find(&target.column, &key)?;
+            watches.push(Watch {
+                lookup: *lookup,
+                references,
+                column,
             });
         }
+
+        let act = match mapping {
+            None => None,
+            Some(m) => Some(plan_for(m, &self.schema, &mut find)?),
+        };
         self.plans.insert(
             rel.id,
             Some(Plan {
                 table,
-                id_index,
-                id_column: mapping.id_column.clone(),
-                fields,
-                event,
+                act,
+                watches,
             }),
         );
         Ok(())
     }
 
-    /// The mapped table a relation id stands for, if any.
+    /// The mapped (or looked-up) table a relation id stands for, if any.
     pub fn table(&self, relation: u32) -> Option<&Arc<str>> {
         self.plans.get(&relation)?.as_ref().map(|p| &p.table)
-    }
-
-    /// The action for an inserted row, if its table is mapped.
-    pub fn insert(&self, relation: u32, new: &Tuple, lsn: Lsn) -> Result<Option<Action>, MapError> {
-        self.row(relation, new, lsn, true)
-    }
-
-    /// The action for an updated row: identify tables send the new values;
-    /// track tables record events for inserts only. When the old row is
-    /// known in full (REPLICA IDENTITY FULL) and no mapped column changed
-    /// (`updated_at`, `last_login_ip` …), there is nothing to send.
-    pub fn update(
-        &self,
-        relation: u32,
-        old: Option<&OldTuple>,
-        new: &Tuple,
-        lsn: Lsn,
-    ) -> Result<Option<Action>, MapError> {
-        if let (Some(OldTuple::Full(old)), Some(Some(plan))) = (old, self.plans.get(&relation)) {
-            let same = |i: usize| match (old.0.get(i), new.0.get(i)) {
-                // Postgres resends a large value only when it changed.
-                (_, Some(Datum::UnchangedToast)) => true,
-                (Some(a), Some(b)) => a == b,
-                _ => false,
-            };
-            if same(plan.id_index) && plan.fields.iter().all(|f| same(f.index)) {
-                return Ok(None);
-            }
-        }
-        self.row(relation, new, lsn, false)
     }
 
     fn plan(&self, relation: u32, lsn: Lsn) -> Result<Option<&Plan>, MapError> {
@@ -207,81 +391,632 @@ impl Mapper {
         }
     }
 
-    fn row(
+    /// The lookup caches a change to a related table updates: the new row's
+    /// key now resolves to its contact id; an old key that changed, or a
+    /// deleted row's key, resolves to nothing known.
+    pub fn observe(
         &self,
         relation: u32,
-        tuple: &Tuple,
-        lsn: Lsn,
-        insert: bool,
-    ) -> Result<Option<Action>, MapError> {
-        let Some(plan) = self.plan(relation, lsn)? else {
-            return Ok(None);
+        old: Option<&OldTuple>,
+        new: Option<&Tuple>,
+        out: &mut Vec<CacheChange>,
+    ) {
+        let Some(Some(plan)) = self.plans.get(&relation) else {
+            return;
         };
-        if plan.event.is_some() && !insert {
-            return Ok(None);
+        for w in &plan.watches {
+            let new_key = new.and_then(|t| text_at(t, w.references));
+            let old_key = old.and_then(|o| {
+                let (OldTuple::Key(t) | OldTuple::Full(t)) = o;
+                text_at(t, w.references)
+            });
+            if let Some(k) = old_key {
+                if new_key.as_deref() != Some(k.as_str()) {
+                    out.push(CacheChange::Forget {
+                        lookup: w.lookup,
+                        key: k,
+                    });
+                }
+            }
+            if let (Some(key), Some(t)) = (new_key, new) {
+                match t.0.get(w.column) {
+                    Some(Datum::Text(b)) => match std::str::from_utf8(b) {
+                        Ok(c) if !c.is_empty() => out.push(CacheChange::Set {
+                            lookup: w.lookup,
+                            key,
+                            contact: c.to_owned(),
+                        }),
+                        _ => out.push(CacheChange::Forget {
+                            lookup: w.lookup,
+                            key,
+                        }),
+                    },
+                    // Unchanged large value: the cached id still holds.
+                    Some(Datum::UnchangedToast) => {}
+                    _ => out.push(CacheChange::Forget {
+                        lookup: w.lookup,
+                        key,
+                    }),
+                }
+            }
         }
-        let error = |column: &str, problem: String| MapError {
-            table: plan.table.to_string(),
-            column: Some(column.to_owned()),
-            lsn,
-            problem,
+    }
+
+    /// What an inserted row becomes.
+    pub fn insert(&self, relation: u32, new: &Tuple, lsn: Lsn) -> Result<Outcome, MapError> {
+        let Some((plan, act)) = self.act(relation, lsn)? else {
+            return Ok(Outcome::Nothing);
         };
-        let contact = match tuple.0.get(plan.id_index) {
+        if !act.operations.insert {
+            return Ok(Outcome::Nothing);
+        }
+        build(plan, act, new, None, Op::Insert, lsn)
+    }
+
+    /// What an updated row becomes. When the old row is known in full
+    /// (REPLICA IDENTITY FULL) and no mapped column changed (`updated_at`,
+    /// `last_login_ip` …), nothing; list traits send what was added and
+    /// removed.
+    pub fn update(
+        &self,
+        relation: u32,
+        old: Option<&OldTuple>,
+        new: &Tuple,
+        lsn: Lsn,
+    ) -> Result<Outcome, MapError> {
+        let Some((plan, act)) = self.act(relation, lsn)? else {
+            return Ok(Outcome::Nothing);
+        };
+        if !act.operations.update {
+            return Ok(Outcome::Nothing);
+        }
+        let full = match old {
+            Some(OldTuple::Full(t)) => Some(t),
+            _ => None,
+        };
+        if let Some(old) = full {
+            if !act.reads().any(|i| changed(old, new, i)) {
+                return Ok(Outcome::Nothing);
+            }
+        }
+        build(plan, act, new, full, Op::Update, lsn)
+    }
+
+    /// What a deleted row becomes: what `on_delete` says, for the contact
+    /// in the old row. The old row holds the contact id only when it is in
+    /// the replica identity (or the identity is FULL).
+    pub fn delete(
+        &self,
+        relation: u32,
+        old: Option<&OldTuple>,
+        lsn: Lsn,
+    ) -> Result<Outcome, MapError> {
+        let Some((plan, act)) = self.act(relation, lsn)? else {
+            return Ok(Outcome::Nothing);
+        };
+        if !act.operations.delete || matches!(act.delete, DeletePlan::Ignore) {
+            return Ok(Outcome::Nothing);
+        }
+        let (tuple, full) = match old {
+            Some(OldTuple::Full(t)) => (t, true),
+            Some(OldTuple::Key(t)) => (t, false),
+            None => {
+                return Ok(Outcome::Skip {
+                    table: plan.table.clone(),
+                    column: act.contact.column().to_owned(),
+                    reason: "the delete carries no old row (REPLICA IDENTITY NOTHING); set REPLICA IDENTITY FULL".into(),
+                })
+            }
+        };
+        let error = error_at(plan, lsn);
+        let contact = match contact_of(&plan.table, act, tuple, &error)? {
+            Ok(c) => c,
+            Err(_) if !full => {
+                return Ok(Outcome::Skip {
+                    table: plan.table.clone(),
+                    column: act.contact.column().to_owned(),
+                    reason: "the deleted row's contact id is not in its replica identity; set REPLICA IDENTITY FULL".into(),
+                })
+            }
+            Err(skip) => return Ok(skip),
+        };
+        let first = match &act.delete {
+            DeletePlan::Ignore => return Ok(Outcome::Nothing),
+            DeletePlan::Identify(traits) => ActionBody::Identify {
+                traits: traits.clone(),
+            },
+            DeletePlan::Track { event, fields } => {
+                // A key-only old row carries NULL for every other column:
+                // those are unknown, not null, so leave them out.
+                let nulls = if full { act.nulls } else { NullPolicy::Omit };
+                let mut properties = Map::new();
+                for f in fields {
+                    if let Some(v) = field_value(f, tuple, None, Op::Insert, nulls, &error)? {
+                        properties.insert(f.name.clone(), v);
+                    }
+                }
+                ActionBody::Track {
+                    event: event.clone(),
+                    properties,
+                }
+            }
+        };
+        Ok(Outcome::Send(Mapped {
+            table: plan.table.clone(),
+            contact,
+            first,
+            then: None,
+        }))
+    }
+
+    fn act(&self, relation: u32, lsn: Lsn) -> Result<Option<(&Plan, &ActPlan)>, MapError> {
+        Ok(self
+            .plan(relation, lsn)?
+            .and_then(|p| p.act.as_ref().map(|a| (p, a))))
+    }
+}
+
+impl ContactPlan {
+    fn column(&self) -> &str {
+        match self {
+            ContactPlan::Column { column, .. } | ContactPlan::Lookup { column, .. } => column,
+        }
+    }
+}
+
+impl ActPlan {
+    /// Every tuple index whose change matters to an update.
+    fn reads(&self) -> impl Iterator<Item = usize> + '_ {
+        let contact = match &self.contact {
+            ContactPlan::Column { index, .. } | ContactPlan::Lookup { index, .. } => *index,
+        };
+        let event = match &self.event {
+            Some(EventPlan::Column { index, .. }) => Some(*index),
+            _ => None,
+        };
+        std::iter::once(contact)
+            .chain(event)
+            .chain(self.fields.iter().filter_map(|f| match &f.plan {
+                FieldPlan::Value { index, .. } | FieldPlan::List { index, .. } => Some(*index),
+                FieldPlan::Const(_) => None,
+            }))
+    }
+}
+
+/// Whether column `i` differs between the old and new row.
+fn changed(old: &Tuple, new: &Tuple, i: usize) -> bool {
+    match (old.0.get(i), new.0.get(i)) {
+        // Postgres resends a large value only when it changed.
+        (_, Some(Datum::UnchangedToast)) => false,
+        (Some(a), Some(b)) => a != b,
+        _ => true,
+    }
+}
+
+fn text_at(t: &Tuple, i: usize) -> Option<String> {
+    match t.0.get(i) {
+        Some(Datum::Text(b)) => std::str::from_utf8(b).ok().map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn error_at(plan: &Plan, lsn: Lsn) -> impl Fn(&str, String) -> MapError + '_ {
+    move |column: &str, problem: String| MapError {
+        table: plan.table.to_string(),
+        column: Some(column.to_owned()),
+        lsn,
+        problem,
+    }
+}
+
+/// Builds a mapping's plan against a relation's columns.
+fn plan_for(
+    m: &TableMapping,
+    schema: &Schema,
+    find: &mut dyn FnMut(&str, &str) -> Result<(usize, ValueKind), MapError>,
+) -> Result<ActPlan, MapError> {
+    let section = m.section();
+    let base = format!("{}.{section}", m.key);
+    let contact = match &m.contact {
+        ContactSource::Column(c) => ContactPlan::Column {
+            index: find(c, &format!("{base}.id"))?.0,
+            column: c.clone(),
+        },
+        ContactSource::Lookup(l) => ContactPlan::Lookup {
+            lookup: schema.lookup_index(l).ok_or_else(|| MapError {
+                table: m.table.to_string(),
+                column: Some(l.key.clone()),
+                lsn: Lsn::ZERO,
+                problem: format!(
+                    "{base}.id: the lookup into {} was not resolved at startup",
+                    l.from
+                ),
+            })?,
+            index: find(&l.key, &format!("{base}.id.key"))?.0,
+            column: l.key.clone(),
+        },
+    };
+    let what = match m.kind {
+        MappingKind::Identify => "traits",
+        MappingKind::Track { .. } => "properties",
+    };
+    let fields = field_plans(&m.fields, &format!("{base}.{what}"), m, find)?;
+    let (event, increments) = match &m.kind {
+        MappingKind::Identify => (None, Vec::new()),
+        MappingKind::Track { event, increments } => {
+            let event = match event {
+                EventName::Fixed(name) => EventPlan::Fixed(Arc::from(name.as_str())),
+                EventName::Column(c) => EventPlan::Column {
+                    index: find(c, &format!("{base}.event.column"))?.0,
+                    column: c.clone(),
+                },
+            };
+            let mut plans = Vec::with_capacity(increments.len());
+            for (name, by) in increments {
+                let plan = match by {
+                    IncrementBy::Const(n) => IncrementPlan::Const(n.clone()),
+                    IncrementBy::Column(c) => {
+                        let (index, kind) = find(c, &format!("{base}.increment.{name}"))?;
+                        IncrementPlan::Column {
+                            index,
+                            column: c.clone(),
+                            kind,
+                        }
+                    }
+                };
+                plans.push((name.clone(), plan));
+            }
+            (Some(event), plans)
+        }
+    };
+    let delete = match &m.on_delete {
+        OnDelete::Ignore => DeletePlan::Ignore,
+        OnDelete::Identify(traits) => DeletePlan::Identify(traits.iter().cloned().collect()),
+        OnDelete::Track { event, properties } => DeletePlan::Track {
+            event: Arc::from(event.as_str()),
+            fields: field_plans(
+                properties,
+                &format!("{}.on_delete.track.properties", m.key),
+                m,
+                find,
+            )?,
+        },
+    };
+    Ok(ActPlan {
+        contact,
+        fields,
+        event,
+        increments,
+        delete,
+        operations: m.operations,
+        nulls: m.nulls,
+    })
+}
+
+fn field_plans(
+    fields: &[crate::config::FieldMapping],
+    base: &str,
+    m: &TableMapping,
+    find: &mut dyn FnMut(&str, &str) -> Result<(usize, ValueKind), MapError>,
+) -> Result<Vec<Field>, MapError> {
+    let mut out = Vec::with_capacity(fields.len());
+    for f in fields {
+        let key = format!("{base}.{}", f.name);
+        let plan = match &f.source {
+            FieldSource::Column { column, format } => {
+                let (index, kind) = find(column, &key)?;
+                let format = format.clone().unwrap_or_else(|| match kind {
+                    ValueKind::Date => m.date_format.clone(),
+                    _ => m.timestamp_format.clone(),
+                });
+                FieldPlan::Value {
+                    index,
+                    kind,
+                    format,
+                }
+            }
+            FieldSource::List { column, delimiter } => {
+                let (index, kind) = find(column, &key)?;
+                let element = match (kind, delimiter) {
+                    (ValueKind::Array(e), None) => *e,
+                    (_, Some(_)) => ValueKind::Text,
+                    (_, None) => {
+                        return Err(MapError {
+                            table: m.table.to_string(),
+                            column: Some(column.clone()),
+                            lsn: Lsn::ZERO,
+                            problem: format!(
+                                "{key}: a list trait needs an array column, or a delimiter for a text column"
+                            ),
+                        })
+                    }
+                };
+                FieldPlan::List {
+                    index,
+                    element,
+                    delimiter: delimiter.clone(),
+                }
+            }
+            FieldSource::Const(v) => FieldPlan::Const(v.clone()),
+        };
+        out.push(Field {
+            name: f.name.clone(),
+            column: f.source.column().map(str::to_owned),
+            plan,
+        });
+    }
+    Ok(out)
+}
+
+/// The contact of a row: Ok(Ok) known or to look up; Ok(Err) the row
+/// cannot be sent (as a Skip outcome); Err a broken row.
+fn contact_of(
+    table: &Arc<str>,
+    act: &ActPlan,
+    tuple: &Tuple,
+    error: &dyn Fn(&str, String) -> MapError,
+) -> Result<Result<ContactRef, Outcome>, MapError> {
+    let (index, column, lookup) = match &act.contact {
+        ContactPlan::Column { index, column } => (*index, column, None),
+        ContactPlan::Lookup {
+            lookup,
+            index,
+            column,
+        } => (*index, column, Some(*lookup)),
+    };
+    let text =
+        match tuple.0.get(index) {
             Some(Datum::Text(bytes)) => std::str::from_utf8(bytes)
-                .map_err(|_| error(&plan.id_column, "the contact id is not valid UTF-8".into()))?
-                .to_owned(),
+                .map_err(|_| error(column, "the contact id is not valid UTF-8".into()))?,
+            Some(Datum::Null) if lookup.is_some() => {
+                return Ok(Err(Outcome::Skip {
+                    table: table.clone(),
+                    column: column.clone(),
+                    reason: "the foreign key is NULL, so the row belongs to no contact".into(),
+                }))
+            }
             Some(Datum::Null) => {
                 return Err(error(
-                    &plan.id_column,
+                    column,
                     "the contact id is NULL, so ConveYour cannot tell which contact this is".into(),
                 ))
             }
             Some(Datum::UnchangedToast) => return Err(error(
-                &plan.id_column,
+                column,
                 "the contact id was not sent (unchanged TOAST value); use REPLICA IDENTITY FULL"
                     .into(),
             )),
             None => {
                 return Err(error(
-                    &plan.id_column,
+                    column,
                     "the row has fewer columns than its relation".into(),
                 ))
             }
         };
-        if contact.is_empty() {
-            return Err(error(&plan.id_column, "the contact id is empty".into()));
+    Ok(Ok(match lookup {
+        Some(lookup) => ContactRef::Lookup {
+            lookup,
+            key: text.to_owned(),
+        },
+        None if text.is_empty() => {
+            return Err(error(column, "the contact id is empty".into()));
         }
-        let mut values = Map::new();
-        for f in &plan.fields {
-            let value = match tuple.0.get(f.index) {
-                Some(Datum::Text(bytes)) => {
-                    to_json(&f.kind, bytes).map_err(|e| error(&f.column, e.to_string()))?
-                }
-                Some(Datum::Null) => Value::Null,
+        None => ContactRef::Known(text.to_owned()),
+    }))
+}
+
+/// A field's value for a row, or None to leave the key out.
+fn field_value(
+    f: &Field,
+    new: &Tuple,
+    old: Option<&Tuple>,
+    op: Op,
+    nulls: NullPolicy,
+    error: &dyn Fn(&str, String) -> MapError,
+) -> Result<Option<Value>, MapError> {
+    let column = f.column.as_deref().unwrap_or("");
+    let (index, element, delimiter) = match &f.plan {
+        FieldPlan::Const(v) => return Ok(Some(v.clone())),
+        FieldPlan::Value {
+            index,
+            kind,
+            format,
+        } => {
+            return match new.0.get(*index) {
+                Some(Datum::Text(bytes)) => to_json_formatted(kind, bytes, format)
+                    .map(Some)
+                    .map_err(|e| error(column, e.to_string())),
+                Some(Datum::Null) if nulls == NullPolicy::Omit => Ok(None),
+                Some(Datum::Null) => Ok(Some(Value::Null)),
                 // Unchanged large value: leave it out rather than send it
                 // as null or empty, which would erase it in ConveYour.
-                Some(Datum::UnchangedToast) => continue,
-                None => {
-                    return Err(error(
-                        &f.column,
-                        "the row has fewer columns than its relation".into(),
-                    ))
-                }
+                Some(Datum::UnchangedToast) => Ok(None),
+                None => Err(error(
+                    column,
+                    "the row has fewer columns than its relation".into(),
+                )),
             };
-            values.insert(f.name.clone(), value);
         }
-        let body = match &plan.event {
-            None => ActionBody::Identify { traits: values },
-            Some(event) => ActionBody::Track {
-                event: event.clone(),
-                properties: values,
-            },
-        };
-        Ok(Some(Action {
-            table: plan.table.clone(),
-            lsn,
-            contact,
-            body,
-        }))
+        FieldPlan::List {
+            index,
+            element,
+            delimiter,
+        } => (*index, element, delimiter),
+    };
+    let list = |t: &Tuple| -> Result<Option<Vec<Value>>, MapError> {
+        match t.0.get(index) {
+            Some(Datum::Text(bytes)) => {
+                list_values(element, delimiter.as_deref(), bytes, column, error).map(Some)
+            }
+            Some(Datum::Null) => Ok(Some(Vec::new())),
+            Some(Datum::UnchangedToast) => Ok(None),
+            None => Err(error(
+                column,
+                "the row has fewer columns than its relation".into(),
+            )),
+        }
+    };
+    let Some(new_values) = list(new)? else {
+        return Ok(None);
+    };
+    let old_values = match (op, old) {
+        (Op::Update, Some(old)) => list(old)?.unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let add: Vec<Value> = dedup(new_values.iter().filter(|v| !old_values.contains(v)));
+    let remove: Vec<Value> = dedup(old_values.iter().filter(|v| !new_values.contains(v)));
+    if add.is_empty() && remove.is_empty() {
+        return Ok(None);
     }
+    let mut op = Map::new();
+    if !add.is_empty() {
+        op.insert("add".into(), Value::Array(add));
+    }
+    if !remove.is_empty() {
+        op.insert("remove".into(), Value::Array(remove));
+    }
+    Ok(Some(Value::Object(op)))
+}
+
+/// The values in order of first appearance, each once.
+fn dedup<'a>(values: impl Iterator<Item = &'a Value>) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for v in values {
+        if !out.contains(v) {
+            out.push(v.clone());
+        }
+    }
+    out
+}
+
+/// A list column's values: an array's elements (NULLs dropped), or a
+/// delimited text's trimmed, non-empty parts.
+fn list_values(
+    element: &ValueKind,
+    delimiter: Option<&str>,
+    bytes: &[u8],
+    column: &str,
+    error: &dyn Fn(&str, String) -> MapError,
+) -> Result<Vec<Value>, MapError> {
+    match delimiter {
+        Some(d) => {
+            let s = std::str::from_utf8(bytes)
+                .map_err(|_| error(column, "the value is not valid UTF-8".into()))?;
+            Ok(s.split(d)
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| Value::String(p.to_owned()))
+                .collect())
+        }
+        None => {
+            let kind = ValueKind::Array(Box::new(element.clone()));
+            match to_json(&kind, bytes).map_err(|e| error(column, e.to_string()))? {
+                Value::Array(items) => Ok(items.into_iter().filter(|v| !v.is_null()).collect()),
+                _ => Err(error(
+                    column,
+                    "a list trait needs a one-dimensional array; this value is not one".into(),
+                )),
+            }
+        }
+    }
+}
+
+/// What an inserted or updated row becomes.
+fn build(
+    plan: &Plan,
+    act: &ActPlan,
+    new: &Tuple,
+    old: Option<&Tuple>,
+    op: Op,
+    lsn: Lsn,
+) -> Result<Outcome, MapError> {
+    let error = error_at(plan, lsn);
+    let contact = match contact_of(&plan.table, act, new, &error)? {
+        Ok(c) => c,
+        Err(skip) => return Ok(skip),
+    };
+    let mut values = Map::new();
+    for f in &act.fields {
+        if let Some(v) = field_value(f, new, old, op, act.nulls, &error)? {
+            values.insert(f.name.clone(), v);
+        }
+    }
+    let Some(event) = &act.event else {
+        // An update whose traits all came out unchanged (lists with
+        // nothing added or removed, unchanged large values) says nothing.
+        if op == Op::Update && values.is_empty() {
+            return Ok(Outcome::Nothing);
+        }
+        return Ok(Outcome::Send(Mapped {
+            table: plan.table.clone(),
+            contact,
+            first: ActionBody::Identify { traits: values },
+            then: None,
+        }));
+    };
+    let event: Arc<str> = match event {
+        EventPlan::Fixed(name) => name.clone(),
+        EventPlan::Column { index, column } => match new.0.get(*index) {
+            Some(Datum::Text(b)) if !b.is_empty() => Arc::from(
+                std::str::from_utf8(b)
+                    .map_err(|_| error(column, "the event name is not valid UTF-8".into()))?,
+            ),
+            _ => {
+                return Ok(Outcome::Skip {
+                    table: plan.table.clone(),
+                    column: column.clone(),
+                    reason: "the event name is NULL or empty".into(),
+                })
+            }
+        },
+    };
+    let track = ActionBody::Track {
+        event,
+        properties: values,
+    };
+    // Counters move once per tracked row: on insert, not on later edits.
+    let mut counters = Map::new();
+    if op == Op::Insert {
+        for (name, by) in &act.increments {
+            let amount = match by {
+                IncrementPlan::Const(n) => Value::Number(n.clone()),
+                IncrementPlan::Column {
+                    index,
+                    column,
+                    kind,
+                } => match new.0.get(*index) {
+                    Some(Datum::Text(b)) => match to_json(kind, b) {
+                        Ok(v @ Value::Number(_)) => v,
+                        Ok(other) => {
+                            return Err(error(
+                                column,
+                                format!(
+                                    "the $inc amount {other} is not a number ConveYour can add"
+                                ),
+                            ))
+                        }
+                        Err(e) => return Err(error(column, e.to_string())),
+                    },
+                    // Nothing to add.
+                    _ => continue,
+                },
+            };
+            let mut inc = Map::new();
+            inc.insert("$inc".into(), amount);
+            counters.insert(name.clone(), Value::Object(inc));
+        }
+    }
+    let (first, then) = if counters.is_empty() {
+        (track, None)
+    } else {
+        // The counter first: an automation fired by the event sees the
+        // contact's new count.
+        (ActionBody::Identify { traits: counters }, Some(track))
+    };
+    Ok(Outcome::Send(Mapped {
+        table: plan.table.clone(),
+        contact,
+        first,
+        then,
+    }))
 }

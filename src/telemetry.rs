@@ -42,6 +42,12 @@ const NO_PROGRESS_AFTER: Duration = Duration::from_secs(120);
 pub(crate) struct Metrics {
     registry: Registry,
     pub changes_received: IntCounterVec,
+    /// Row changes that could not be sent anywhere (no contact, no event
+    /// name), by table and reason.
+    pub rows_skipped: IntCounterVec,
+    /// Contact lookups in related tables, by result (`cached`, `queried`,
+    /// `missing`).
+    pub lookups: IntCounterVec,
     pub identify_acknowledged: IntCounter,
     pub track_acknowledged: IntCounter,
     pub requests: IntCounterVec,
@@ -140,6 +146,16 @@ impl Metrics {
                 "changes_received_total",
                 "Row changes of mapped tables received from Postgres",
                 &["table", "op"],
+            ),
+            rows_skipped: counter_vec(
+                "rows_skipped_total",
+                "Row changes that could not be sent: no contact id or event name (see the log)",
+                &["table", "reason"],
+            ),
+            lookups: counter_vec(
+                "contact_lookups_total",
+                "Contact ids looked up in a related table, by result",
+                &["result"],
             ),
             identify_acknowledged: counter(
                 "identify_entries_acknowledged_total",

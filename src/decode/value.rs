@@ -312,6 +312,163 @@ fn timestamp_value(s: &str, with_offset: bool) -> Value {
     Value::String(out)
 }
 
+/// A date or timestamp in another format than ISO 8601 (`unix`, `unix_ms`,
+/// or a `%Y %m %d %H %M %S` pattern, in UTC); other kinds, and values
+/// with no instant (`infinity`, BC dates), convert as [`to_json`] does.
+pub fn to_json_formatted(
+    kind: &ValueKind,
+    text: &[u8],
+    format: &crate::config::TimeFormat,
+) -> Result<Value, ValueError> {
+    use crate::config::TimeFormat;
+    let timed = matches!(
+        kind,
+        ValueKind::Date | ValueKind::Timestamp | ValueKind::TimestampTz
+    );
+    if !timed || *format == TimeFormat::Iso8601 {
+        return to_json(kind, text);
+    }
+    let s = std::str::from_utf8(text).map_err(|e| ValueError {
+        reason: format!("value is not valid UTF-8 ({e})"),
+    })?;
+    let Some(t) = Instant::parse(s) else {
+        return to_json(kind, text);
+    };
+    Ok(match format {
+        TimeFormat::Iso8601 => unreachable!("handled above"),
+        TimeFormat::Unix => Value::from(t.unix_seconds()),
+        TimeFormat::UnixMs => Value::from(t.unix_seconds() * 1000 + i64::from(t.micros / 1000)),
+        TimeFormat::Pattern(p) => Value::String(t.format(p)),
+    })
+}
+
+/// A date or timestamp read from Postgres's ISO output, moved to UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Instant {
+    /// Days since 1970-01-01.
+    days: i64,
+    /// Seconds into the day.
+    seconds: i64,
+    micros: u32,
+}
+
+impl Instant {
+    /// `YYYY-MM-DD`, `YYYY-MM-DD HH:MM:SS[.ffffff]` and with a `±HH[:MM[:SS]]`
+    /// offset. None for `infinity`, BC values and anything else.
+    fn parse(s: &str) -> Option<Instant> {
+        if s.ends_with(" BC") {
+            return None;
+        }
+        let (date, time) = match s.split_once(' ') {
+            Some((d, t)) => (d, Some(t)),
+            None => (s, None),
+        };
+        let mut parts = date.splitn(3, '-');
+        let year: i64 = parts.next()?.parse().ok()?;
+        let month: u32 = parts.next()?.parse().ok()?;
+        let day: u32 = parts.next()?.parse().ok()?;
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+            return None;
+        }
+        let days = days_from_civil(year, month, day);
+        let Some(time) = time else {
+            return Some(Instant {
+                days,
+                seconds: 0,
+                micros: 0,
+            });
+        };
+        let (clock, offset) = match time.find(['+', '-']) {
+            Some(at) => (&time[..at], Some(&time[at..])),
+            None => (time, None),
+        };
+        let (hms, frac) = match clock.split_once('.') {
+            Some((a, b)) => (a, Some(b)),
+            None => (clock, None),
+        };
+        let mut hms = hms.split(':');
+        let h: i64 = hms.next()?.parse().ok()?;
+        let m: i64 = hms.next()?.parse().ok()?;
+        let sec: i64 = hms.next()?.parse().ok()?;
+        let micros = match frac {
+            Some(f) if !f.is_empty() && f.len() <= 6 && f.bytes().all(|b| b.is_ascii_digit()) => {
+                f.parse::<u32>().ok()? * 10u32.pow(6 - f.len() as u32)
+            }
+            Some(_) => return None,
+            None => 0,
+        };
+        let mut seconds = h * 3600 + m * 60 + sec;
+        if let Some(o) = offset {
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            let mut f = o[1..].split(':');
+            let oh: i64 = f.next()?.parse().ok()?;
+            let om: i64 = f.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+            let os: i64 = f.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+            seconds -= sign * (oh * 3600 + om * 60 + os);
+        }
+        let days = days + seconds.div_euclid(86_400);
+        Some(Instant {
+            days,
+            seconds: seconds.rem_euclid(86_400),
+            micros,
+        })
+    }
+
+    fn unix_seconds(&self) -> i64 {
+        self.days * 86_400 + self.seconds
+    }
+
+    fn format(&self, pattern: &str) -> String {
+        let (y, mo, d) = civil_from_days(self.days);
+        let mut out = String::with_capacity(pattern.len() + 8);
+        let mut chars = pattern.chars();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                out.push(c);
+                continue;
+            }
+            use std::fmt::Write;
+            let _ = match chars.next() {
+                Some('Y') => write!(out, "{y:04}"),
+                Some('m') => write!(out, "{mo:02}"),
+                Some('d') => write!(out, "{d:02}"),
+                Some('H') => write!(out, "{:02}", self.seconds / 3600),
+                Some('M') => write!(out, "{:02}", self.seconds / 60 % 60),
+                Some('S') => write!(out, "{:02}", self.seconds % 60),
+                Some('%') => write!(out, "%"),
+                Some(other) => write!(out, "%{other}"),
+                None => write!(out, "%"),
+            };
+        }
+        out
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 fn json_value(s: &str) -> Result<Value, ValueError> {
     let valid = || serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok();
     if s.trim_start().starts_with('{') {
@@ -697,6 +854,54 @@ mod tests {
             arr(ValueKind::Text),
         ] {
             assert!(fails(&kind, b"ab\xffc").starts_with("value is not valid UTF-8"));
+        }
+    }
+
+    #[test]
+    fn time_formats() {
+        use crate::config::TimeFormat;
+        let f = |k: &ValueKind, s: &str, fmt: &str| {
+            to_json_formatted(k, s.as_bytes(), &TimeFormat::parse(fmt).unwrap()).unwrap()
+        };
+        assert_eq!(
+            f(&ValueKind::Date, "2024-01-31", "unix"),
+            json!(1_706_659_200)
+        );
+        assert_eq!(f(&ValueKind::Date, "1970-01-01", "unix_ms"), json!(0));
+        assert_eq!(f(&ValueKind::Date, "1969-12-31", "unix"), json!(-86_400));
+        assert_eq!(
+            f(&ValueKind::Date, "2024-02-29", "%m/%d/%Y"),
+            json!("02/29/2024")
+        );
+        assert_eq!(
+            f(&ValueKind::Timestamp, "2024-01-31 10:00:00.123", "unix_ms"),
+            json!(1_706_695_200_123i64)
+        );
+        assert_eq!(
+            f(&ValueKind::TimestampTz, "2024-01-31 10:00:00+02", "unix"),
+            json!(1_706_688_000)
+        );
+        assert_eq!(
+            f(
+                &ValueKind::TimestampTz,
+                "2024-01-01 01:30:00+05:30",
+                "%Y-%m-%d %H:%M:%S 100%%"
+            ),
+            json!("2023-12-31 20:00:00 100%")
+        );
+        assert_eq!(f(&ValueKind::Date, "infinity", "unix"), json!("infinity"));
+        assert_eq!(
+            f(&ValueKind::Date, "2024-01-31 BC", "unix"),
+            json!("2024-01-31 BC")
+        );
+        assert_eq!(f(&ValueKind::Int, "7", "unix"), json!(7));
+        assert_eq!(
+            f(&ValueKind::Timestamp, "2024-01-31 10:00:00", "iso8601"),
+            json!("2024-01-31T10:00:00")
+        );
+        for days in [-800_000i64, -1, 0, 1, 19_753, 2_932_896] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
         }
     }
 

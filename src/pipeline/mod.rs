@@ -18,14 +18,14 @@ mod delivery;
 
 use delivery::{Coordinator, Event, Replay};
 
-use crate::config::{OnReject, Settings, TableName};
+use crate::config::{OnReject, Settings};
 use crate::decode::{decode, PgOutput};
 use crate::lsn::Lsn;
-use crate::mapping::Mapper;
+use crate::mapping::{ContactRef, Mapper, Outcome};
 use crate::sink::Sink;
 use crate::source::{
     self, connect_sql, Catalog, ReplicationConn, ReplicationMessage, ReplicationReader,
-    ReplicationWriter,
+    ReplicationWriter, Resolver,
 };
 use crate::state::{Progress, State};
 use crate::{telemetry, Error};
@@ -123,8 +123,13 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
 /// One replication session, from connecting to the end of the stream.
 async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> Result<(), Error> {
     let client = Arc::new(connect_sql(&settings.postgres).await?);
-    let catalog = Catalog::load(&client, &settings.tables).await?;
-    let tables: Vec<&TableName> = settings.tables.iter().map(|t| &t.table).collect();
+    let schema = Catalog::load(&client, &settings.tables).await?;
+    for target in &schema.lookups {
+        if !source::lookup_indexed(&client, target).await? {
+            tracing::warn!(table = %target.from, column = %target.references, "no index leads with the lookup's column: every uncached lookup scans the table (conveyour-cdc check says how to add one)");
+        }
+    }
+    let tables = settings.published_tables();
     if source::ensure_publication(&client, &settings.publication, &tables).await?
         == source::PublicationState::Created
     {
@@ -196,10 +201,12 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         stop_feedback_rx,
     ));
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHUNKS);
-    let mapper = Mapper::new(&settings.tables, catalog.kinds);
+    let resolver = Resolver::new(client.clone(), schema.lookups.clone());
+    let mapper = Mapper::new(&settings.tables, schema);
     let reader = tokio::spawn(read_loop(
         reader,
         mapper,
+        resolver,
         events_tx,
         reply_now,
         replay,
@@ -277,6 +284,7 @@ async fn watch_slot(client: &tokio_postgres::Client, slot: &str, warn_bytes: u64
 async fn read_loop(
     mut reader: ReplicationReader,
     mut mapper: Mapper,
+    mut resolver: Resolver,
     events: mpsc::Sender<Vec<Event>>,
     reply_now: Arc<Notify>,
     replay: Option<Replay>,
@@ -285,9 +293,7 @@ async fn read_loop(
     // Where the reader is: the transaction (by its commit LSN) and the
     // ordinal of the last row change in it.
     let mut at = Progress::default();
-    let delivered_before = |a: &crate::mapping::Action, at: Progress| {
-        replay.as_ref().is_some_and(|r| r.covers(&a.contact, at))
-    };
+    let mut cache_changes = Vec::new();
     let mut counters = ChangeCounters::new();
     let mut chunk = Vec::with_capacity(EVENT_CHUNK);
     loop {
@@ -340,25 +346,59 @@ async fn read_loop(
                 }
                 PgOutput::Insert { relation, new } => {
                     count_change(&mapper, &mut counters, relation, "insert");
-                    at.change += 1;
-                    match mapper.insert(relation, &new, wal_start)? {
-                        Some(a) if delivered_before(&a, at) => continue,
-                        Some(action) => Event::Action { action, at },
-                        None => continue,
+                    mapper.observe(relation, None, Some(&new), &mut cache_changes);
+                    let outcome = mapper.insert(relation, &new, wal_start)?;
+                    for c in cache_changes.drain(..) {
+                        resolver.apply(c);
                     }
+                    at.change += 1;
+                    deliver(
+                        outcome,
+                        wal_start,
+                        &mut at,
+                        &mut resolver,
+                        replay.as_ref(),
+                        &mut chunk,
+                    )
+                    .await?;
+                    continue;
                 }
                 PgOutput::Update { relation, old, new } => {
                     count_change(&mapper, &mut counters, relation, "update");
-                    at.change += 1;
-                    match mapper.update(relation, old.as_ref(), &new, wal_start)? {
-                        Some(a) if delivered_before(&a, at) => continue,
-                        Some(action) => Event::Action { action, at },
-                        None => continue,
+                    mapper.observe(relation, old.as_ref(), Some(&new), &mut cache_changes);
+                    let outcome = mapper.update(relation, old.as_ref(), &new, wal_start)?;
+                    for c in cache_changes.drain(..) {
+                        resolver.apply(c);
                     }
-                }
-                PgOutput::Delete { relation, .. } => {
-                    count_change(&mapper, &mut counters, relation, "delete");
                     at.change += 1;
+                    deliver(
+                        outcome,
+                        wal_start,
+                        &mut at,
+                        &mut resolver,
+                        replay.as_ref(),
+                        &mut chunk,
+                    )
+                    .await?;
+                    continue;
+                }
+                PgOutput::Delete { relation, old } => {
+                    count_change(&mapper, &mut counters, relation, "delete");
+                    mapper.observe(relation, Some(&old), None, &mut cache_changes);
+                    let outcome = mapper.delete(relation, Some(&old), wal_start)?;
+                    for c in cache_changes.drain(..) {
+                        resolver.apply(c);
+                    }
+                    at.change += 1;
+                    deliver(
+                        outcome,
+                        wal_start,
+                        &mut at,
+                        &mut resolver,
+                        replay.as_ref(),
+                        &mut chunk,
+                    )
+                    .await?;
                     continue;
                 }
                 PgOutput::Truncate { relations, .. } => {
@@ -375,6 +415,68 @@ async fn read_loop(
         };
         chunk.push(event);
     }
+}
+
+/// Turns a row's outcome into events: resolves a looked-up contact, skips
+/// what a restart knows was delivered, logs and counts what cannot be sent.
+/// A row of two actions (a `$inc`, then its event) takes two ordinals, so
+/// progress can tell them apart.
+async fn deliver(
+    outcome: Outcome,
+    lsn: Lsn,
+    at: &mut Progress,
+    resolver: &mut Resolver,
+    replay: Option<&Replay>,
+    chunk: &mut Vec<Event>,
+) -> Result<(), Error> {
+    let skip = |table: &str, column: &str, reason: &str, label: &str| {
+        tracing::warn!(%lsn, table, column, "row not sent: {reason}");
+        telemetry::metrics()
+            .rows_skipped
+            .with_label_values(&[table, label])
+            .inc();
+    };
+    let mapped = match outcome {
+        Outcome::Nothing => return Ok(()),
+        Outcome::Skip {
+            table,
+            column,
+            reason,
+        } => {
+            skip(&table, &column, &reason, "unsendable");
+            return Ok(());
+        }
+        Outcome::Send(mapped) => mapped,
+    };
+    let contact = match &mapped.contact {
+        ContactRef::Known(c) => c.clone(),
+        ContactRef::Lookup { lookup, key } => match resolver.resolve(*lookup, key).await? {
+            Some(c) => c,
+            None => {
+                let target = resolver.target(*lookup);
+                skip(
+                    &mapped.table,
+                    &target.references,
+                    &format!(
+                        "no row of {} has {} = {key} (or its {} is empty), so the row belongs to no contact",
+                        target.from, target.references, target.column
+                    ),
+                    "contact_not_found",
+                );
+                return Ok(());
+            }
+        },
+    };
+    for (i, action) in mapped.into_actions(contact, lsn).enumerate() {
+        if i > 0 {
+            at.change += 1;
+        }
+        if replay.is_some_and(|r| r.covers(&action.contact, *at)) {
+            continue;
+        }
+        chunk.push(Event::Action { action, at: *at });
+    }
+    Ok(())
 }
 
 /// `changes_received_total` counters by relation and operation, looked up

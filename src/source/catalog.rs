@@ -8,9 +8,10 @@ use tokio_postgres::{Client, NoTls};
 use super::params::ConnParams;
 use super::tls::{self, MakeRustls};
 use super::SourceError;
-use crate::config::{quote_ident, TableMapping, TableName};
+use crate::config::{quote_ident, ColumnRole, ContactSource, Lookup, TableMapping, TableName};
 use crate::decode::value::ValueKind;
 use crate::lsn::Lsn;
+use crate::mapping::{LookupTarget, Schema};
 
 /// Opens an SQL session with the same TLS policy as the replication
 /// connection. The connection's driver runs on its own task.
@@ -42,62 +43,75 @@ pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceErr
     Ok(client)
 }
 
-/// What the catalog says about the mapped tables' column types.
+/// Resolves column types to JSON conversions, caching by type OID.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Catalog {
     /// How each column type's values become JSON, by type OID, including
     /// domains, enums and arrays that are not built in.
-    pub kinds: HashMap<u32, ValueKind>,
+    kinds: HashMap<u32, ValueKind>,
 }
 
+/// One column as the catalog describes it.
+struct ColumnInfo {
+    oid: u32,
+    /// `pg_type.typtype` of the column's base type (`c` composite, `p` pseudo …).
+    typtype: String,
+    /// SQL spelling of the type, e.g. `bigint`.
+    type_name: String,
+}
+
+/// Bytes ConveYour could do nothing with, and row values it would read as
+/// list operations: no JSON form is offered for these.
+const BYTEA: u32 = 17;
+
 impl Catalog {
-    /// Looks up every mapped table and column. Errors name the config key
-    /// of the first table or column that does not exist.
+    /// Looks up every mapped table, column and lookup target, and checks
+    /// each column's type fits its use. Errors name the config key, the
+    /// table and the column.
     pub(crate) async fn load(
         client: &Client,
         mappings: &[TableMapping],
-    ) -> Result<Catalog, SourceError> {
+    ) -> Result<Schema, SourceError> {
         let mut catalog = Catalog::default();
+        let mut schema = Schema::default();
         for m in mappings {
-            let rows = client
-                .query(
-                    "SELECT a.attname, a.atttypid::int8
-                       FROM pg_class c
-                       JOIN pg_namespace n ON n.oid = c.relnamespace
-                       LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                      WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-                    &[&m.table.schema, &m.table.name],
-                )
-                .await
-                .map_err(|e| SourceError::from_sql(&format!("looking up {}", m.table), e))?;
-            if rows.is_empty() {
-                return Err(SourceError::config(format!(
-                    "{}.table: table {} does not exist (or this role cannot see it)",
-                    m.key, m.table
-                )));
-            }
-            let columns: HashMap<String, u32> = rows
-                .iter()
-                .filter_map(|row| {
-                    Some((
-                        row.get::<_, Option<String>>(0)?,
-                        row.get::<_, i64>(1) as u32,
-                    ))
-                })
-                .collect();
-            for (key, column) in m.columns() {
-                if !columns.contains_key(column) {
+            let columns = table_columns(client, &m.table, &format!("{}.table", m.key)).await?;
+            for usage in m.columns() {
+                let Some(info) = columns.get(&usage.column) else {
                     return Err(SourceError::config(format!(
-                        "{key}: column `{column}` does not exist in table {}",
-                        m.table
+                        "{}: column `{}` does not exist in table {}",
+                        usage.key, usage.column, m.table
+                    )));
+                };
+                let kind = catalog.resolve_kind(client, info.oid).await?;
+                if let Some(problem) = unfit(&kind, info, usage.role) {
+                    return Err(SourceError::config(format!(
+                        "{}: column `{}` of table {} is of type {}: {problem}",
+                        usage.key, usage.column, m.table, info.type_name
                     )));
                 }
             }
-            for type_oid in columns.values() {
-                catalog.resolve_kind(client, *type_oid).await?;
+            schema.columns.insert(
+                m.table.clone(),
+                columns.iter().map(|(n, c)| (n.clone(), c.oid)).collect(),
+            );
+            if let ContactSource::Lookup(l) = &m.contact {
+                let key = format!("{}.{}.id", m.key, m.section());
+                if schema.lookup_index(l).is_some() {
+                    continue;
+                }
+                let target = lookup_target(client, l, &key).await?;
+                let from_columns = table_columns(client, &l.from, &format!("{key}.from")).await?;
+                schema.columns.entry(l.from.clone()).or_default().extend(
+                    [&target.references, &target.column]
+                        .into_iter()
+                        .filter_map(|c| Some((c.clone(), from_columns.get(c)?.oid))),
+                );
+                schema.lookups.push(target);
             }
         }
-        Ok(catalog)
+        schema.kinds = catalog.kinds;
+        Ok(schema)
     }
 
     /// The JSON conversion for a type: built-ins directly, domains by their
@@ -140,6 +154,153 @@ impl Catalog {
         self.kinds.insert(oid, kind.clone());
         Ok(kind)
     }
+}
+
+/// Why a column of this kind cannot serve this use, if it cannot.
+fn unfit(kind: &ValueKind, info: &ColumnInfo, role: ColumnRole) -> Option<String> {
+    if info.oid == BYTEA || info.typtype == "c" || info.typtype == "p" {
+        return Some(
+            "it has no JSON form ConveYour can use; map a text, number, date or array column, or a view's cast of it".into(),
+        );
+    }
+    match (role, kind) {
+        (ColumnRole::Value, _) => None,
+        (ColumnRole::Text, ValueKind::Array(_) | ValueKind::Json) => {
+            Some("an id or event name must be a single value, not an array or JSON".into())
+        }
+        (ColumnRole::Text, _) => None,
+        (ColumnRole::List { delimited: false }, ValueKind::Array(_)) => None,
+        (ColumnRole::List { delimited: false }, _) => Some(
+            "a list trait needs an array column (text[]), or a delimiter for a text column".into(),
+        ),
+        (ColumnRole::List { delimited: true }, ValueKind::Text) => None,
+        (ColumnRole::List { delimited: true }, _) => {
+            Some("a delimited list needs a text column".into())
+        }
+        (ColumnRole::Number, ValueKind::Int | ValueKind::Float | ValueKind::Numeric) => None,
+        (ColumnRole::Number, _) => Some("a $inc amount needs a numeric column".into()),
+    }
+}
+
+/// A table's live columns by name; an error naming `key` when the table
+/// does not exist or cannot be seen.
+async fn table_columns(
+    client: &Client,
+    table: &TableName,
+    key: &str,
+) -> Result<HashMap<String, ColumnInfo>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid::int8, t.typtype::text, format_type(a.atttypid, a.atttypmod),
+                    COALESCE(bt.typtype::text, t.typtype::text)
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               LEFT JOIN pg_type t ON t.oid = a.atttypid
+               LEFT JOIN pg_type bt ON bt.oid = t.typbasetype AND t.typtype = 'd'
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql(&format!("looking up {table}"), e))?;
+    if rows.is_empty() {
+        return Err(SourceError::config(format!(
+            "{key}: table {table} does not exist (or this role cannot see it)"
+        )));
+    }
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            Some((
+                row.get::<_, Option<String>>(0)?,
+                ColumnInfo {
+                    oid: row.get::<_, Option<i64>>(1)? as u32,
+                    typtype: row.get::<_, Option<String>>(4).unwrap_or_default(),
+                    type_name: row.get::<_, Option<String>>(3).unwrap_or_default(),
+                },
+            ))
+        })
+        .collect())
+}
+
+/// Resolves a configured lookup against the catalog: the referenced column
+/// defaults to the related table's single-column primary key.
+async fn lookup_target(
+    client: &Client,
+    l: &Lookup,
+    key: &str,
+) -> Result<LookupTarget, SourceError> {
+    let columns = table_columns(client, &l.from, &format!("{key}.from")).await?;
+    let references = match &l.references {
+        Some(r) => r.clone(),
+        None => {
+            let rows = client
+                .query(
+                    "SELECT a.attname::text
+                       FROM pg_index i
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                      WHERE i.indrelid = $1::text::regclass AND i.indisprimary",
+                    &[&l.from.quoted()],
+                )
+                .await
+                .map_err(|e| {
+                    SourceError::from_sql(&format!("looking up {}'s primary key", l.from), e)
+                })?;
+            if rows.len() != 1 {
+                return Err(SourceError::config(format!(
+                    "{key}.references: {} has no single-column primary key; name the column `{}` points at with references:",
+                    l.from, l.key
+                )));
+            }
+            rows[0].get(0)
+        }
+    };
+    let Some(referenced) = columns.get(&references) else {
+        return Err(SourceError::config(format!(
+            "{key}.references: column `{references}` does not exist in table {}",
+            l.from
+        )));
+    };
+    match columns.get(&l.column) {
+        None => {
+            return Err(SourceError::config(format!(
+                "{key}.column: column `{}` does not exist in table {}",
+                l.column, l.from
+            )))
+        }
+        Some(c) if c.oid == BYTEA || c.typtype == "c" => {
+            return Err(SourceError::config(format!(
+                "{key}.column: column `{}` of table {} is of type {}, which cannot be a contact id",
+                l.column, l.from, c.type_name
+            )))
+        }
+        Some(_) => {}
+    }
+    Ok(LookupTarget {
+        from: l.from.clone(),
+        references,
+        column: l.column.clone(),
+        key_type: referenced.type_name.clone(),
+    })
+}
+
+/// Whether an index leads with the lookup's referenced column, so each
+/// lookup is an index probe rather than a scan.
+pub(crate) async fn lookup_indexed(
+    client: &Client,
+    target: &LookupTarget,
+) -> Result<bool, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (
+                SELECT 1 FROM pg_index i
+                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                 WHERE i.indrelid = $1::text::regclass AND a.attname = $2 AND i.indpred IS NULL)",
+            &[&target.from.quoted(), &target.references],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql(&format!("looking up indexes of {}", target.from), e))?;
+    Ok(row.get(0))
 }
 
 /// What [`ensure_publication`] found or did.

@@ -2,6 +2,7 @@
 //! connector owns, and the logical replication stream.
 
 mod catalog;
+mod lookup;
 mod params;
 mod replication;
 mod tls;
@@ -9,9 +10,10 @@ mod tls;
 use std::fmt;
 
 pub(crate) use catalog::{
-    check_slot, connect_sql, ensure_publication, ensure_slot, missing_from_publication,
-    slot_confirmed, slot_info, Catalog, PublicationState,
+    check_slot, connect_sql, ensure_publication, ensure_slot, lookup_indexed,
+    missing_from_publication, slot_confirmed, slot_info, Catalog, PublicationState,
 };
+pub(crate) use lookup::Resolver;
 pub use params::{ConnParams, Host, SslMode};
 pub(crate) use replication::{
     pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,

@@ -5,7 +5,7 @@
 //! validation error names the config key it is about, so an operator can go
 //! straight to the line to fix.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -13,6 +13,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::source::ConnParams;
+
+mod tables;
+
+pub use tables::{
+    ColumnRole, ColumnUse, ContactSource, EventName, FieldMapping, FieldSource, IncrementBy,
+    Lookup, MappingKind, NullPolicy, OnDelete, Operations, TableConfig, TableMapping, TimeFormat,
+};
 
 /// ConveYour refuses to store an event with more than this many key/value
 /// pairs in its properties (the API contract's "15 key/value pairs").
@@ -204,43 +211,6 @@ pub enum OnReject {
     Stop,
 }
 
-/// One entry of `tables:`: a source table and what its rows become.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TableConfig {
-    /// `schema.table`, or `table` for the `public` schema.
-    pub table: String,
-    #[serde(default)]
-    pub identify: Option<IdentifyMapping>,
-    #[serde(default)]
-    pub track: Option<TrackMapping>,
-}
-
-/// Rows become identify calls: the contact and its traits.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentifyMapping {
-    /// Column holding the contact id.
-    pub id: String,
-    /// Trait name → column.
-    #[serde(default)]
-    pub traits: BTreeMap<String, String>,
-}
-
-/// Rows become track events on the contact.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrackMapping {
-    /// Column holding the contact id; it must hold the same id the identify
-    /// mapping sends, or ConveYour cannot match the event to the contact.
-    pub id: String,
-    /// The event name, e.g. `made_sale`.
-    pub event: String,
-    /// Property name → column; at most [`MAX_EVENT_PROPERTIES`].
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
 fn default_slot() -> String {
     DEFAULT_SLOT.to_owned()
 }
@@ -346,51 +316,6 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// What one mapped table's rows become, after validation.
-#[derive(Debug, Clone)]
-pub enum MappingKind {
-    Identify {
-        traits: Vec<(String, String)>,
-    },
-    Track {
-        event: String,
-        properties: Vec<(String, String)>,
-    },
-}
-
-/// A validated table mapping.
-#[derive(Debug, Clone)]
-pub struct TableMapping {
-    pub table: TableName,
-    /// Where in the file it came from, e.g. `tables[1]`, for error messages.
-    pub key: String,
-    pub id_column: String,
-    pub kind: MappingKind,
-}
-
-impl TableMapping {
-    /// Every column the mapping reads, id first, with the config key that
-    /// names it.
-    pub fn columns(&self) -> Vec<(String, &str)> {
-        let mut out = Vec::new();
-        let (section, pairs, what) = match &self.kind {
-            MappingKind::Identify { traits } => ("identify", traits, "traits"),
-            MappingKind::Track { properties, .. } => ("track", properties, "properties"),
-        };
-        out.push((
-            format!("{}.{section}.id", self.key),
-            self.id_column.as_str(),
-        ));
-        for (name, column) in pairs {
-            out.push((
-                format!("{}.{section}.{what}.{name}", self.key),
-                column.as_str(),
-            ));
-        }
-        out
-    }
-}
-
 /// Everything the connector needs, validated: credentials resolved, names
 /// parsed, limits checked.
 #[derive(Debug, Clone)]
@@ -404,6 +329,23 @@ pub struct Settings {
     pub tables: Vec<TableMapping>,
     /// `host:port` for the metrics and health listener.
     pub metrics_listen: String,
+}
+
+impl Settings {
+    /// Every table the publication must hold: the mapped ones, then the
+    /// related tables lookups read (their changes keep the lookup cache
+    /// fresh), each once.
+    pub fn published_tables(&self) -> Vec<&TableName> {
+        let mut out: Vec<&TableName> = self.tables.iter().map(|t| &t.table).collect();
+        for t in &self.tables {
+            if let ContactSource::Lookup(l) = &t.contact {
+                if !out.contains(&&l.from) {
+                    out.push(&l.from);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Validated `conveyour:` settings.
@@ -541,77 +483,20 @@ impl Config {
         let mut tables = Vec::with_capacity(self.tables.len());
         for (i, t) in self.tables.iter().enumerate() {
             let key = format!("tables[{i}]");
-            let table = TableName::parse(&t.table).ok_or_else(|| {
-                err(
-                    format!("{key}.table"),
-                    format!("`{}` is not a table name of the form schema.table", t.table),
-                )
-            })?;
-            if let Some(first) = seen.get(&table) {
+            let mapping = tables::validate_table(&key, t)?;
+            if let Some(first) = seen.get(&mapping.table) {
                 return Err(err(
                     format!("{key}.table"),
-                    format!("{table} is already mapped at {first}; map each table once"),
+                    format!(
+                        "{} is already mapped at {first}; map each table once",
+                        mapping.table
+                    ),
                 ));
             }
-            seen.insert(table.clone(), key.clone());
-            let mapping = match (&t.identify, &t.track) {
-                (Some(m), None) => {
-                    check_column(&format!("{key}.identify.id"), &m.id)?;
-                    for (name, column) in &m.traits {
-                        let k = format!("{key}.identify.traits.{name}");
-                        check_key(&k, name)?;
-                        check_column(&k, column)?;
-                    }
-                    TableMapping {
-                        table,
-                        key: key.clone(),
-                        id_column: m.id.clone(),
-                        kind: MappingKind::Identify {
-                            traits: m.traits.clone().into_iter().collect(),
-                        },
-                    }
-                }
-                (None, Some(m)) => {
-                    check_column(&format!("{key}.track.id"), &m.id)?;
-                    if m.event.trim().is_empty() {
-                        return Err(err(format!("{key}.track.event"), "must not be empty"));
-                    }
-                    if m.properties.len() > MAX_EVENT_PROPERTIES {
-                        return Err(err(
-                            format!("{key}.track.properties"),
-                            format!(
-                                "{} properties, but ConveYour blocks events with more than {MAX_EVENT_PROPERTIES}",
-                                m.properties.len()
-                            ),
-                        ));
-                    }
-                    for (name, column) in &m.properties {
-                        let k = format!("{key}.track.properties.{name}");
-                        check_key(&k, name)?;
-                        check_column(&k, column)?;
-                    }
-                    TableMapping {
-                        table,
-                        key: key.clone(),
-                        id_column: m.id.clone(),
-                        kind: MappingKind::Track {
-                            event: m.event.clone(),
-                            properties: m.properties.clone().into_iter().collect(),
-                        },
-                    }
-                }
-                (Some(_), Some(_)) => {
-                    return Err(err(
-                        key,
-                        "give either identify or track, not both; map the table twice under different roles is not supported",
-                    ))
-                }
-                (None, None) => {
-                    return Err(err(key, "missing identify or track: say what the rows become"))
-                }
-            };
+            seen.insert(mapping.table.clone(), key.clone());
             tables.push(mapping);
         }
+        check_lookups(&tables)?;
 
         Ok(Settings {
             postgres,
@@ -684,16 +569,37 @@ fn check_name(field: &str, name: &str, slot: bool) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn check_column(field: &str, column: &str) -> Result<(), ConfigError> {
-    if column.is_empty() || column.len() > 63 {
-        return Err(err(field, "must name a column (1 to 63 characters)"));
-    }
-    Ok(())
-}
-
-fn check_key(field: &str, name: &str) -> Result<(), ConfigError> {
-    if name.is_empty() {
-        return Err(err(field, "the name must not be empty"));
+/// A lookup into a table that is itself mapped as identify must read the
+/// column that mapping sends as the contact id: ConveYour matches events to
+/// contacts by that id, and any other column would file them under contacts
+/// that do not exist.
+fn check_lookups(tables: &[TableMapping]) -> Result<(), ConfigError> {
+    for t in tables {
+        let ContactSource::Lookup(l) = &t.contact else {
+            continue;
+        };
+        let field = format!("{}.{}.id", t.key, t.section());
+        if l.from == t.table {
+            return Err(err(
+                format!("{field}.from"),
+                "a lookup must name another table; use id: COLUMN for this table's own column",
+            ));
+        }
+        let Some(target) = tables.iter().find(|o| o.table == l.from) else {
+            continue;
+        };
+        match (&target.kind, &target.contact) {
+            (MappingKind::Identify, ContactSource::Column(id)) if *id != l.column => {
+                return Err(err(
+                    format!("{field}.column"),
+                    format!(
+                        "is `{}`, but {} ({}) identifies contacts by `{id}`; ConveYour matches events to contacts by the identify id, so use column: {id}",
+                        l.column, target.key, target.table
+                    ),
+                ))
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -743,9 +649,9 @@ tables:
         assert_eq!(s.tables.len(), 2);
         assert_eq!(s.tables[1].table.to_string(), "public.sales");
         match &s.tables[1].kind {
-            MappingKind::Track { event, properties } => {
-                assert_eq!(event, "made_sale");
-                assert_eq!(properties.len(), 2);
+            MappingKind::Track { event, .. } => {
+                assert_eq!(event, &EventName::Fixed("made_sale".into()));
+                assert_eq!(s.tables[1].fields.len(), 2);
             }
             other => panic!("{other:?}"),
         }
