@@ -609,11 +609,15 @@ fn error_at(plan: &Plan, lsn: Lsn) -> impl Fn(&str, String) -> MapError + '_ {
     }
 }
 
+/// Finds a column by name in the relation being learnt (the second
+/// argument is the config key, for the error): its index and conversion.
+type ColumnFinder<'a> = dyn FnMut(&str, &str) -> Result<(usize, ValueKind), MapError> + 'a;
+
 /// Builds a mapping's plan against a relation's columns.
 fn plan_for(
     m: &TableMapping,
     schema: &Schema,
-    find: &mut dyn FnMut(&str, &str) -> Result<(usize, ValueKind), MapError>,
+    find: &mut ColumnFinder<'_>,
 ) -> Result<ActPlan, MapError> {
     let section = m.section();
     let base = format!("{}.{section}", m.key);
@@ -697,7 +701,7 @@ fn field_plans(
     fields: &[crate::config::FieldMapping],
     base: &str,
     m: &TableMapping,
-    find: &mut dyn FnMut(&str, &str) -> Result<(usize, ValueKind), MapError>,
+    find: &mut ColumnFinder<'_>,
 ) -> Result<Vec<Field>, MapError> {
     let mut out = Vec::with_capacity(fields.len());
     for f in fields {

@@ -617,12 +617,14 @@ pub(super) fn validate_table(key: &str, t: &TableConfig) -> Result<TableMapping,
     let on_delete = match &t.on_delete {
         None => OnDelete::Ignore,
         Some(OnDeleteConfig::Keyword(k)) if k == "ignore" => OnDelete::Ignore,
-        Some(OnDeleteConfig::Keyword(k)) => return Err(err(
-            format!("{key}.on_delete"),
-            format!(
+        Some(OnDeleteConfig::Keyword(k)) => {
+            return Err(err(
+                format!("{key}.on_delete"),
+                format!(
                 "`{k}`: use ignore, {{identify: {{trait: value}}}} or {{track: {{event: name}}}}"
             ),
-        )),
+            ))
+        }
         Some(OnDeleteConfig::Action(a)) => match (&a.identify, &a.track) {
             (Some(traits), None) => {
                 if traits.is_empty() {

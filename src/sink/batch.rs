@@ -165,9 +165,11 @@ impl Batcher {
     }
 
     /// Adds an action. With coalescing, an identify for a contact that
-    /// already has one pending merges into it: the later value of each
-    /// trait wins. (Order is safe: `must_flush_before` already flushed any
-    /// event of the contact that came between.)
+    /// already has one pending merges into it when the two fold into one
+    /// entry with the same effect ([`fold_traits`]): a plain value replaces,
+    /// counters add up, list operations combine. Otherwise it becomes a new
+    /// entry after the first. (Order is safe: `must_flush_before` already
+    /// flushed any event of the contact that came between.)
     pub(crate) fn push(&mut self, seq: u64, action: Action) {
         match action.body {
             ActionBody::Identify { .. } if self.coalesce => {
@@ -175,12 +177,14 @@ impl Batcher {
                     if let (
                         ActionBody::Identify { traits },
                         ActionBody::Identify { traits: later },
-                    ) = (&mut self.identify[i].1.body, action.body)
+                    ) = (&mut self.identify[i].1.body, &action.body)
                     {
-                        traits.extend(later);
+                        if let Some(folded) = fold_traits(traits, later) {
+                            *traits = folded;
+                            self.identify_merged[i].push(seq);
+                            return;
+                        }
                     }
-                    self.identify_merged[i].push(seq);
-                    return;
                 }
                 self.identify_index
                     .insert(action.contact.clone(), self.identify.len());
@@ -247,6 +251,87 @@ impl Batcher {
             .chain(self.tracks.iter().map(|(c, _)| c.as_str()))
             .collect()
     }
+}
+
+/// The traits of two identifies of one contact folded into one entry with
+/// the same effect as sending both in order, or None when they do not fold:
+/// - a plain value replaces whatever came before;
+/// - `{"$inc": b}` after `{"$inc": a}` is `{"$inc": a+b}` (integers only,
+///   so no precision is lost), after a plain integer `v` it is `v+b`;
+/// - list operations combine: `{add: (A1 − R2) ∪ A2, remove: (R1 − A2) ∪ R2}`,
+///   disjoint, so the result does not depend on whether ConveYour removes
+///   or adds first.
+fn fold_traits(
+    earlier: &Map<String, Value>,
+    later: &Map<String, Value>,
+) -> Option<Map<String, Value>> {
+    let mut out = earlier.clone();
+    for (key, next) in later {
+        let folded = match out.get(key) {
+            None => Some(next.clone()),
+            Some(prev) => fold_value(prev, next)?,
+        };
+        match folded {
+            Some(v) => out.insert(key.clone(), v),
+            None => out.remove(key),
+        };
+    }
+    Some(out)
+}
+
+/// One trait value with the effect of `prev` then `next`: Some(None) when
+/// they cancel out, None when they do not fold.
+fn fold_value(prev: &Value, next: &Value) -> Option<Option<Value>> {
+    let Value::Object(op) = next else {
+        return Some(Some(next.clone()));
+    };
+    if let Some(by) = op.get("$inc") {
+        let by = by.as_i64()?;
+        return Some(Some(match prev {
+            Value::Object(p) => {
+                serde_json::json!({"$inc": p.get("$inc")?.as_i64()?.checked_add(by)?})
+            }
+            Value::Number(n) => Value::from(n.as_i64()?.checked_add(by)?),
+            _ => return None,
+        }));
+    }
+    let Value::Object(p) = prev else { return None };
+    if p.contains_key("$inc") {
+        return None;
+    }
+    let list = |m: &Map<String, Value>, k: &str| -> Vec<Value> {
+        m.get(k)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (a2, r2) = (list(op, "add"), list(op, "remove"));
+    let mut add: Vec<Value> = list(p, "add")
+        .into_iter()
+        .filter(|v| !r2.contains(v))
+        .collect();
+    let mut remove: Vec<Value> = list(p, "remove")
+        .into_iter()
+        .filter(|v| !a2.contains(v))
+        .collect();
+    for v in a2 {
+        if !add.contains(&v) {
+            add.push(v);
+        }
+    }
+    for v in r2 {
+        if !remove.contains(&v) {
+            remove.push(v);
+        }
+    }
+    let mut m = Map::new();
+    if !add.is_empty() {
+        m.insert("add".into(), Value::Array(add));
+    }
+    if !remove.is_empty() {
+        m.insert("remove".into(), Value::Array(remove));
+    }
+    Some((!m.is_empty()).then_some(Value::Object(m)))
 }
 
 /// Encodes a request. Identify: an array of `{id, traits}`. Track: one
@@ -394,6 +479,82 @@ mod tests {
         b.push(1, identify("a", 0x10, json!({ "x": 1 })));
         b.push(2, identify("b", 0x20, json!({})));
         assert_ne!(b.take().remove(0).idempotency_key(), key);
+    }
+
+    #[test]
+    fn coalescing_adds_counters_and_combines_list_operations() {
+        let traits = |v: Value| v.as_object().unwrap().clone();
+        let fold = |a: Value, b: Value| fold_traits(&traits(a), &traits(b)).map(Value::Object);
+        assert_eq!(
+            fold(
+                json!({"n": {"$inc": 2}, "x": 1}),
+                json!({"n": {"$inc": 3}, "x": 2})
+            ),
+            Some(json!({"n": {"$inc": 5}, "x": 2}))
+        );
+        assert_eq!(
+            fold(json!({"n": 10}), json!({"n": {"$inc": 3}})),
+            Some(json!({"n": 13}))
+        );
+        assert_eq!(
+            fold(json!({"n": {"$inc": 1}}), json!({"n": 7})),
+            Some(json!({"n": 7}))
+        );
+        // Fractions are not added up here: they stay two entries.
+        assert_eq!(
+            fold(json!({"n": {"$inc": 1.5}}), json!({"n": {"$inc": 1}})),
+            None
+        );
+        assert_eq!(
+            fold(json!({"n": {"$inc": 1}}), json!({"n": {"$inc": 0.5}})),
+            None
+        );
+        assert_eq!(fold(json!({"n": "text"}), json!({"n": {"$inc": 1}})), None);
+        // add a, then remove a and add b: a is gone, b is there.
+        assert_eq!(
+            fold(
+                json!({"t": {"add": ["a"]}}),
+                json!({"t": {"add": ["b"], "remove": ["a"]}})
+            ),
+            Some(json!({"t": {"add": ["b"], "remove": ["a"]}}))
+        );
+        // remove a, then add it back: only the add remains.
+        assert_eq!(
+            fold(
+                json!({"t": {"remove": ["a"]}}),
+                json!({"t": {"add": ["a"]}})
+            ),
+            Some(json!({"t": {"add": ["a"]}}))
+        );
+        assert_eq!(
+            fold(json!({"t": {"add": ["a"]}}), json!({"t": {"$inc": 1}})),
+            None
+        );
+        assert_eq!(
+            fold(json!({"t": ["a"]}), json!({"t": {"add": ["b"]}})),
+            None
+        );
+
+        // Through the batcher: two sales' counters become one entry.
+        let mut b = Batcher::new(10, true);
+        let inc = |n: i64| Action {
+            table: Arc::from("public.sales"),
+            lsn: Lsn(1),
+            contact: "jill".into(),
+            body: ActionBody::Identify {
+                traits: traits(json!({"sales_count": {"$inc": n}})),
+            },
+        };
+        b.push(1, inc(1));
+        b.push(2, inc(1));
+        let reqs = b.take();
+        assert_eq!(reqs.len(), 1);
+        let body: Value = serde_json::from_slice(&reqs[0].body).unwrap();
+        assert_eq!(
+            body,
+            json!([{"id": "jill", "traits": {"sales_count": {"$inc": 2}}}])
+        );
+        assert_eq!(reqs[0].seqs(), vec![1, 2]);
     }
 
     #[test]
