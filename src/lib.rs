@@ -18,6 +18,7 @@ pub mod lsn;
 pub mod mapping;
 pub mod pipeline;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod state;
 pub mod status;

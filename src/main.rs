@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use conveyour_cdc::{check, config, pipeline, state, status, telemetry, Error};
+use conveyour_cdc::{check, config, pipeline, snapshot, state, status, telemetry, Error};
 
 /// Streams Postgres row changes into ConveYour identify and track calls.
 #[derive(Parser)]
@@ -77,6 +77,16 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Send one table's current rows again, in chunks, while the running
+    /// connector keeps streaming (e.g. after adding a trait to its mapping).
+    Resync {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The mapped table, `schema.table` or `table` (public).
+        #[arg(long)]
+        table: String,
+    },
     /// Report the slot, the publication, dead letters and initial-sync state.
     Status {
         /// The YAML config file.
@@ -129,6 +139,14 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::DeadLetters { action } => dead_letters(action),
+        Command::Resync { config, table } => {
+            let settings = config::load(&config)?;
+            let table = runtime()?.block_on(snapshot::request_resync(&settings, &table))?;
+            println!(
+                "resync of {table} requested: the running connector (or the next to start) copies it alongside the stream; watch conveyour_cdc_snapshot_tables_remaining or `status`"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { config, json } => {
             let settings = config::load(&config)?;
             let status = runtime()?.block_on(status::read(&settings))?;

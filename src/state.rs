@@ -78,6 +78,18 @@ impl State {
                      updated_at timestamptz NOT NULL DEFAULT now(),
                      PRIMARY KEY (slot, lane)
                  );
+                 CREATE TABLE IF NOT EXISTS {SCHEMA}.snapshot_progress (
+                     slot text NOT NULL,
+                     source_table text NOT NULL,
+                     status text NOT NULL,
+                     last_key text[],
+                     rows_copied bigint NOT NULL DEFAULT 0,
+                     rows_total bigint,
+                     started_at timestamptz,
+                     updated_at timestamptz NOT NULL DEFAULT now(),
+                     finished_at timestamptz,
+                     PRIMARY KEY (slot, source_table)
+                 );
                  CREATE TABLE IF NOT EXISTS {SCHEMA}.dead_letters (
                      id bigserial PRIMARY KEY,
                      slot text NOT NULL,
@@ -213,6 +225,146 @@ impl State {
         Ok(())
     }
 }
+
+/// Where one table's copy stands, as `snapshot_progress` records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SyncRow {
+    pub table: String,
+    pub status: SyncStatus,
+    /// The primary key (as text) of the last row whose chunk ConveYour
+    /// acknowledged; None before the first.
+    pub last_key: Option<Vec<Option<String>>>,
+    pub rows_copied: i64,
+}
+
+/// A table's copy: to do, under way, or finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncStatus {
+    Pending,
+    Copying,
+    Done,
+}
+
+impl SyncStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Pending => "pending",
+            SyncStatus::Copying => "copying",
+            SyncStatus::Done => "done",
+        }
+    }
+}
+
+impl State {
+    /// The slot's copy state, one row per table that has one.
+    pub(crate) async fn sync_rows(&self) -> Result<Vec<SyncRow>, SourceError> {
+        let rows = self
+            .client
+            .query(
+                &format!("SELECT source_table, status, last_key, rows_copied FROM {SCHEMA}.snapshot_progress WHERE slot = $1 ORDER BY source_table"),
+                &[&self.slot],
+            )
+            .await
+            .map_err(|e| SourceError::from_sql("reading the sync state", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| SyncRow {
+                table: r.get(0),
+                status: match r.get::<_, &str>(1) {
+                    "done" => SyncStatus::Done,
+                    "copying" => SyncStatus::Copying,
+                    _ => SyncStatus::Pending,
+                },
+                last_key: r.get(2),
+                rows_copied: r.get(3),
+            })
+            .collect())
+    }
+
+    /// A new slot: its copy starts over for `tables`, and nothing recorded
+    /// for an earlier slot of the same name counts.
+    pub(crate) async fn start_sync(&self, tables: &[String]) -> Result<(), SourceError> {
+        self.client
+            .execute(
+                &format!("DELETE FROM {SCHEMA}.snapshot_progress WHERE slot = $1"),
+                &[&self.slot],
+            )
+            .await
+            .map_err(|e| SourceError::from_sql("resetting the sync state", e))?;
+        self.add_sync(tables).await
+    }
+
+    /// Marks `tables` pending unless they already have a state (a table
+    /// added to the mapping since the first run is copied too).
+    pub(crate) async fn add_sync(&self, tables: &[String]) -> Result<(), SourceError> {
+        for t in tables {
+            self.client
+                .execute(
+                    &format!("INSERT INTO {SCHEMA}.snapshot_progress (slot, source_table, status) VALUES ($1, $2, 'pending') ON CONFLICT DO NOTHING"),
+                    &[&self.slot, t],
+                )
+                .await
+                .map_err(|e| SourceError::from_sql("recording the sync state", e))?;
+        }
+        Ok(())
+    }
+
+    /// Records a table's copy after a chunk was acknowledged (or its end).
+    /// Durable when it returns.
+    pub(crate) async fn save_sync(
+        &self,
+        table: &str,
+        status: SyncStatus,
+        last_key: Option<&[Option<String>]>,
+        rows_copied: i64,
+        rows_total: Option<i64>,
+    ) -> Result<(), SourceError> {
+        self.client
+            .execute(
+                &format!(
+                    "UPDATE {SCHEMA}.snapshot_progress
+                        SET status = $3, last_key = $4, rows_copied = $5, rows_total = COALESCE($6, rows_total),
+                            started_at = COALESCE(started_at, now()), updated_at = now(),
+                            finished_at = CASE WHEN $3 = 'done' THEN now() END
+                      WHERE slot = $1 AND source_table = $2"
+                ),
+                &[&self.slot, &table, &status.as_str(), &last_key, &rows_copied, &rows_total],
+            )
+            .await
+            .map_err(|e| SourceError::from_sql("recording the sync state", e))?;
+        Ok(())
+    }
+}
+
+/// Asks for one table's rows to be sent again: the running connector (or
+/// the next to start) copies it in chunks alongside the stream. The
+/// message wakes a running connector at once; the row makes the request
+/// survive until some connector acts on it.
+pub async fn request_resync(client: &Client, slot: &str, table: &str) -> Result<(), SourceError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {SCHEMA}.snapshot_progress (slot, source_table, status) VALUES ($1, $2, 'pending')
+                 ON CONFLICT (slot, source_table) DO UPDATE
+                    SET status = 'pending', last_key = NULL, rows_copied = 0, started_at = NULL, finished_at = NULL, updated_at = now()"
+            ),
+            &[&slot, &table],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("recording the resync request", e))?;
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, $1, $2)",
+            &[&WATERMARK_PREFIX, &format!("resync:{slot}")],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("waking the running connector", e))?;
+    Ok(())
+}
+
+/// The prefix of the connector's own logical decoding messages (sync
+/// watermarks, resync requests); others' messages are ignored.
+pub(crate) const WATERMARK_PREFIX: &str = "conveyour_cdc";
 
 /// One stored dead letter, as `dead-letters list` shows it.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -42,6 +42,8 @@ const NO_PROGRESS_AFTER: Duration = Duration::from_secs(120);
 pub(crate) struct Metrics {
     registry: Registry,
     pub changes_received: IntCounterVec,
+    pub snapshot_rows: IntCounter,
+    pub snapshot_tables_remaining: IntGauge,
     /// Row changes that could not be sent anywhere (no contact, no event
     /// name), by table and reason.
     pub rows_skipped: IntCounterVec,
@@ -134,14 +136,19 @@ impl Metrics {
             .set(1.0);
         // Exported from the start so dashboards and alerts see zeros rather
         // than gaps; the initial sync and dead-lettering move them.
-        counter("snapshot_rows_total", "Rows copied by the initial sync");
-        int_gauge(
+        let snapshot_rows = counter(
+            "snapshot_rows_total",
+            "Rows the initial sync or a resync copied and ConveYour acknowledged",
+        );
+        let snapshot_tables_remaining = int_gauge(
             "snapshot_tables_remaining",
-            "Tables the initial sync has not finished",
+            "Tables the initial sync or a resync has not finished",
         );
 
         let now = unix_ms();
         Metrics {
+            snapshot_rows,
+            snapshot_tables_remaining,
             changes_received: counter_vec(
                 "changes_received_total",
                 "Row changes of mapped tables received from Postgres",

@@ -14,3 +14,4 @@ mod observe;
 mod reliability;
 mod spine;
 mod sql;
+mod sync;

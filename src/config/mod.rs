@@ -18,7 +18,8 @@ mod tables;
 
 pub use tables::{
     ColumnRole, ColumnUse, ContactSource, EventName, FieldMapping, FieldSource, IncrementBy,
-    Lookup, MappingKind, NullPolicy, OnDelete, Operations, TableConfig, TableMapping, TimeFormat,
+    Lookup, MappingKind, NullPolicy, OnDelete, Operations, SnapshotPolicy, TableConfig,
+    TableMapping, TimeFormat,
 };
 
 /// ConveYour refuses to store an event with more than this many key/value
@@ -108,6 +109,34 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+}
+
+/// Rows read per chunk of the initial sync or a resync. 2,000 rows make
+/// four full identify requests at the default batch size, so one chunk
+/// keeps every default lane busy, while a crash resends at most this many
+/// rows per chunk in flight.
+pub const DEFAULT_SYNC_CHUNK_ROWS: usize = 2_000;
+
+/// `sync:` — how existing rows are copied.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    #[serde(default = "default_sync_chunk_rows")]
+    pub chunk_rows: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            chunk_rows: DEFAULT_SYNC_CHUNK_ROWS,
+        }
+    }
+}
+
+fn default_sync_chunk_rows() -> usize {
+    DEFAULT_SYNC_CHUNK_ROWS
 }
 
 /// Where Prometheus metrics and health checks are served. The default
@@ -329,6 +358,8 @@ pub struct Settings {
     pub tables: Vec<TableMapping>,
     /// `host:port` for the metrics and health listener.
     pub metrics_listen: String,
+    /// Rows per chunk of the initial sync and resyncs.
+    pub sync_chunk_rows: usize,
 }
 
 impl Settings {
@@ -476,6 +507,9 @@ impl Config {
                 ),
             ));
         }
+        if self.sync.chunk_rows == 0 || self.sync.chunk_rows > 100_000 {
+            return Err(err("sync.chunk_rows", "must be between 1 and 100000"));
+        }
         if self.tables.is_empty() {
             return Err(err("tables", "map at least one table"));
         }
@@ -522,6 +556,7 @@ impl Config {
             },
             tables,
             metrics_listen: self.metrics.listen.clone(),
+            sync_chunk_rows: self.sync.chunk_rows,
         })
     }
 }

@@ -45,6 +45,23 @@ pub struct TableConfig {
     /// How `timestamp`/`timestamptz` columns are sent; default `iso8601`.
     #[serde(default)]
     pub timestamp_format: Option<String>,
+    /// Whether the table's existing rows are sent on the first run (and may
+    /// be re-sent with `resync`): default `initial` for identify tables,
+    /// `never` for track tables, whose old rows would fire automations for
+    /// years-old events.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotPolicy>,
+}
+
+/// `snapshot:` — whether existing rows are copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotPolicy {
+    /// Send every existing row once, before (first run) or alongside
+    /// (resume, resync) the stream.
+    Initial,
+    /// Only changes from now on.
+    Never,
 }
 
 /// Rows become identify calls: the contact and its traits.
@@ -379,6 +396,8 @@ pub struct TableMapping {
     pub nulls: NullPolicy,
     pub date_format: TimeFormat,
     pub timestamp_format: TimeFormat,
+    /// Whether existing rows are copied (first run) and may be re-synced.
+    pub snapshot: SnapshotPolicy,
 }
 
 /// A column the mapping reads, with the config key that names it and what
@@ -696,6 +715,11 @@ pub(super) fn validate_table(key: &str, t: &TableConfig) -> Result<TableMapping,
         nulls: t.nulls,
         date_format,
         timestamp_format,
+        snapshot: t.snapshot.unwrap_or(if identify {
+            SnapshotPolicy::Initial
+        } else {
+            SnapshotPolicy::Never
+        }),
     })
 }
 

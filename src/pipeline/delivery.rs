@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::Shutdown;
@@ -32,7 +32,7 @@ const LANE_QUEUE: usize = 1024;
 
 /// What the reader hands the delivery coordinator, in stream order.
 #[derive(Debug)]
-pub(super) enum Event {
+pub(crate) enum Event {
     /// A transaction starts.
     Begin,
     /// A row change to deliver, and its place in the stream.
@@ -48,6 +48,9 @@ pub(super) enum Event {
     Keepalive {
         wal_end: Lsn,
     },
+    /// Fires once every action before it is acknowledged (or durably
+    /// dead-lettered): a sync chunk's rows are delivered.
+    Marker(oneshot::Sender<()>),
 }
 
 /// The lane of a contact among `lanes`: FNV-1a, stable across restarts and
@@ -118,6 +121,8 @@ pub(super) struct Coordinator {
     /// Transactions whose commit has been seen: confirmed once every
     /// action before `seq` is acknowledged.
     commits: VecDeque<(u64, Lsn, i64)>,
+    /// Markers waiting for every action before `seq` to be acknowledged.
+    markers: VecDeque<(u64, oneshot::Sender<()>)>,
     in_transaction: bool,
     confirmed: watch::Sender<Lsn>,
     grace: Duration,
@@ -164,6 +169,7 @@ impl Coordinator {
             next_seq: 0,
             window: BTreeMap::new(),
             commits: VecDeque::new(),
+            markers: VecDeque::new(),
             in_transaction: false,
             confirmed,
             grace: settings.shutdown_grace,
@@ -264,6 +270,10 @@ impl Coordinator {
                 }
                 self.advance();
             }
+            Event::Marker(done) => {
+                self.markers.push_back((self.next_seq, done));
+                self.advance();
+            }
             Event::Keepalive { wal_end } => {
                 if !self.in_transaction && self.window.is_empty() && self.commits.is_empty() {
                     self.confirm(wal_end, None);
@@ -349,6 +359,15 @@ impl Coordinator {
         }
         if let Some((end, time)) = confirm {
             self.confirm(end, Some(time));
+        }
+        while self
+            .markers
+            .front()
+            .is_some_and(|(seq, _)| *seq <= low_water)
+        {
+            if let Some((_, done)) = self.markers.pop_front() {
+                let _ = done.send(());
+            }
         }
     }
 

@@ -9,20 +9,22 @@
 //! server's keepalives, so an idle slot holds no WAL.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 mod delivery;
 
-use delivery::{Coordinator, Event, Replay};
+pub(crate) use delivery::Event;
+use delivery::{Coordinator, Replay};
 
 use crate::config::{OnReject, Settings};
-use crate::decode::{decode, PgOutput};
+use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{ContactRef, Mapper, Outcome};
 use crate::sink::Sink;
+use crate::snapshot::{self, Watermark};
 use crate::source::{
     self, connect_sql, Catalog, ReplicationConn, ReplicationMessage, ReplicationReader,
     ReplicationWriter, Resolver,
@@ -135,10 +137,6 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     {
         tracing::info!(publication = %settings.publication, "created the publication for the mapped tables");
     }
-    if source::ensure_slot(&client, &settings.slot, &settings.postgres.dbname).await? {
-        tracing::info!(slot = %settings.slot, "created the replication slot");
-    }
-    let start = source::slot_confirmed(&client, &settings.slot).await?;
     let mut conn = ReplicationConn::connect(&settings.postgres).await?;
     let system = conn.identify_system().await?;
     let mut state = match State::open(client.clone(), &settings.slot).await {
@@ -151,13 +149,39 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
                     "{e}; dead letters need the connector's schema: run sql/setup.sql, or set conveyour.on_reject: stop"
                 )));
             }
-            tracing::warn!("progress is tracked per transaction only (the connector's schema is unavailable): {e}");
+            tracing::warn!("progress is tracked per transaction only, and existing rows are not copied (the connector's schema is unavailable): {e}");
             None
         }
     };
     if let Some(state) = &mut state {
         state.set_system(&system.system_id);
     }
+    // A new slot is created here, on the replication connection, so that
+    // its snapshot can seed the first copy.
+    let exported = match source::slot_info(&client, &settings.slot).await? {
+        None => conn.create_slot_exporting(&settings.slot).await?,
+        Some(_) => None,
+    };
+    if exported.is_some() {
+        tracing::info!(slot = %settings.slot, "created the replication slot");
+    }
+    source::ensure_slot(&client, &settings.slot, &settings.postgres.dbname).await?;
+    let copied: Vec<String> = snapshot::copied_tables(settings)
+        .iter()
+        .map(|t| t.table.to_string())
+        .collect();
+    let exported = match (&state, exported) {
+        (Some(state), Some(exported)) => {
+            state.start_sync(&copied).await?;
+            Some(exported)
+        }
+        (Some(state), None) => {
+            state.add_sync(&copied).await?;
+            None
+        }
+        (None, _) => None,
+    };
+    let start = source::slot_confirmed(&client, &settings.slot).await?;
     // Rows the lanes recorded as delivered are skipped, so a restart
     // resends only what was in flight, not everything after the slot's
     // position.
@@ -169,8 +193,54 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         None => None,
     };
 
+    let (confirmed_tx, confirmed_rx) = watch::channel(start);
+    let metrics = telemetry::metrics();
+    metrics.confirmed(start, None);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_CHUNKS);
+    let coordinator = Coordinator::new(
+        sink.clone(),
+        &settings.conveyour,
+        state.clone(),
+        confirmed_tx,
+    );
+    let mut delivery = tokio::spawn(coordinator.run(events_rx, shutdown.clone()));
+    let joined = |r: Result<Result<(), Error>, tokio::task::JoinError>| match r {
+        Ok(r) => r,
+        Err(e) => Err(Error::Setup(format!("delivery failed: {e}"))),
+    };
+
+    // The first run: existing rows, inside the slot's snapshot, delivered
+    // before the stream starts at the slot's consistent point.
+    if let (Some(exported), Some(state)) = (&exported, &state) {
+        let copy_client = Arc::new(connect_sql(&settings.postgres).await?);
+        let cx = snapshot::CopyContext {
+            settings,
+            schema: &schema,
+            state,
+            events: &events_tx,
+            chunks_in_flight: settings.conveyour.max_in_flight,
+        };
+        tokio::select! {
+            r = snapshot::copy_exported(cx, copy_client, &exported.snapshot, exported.consistent_point, shutdown.clone()) => r?,
+            r = &mut delivery => return joined(r),
+            e = watch_slot(&client, &settings.slot, settings.retained_wal_warn_bytes) => return Err(e),
+        }
+        if shutdown.is_set() {
+            drop(events_tx);
+            return joined(delivery.await);
+        }
+    }
+
+    let server_version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| source::SourceError::from_sql("reading the server version", e))?;
+    // Watermarks are logical decoding messages, which pgoutput sends from
+    // Postgres 14 on.
+    let messages = server_version >= 140_000;
     let (reader, writer) = conn
-        .start_replication(&settings.slot, &settings.publication, Lsn::ZERO)
+        .start_replication(&settings.slot, &settings.publication, Lsn::ZERO, messages)
         .await?;
     // Only the slot's holder may tidy its progress: a standby with another
     // lane count must not erase what the active connector records.
@@ -186,10 +256,6 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         timeline = system.timeline,
         "streaming"
     );
-
-    let (confirmed_tx, confirmed_rx) = watch::channel(start);
-    let metrics = telemetry::metrics();
-    metrics.confirmed(start, None);
     metrics.connected.set(1);
     let reply_now = Arc::new(Notify::new());
     let (stop_feedback, stop_feedback_rx) = oneshot::channel();
@@ -200,37 +266,115 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         settings.status_interval,
         stop_feedback_rx,
     ));
-    let (events_tx, events_rx) = mpsc::channel(EVENT_CHUNKS);
+    let window = Arc::new(Mutex::new(snapshot::Window::default()));
+    let wake = Arc::new(Notify::new());
     let resolver = Resolver::new(client.clone(), schema.lookups.clone());
-    let mapper = Mapper::new(&settings.tables, schema);
+    let mapper = Mapper::new(&settings.tables, schema.clone());
     let reader = tokio::spawn(read_loop(
         reader,
-        mapper,
-        resolver,
-        events_tx,
+        Rows {
+            mapper,
+            resolver,
+            replay,
+        },
+        Sync {
+            window: window.clone(),
+            wake: wake.clone(),
+            slot: settings.slot.clone(),
+        },
+        events_tx.clone(),
         reply_now,
-        replay,
         shutdown.clone(),
     ));
 
-    let coordinator = Coordinator::new(sink.clone(), &settings.conveyour, state, confirmed_tx);
-    let delivered = tokio::select! {
-        r = coordinator.run(events_rx, shutdown) => r,
-        e = watch_slot(&client, &settings.slot, settings.retained_wal_warn_bytes) => Err(e),
+    // Tables still to copy (a resume, a new table, a resync) are copied
+    // in watermarked chunks while the stream flows.
+    let mut alongside = Box::pin(async {
+        match (&state, messages) {
+            (Some(state), true) => {
+                let cx = snapshot::CopyContext {
+                    settings,
+                    schema: &schema,
+                    state,
+                    events: &events_tx,
+                    chunks_in_flight: 1,
+                };
+                let copy_client = Arc::new(connect_sql(&settings.postgres).await?);
+                snapshot::copy_alongside(cx, copy_client, window, wake, shutdown.clone()).await?;
+            }
+            (Some(_), false) => tracing::warn!(
+                "tables left to copy wait: copying alongside the stream needs PostgreSQL 14 or later"
+            ),
+            (None, _) => {}
+        }
+        // Done (a stop was asked for): delivery decides when to end.
+        std::future::pending::<Result<(), Error>>().await
+    });
+    let mut reader = reader;
+    let mut reader_done = false;
+    let mut delivery_done = false;
+    let delivered = loop {
+        tokio::select! {
+            r = &mut delivery => {
+                delivery_done = true;
+                break joined(r);
+            }
+            e = watch_slot(&client, &settings.slot, settings.retained_wal_warn_bytes) => break Err(e),
+            r = &mut alongside => break r,
+            r = &mut reader, if !reader_done => {
+                reader_done = true;
+                match r {
+                    // Stopped for a stop request: delivery drains and ends.
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(Error::Setup(format!("the replication reader failed: {e}"))),
+                }
+            }
+        }
+    };
+    // Whatever ended the session, delivery gets its grace period to send
+    // what it holds once nothing more can come in.
+    drop(alongside);
+    reader.abort();
+    drop(events_tx);
+    let delivered = if delivery_done {
+        delivered
+    } else {
+        delivered.and(joined(delivery.await))
     };
 
     metrics.connected.set(0);
-    reader.abort();
-    let read = match reader.await {
-        Ok(r) => r,
-        Err(e) if e.is_cancelled() => Ok(()),
-        Err(e) => Err(Error::Setup(format!("the replication reader failed: {e}"))),
+    let read = match reader_done {
+        // Its outcome is already in `delivered`.
+        true => Ok(()),
+        false => match reader.await {
+            Ok(r) => r,
+            Err(e) if e.is_cancelled() => Ok(()),
+            Err(e) => Err(Error::Setup(format!("the replication reader failed: {e}"))),
+        },
     };
     let _ = stop_feedback.send(());
     if let Ok(Err(e)) = feedback.await {
         tracing::debug!("final status update not sent: {e}");
     }
     delivered.and(read)
+}
+
+/// How the reader turns rows into actions: the mapping, its lookups, and
+/// what a restart knows was delivered already.
+struct Rows {
+    mapper: Mapper,
+    resolver: Resolver,
+    replay: Option<Replay>,
+}
+
+/// What the reader shares with a copy running alongside the stream.
+struct Sync {
+    window: Arc<Mutex<snapshot::Window>>,
+    /// Woken by a resync request read from the stream.
+    wake: Arc<Notify>,
+    /// Watermarks name the slot they are for.
+    slot: String,
 }
 
 /// How often the slot's retained WAL and health are read while streaming.
@@ -283,13 +427,30 @@ async fn watch_slot(client: &tokio_postgres::Client, slot: &str, warn_bytes: u64
 
 async fn read_loop(
     mut reader: ReplicationReader,
-    mut mapper: Mapper,
-    mut resolver: Resolver,
+    rows: Rows,
+    sync: Sync,
     events: mpsc::Sender<Vec<Event>>,
     reply_now: Arc<Notify>,
-    replay: Option<Replay>,
     mut shutdown: Shutdown,
 ) -> Result<(), Error> {
+    let Rows {
+        mut mapper,
+        mut resolver,
+        replay,
+    } = rows;
+    // Relations as last announced, for the sync window's keys.
+    let mut relations: HashMap<u32, Relation> = HashMap::new();
+    // Notes a change for an open sync window (rare: only while a chunk
+    // is between its watermarks).
+    let saw = |relations: &HashMap<u32, Relation>, relation: u32, tuples: &[&Tuple]| {
+        if let Ok(mut w) = sync.window.lock() {
+            if w.is_open() {
+                if let Some(rel) = relations.get(&relation) {
+                    w.saw(rel, tuples);
+                }
+            }
+        }
+    };
     // Where the reader is: the transaction (by its commit LSN) and the
     // ordinal of the last row change in it.
     let mut at = Progress::default();
@@ -340,6 +501,7 @@ async fn read_loop(
                 },
                 PgOutput::Relation(rel) => {
                     mapper.relation(&rel, wal_start)?;
+                    relations.insert(rel.id, rel.clone());
                     // The relation id may now stand for another table.
                     counters.retain(|(id, _), _| *id != rel.id);
                     continue;
@@ -347,6 +509,7 @@ async fn read_loop(
                 PgOutput::Insert { relation, new } => {
                     count_change(&mapper, &mut counters, relation, "insert");
                     mapper.observe(relation, None, Some(&new), &mut cache_changes);
+                    saw(&relations, relation, &[&new]);
                     let outcome = mapper.insert(relation, &new, wal_start)?;
                     for c in cache_changes.drain(..) {
                         resolver.apply(c);
@@ -366,6 +529,12 @@ async fn read_loop(
                 PgOutput::Update { relation, old, new } => {
                     count_change(&mapper, &mut counters, relation, "update");
                     mapper.observe(relation, old.as_ref(), Some(&new), &mut cache_changes);
+                    match &old {
+                        Some(OldTuple::Key(o) | OldTuple::Full(o)) => {
+                            saw(&relations, relation, &[o, &new])
+                        }
+                        None => saw(&relations, relation, &[&new]),
+                    }
                     let outcome = mapper.update(relation, old.as_ref(), &new, wal_start)?;
                     for c in cache_changes.drain(..) {
                         resolver.apply(c);
@@ -385,6 +554,8 @@ async fn read_loop(
                 PgOutput::Delete { relation, old } => {
                     count_change(&mapper, &mut counters, relation, "delete");
                     mapper.observe(relation, Some(&old), None, &mut cache_changes);
+                    let (OldTuple::Key(o) | OldTuple::Full(o)) = &old;
+                    saw(&relations, relation, &[o]);
                     let outcome = mapper.delete(relation, Some(&old), wal_start)?;
                     for c in cache_changes.drain(..) {
                         resolver.apply(c);
@@ -406,6 +577,43 @@ async fn read_loop(
                         count_change(&mapper, &mut counters, *r, "truncate");
                     }
                     tracing::warn!(lsn = %wal_start, relations = ?relations, "TRUNCATE of a published table: nothing is sent to ConveYour for it");
+                    continue;
+                }
+                PgOutput::Message {
+                    transactional: false,
+                    lsn,
+                    prefix,
+                    content,
+                } => {
+                    match snapshot::watermark(&prefix, &content, &sync.slot) {
+                        Some(Watermark::Low(id)) => {
+                            if let Ok(mut w) = sync.window.lock() {
+                                w.low(&id);
+                            }
+                        }
+                        Some(Watermark::High(id)) => {
+                            let copied = sync.window.lock().ok().and_then(|mut w| w.high(&id));
+                            if let Some((actions, done)) = copied {
+                                // The chunk's rows take the high
+                                // watermark's place in the stream.
+                                chunk.push(Event::Begin);
+                                for (i, action) in actions.into_iter().enumerate() {
+                                    let at = Progress {
+                                        commit_lsn: lsn,
+                                        change: i as u64 + 1,
+                                    };
+                                    chunk.push(Event::Action { action, at });
+                                }
+                                chunk.push(Event::Commit {
+                                    end_lsn: lsn,
+                                    commit_time: snapshot::pg_now(),
+                                });
+                                chunk.push(Event::Marker(done));
+                            }
+                        }
+                        Some(Watermark::Resync) => sync.wake.notify_one(),
+                        None => {}
+                    }
                     continue;
                 }
                 PgOutput::Origin { .. } | PgOutput::Type { .. } | PgOutput::Message { .. } => {
@@ -508,10 +716,13 @@ async fn feedback_loop(
 ) -> Result<(), source::SourceError> {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut delivery_gone = false;
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            changed = confirmed.changed() => if changed.is_err() { break },
+            // Delivery ended: keep the stream open until told to stop, so
+            // the reader is not cut off mid-message.
+            changed = confirmed.changed(), if !delivery_gone => if changed.is_err() { delivery_gone = true; continue },
             _ = tick.tick() => {}
             _ = reply_now.notified() => {}
         }

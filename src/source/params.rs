@@ -197,6 +197,7 @@ impl ConnParams {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(&self.application_name)
+            .options(super::replication::SESSION_OPTIONS)
             .connect_timeout(self.connect_timeout)
             .ssl_mode(match self.sslmode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,

@@ -16,10 +16,12 @@ use super::tls;
 use super::SourceError;
 use crate::lsn::Lsn;
 
-/// Settings every replication session runs with, so that pgoutput's text
-/// values are in one known format whatever the server's defaults are:
-/// ISO dates, UTC timestamps, floats that round-trip, ISO 8601 intervals.
-const SESSION_OPTIONS: &str =
+/// Settings every session runs with (replication and SQL alike), so that
+/// values in text form are in one known format whatever the server's
+/// defaults are: ISO dates, UTC timestamps, floats that round-trip, ISO
+/// 8601 intervals. The initial sync and `preview` read rows as text in the
+/// same format the stream carries them.
+pub(crate) const SESSION_OPTIONS: &str =
     "-c datestyle=ISO,MDY -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601";
 
 /// Microseconds from the Unix epoch to Postgres's epoch, 2000-01-01 UTC.
@@ -43,6 +45,15 @@ pub(crate) fn pg_now() -> i64 {
 /// A protocol timestamp (µs since 2000-01-01 UTC) as Unix milliseconds.
 pub(crate) fn pg_time_unix_ms(us: i64) -> u64 {
     (us.saturating_add(PG_EPOCH_OFFSET_US) / 1000).max(0) as u64
+}
+
+/// A slot just created with its snapshot exported.
+#[derive(Debug, Clone)]
+pub(crate) struct ExportedSlot {
+    /// Where the slot's stream starts: every change committed after it.
+    pub consistent_point: Lsn,
+    /// The snapshot's name, for `SET TRANSACTION SNAPSHOT`.
+    pub snapshot: String,
 }
 
 /// What `IDENTIFY_SYSTEM` reports.
@@ -325,20 +336,59 @@ impl ReplicationConn {
         })
     }
 
+    /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput EXPORT_SNAPSHOT`: a new
+    /// slot and a snapshot of the database as of its consistent point, which
+    /// another session may import (`SET TRANSACTION SNAPSHOT`) until this
+    /// connection runs its next command. None when the slot already exists
+    /// (another connector created it first).
+    pub(crate) async fn create_slot_exporting(
+        &mut self,
+        slot: &str,
+    ) -> Result<Option<ExportedSlot>, SourceError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            crate::config::quote_ident(slot)
+        );
+        let rows = match self.simple_query(&sql).await {
+            Ok(rows) => rows,
+            Err(e) if e.to_string().contains("SQLSTATE 42710") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let row = rows.first().filter(|r| r.len() >= 3).ok_or_else(|| {
+            SourceError::transient("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
+        let consistent_point = row[1]
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| SourceError::transient(format!("CREATE_REPLICATION_SLOT: {e}")))?;
+        let snapshot = row[2].clone().ok_or_else(|| {
+            SourceError::transient("CREATE_REPLICATION_SLOT exported no snapshot".into())
+        })?;
+        Ok(Some(ExportedSlot {
+            consistent_point,
+            snapshot,
+        }))
+    }
+
     /// `START_REPLICATION SLOT … LOGICAL …` with pgoutput protocol version 1
-    /// on the given publication. `start` of `0/0` resumes from the slot's
-    /// confirmed position. Returns the two halves of the stream.
+    /// on the given publication, with logical decoding messages (the sync's
+    /// watermarks) when `messages` (Postgres 14+). `start` of `0/0` resumes
+    /// from the slot's confirmed position. Returns the two halves of the
+    /// stream.
     pub(crate) async fn start_replication(
         mut self,
         slot: &str,
         publication: &str,
         start: Lsn,
+        messages: bool,
     ) -> Result<(ReplicationReader, ReplicationWriter), SourceError> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {})",
+            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}{})",
             crate::config::quote_ident(slot),
             start,
             quote_literal(&crate::config::quote_ident(publication)),
+            if messages { ", \"messages\" 'true'" } else { "" },
         );
         frontend::query(&sql, &mut self.wbuf).map_err(proto)?;
         self.flush().await?;

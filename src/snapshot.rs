@@ -1,0 +1,852 @@
+//! The initial sync and resyncs: a table's existing rows, read in
+//! primary-key order, chunk by chunk, and sent as if each were inserted.
+//!
+//! Two ways, one guarantee (no row missed, none sent with values older
+//! than a change already sent):
+//! - **First run** ([`copy_exported`]): the slot is created with its
+//!   snapshot exported; every pending table is read inside that snapshot,
+//!   and the stream starts at the slot's consistent point only after the
+//!   copy is delivered. The seam is exact: a change is either in the
+//!   snapshot or after the consistent point.
+//! - **Alongside the stream** ([`copy_alongside`]: a resume after a crash,
+//!   when the exported snapshot is gone, or a `resync`): each chunk is read
+//!   between a low and a high watermark written into the WAL as logical
+//!   decoding messages (the DBLog approach). The reader drops from the
+//!   chunk every row the stream changed between the two watermarks (the
+//!   stream's value is newer) and hands the rest over at the high
+//!   watermark's place in the stream, so a row's later changes always come
+//!   after its copy.
+//!
+//! Progress (table, last key, rows) is recorded after a chunk's rows are
+//! acknowledged, so a crash resends at most the chunks in flight.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_postgres::Client;
+
+use crate::config::{quote_ident, Settings, SnapshotPolicy, TableMapping, TableName};
+use crate::decode::{Column, Datum, Relation, Tuple};
+use crate::lsn::Lsn;
+use crate::mapping::{Action, ContactRef, Mapper, Outcome, Schema};
+use crate::pipeline::{Event, Shutdown};
+use crate::source::{Resolver, SourceError};
+use crate::state::{Progress, State, SyncStatus, WATERMARK_PREFIX};
+use crate::{telemetry, Error};
+
+/// How often a connector with nothing to copy looks for a resync request
+/// that arrived while it was not streaming (the request's message wakes a
+/// streaming one at once).
+const IDLE_POLL: Duration = Duration::from_secs(10);
+/// How often progress is logged when stderr is not a terminal.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often the progress bar is redrawn on a terminal.
+const DRAW_EVERY: Duration = Duration::from_millis(250);
+
+/// A primary key in text form, one entry per key column.
+pub(crate) type Key = Vec<Option<String>>;
+
+/// A primary-key column: its place in the key, its index among the
+/// table's columns, and its SQL type.
+type KeyColumn = (i32, usize, String);
+
+/// One table, described for reading in key order.
+pub(crate) struct TableReader {
+    table: TableName,
+    /// The live columns in table order, as a Relation message would list
+    /// them, with the table's OID as the relation id.
+    relation: Relation,
+    /// Indexes (into `relation.columns`) of the primary key's columns.
+    key: Vec<usize>,
+    /// `SELECT c1::text, … FROM t` and `ORDER BY k1, …`.
+    select: String,
+    order: String,
+    /// `(k1, …) > ($1::text::t1, …)`.
+    after: String,
+}
+
+impl TableReader {
+    /// Describes a table from the catalog; it must have a primary key.
+    pub(crate) async fn describe(
+        client: &Client,
+        table: &TableName,
+    ) -> Result<TableReader, SourceError> {
+        let rows = client
+            .query(
+                "SELECT c.oid::int8, a.attname::text, a.atttypid::int8, a.atttypmod,
+                        format_type(a.atttypid, a.atttypmod),
+                        COALESCE(a.attnum = ANY (i.indkey), false), array_position(i.indkey::int2[], a.attnum)
+                   FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                   LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+                  WHERE n.nspname = $1 AND c.relname = $2
+                  ORDER BY a.attnum",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(|e| SourceError::from_sql(&format!("describing {table} for the sync"), e))?;
+        if rows.is_empty() {
+            return Err(SourceError::config(format!(
+                "table {table} does not exist (or this role cannot see it)"
+            )));
+        }
+        let oid = rows[0].get::<_, i64>(0) as u32;
+        let mut columns = Vec::with_capacity(rows.len());
+        // (place in the key, column index, SQL type) of each key column.
+        let mut key: Vec<KeyColumn> = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            let in_key: bool = r.get(5);
+            columns.push(Column {
+                key: in_key,
+                name: r.get(1),
+                type_oid: r.get::<_, i64>(2) as u32,
+                type_modifier: r.get(3),
+            });
+            if in_key {
+                let position: Option<i32> = r.get(6);
+                key.push((position.unwrap_or(0), i, r.get(4)));
+            }
+        }
+        if key.is_empty() {
+            return Err(SourceError::config(format!(
+                "table {table} has no primary key, and the sync reads in key order; add one, or set snapshot: never for it"
+            )));
+        }
+        key.sort();
+        let list = |f: &dyn Fn(usize, &KeyColumn) -> String| {
+            key.iter()
+                .enumerate()
+                .map(|(n, k)| f(n, k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // Key columns are qualified: a bare name in ORDER BY would mean the
+        // output column of that name, the text cast, and sort as text.
+        let select = format!(
+            "SELECT {} FROM {} AS src",
+            columns
+                .iter()
+                .map(|c| format!("src.{}::text", quote_ident(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            table.quoted()
+        );
+        let order = list(&|_, (_, i, _)| format!("src.{}", quote_ident(&columns[*i].name)));
+        let after = format!(
+            "({}) > ({})",
+            order,
+            list(&|n, (_, _, ty)| format!("${}::text::{ty}", n + 1))
+        );
+        Ok(TableReader {
+            table: table.clone(),
+            relation: Relation {
+                id: oid,
+                namespace: table.schema.clone(),
+                name: table.name.clone(),
+                replica_identity: b'd',
+                columns,
+            },
+            key: key.iter().map(|(_, i, _)| *i).collect(),
+            select,
+            order,
+            after,
+        })
+    }
+
+    /// The relation the rows' tuples follow.
+    pub(crate) fn relation(&self) -> &Relation {
+        &self.relation
+    }
+
+    /// Up to `limit` rows after `after` (from the start when None), in key
+    /// order, each with its key.
+    pub(crate) async fn read(
+        &self,
+        client: &Client,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Tuple)>, SourceError> {
+        let context = || format!("reading {} for the sync", self.table);
+        let rows = match after {
+            None => {
+                let sql = format!("{} ORDER BY {} LIMIT {limit}", self.select, self.order);
+                client.query(&sql, &[]).await
+            }
+            Some(key) => {
+                let sql = format!(
+                    "{} WHERE {} ORDER BY {} LIMIT {limit}",
+                    self.select, self.after, self.order
+                );
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key
+                    .iter()
+                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                client.query(&sql, &params).await
+            }
+        }
+        .map_err(|e| SourceError::from_sql(&context(), e))?;
+        tracing::debug!(table = %self.table, after = ?after, rows = rows.len(), "sync: read a chunk");
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let tuple = Tuple(
+                    (0..self.relation.columns.len())
+                        .map(|i| match r.get::<_, Option<&str>>(i) {
+                            Some(text) => Datum::Text(Bytes::copy_from_slice(text.as_bytes())),
+                            None => Datum::Null,
+                        })
+                        .collect(),
+                );
+                (key_of(&tuple, &self.key), tuple)
+            })
+            .collect())
+    }
+
+    /// Rows in the table now, to estimate the copy's length.
+    async fn count(&self, client: &Client) -> Result<i64, SourceError> {
+        client
+            .query_one(
+                &format!("SELECT count(*) FROM {}", self.table.quoted()),
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .map_err(|e| SourceError::from_sql(&format!("counting {}", self.table), e))
+    }
+}
+
+/// A tuple's key: the text of the columns at `key`.
+fn key_of(tuple: &Tuple, key: &[usize]) -> Key {
+    key.iter()
+        .map(|i| match tuple.0.get(*i) {
+            Some(Datum::Text(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The actions one copied row becomes, through the same mapping as a
+/// streamed insert. A row that cannot be sent is logged and counted, as in
+/// the stream.
+async fn row_actions(
+    mapper: &Mapper,
+    resolver: &mut Resolver,
+    relation: u32,
+    tuple: &Tuple,
+    lsn: Lsn,
+) -> Result<Vec<Action>, Error> {
+    let mapped = match mapper.insert(relation, tuple, lsn)? {
+        Outcome::Nothing => return Ok(Vec::new()),
+        Outcome::Skip {
+            table,
+            column,
+            reason,
+        } => {
+            tracing::warn!(%table, column, "row not copied: {reason}");
+            telemetry::metrics()
+                .rows_skipped
+                .with_label_values(&[&table, "unsendable"])
+                .inc();
+            return Ok(Vec::new());
+        }
+        Outcome::Send(m) => m,
+    };
+    let contact = match &mapped.contact {
+        ContactRef::Known(c) => c.clone(),
+        ContactRef::Lookup { lookup, key } => match resolver.resolve(*lookup, key).await? {
+            Some(c) => c,
+            None => {
+                let target = resolver.target(*lookup);
+                tracing::warn!(table = %mapped.table, "row not copied: no row of {} has {} = {key}", target.from, target.references);
+                telemetry::metrics()
+                    .rows_skipped
+                    .with_label_values(&[&mapped.table, "contact_not_found"])
+                    .inc();
+                return Ok(Vec::new());
+            }
+        },
+    };
+    Ok(mapped.into_actions(contact, lsn).collect())
+}
+
+/// The tables the sync copies: mapped with `snapshot: initial`.
+pub(crate) fn copied_tables(settings: &Settings) -> Vec<&TableMapping> {
+    settings
+        .tables
+        .iter()
+        .filter(|t| t.snapshot == SnapshotPolicy::Initial)
+        .collect()
+}
+
+/// Progress shared by the copy and its reporter.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    table: String,
+    rows: i64,
+    total: i64,
+    started: Option<Instant>,
+    /// Rows at `started`, so the rate counts this run only.
+    rows_at_start: i64,
+    tables_left: usize,
+}
+
+impl Tally {
+    fn line(&self) -> String {
+        let elapsed = self
+            .started
+            .map(|s| s.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        let done = (self.rows - self.rows_at_start).max(0) as f64;
+        let rate = if elapsed > 0.0 { done / elapsed } else { 0.0 };
+        let left = (self.total - self.rows).max(0) as f64;
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", left / rate)
+        } else {
+            "?".into()
+        };
+        format!(
+            "sync {}: {}/{} rows ({:.0}%), {:.0} rows/s, ETA {eta}, {} table(s) left",
+            self.table,
+            self.rows,
+            self.total.max(self.rows),
+            if self.total > 0 {
+                100.0 * self.rows as f64 / self.total as f64
+            } else {
+                100.0
+            },
+            rate,
+            self.tables_left
+        )
+    }
+}
+
+/// Reports a copy's progress until `done`: a bar redrawn on stderr when it
+/// is a terminal, a log line every few seconds otherwise.
+async fn report(tally: Arc<Mutex<Tally>>, mut done: oneshot::Receiver<()>) {
+    let terminal = std::io::stderr().is_terminal();
+    let mut tick = tokio::time::interval(if terminal { DRAW_EVERY } else { LOG_EVERY });
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut done => break,
+            _ = tick.tick() => {}
+        }
+        let line = tally.lock().map(|t| t.line()).unwrap_or_default();
+        if terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            tracing::info!("{line}");
+        }
+    }
+    if terminal {
+        eprintln!();
+    }
+    if let Ok(t) = tally.lock() {
+        tracing::info!("{}", t.line());
+    }
+}
+
+/// What a copy needs from the running session.
+pub(crate) struct CopyContext<'a> {
+    pub settings: &'a Settings,
+    pub schema: &'a Schema,
+    pub state: &'a State,
+    pub events: &'a mpsc::Sender<Vec<Event>>,
+    pub chunks_in_flight: usize,
+}
+
+/// The first run's copy, inside the snapshot the new slot exported: every
+/// pending table, chunk by chunk, delivered before the stream starts at
+/// `consistent_point`. Returns early (Ok) when a stop is asked for.
+pub(crate) async fn copy_exported(
+    cx: CopyContext<'_>,
+    client: Arc<Client>,
+    snapshot: &str,
+    consistent_point: Lsn,
+    mut shutdown: Shutdown,
+) -> Result<(), Error> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await
+        .map_err(|e| SourceError::from_sql("importing the slot's snapshot", e))?;
+    let pending: Vec<String> = cx
+        .state
+        .sync_rows()
+        .await?
+        .into_iter()
+        .filter(|r| r.status != SyncStatus::Done)
+        .map(|r| r.table)
+        .collect();
+    let tables: Vec<&TableMapping> = copied_tables(cx.settings)
+        .into_iter()
+        .filter(|t| pending.contains(&t.table.to_string()))
+        .collect();
+    let tally = Arc::new(Mutex::new(Tally {
+        tables_left: tables.len(),
+        ..Tally::default()
+    }));
+    let metrics = telemetry::metrics();
+    metrics.snapshot_tables_remaining.set(tables.len() as i64);
+    let (stop_report, report_done) = oneshot::channel();
+    let reporter = tokio::spawn(report(tally.clone(), report_done));
+    // Lookups read the same snapshot, so a copied row's contact is the one
+    // its related row had at that point too.
+    let mut resolver = Resolver::new(client.clone(), cx.schema.lookups.clone());
+    let mut ordinal = 0u64;
+    let result = async {
+        for t in &tables {
+            let reader = TableReader::describe(&client, &t.table).await?;
+            let mapper = table_mapper(t, cx.schema, reader.relation(), consistent_point)?;
+            let total = reader.count(&client).await?;
+            let name = t.table.to_string();
+            if let Ok(mut tally) = tally.lock() {
+                *tally = Tally {
+                    table: name.clone(),
+                    rows: 0,
+                    total,
+                    started: Some(Instant::now()),
+                    rows_at_start: 0,
+                    tables_left: tally.tables_left,
+                };
+            }
+            let mut in_flight: VecDeque<(oneshot::Receiver<()>, Key, i64)> = VecDeque::new();
+            let mut last: Option<Key> = None;
+            let mut rows_read = 0i64;
+            loop {
+                if shutdown.is_set() {
+                    return Ok(());
+                }
+                let rows = reader
+                    .read(&client, last.as_ref(), cx.settings.sync_chunk_rows)
+                    .await?;
+                let Some((key, _)) = rows.last() else { break };
+                let key = key.clone();
+                let full = rows.len() == cx.settings.sync_chunk_rows;
+                let mut events = Vec::with_capacity(rows.len() + 3);
+                events.push(Event::Begin);
+                for (_, tuple) in &rows {
+                    for action in row_actions(
+                        &mapper,
+                        &mut resolver,
+                        reader.relation().id,
+                        tuple,
+                        consistent_point,
+                    )
+                    .await?
+                    {
+                        ordinal += 1;
+                        events.push(Event::Action {
+                            action,
+                            at: Progress {
+                                commit_lsn: consistent_point,
+                                change: ordinal,
+                            },
+                        });
+                    }
+                }
+                events.push(Event::Commit {
+                    end_lsn: consistent_point,
+                    commit_time: pg_now(),
+                });
+                let (fire, fired) = oneshot::channel();
+                events.push(Event::Marker(fire));
+                rows_read += rows.len() as i64;
+                if cx.events.send(events).await.is_err() {
+                    return Ok(());
+                }
+                in_flight.push_back((fired, key.clone(), rows_read));
+                last = Some(key);
+                while in_flight.len() >= cx.chunks_in_flight || (!full && !in_flight.is_empty()) {
+                    let Some((fired, key, rows)) = in_flight.pop_front() else {
+                        break;
+                    };
+                    tokio::select! {
+                        r = fired => if r.is_err() { return Ok(()) },
+                        _ = shutdown.wait() => return Ok(()),
+                    }
+                    acknowledged(
+                        cx.state,
+                        &tally,
+                        &name,
+                        &key,
+                        rows,
+                        total,
+                        SyncStatus::Copying,
+                    )
+                    .await?;
+                }
+                if !full {
+                    break;
+                }
+            }
+            cx.state
+                .save_sync(
+                    &name,
+                    SyncStatus::Done,
+                    last.as_deref(),
+                    rows_read,
+                    Some(total),
+                )
+                .await?;
+            if let Ok(mut tally) = tally.lock() {
+                tally.tables_left = tally.tables_left.saturating_sub(1);
+            }
+            metrics.snapshot_tables_remaining.dec();
+            tracing::info!(table = %name, rows = rows_read, "sync: table copied");
+        }
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| SourceError::from_sql("ending the sync's snapshot", e))?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    let _ = stop_report.send(());
+    let _ = reporter.await;
+    result
+}
+
+/// Records an acknowledged chunk and counts it.
+async fn acknowledged(
+    state: &State,
+    tally: &Mutex<Tally>,
+    table: &str,
+    key: &Key,
+    rows: i64,
+    total: i64,
+    status: SyncStatus,
+) -> Result<(), Error> {
+    let before = tally.lock().map(|t| t.rows).unwrap_or(0);
+    state
+        .save_sync(table, status, Some(key), rows, Some(total))
+        .await?;
+    telemetry::metrics()
+        .snapshot_rows
+        .inc_by((rows - before).max(0) as u64);
+    if let Ok(mut t) = tally.lock() {
+        t.rows = rows;
+    }
+    Ok(())
+}
+
+/// A mapper for one table's copied rows, planned on the table as it is.
+fn table_mapper(
+    t: &TableMapping,
+    schema: &Schema,
+    relation: &Relation,
+    lsn: Lsn,
+) -> Result<Mapper, Error> {
+    let mut mapper = Mapper::new(std::slice::from_ref(t), schema.clone());
+    mapper.relation(relation, lsn)?;
+    Ok(mapper)
+}
+
+/// Now, in Postgres's epoch (microseconds since 2000-01-01 UTC), as commit
+/// times are.
+pub(crate) fn pg_now() -> i64 {
+    let unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    unix_us - 946_684_800_000_000
+}
+
+/// A chunk between its watermarks, shared by the copy and the reader.
+#[derive(Default)]
+pub(crate) struct Window {
+    /// The chunk the copy is about to read (id, table, key columns): set
+    /// before its low watermark is written, so the reader ignores
+    /// watermarks of earlier runs.
+    expected: Option<(String, TableName, Vec<String>)>,
+    /// Set once the reader saw the low watermark.
+    open: Option<OpenWindow>,
+    /// The chunk's rows, put here before the high watermark is written.
+    rows: Option<Chunk>,
+}
+
+struct OpenWindow {
+    id: String,
+    table: TableName,
+    /// Keys the stream changed since the low watermark.
+    seen: HashSet<Key>,
+    /// Key column indexes per relation id, found by name.
+    key_columns: Vec<String>,
+    indexes: HashMap<u32, Option<Vec<usize>>>,
+}
+
+/// A chunk's rows, mapped, with the marker to fire once delivered.
+pub(crate) struct Chunk {
+    rows: Vec<(Key, Vec<Action>)>,
+    done: oneshot::Sender<()>,
+}
+
+/// What a watermark message asks of the reader.
+pub(crate) enum Watermark {
+    Low(String),
+    High(String),
+    Resync,
+}
+
+/// Parses one of the connector's messages for this slot.
+pub(crate) fn watermark(prefix: &str, content: &[u8], slot: &str) -> Option<Watermark> {
+    if prefix != WATERMARK_PREFIX {
+        return None;
+    }
+    let text = std::str::from_utf8(content).ok()?;
+    let (kind, rest) = text.split_once(':')?;
+    let (for_slot, id) = rest.split_once(':').unwrap_or((rest, ""));
+    if for_slot != slot {
+        return None;
+    }
+    match kind {
+        "lw" => Some(Watermark::Low(id.to_owned())),
+        "hw" => Some(Watermark::High(id.to_owned())),
+        "resync" => Some(Watermark::Resync),
+        _ => None,
+    }
+}
+
+impl Window {
+    /// The low watermark `id` was read: from now on, changes to the
+    /// chunk's table are noted.
+    pub(crate) fn low(&mut self, id: &str) {
+        match &self.expected {
+            Some((expected, table, key_columns)) if expected == id => {
+                self.open = Some(OpenWindow {
+                    id: id.to_owned(),
+                    table: table.clone(),
+                    seen: HashSet::new(),
+                    key_columns: key_columns.clone(),
+                    indexes: HashMap::new(),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a window is open (the reader then reports changes).
+    pub(crate) fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Notes a change the stream carried while the window is open.
+    pub(crate) fn saw(&mut self, relation: &Relation, tuples: &[&Tuple]) {
+        let Some(open) = &mut self.open else { return };
+        if relation.namespace != open.table.schema || relation.name != open.table.name {
+            return;
+        }
+        let indexes = open
+            .indexes
+            .entry(relation.id)
+            .or_insert_with(|| {
+                open.key_columns
+                    .iter()
+                    .map(|k| relation.columns.iter().position(|c| c.name == *k))
+                    .collect()
+            })
+            .clone();
+        if let Some(indexes) = indexes {
+            for t in tuples {
+                open.seen.insert(key_of(t, &indexes));
+            }
+        }
+    }
+
+    /// The high watermark `id` was read: the chunk's rows the stream did
+    /// not change since the low one, and the marker for when they are
+    /// delivered.
+    pub(crate) fn high(&mut self, id: &str) -> Option<(Vec<Action>, oneshot::Sender<()>)> {
+        let open = self.open.take_if(|o| o.id == id)?;
+        let chunk = self.rows.take()?;
+        self.expected = None;
+        let actions = chunk
+            .rows
+            .into_iter()
+            .filter(|(key, _)| !open.seen.contains(key))
+            .flat_map(|(_, actions)| actions)
+            .collect();
+        Some((actions, chunk.done))
+    }
+}
+
+/// Copies pending tables (a resume, a table new to the mapping, a resync)
+/// alongside the stream, one watermarked chunk at a time; then waits for
+/// resync requests. Runs until a stop or an error.
+pub(crate) async fn copy_alongside(
+    cx: CopyContext<'_>,
+    client: Arc<Client>,
+    window: Arc<Mutex<Window>>,
+    wake: Arc<Notify>,
+    mut shutdown: Shutdown,
+) -> Result<(), Error> {
+    let nonce = format!("{:x}", pg_now());
+    let mut chunk_no = 0u64;
+    let mut resolver = Resolver::new(client.clone(), cx.schema.lookups.clone());
+    let metrics = telemetry::metrics();
+    loop {
+        let rows = cx.state.sync_rows().await?;
+        let copied = copied_tables(cx.settings);
+        let pending: Vec<_> = rows
+            .iter()
+            .filter(|r| r.status != SyncStatus::Done)
+            .filter_map(|r| {
+                copied
+                    .iter()
+                    .find(|t| t.table.to_string() == r.table)
+                    .map(|t| (*t, r))
+            })
+            .collect();
+        metrics.snapshot_tables_remaining.set(pending.len() as i64);
+        let Some((t, row)) = pending.first() else {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = shutdown.wait() => return Ok(()),
+            }
+            continue;
+        };
+        let name = t.table.to_string();
+        let reader = TableReader::describe(&client, &t.table).await?;
+        let key_columns: Vec<String> = reader
+            .key
+            .iter()
+            .map(|i| reader.relation.columns[*i].name.clone())
+            .collect();
+        let total = reader.count(&client).await?;
+        let tally = Arc::new(Mutex::new(Tally {
+            table: name.clone(),
+            rows: row.rows_copied,
+            total,
+            started: Some(Instant::now()),
+            rows_at_start: row.rows_copied,
+            tables_left: pending.len(),
+        }));
+        let (stop_report, report_done) = oneshot::channel();
+        let reporter = tokio::spawn(report(tally.clone(), report_done));
+        let mut last = row.last_key.clone();
+        let mut rows_copied = row.rows_copied;
+        tracing::info!(table = %name, from_key = ?last, "sync: copying alongside the stream");
+        let result = async {
+            loop {
+                chunk_no += 1;
+                let id = format!("{nonce}-{chunk_no}");
+                if let Ok(mut w) = window.lock() {
+                    *w = Window {
+                        expected: Some((id.clone(), t.table.clone(), key_columns.clone())),
+                        open: None,
+                        rows: None,
+                    };
+                }
+                emit(&client, &format!("lw:{}:{id}", cx.settings.slot)).await?;
+                let rows = reader
+                    .read(&client, last.as_ref(), cx.settings.sync_chunk_rows)
+                    .await?;
+                let full = rows.len() == cx.settings.sync_chunk_rows;
+                let new_last = rows.last().map(|(k, _)| k.clone());
+                let count = rows.len() as i64;
+                // Planned per chunk: the table may have changed shape.
+                let mapper = table_mapper(t, cx.schema, reader.relation(), Lsn::ZERO)?;
+                let mut mapped = Vec::with_capacity(rows.len());
+                for (key, tuple) in rows {
+                    let actions = row_actions(
+                        &mapper,
+                        &mut resolver,
+                        reader.relation().id,
+                        &tuple,
+                        Lsn::ZERO,
+                    )
+                    .await?;
+                    mapped.push((key, actions));
+                }
+                let (done, delivered) = oneshot::channel();
+                if let Ok(mut w) = window.lock() {
+                    w.rows = Some(Chunk { rows: mapped, done });
+                }
+                emit(&client, &format!("hw:{}:{id}", cx.settings.slot)).await?;
+                tokio::select! {
+                    r = delivered => if r.is_err() { return Ok(false) },
+                    _ = shutdown.wait() => return Ok(false),
+                }
+                rows_copied += count;
+                let status = if full {
+                    SyncStatus::Copying
+                } else {
+                    SyncStatus::Done
+                };
+                if let Some(key) = &new_last {
+                    acknowledged(cx.state, &tally, &name, key, rows_copied, total, status).await?;
+                    last = new_last;
+                } else {
+                    cx.state
+                        .save_sync(&name, status, last.as_deref(), rows_copied, Some(total))
+                        .await?;
+                }
+                if !full {
+                    return Ok::<bool, Error>(true);
+                }
+            }
+        }
+        .await;
+        let _ = stop_report.send(());
+        let _ = reporter.await;
+        if !result? {
+            return Ok(());
+        }
+        tracing::info!(table = %name, rows = rows_copied, "sync: table copied");
+    }
+}
+
+/// Writes one of the connector's messages into the WAL, outside any
+/// transaction, so the stream carries it at this point.
+async fn emit(client: &Client, content: &str) -> Result<(), SourceError> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, $1, $2)",
+            &[&WATERMARK_PREFIX, &content],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("writing a sync watermark", e))?;
+    Ok(())
+}
+
+/// `resync`: validates the table and records the request for the running
+/// connector (or the next one to start). Returns the table's name.
+pub async fn request_resync(settings: &Settings, table: &str) -> Result<TableName, Error> {
+    let name = TableName::parse(table).ok_or_else(|| {
+        Error::Setup(format!(
+            "--table: `{table}` is not a table name of the form schema.table"
+        ))
+    })?;
+    let mapping = settings
+        .tables
+        .iter()
+        .find(|t| t.table == name)
+        .ok_or_else(|| {
+            Error::Setup(format!(
+                "--table: {name} is not a mapped table of this config"
+            ))
+        })?;
+    if mapping.snapshot != SnapshotPolicy::Initial {
+        return Err(Error::Setup(format!(
+            "--table: {}.snapshot is never for {name}: a resync would send its rows as new events; set snapshot: initial on it to allow this",
+            mapping.key
+        )));
+    }
+    let client = crate::source::connect(&settings.postgres).await?;
+    crate::state::request_resync(&client, &settings.slot, &name.to_string())
+        .await
+        .map_err(|e| {
+            Error::Setup(format!(
+                "{e}; the connector's schema must exist (run the connector once, or sql/setup.sql)"
+            ))
+        })?;
+    Ok(name)
+}
