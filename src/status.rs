@@ -17,8 +17,21 @@ pub struct Status {
     pub publication: PublicationStatus,
     /// Rows in the dead-letter table, when the connector's schema has one.
     pub dead_letters: Option<i64>,
-    /// Tables the initial sync has recorded progress for, when it has run.
-    pub snapshot_tables: Option<i64>,
+    /// Each copied table's sync state, when the connector's schema holds
+    /// one.
+    pub sync: Option<Vec<SyncTable>>,
+}
+
+/// One table's initial sync or resync.
+#[derive(Debug, Serialize)]
+pub struct SyncTable {
+    pub table: String,
+    /// `pending`, `copying` or `done`.
+    pub status: String,
+    pub rows_copied: i64,
+    /// Rows in the table when its copy started.
+    pub rows_total: Option<i64>,
+    pub finished_at: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -145,7 +158,30 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
             missing,
         },
         dead_letters: count("dead_letters").await,
-        snapshot_tables: count("snapshot_progress").await,
+        sync: match count("snapshot_progress").await {
+            None => None,
+            Some(_) => Some(
+                client
+                    .query(
+                        &format!(
+                            "SELECT source_table, status, rows_copied, rows_total, finished_at::text
+                               FROM {SCHEMA}.snapshot_progress WHERE slot = $1 ORDER BY source_table"
+                        ),
+                        &[&settings.slot],
+                    )
+                    .await
+                    .map_err(sql_err("reading the sync state"))?
+                    .iter()
+                    .map(|r| SyncTable {
+                        table: r.get(0),
+                        status: r.get(1),
+                        rows_copied: r.get(2),
+                        rows_total: r.get(3),
+                        finished_at: r.get(4),
+                    })
+                    .collect(),
+            ),
+        },
     })
 }
 
@@ -200,13 +236,30 @@ impl Status {
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "none recorded".into())
         );
-        let _ = writeln!(
-            out,
-            "initial sync: {}",
-            self.snapshot_tables
-                .map(|n| format!("progress recorded for {n} table(s)"))
-                .unwrap_or_else(|| "no progress recorded".into())
-        );
+        match self.sync.as_deref() {
+            None | Some([]) => {
+                let _ = writeln!(out, "initial sync: nothing recorded");
+            }
+            Some(tables) => {
+                let _ = writeln!(out, "initial sync:");
+                for t in tables {
+                    let _ = writeln!(
+                        out,
+                        "  {}: {}, {} of {} rows{}",
+                        t.table,
+                        t.status,
+                        t.rows_copied,
+                        t.rows_total
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "?".into()),
+                        t.finished_at
+                            .as_deref()
+                            .map(|at| format!(", finished {at}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
         out
     }
 }

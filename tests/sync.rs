@@ -152,10 +152,8 @@ async fn the_first_run_sends_100k_existing_rows_exactly_once() {
     )
     .await;
     let started = Instant::now();
-    let conn = Connector::run(
-        &w.config(TABLES, "  batch_size: 1000\n  max_in_flight: 4"),
-        &[],
-    );
+    let config = w.config(TABLES, "  batch_size: 1000\n  max_in_flight: 4");
+    let conn = Connector::run(&config, &[]);
     wait_synced(&w, "public.employees", Duration::from_secs(300), &conn).await;
     let copy_secs = started.elapsed().as_secs_f64();
     w.wait_streaming(Duration::from_secs(60)).await;
@@ -198,6 +196,16 @@ async fn the_first_run_sends_100k_existing_rows_exactly_once() {
     assert_eq!(state["public.employees"], ("done".to_owned(), 100_000));
     assert_eq!(state["public.awards"], ("done".to_owned(), 1));
     assert!(!state.contains_key("public.sales"), "{state:?}");
+    let (status, out, err) = run_cli(&["status", "--config", CONFIG, "--json"], &config, &[]);
+    assert!(status.success(), "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let employees = report["sync"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["table"] == "public.employees"))
+        .unwrap_or_else(|| panic!("no sync state in {out}"));
+    assert_eq!(employees["status"], "done");
+    assert_eq!(employees["rows_copied"], 100_000);
+    assert_eq!(employees["rows_total"], 100_000);
 
     conn.sigterm();
     assert!(
