@@ -720,11 +720,16 @@ impl TestDb {
     }
 
     /// Whether a slot exists and a walsender is using it.
+    /// Whether a connector streams from the slot: it holds the slot and
+    /// its walsender has started replication. (A walsender holds a slot it
+    /// has just created before it streams: during the initial sync.)
     pub async fn slot_active(&self, slot: &str) -> bool {
         let client = self.client().await;
         client
             .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT s.active AND EXISTS (SELECT 1 FROM pg_stat_replication r
+                                              WHERE r.pid = s.active_pid AND r.state IN ('catchup', 'streaming'))
+                   FROM pg_replication_slots s WHERE s.slot_name = $1",
                 &[&slot],
             )
             .await
