@@ -6,8 +6,8 @@
 //!
 //! Stages: [`source`] (connections, slot, replication stream), [`decode`]
 //! (pgoutput and values), [`mapping`] (rows to actions), [`sink`] (requests
-//! to ConveYour), [`pipeline`] (the running connector) and [`check`]
-//! (preflight).
+//! to ConveYour), [`pipeline`] (the running connector), [`check`]
+//! (preflight) and [`preview`] (what the mapping would send, read-only).
 
 use std::fmt;
 
@@ -17,6 +17,7 @@ pub mod decode;
 pub mod lsn;
 pub mod mapping;
 pub mod pipeline;
+pub mod preview;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use conveyour_cdc::{check, config, pipeline, snapshot, state, status, telemetry, Error};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use conveyour_cdc::{check, config, pipeline, preview, snapshot, state, status, telemetry, Error};
 
 /// Streams Postgres row changes into ConveYour identify and track calls.
 #[derive(Parser)]
@@ -87,6 +87,28 @@ enum Command {
         #[arg(long)]
         table: String,
     },
+    /// Print the requests the mapping would send for rows the tables hold now.
+    ///
+    /// Each row is mapped as if it had just been inserted. Output is JSON
+    /// Lines on stdout, one object per row: `table`, the row's primary `key`
+    /// (every column read, for a table without one), and either `requests`
+    /// (each `endpoint` with the exact `body` the connector sends; empty when
+    /// inserts do not count for the table) or `rejected` with the reason, the
+    /// column named. Rows that the table's `where:` refuses are not shown, as
+    /// they are not streamed. Rows are read in one
+    /// REPEATABLE READ READ ONLY transaction; nothing is written or sent. A
+    /// one-line summary goes to stderr.
+    Preview {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this mapped table: `schema.table`, or `table` for the public schema.
+        #[arg(long)]
+        table: Option<String>,
+        /// Rows per table at most, in primary-key order (the first N).
+        #[arg(long, default_value_t = preview::DEFAULT_LIMIT, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
+    },
     /// Report the slot, the publication, dead letters and initial-sync state.
     Status {
         /// The YAML config file.
@@ -136,6 +158,26 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
                 });
                 pipeline::run(&settings, shutdown).await
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Preview {
+            config,
+            table,
+            limit,
+        } => {
+            let settings = config::load(&config)?;
+            let tables = match preview::select(&settings, table.as_deref()) {
+                Ok(tables) => tables,
+                Err(problem) => Cli::command()
+                    .error(
+                        clap::error::ErrorKind::InvalidValue,
+                        format!("--table: {problem}"),
+                    )
+                    .exit(),
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let summary = runtime()?.block_on(preview::run(&settings, &tables, limit, &mut out))?;
+            eprintln!("{summary}");
             Ok(ExitCode::SUCCESS)
         }
         Command::DeadLetters { action } => dead_letters(action),

@@ -25,16 +25,15 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_postgres::Client;
 
-use crate::config::{quote_ident, Settings, SnapshotPolicy, TableMapping, TableName};
-use crate::decode::{Column, Datum, Relation, Tuple};
+use crate::config::{Settings, SnapshotPolicy, TableMapping, TableName};
+use crate::decode::{Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{Action, ContactRef, Mapper, Outcome, Schema};
 use crate::pipeline::{Event, Shutdown};
-use crate::source::{Resolver, SourceError};
+use crate::source::{key_at, Key, Resolver, SourceError, TableReader};
 use crate::state::{Progress, State, SyncStatus, WATERMARK_PREFIX};
 use crate::{telemetry, Error};
 
@@ -46,189 +45,6 @@ const IDLE_POLL: Duration = Duration::from_secs(10);
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often the progress bar is redrawn on a terminal.
 const DRAW_EVERY: Duration = Duration::from_millis(250);
-
-/// A primary key in text form, one entry per key column.
-pub(crate) type Key = Vec<Option<String>>;
-
-/// A primary-key column: its place in the key, its index among the
-/// table's columns, and its SQL type.
-type KeyColumn = (i32, usize, String);
-
-/// One table, described for reading in key order.
-pub(crate) struct TableReader {
-    table: TableName,
-    /// The live columns in table order, as a Relation message would list
-    /// them, with the table's OID as the relation id.
-    relation: Relation,
-    /// Indexes (into `relation.columns`) of the primary key's columns.
-    key: Vec<usize>,
-    /// `SELECT c1::text, … FROM t` and `ORDER BY k1, …`.
-    select: String,
-    order: String,
-    /// `(k1, …) > ($1::text::t1, …)`.
-    after: String,
-}
-
-impl TableReader {
-    /// Describes a table from the catalog; it must have a primary key.
-    pub(crate) async fn describe(
-        client: &Client,
-        table: &TableName,
-    ) -> Result<TableReader, SourceError> {
-        let rows = client
-            .query(
-                "SELECT c.oid::int8, a.attname::text, a.atttypid::int8, a.atttypmod,
-                        format_type(a.atttypid, a.atttypmod),
-                        COALESCE(a.attnum = ANY (i.indkey), false), array_position(i.indkey::int2[], a.attnum)
-                   FROM pg_class c
-                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                   LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
-                  WHERE n.nspname = $1 AND c.relname = $2
-                  ORDER BY a.attnum",
-                &[&table.schema, &table.name],
-            )
-            .await
-            .map_err(|e| SourceError::from_sql(&format!("describing {table} for the sync"), e))?;
-        if rows.is_empty() {
-            return Err(SourceError::config(format!(
-                "table {table} does not exist (or this role cannot see it)"
-            )));
-        }
-        let oid = rows[0].get::<_, i64>(0) as u32;
-        let mut columns = Vec::with_capacity(rows.len());
-        // (place in the key, column index, SQL type) of each key column.
-        let mut key: Vec<KeyColumn> = Vec::new();
-        for (i, r) in rows.iter().enumerate() {
-            let in_key: bool = r.get(5);
-            columns.push(Column {
-                key: in_key,
-                name: r.get(1),
-                type_oid: r.get::<_, i64>(2) as u32,
-                type_modifier: r.get(3),
-            });
-            if in_key {
-                let position: Option<i32> = r.get(6);
-                key.push((position.unwrap_or(0), i, r.get(4)));
-            }
-        }
-        if key.is_empty() {
-            return Err(SourceError::config(format!(
-                "table {table} has no primary key, and the sync reads in key order; add one, or set snapshot: never for it"
-            )));
-        }
-        key.sort();
-        let list = |f: &dyn Fn(usize, &KeyColumn) -> String| {
-            key.iter()
-                .enumerate()
-                .map(|(n, k)| f(n, k))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        // Key columns are qualified: a bare name in ORDER BY would mean the
-        // output column of that name, the text cast, and sort as text.
-        let select = format!(
-            "SELECT {} FROM {} AS src",
-            columns
-                .iter()
-                .map(|c| format!("src.{}::text", quote_ident(&c.name)))
-                .collect::<Vec<_>>()
-                .join(", "),
-            table.quoted()
-        );
-        let order = list(&|_, (_, i, _)| format!("src.{}", quote_ident(&columns[*i].name)));
-        let after = format!(
-            "({}) > ({})",
-            order,
-            list(&|n, (_, _, ty)| format!("${}::text::{ty}", n + 1))
-        );
-        Ok(TableReader {
-            table: table.clone(),
-            relation: Relation {
-                id: oid,
-                namespace: table.schema.clone(),
-                name: table.name.clone(),
-                replica_identity: b'd',
-                columns,
-            },
-            key: key.iter().map(|(_, i, _)| *i).collect(),
-            select,
-            order,
-            after,
-        })
-    }
-
-    /// The relation the rows' tuples follow.
-    pub(crate) fn relation(&self) -> &Relation {
-        &self.relation
-    }
-
-    /// Up to `limit` rows after `after` (from the start when None), in key
-    /// order, each with its key.
-    pub(crate) async fn read(
-        &self,
-        client: &Client,
-        after: Option<&Key>,
-        limit: usize,
-    ) -> Result<Vec<(Key, Tuple)>, SourceError> {
-        let context = || format!("reading {} for the sync", self.table);
-        let rows = match after {
-            None => {
-                let sql = format!("{} ORDER BY {} LIMIT {limit}", self.select, self.order);
-                client.query(&sql, &[]).await
-            }
-            Some(key) => {
-                let sql = format!(
-                    "{} WHERE {} ORDER BY {} LIMIT {limit}",
-                    self.select, self.after, self.order
-                );
-                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key
-                    .iter()
-                    .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                client.query(&sql, &params).await
-            }
-        }
-        .map_err(|e| SourceError::from_sql(&context(), e))?;
-        tracing::debug!(table = %self.table, after = ?after, rows = rows.len(), "sync: read a chunk");
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let tuple = Tuple(
-                    (0..self.relation.columns.len())
-                        .map(|i| match r.get::<_, Option<&str>>(i) {
-                            Some(text) => Datum::Text(Bytes::copy_from_slice(text.as_bytes())),
-                            None => Datum::Null,
-                        })
-                        .collect(),
-                );
-                (key_of(&tuple, &self.key), tuple)
-            })
-            .collect())
-    }
-
-    /// Rows in the table now, to estimate the copy's length.
-    async fn count(&self, client: &Client) -> Result<i64, SourceError> {
-        client
-            .query_one(
-                &format!("SELECT count(*) FROM {}", self.table.quoted()),
-                &[],
-            )
-            .await
-            .map(|r| r.get(0))
-            .map_err(|e| SourceError::from_sql(&format!("counting {}", self.table), e))
-    }
-}
-
-/// A tuple's key: the text of the columns at `key`.
-fn key_of(tuple: &Tuple, key: &[usize]) -> Key {
-    key.iter()
-        .map(|i| match tuple.0.get(*i) {
-            Some(Datum::Text(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        })
-        .collect()
-}
 
 /// The actions one copied row becomes, through the same mapping as a
 /// streamed insert. A row that cannot be sent is logged and counted, as in
@@ -403,7 +219,7 @@ pub(crate) async fn copy_exported(
     let mut ordinal = 0u64;
     let result = async {
         for t in &tables {
-            let reader = TableReader::describe(&client, &t.table).await?;
+            let reader = TableReader::describe(&client, t, cx.schema).await?;
             let mapper = table_mapper(t, cx.schema, reader.relation(), consistent_point)?;
             let total = reader.count(&client).await?;
             let name = t.table.to_string();
@@ -655,7 +471,7 @@ impl Window {
             .clone();
         if let Some(indexes) = indexes {
             for t in tuples {
-                open.seen.insert(key_of(t, &indexes));
+                open.seen.insert(key_at(t, &indexes));
             }
         }
     }
@@ -714,12 +530,15 @@ pub(crate) async fn copy_alongside(
             continue;
         };
         let name = t.table.to_string();
-        let reader = TableReader::describe(&client, &t.table).await?;
-        let key_columns: Vec<String> = reader
-            .key
-            .iter()
-            .map(|i| reader.relation.columns[*i].name.clone())
-            .collect();
+        let reader = TableReader::describe(&client, t, cx.schema).await?;
+        if !reader.has_primary_key() {
+            return Err(SourceError::config(format!(
+                "{}.snapshot: table {} has no primary key, and copying it alongside the stream needs one; add one, or set snapshot: never",
+                t.key, t.table
+            ))
+            .into());
+        }
+        let key_columns: Vec<String> = reader.key_columns().map(|(_, c)| c.name.clone()).collect();
         let total = reader.count(&client).await?;
         let tally = Arc::new(Mutex::new(Tally {
             table: name.clone(),

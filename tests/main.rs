@@ -11,6 +11,7 @@ mod dead_letters;
 mod faults;
 mod harness;
 mod observe;
+mod preview;
 mod reliability;
 mod spine;
 mod sql;

@@ -334,6 +334,19 @@ fn fold_value(prev: &Value, next: &Value) -> Option<Option<Value>> {
     Some((!m.is_empty()).then_some(Value::Object(m)))
 }
 
+/// The body the sink sends for this one action in a request of its own,
+/// byte for byte: an identify as a one-entry array of `{id, traits}`, a
+/// track event as `{id, events: [..]}`. `preview` prints these, so what it
+/// shows is what `run` encodes.
+pub(crate) fn single_body(action: &Action) -> (Endpoint, Bytes) {
+    let endpoint = match action.body {
+        ActionBody::Identify { .. } => Endpoint::Identify,
+        ActionBody::Track { .. } => Endpoint::Track,
+    };
+    let request = build(endpoint, vec![(0, action.clone())], Vec::new());
+    (endpoint, request.body)
+}
+
 /// Encodes a request. Identify: an array of `{id, traits}`. Track: one
 /// contact (every item has the same) with its `events`.
 pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>, merged: Vec<Vec<u64>>) -> Request {
@@ -577,6 +590,28 @@ mod tests {
         b.push(1, identify("a", 1, json!({ "x": 1 })));
         b.push(2, identify("a", 2, json!({ "x": 2 })));
         assert_eq!(body(&b.take()[0]).as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_single_body_is_what_a_one_action_request_carries() {
+        let a = identify("a", 1, json!({ "x": 1 }));
+        let (endpoint, body) = single_body(&a);
+        assert_eq!(endpoint, Endpoint::Identify);
+        assert_eq!(&body[..], br#"[{"id":"a","traits":{"x":1}}]"#);
+        let t = track("b", 2, 10);
+        let (endpoint, body) = single_body(&t);
+        assert_eq!(endpoint, Endpoint::Track);
+        assert_eq!(
+            &body[..],
+            br#"{"id":"b","events":[{"event":"made_sale","properties":{"amount":10}}]}"#
+        );
+        let mut batcher = Batcher::new(10, false);
+        batcher.push(7, t.clone());
+        assert_eq!(
+            batcher.take()[0].body,
+            body,
+            "the same bytes as the batcher's"
+        );
     }
 
     #[test]

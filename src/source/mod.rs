@@ -5,6 +5,7 @@ mod catalog;
 mod lookup;
 mod params;
 mod replication;
+mod rows;
 mod tls;
 
 use std::fmt;
@@ -18,6 +19,7 @@ pub use params::{ConnParams, Host, SslMode};
 pub(crate) use replication::{
     pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
 };
+pub(crate) use rows::{key_at, Key, TableReader};
 
 /// Opens an ordinary SQL session to the source database (for the
 /// subcommands that read or manage the connector's own tables).

@@ -1,0 +1,258 @@
+//! A mapped table's current rows, read as the stream would carry them: a
+//! [`Relation`] built from the catalog and [`Tuple`]s of values in
+//! Postgres's text output format. The initial sync and `preview` both read
+//! through here, so what they map is what an insert in the stream maps.
+//!
+//! Values come through the simple query protocol, which returns each as
+//! its type's output function prints it, as pgoutput does (a `::text` cast
+//! would differ: it trims `char(n)` padding). Only rows the table's row
+//! filter (`where:`) accepts are read, as only those are streamed.
+
+use bytes::Bytes;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::SourceError;
+use crate::config::{quote_ident, TableMapping, TableName};
+use crate::decode::{Column, Datum, Relation, Tuple};
+use crate::mapping::Schema;
+
+/// A row's key in text form, one entry per key column.
+pub(crate) type Key = Vec<Option<String>>;
+
+/// One mapped table, described for reading in key order.
+pub(crate) struct TableReader {
+    table: TableName,
+    /// The columns read: the primary key, every column the mapping reads,
+    /// and the columns lookups read from this table, each once.
+    relation: Relation,
+    /// Indexes into `relation.columns` of the key: the primary key, or
+    /// every column read when the table has none.
+    key: Vec<usize>,
+    /// SQL types of the primary key's columns, for keyset reads.
+    key_types: Vec<String>,
+    /// The mapping's `where:`, as config key and SQL.
+    filter: Option<(String, String)>,
+}
+
+impl TableReader {
+    /// Describes a mapped table from the catalog (`schema` holds the type
+    /// of every column it reads, as `Catalog::load` found them).
+    pub(crate) async fn describe(
+        client: &Client,
+        m: &TableMapping,
+        schema: &Schema,
+    ) -> Result<TableReader, SourceError> {
+        let primary_key = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                   FROM pg_index i
+                   CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                  WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+                  ORDER BY k.ord",
+                &[&m.table.quoted()],
+            )
+            .await
+            .map_err(|e| {
+                SourceError::from_sql(&format!("looking up {}'s primary key", m.table), e)
+            })?;
+        let key_names: Vec<String> = primary_key.iter().map(|r| r.get(0)).collect();
+        let key_types: Vec<String> = primary_key.iter().map(|r| r.get(1)).collect();
+        let mut names = key_names.clone();
+        let used = m.columns().into_iter().map(|u| u.column);
+        let watched = schema
+            .lookups
+            .iter()
+            .filter(|t| t.from == m.table)
+            .flat_map(|t| [t.references.clone(), t.column.clone()]);
+        for c in used.chain(watched) {
+            if !names.contains(&c) {
+                names.push(c);
+            }
+        }
+        let types = schema.columns.get(&m.table);
+        let mut columns = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(&type_oid) = types.and_then(|t| t.get(&name)) else {
+                return Err(SourceError::config(format!(
+                    "{}.table: column `{name}` of {} is not in the catalog read at startup (dropped meanwhile?)",
+                    m.key, m.table
+                )));
+            };
+            columns.push(Column {
+                key: key_names.contains(&name),
+                name,
+                type_oid,
+                type_modifier: -1,
+            });
+        }
+        let key = if key_names.is_empty() {
+            (0..columns.len()).collect()
+        } else {
+            (0..key_names.len()).collect()
+        };
+        Ok(TableReader {
+            table: m.table.clone(),
+            relation: Relation {
+                id: 0,
+                namespace: m.table.schema.clone(),
+                name: m.table.name.clone(),
+                replica_identity: b'd',
+                columns,
+            },
+            key,
+            key_types,
+            filter: m
+                .row_filter
+                .as_ref()
+                .map(|f| (format!("{}.where", m.key), f.clone())),
+        })
+    }
+
+    /// The relation the rows' tuples follow.
+    pub(crate) fn relation(&self) -> &Relation {
+        &self.relation
+    }
+
+    /// Whether the table has a primary key (else rows are ordered by the
+    /// text of every column read, and cannot be read after a key).
+    pub(crate) fn has_primary_key(&self) -> bool {
+        !self.key_types.is_empty()
+    }
+
+    /// The key's columns, in key order.
+    pub(crate) fn key_columns(&self) -> impl Iterator<Item = (usize, &Column)> {
+        self.key.iter().map(|i| (*i, &self.relation.columns[*i]))
+    }
+
+    /// Up to `limit` rows in key order, after `after` (from the start when
+    /// None; only with a primary key), each with its key.
+    pub(crate) async fn read(
+        &self,
+        client: &Client,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<(Key, Tuple)>, SourceError> {
+        let columns = &self.relation.columns;
+        // Qualified: a bare name in ORDER BY could mean an output column.
+        let qualified = |c: &Column| format!("src.{}", quote_ident(&c.name));
+        let list: Vec<String> = columns.iter().map(qualified).collect();
+        let order: Vec<String> = if self.has_primary_key() {
+            self.key_columns().map(|(_, c)| qualified(c)).collect()
+        } else {
+            list.iter()
+                .map(|c| format!("{c}::text COLLATE \"C\""))
+                .collect()
+        };
+        let mut conditions = Vec::new();
+        if let Some((_, f)) = &self.filter {
+            conditions.push(format!("({f})"));
+        }
+        if let Some(after) = after {
+            if !self.has_primary_key() || after.len() != self.key_types.len() {
+                return Err(SourceError::config(format!(
+                    "table {} has no primary key, and reading it in chunks needs one; add one, or set snapshot: never for it",
+                    self.table
+                )));
+            }
+            let values: Vec<String> = after
+                .iter()
+                .zip(&self.key_types)
+                .map(|(v, ty)| match v {
+                    Some(v) => format!("{}::{ty}", quote_literal(v)),
+                    None => format!("NULL::{ty}"),
+                })
+                .collect();
+            conditions.push(format!("({}) > ({})", order.join(", "), values.join(", ")));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {} FROM {} AS src{filter} ORDER BY {} LIMIT {limit}",
+            list.join(", "),
+            self.table.quoted(),
+            order.join(", ")
+        );
+        let context = match &self.filter {
+            Some((key, _)) => format!("reading {} with its row filter {key}", self.table),
+            None => format!("reading {}", self.table),
+        };
+        let messages = client
+            .simple_query(&sql)
+            .await
+            .map_err(|e| SourceError::from_sql(&context, e))?;
+        Ok(messages
+            .iter()
+            .filter_map(|message| match message {
+                SimpleQueryMessage::Row(row) => {
+                    let tuple = Tuple(
+                        (0..columns.len())
+                            .map(|i| match row.get(i) {
+                                Some(text) => Datum::Text(Bytes::copy_from_slice(text.as_bytes())),
+                                None => Datum::Null,
+                            })
+                            .collect(),
+                    );
+                    Some((self.key_of(&tuple), tuple))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// A tuple's key.
+    fn key_of(&self, tuple: &Tuple) -> Key {
+        key_at(tuple, &self.key)
+    }
+
+    /// Rows the filter accepts now, to estimate a copy's length.
+    pub(crate) async fn count(&self, client: &Client) -> Result<i64, SourceError> {
+        let filter = match &self.filter {
+            Some((_, f)) => format!(" WHERE ({f})"),
+            None => String::new(),
+        };
+        client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} AS src{filter}",
+                    self.table.quoted()
+                ),
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .map_err(|e| SourceError::from_sql(&format!("counting {}", self.table), e))
+    }
+}
+
+/// The key of a tuple whose key columns are at `indexes`.
+pub(crate) fn key_at(tuple: &Tuple, indexes: &[usize]) -> Key {
+    indexes
+        .iter()
+        .map(|i| match tuple.0.get(*i) {
+            Some(Datum::Text(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A string literal that means the same whatever
+/// `standard_conforming_strings` says: an `E''` literal with quotes and
+/// backslashes doubled.
+fn quote_literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_literal;
+
+    #[test]
+    fn literals_escape_quotes_and_backslashes() {
+        assert_eq!(quote_literal("plain"), "E'plain'");
+        assert_eq!(quote_literal(r"o'brien\x"), r"E'o''brien\\x'");
+    }
+}
