@@ -719,7 +719,25 @@ impl TestDb {
         text.and_then(|t| parse_lsn(&t))
     }
 
-    /// Whether a slot exists and a walsender is using it.
+    /// Whether a walsender streams from the slot. Unlike [`Self::slot_active`]
+    /// this is false while the slot is still being created: the creating
+    /// backend holds it until it finds a consistent point, and rows
+    /// committed before that point are not in the slot's stream.
+    pub async fn slot_streaming(&self, slot: &str) -> bool {
+        let client = self.client().await;
+        client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                  WHERE s.slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reading slot {slot}: {e}"))
+            .is_some()
+    }
+
+    /// Whether a slot exists and a backend (a walsender, or the one
+    /// creating it) is using it.
     pub async fn slot_active(&self, slot: &str) -> bool {
         let client = self.client().await;
         client
