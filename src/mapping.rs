@@ -508,6 +508,15 @@ impl Mapper {
                 })
             }
         };
+        // A key-only old row carries NULL for every column outside the
+        // key: a NULL contact id there is unknown, not a broken row.
+        if !full && matches!(tuple.0.get(act.contact.index()), Some(Datum::Null)) {
+            return Ok(Outcome::Skip {
+                table: plan.table.clone(),
+                column: act.contact.column().to_owned(),
+                reason: "the deleted row's contact id is not in its replica identity; set REPLICA IDENTITY FULL".into(),
+            });
+        }
         let error = error_at(plan, lsn);
         let contact = match contact_of(&plan.table, act, tuple, &error)? {
             Ok(c) => c,
@@ -562,14 +571,19 @@ impl ContactPlan {
             ContactPlan::Column { column, .. } | ContactPlan::Lookup { column, .. } => column,
         }
     }
+
+    /// The tuple index of the column holding the contact id or lookup key.
+    fn index(&self) -> usize {
+        match self {
+            ContactPlan::Column { index, .. } | ContactPlan::Lookup { index, .. } => *index,
+        }
+    }
 }
 
 impl ActPlan {
     /// Every tuple index whose change matters to an update.
     fn reads(&self) -> impl Iterator<Item = usize> + '_ {
-        let contact = match &self.contact {
-            ContactPlan::Column { index, .. } | ContactPlan::Lookup { index, .. } => *index,
-        };
+        let contact = self.contact.index();
         let event = match &self.event {
             Some(EventPlan::Column { index, .. }) => Some(*index),
             _ => None,
