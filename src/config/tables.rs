@@ -496,7 +496,9 @@ impl TableMapping {
     }
 }
 
-/// Validates one `tables[i]` entry (without the database).
+/// Validates one `tables[i]` entry (without the database). Every error
+/// past the table's name names the table too, so it can be found without
+/// counting entries.
 pub(super) fn validate_table(key: &str, t: &TableConfig) -> Result<TableMapping, ConfigError> {
     let table = TableName::parse(&t.table).ok_or_else(|| {
         err(
@@ -504,6 +506,18 @@ pub(super) fn validate_table(key: &str, t: &TableConfig) -> Result<TableMapping,
             format!("`{}` is not a table name of the form schema.table", t.table),
         )
     })?;
+    let name = table.to_string();
+    validate_mapping(key, t, table).map_err(|mut e| {
+        e.problem = format!("{} (table {name})", e.problem);
+        e
+    })
+}
+
+fn validate_mapping(
+    key: &str,
+    t: &TableConfig,
+    table: TableName,
+) -> Result<TableMapping, ConfigError> {
     let (section, id) = match (&t.identify, &t.track) {
         (Some(m), None) => ("identify", &m.id),
         (None, Some(m)) => ("track", &m.id),
@@ -617,12 +631,14 @@ pub(super) fn validate_table(key: &str, t: &TableConfig) -> Result<TableMapping,
     let on_delete = match &t.on_delete {
         None => OnDelete::Ignore,
         Some(OnDeleteConfig::Keyword(k)) if k == "ignore" => OnDelete::Ignore,
-        Some(OnDeleteConfig::Keyword(k)) => return Err(err(
-            format!("{key}.on_delete"),
-            format!(
+        Some(OnDeleteConfig::Keyword(k)) => {
+            return Err(err(
+                format!("{key}.on_delete"),
+                format!(
                 "`{k}`: use ignore, {{identify: {{trait: value}}}} or {{track: {{event: name}}}}"
             ),
-        )),
+            ))
+        }
         Some(OnDeleteConfig::Action(a)) => match (&a.identify, &a.track) {
             (Some(traits), None) => {
                 if traits.is_empty() {
@@ -727,7 +743,25 @@ fn field_mappings(
                     .filter(|g| **g)
                     .count();
                 if given != 1 {
-                    return Err(err(&k, "give exactly one of column, list or value"));
+                    let mut what = Vec::new();
+                    if let Some(c) = &d.column {
+                        what.push(format!("column `{c}`"));
+                    }
+                    if let Some(c) = &d.list {
+                        what.push(format!("list `{c}`"));
+                    }
+                    if d.value.is_some() {
+                        what.push("value".to_owned());
+                    }
+                    let found = if what.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        what.join(" and ")
+                    };
+                    return Err(err(
+                        &k,
+                        format!("give exactly one of column, list or value, not {found}"),
+                    ));
                 }
                 if d.delimiter.is_some() && d.list.is_none() {
                     return Err(err(
