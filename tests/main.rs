@@ -10,6 +10,7 @@ mod cli;
 mod dead_letters;
 mod faults;
 mod harness;
+mod mapping;
 mod observe;
 mod preview;
 mod reliability;

@@ -515,7 +515,9 @@ impl TableMapping {
     }
 }
 
-/// Validates one `tables[i]` entry (without the database).
+/// Validates one `tables[i]` entry (without the database). Every error
+/// past the table's name names the table too, so it can be found without
+/// counting entries.
 pub(super) fn validate_table(key: &str, t: &TableConfig) -> Result<TableMapping, ConfigError> {
     let table = TableName::parse(&t.table).ok_or_else(|| {
         err(
@@ -523,6 +525,18 @@ pub(super) fn validate_table(key: &str, t: &TableConfig) -> Result<TableMapping,
             format!("`{}` is not a table name of the form schema.table", t.table),
         )
     })?;
+    let name = table.to_string();
+    validate_mapping(key, t, table).map_err(|mut e| {
+        e.problem = format!("{} (table {name})", e.problem);
+        e
+    })
+}
+
+fn validate_mapping(
+    key: &str,
+    t: &TableConfig,
+    table: TableName,
+) -> Result<TableMapping, ConfigError> {
     let (section, id) = match (&t.identify, &t.track) {
         (Some(m), None) => ("identify", &m.id),
         (None, Some(m)) => ("track", &m.id),
@@ -753,7 +767,25 @@ fn field_mappings(
                     .filter(|g| **g)
                     .count();
                 if given != 1 {
-                    return Err(err(&k, "give exactly one of column, list or value"));
+                    let mut what = Vec::new();
+                    if let Some(c) = &d.column {
+                        what.push(format!("column `{c}`"));
+                    }
+                    if let Some(c) = &d.list {
+                        what.push(format!("list `{c}`"));
+                    }
+                    if d.value.is_some() {
+                        what.push("value".to_owned());
+                    }
+                    let found = if what.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        what.join(" and ")
+                    };
+                    return Err(err(
+                        &k,
+                        format!("give exactly one of column, list or value, not {found}"),
+                    ));
                 }
                 if d.delimiter.is_some() && d.list.is_none() {
                     return Err(err(
@@ -922,4 +954,250 @@ pub(super) fn check_key(field: &str, name: &str) -> Result<(), ConfigError> {
         return Err(err(field, "the name must not be empty"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::{Config, ConfigError};
+    use super::*;
+
+    fn validate(tables: &str) -> Result<Vec<TableMapping>, ConfigError> {
+        let yaml = format!(
+            "postgres:\n  url: postgres://u:p@127.0.0.1:5432/app\n\
+             conveyour:\n  url: https://acme.conveyour.com\n  appkey: a\n  token: t\n{tables}"
+        );
+        Ok(Config::from_yaml(&yaml)?.validate(&|_| None)?.tables)
+    }
+
+    fn refused(tables: &str) -> String {
+        validate(tables)
+            .expect_err("the mapping should be refused")
+            .to_string()
+    }
+
+    const SALES: &str = "
+tables:
+  - table: public.sales
+    track:
+      id: employee_email
+      event: made_sale
+";
+
+    #[test]
+    fn time_formats_parse_or_say_what_is_allowed() {
+        assert_eq!(TimeFormat::parse("iso8601"), Ok(TimeFormat::Iso8601));
+        assert_eq!(TimeFormat::parse("unix"), Ok(TimeFormat::Unix));
+        assert_eq!(TimeFormat::parse("unix_ms"), Ok(TimeFormat::UnixMs));
+        assert_eq!(
+            TimeFormat::parse("%m/%d/%Y %%"),
+            Ok(TimeFormat::Pattern("%m/%d/%Y %%".into()))
+        );
+        assert!(TimeFormat::parse("%Q").unwrap_err().contains("`%Q`"));
+        assert!(TimeFormat::parse("%Y%").unwrap_err().contains("lone %"));
+        assert!(TimeFormat::parse("epoch").unwrap_err().contains("`epoch`"));
+    }
+
+    #[test]
+    fn a_field_takes_exactly_one_source_and_errors_name_key_table_and_column() {
+        let e = refused(&format!(
+            "{SALES}      properties: {{amount: {{column: amount, value: 5}}}}\n"
+        ));
+        assert!(
+            e.contains("tables[0].track.properties.amount")
+                && e.contains("not column `amount` and value")
+                && e.contains("(table public.sales)"),
+            "{e}"
+        );
+        let e = refused(&format!("{SALES}      properties: {{amount: {{}}}}\n"));
+        assert!(e.contains("not none"), "{e}");
+        let e = refused(&format!(
+            "{SALES}      properties: {{amount: {{column: amount, delimiter: \",\"}}}}\n"
+        ));
+        assert!(e.contains("properties.amount.delimiter"), "{e}");
+        let e = refused(&format!(
+            "{SALES}      properties: {{amount: {{value: 1, format: unix}}}}\n"
+        ));
+        assert!(e.contains("properties.amount.format"), "{e}");
+        let e = refused(&format!(
+            "{SALES}      properties: {{sold: {{column: sold_at, format: \"%Q\"}}}}\n"
+        ));
+        assert!(
+            e.contains("properties.sold.format") && e.contains("%Q"),
+            "{e}"
+        );
+        // Lists are trait operations, not event properties.
+        let e = refused(&format!(
+            "{SALES}      properties: {{tags: {{list: tags}}}}\n"
+        ));
+        assert!(
+            e.contains("properties.tags") && e.contains("identify traits"),
+            "{e}"
+        );
+        // A constant object must be a trait operation, and only on a trait.
+        let e = refused(&format!(
+            "{SALES}      properties: {{meta: {{value: {{a: 1}}}}}}\n"
+        ));
+        assert!(e.contains("properties.meta.value"), "{e}");
+        let ok = validate(
+            "tables:\n  - table: e\n    identify:\n      id: email\n      traits: {seen: {value: {$inc: 1}}, t: {value: {add: [x]}}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ok[0].fields[0].source,
+            FieldSource::Const(json!({"$inc": 1}))
+        );
+        let e = refused(
+            "tables:\n  - table: e\n    identify:\n      id: email\n      traits: {t: {value: {add: x}}}\n",
+        );
+        assert!(e.contains("traits.t.value"), "{e}");
+    }
+
+    #[test]
+    fn sixteen_properties_fail_counting_constants_and_fifteen_pass() {
+        let props = |n: usize| {
+            let mut p: Vec<String> = (1..n).map(|i| format!("p{i}: amount")).collect();
+            p.push("c: {value: 1}".into());
+            format!("{SALES}      properties: {{{}}}\n", p.join(", "))
+        };
+        assert_eq!(validate(&props(15)).unwrap()[0].fields.len(), 15);
+        let e = refused(&props(16));
+        assert!(
+            e.contains("tables[0].track.properties: 16 properties (constants included)")
+                && e.contains("public.sales"),
+            "{e}"
+        );
+        let deleted: Vec<String> = (1..=16).map(|i| format!("p{i}: amount")).collect();
+        let e = refused(&format!(
+            "tables:\n  - table: e\n    identify: {{id: email}}\n    on_delete: {{track: {{event: left, properties: {{{}}}}}}}\n",
+            deleted.join(", ")
+        ));
+        assert!(e.contains("tables[0].on_delete.track.properties"), "{e}");
+    }
+
+    #[test]
+    fn operations_default_by_role_and_on_delete_needs_deletes() {
+        let m = validate(&format!(
+            "{SALES}  - table: employees\n    identify: {{id: email}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            m[0].operations,
+            Operations {
+                insert: true,
+                update: false,
+                delete: false
+            }
+        );
+        assert_eq!(
+            m[1].operations,
+            Operations {
+                insert: true,
+                update: true,
+                delete: true
+            }
+        );
+        let e = refused(
+            "tables:\n  - table: e\n    identify: {id: email}\n    operations: [insert, update]\n    on_delete: {identify: {active: false}}\n",
+        );
+        assert!(
+            e.contains("tables[0].on_delete") && e.contains("add delete to operations"),
+            "{e}"
+        );
+        let e = refused("tables:\n  - table: e\n    identify: {id: email}\n    operations: []\n");
+        assert!(e.contains("tables[0].operations"), "{e}");
+        let e =
+            refused("tables:\n  - table: e\n    identify: {id: email}\n    on_delete: forget\n");
+        assert!(
+            e.contains("tables[0].on_delete") && e.contains("`forget`"),
+            "{e}"
+        );
+        let e = refused(
+            "tables:\n  - table: e\n    identify: {id: email}\n    on_delete: {identify: {active: false}, track: {event: x}}\n",
+        );
+        assert!(e.contains("exactly one of identify or track"), "{e}");
+    }
+
+    #[test]
+    fn columns_lists_every_column_read_with_its_key_and_role() {
+        let m = validate(
+            "
+tables:
+  - table: sales
+    track:
+      id: {from: employees, key: employee_id, column: email}
+      event: {column: kind}
+      properties: {amount: amount, channel: {value: web}, day: {column: sold_at, format: unix}}
+      increment: {sales_count: 1, career_sales: amount}
+    operations: [insert, delete]
+    on_delete: {track: {event: refunded, properties: {amount: amount}}}
+",
+        )
+        .unwrap();
+        let uses: Vec<(String, String, ColumnRole)> = m[0]
+            .columns()
+            .into_iter()
+            .map(|u| (u.key, u.column, u.role))
+            .collect();
+        let k = |s: &str| format!("tables[0].{s}");
+        assert_eq!(
+            uses,
+            vec![
+                (k("track.id.key"), "employee_id".into(), ColumnRole::Text),
+                (
+                    k("track.properties.amount"),
+                    "amount".into(),
+                    ColumnRole::Value
+                ),
+                (
+                    k("track.properties.day"),
+                    "sold_at".into(),
+                    ColumnRole::Value
+                ),
+                (k("track.event.column"), "kind".into(), ColumnRole::Text),
+                (
+                    k("track.increment.career_sales"),
+                    "amount".into(),
+                    ColumnRole::Number
+                ),
+                (
+                    k("on_delete.track.properties.amount"),
+                    "amount".into(),
+                    ColumnRole::Value
+                ),
+            ]
+        );
+        let lists = validate(
+            "tables:\n  - table: e\n    identify:\n      id: email\n      traits: {tags: {list: tags}, skills: {list: skills, delimiter: \";\"}}\n",
+        )
+        .unwrap();
+        let roles: Vec<ColumnRole> = lists[0].columns().into_iter().map(|u| u.role).collect();
+        assert_eq!(
+            roles,
+            vec![
+                ColumnRole::Text,
+                ColumnRole::List { delimited: true },
+                ColumnRole::List { delimited: false }
+            ]
+        );
+    }
+
+    #[test]
+    fn full_identity_is_asked_for_only_where_it_changes_what_is_sent() {
+        let m = validate(&format!(
+            "{SALES}  - table: employees\n    identify: {{id: email, traits: {{tags: {{list: tags}}}}}}\n    on_delete: {{identify: {{active: false}}}}\n  - table: plain\n    identify: {{id: email}}\n    operations: [insert]\n"
+        ))
+        .unwrap();
+        // Track tables default to inserts: nothing to gain.
+        assert!(m[0].needs_full_identity().is_empty());
+        let why = m[1].needs_full_identity().join("\n");
+        assert!(
+            why.contains("updates that change no mapped column")
+                && why.contains("list trait tags")
+                && why.contains("a delete carries the contact id"),
+            "{why}"
+        );
+        assert!(m[2].needs_full_identity().is_empty());
+    }
 }

@@ -719,7 +719,6 @@ impl TestDb {
         text.and_then(|t| parse_lsn(&t))
     }
 
-    /// Whether a slot exists and a walsender is using it.
     /// Whether a connector streams from the slot: it holds the slot and
     /// its walsender has started replication. (A walsender holds a slot it
     /// has just created before it streams: during the initial sync.)

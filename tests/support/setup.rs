@@ -104,7 +104,8 @@ impl World {
         self.db.confirmed_flush(&self.slot).await.unwrap_or(0)
     }
 
-    /// Waits until the slot exists and a connector streams from it.
+    /// Waits until the slot exists and a connector streams from it, so
+    /// every row committed from now on is in its stream.
     pub async fn wait_streaming(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.db.slot_active(&self.slot).await {
