@@ -11,6 +11,7 @@ mod dead_letters;
 mod faults;
 mod harness;
 mod observe;
+mod publication;
 mod reliability;
 mod spine;
 mod sql;

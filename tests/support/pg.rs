@@ -719,18 +719,22 @@ impl TestDb {
         text.and_then(|t| parse_lsn(&t))
     }
 
-    /// Whether a slot exists and a walsender is using it.
+    /// Whether a slot exists and a walsender is using it. (A slot still
+    /// being created is active too, held by the creating backend; rows
+    /// written then may fall before its starting point, so that does not
+    /// count.)
     pub async fn slot_active(&self, slot: &str) -> bool {
         let client = self.client().await;
         client
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots s
+                                  JOIN pg_stat_replication r ON r.pid = s.active_pid
+                                 WHERE s.slot_name = $1)",
                 &[&slot],
             )
             .await
             .unwrap_or_else(|e| panic!("reading slot {slot}: {e}"))
-            .map(|row| row.get::<_, bool>(0))
-            .unwrap_or(false)
+            .get::<_, bool>(0)
     }
 }
 
