@@ -361,7 +361,12 @@ async fn mapped_tables(
         }
         if let ContactSource::Lookup(l) = &m.contact {
             if let Some(target) = schema.lookup_index(l).map(|i| &schema.lookups[i]) {
-                out.push(lookup(client, m, target).await);
+                let filtered_from = settings
+                    .tables
+                    .iter()
+                    .find(|t| t.table == target.from)
+                    .and_then(|t| t.row_filter.as_ref().map(|_| t.key.as_str()));
+                out.push(lookup(client, m, target, filtered_from).await);
             }
         }
         out.extend(identity(client, &m.table, Some(m)).await);
@@ -433,11 +438,14 @@ async fn row_filter(
 }
 
 /// A lookup's columns exist (the catalog load checked them) and an index
-/// leads with the referenced column.
+/// leads with the referenced column. `filtered_from` is the key of the
+/// related table's own mapping when it has a row filter: changes to rows
+/// outside it are not streamed, so cached contact ids for them go stale.
 async fn lookup(
     client: &tokio_postgres::Client,
     m: &TableMapping,
     target: &crate::mapping::LookupTarget,
+    filtered_from: Option<&str>,
 ) -> CheckResult {
     let name = format!("lookup {} -> {}", m.table, target.from);
     let ContactSource::Lookup(l) = &m.contact else {
@@ -448,16 +456,32 @@ async fn lookup(
         "{key}: {}.{} -> {}.{} -> {}",
         m.table, l.key, target.from, target.references, target.column
     );
+    let stale = filtered_from.map(|key| {
+        format!(
+            "; {key}.where keeps changes to {}'s other rows out of the stream, so a cached {} of such a row is not refreshed when it changes",
+            target.from, target.column
+        )
+    });
     match source::lookup_indexed(client, target).await {
-        Ok(true) => pass(&name, format!("{path}; an index leads with {}", target.references)),
+        Ok(true) => match stale {
+            None => pass(
+                &name,
+                format!("{path}; an index leads with {}", target.references),
+            ),
+            Some(stale) => warn(
+                &name,
+                format!("{path}; an index leads with {}{stale}", target.references),
+            ),
+        },
         Ok(false) => warn(
             &name,
             format!(
-                "{path}; no index leads with {}, so every lookup the cache misses scans {}; run CREATE INDEX ON {} ({});",
+                "{path}; no index leads with {}, so every lookup the cache misses scans {}; run CREATE INDEX ON {} ({});{}",
                 target.references,
                 target.from,
                 target.from.quoted(),
-                quote_ident(&target.references)
+                quote_ident(&target.references),
+                stale.unwrap_or_default()
             ),
         ),
         Err(e) => fail(&name, format!("{key}: {e}")),

@@ -423,6 +423,15 @@ async fn check_reports_replica_identity_lookups_and_filters_with_fixes() {
             == "ok   row filter public.employees: tables[0].where is accepted by Postgres and reads only columns of the replica identity"),
         "{out}"
     );
+    // Sales look their rep up in a table streamed only in part.
+    assert!(
+        out.lines().any(|l| l
+            == "WARN lookup public.sales -> public.employees: tables[1].track.id: \
+                public.sales.employee_code -> public.employees.code -> email; an index leads with code; \
+                tables[0].where keeps changes to public.employees's other rows out of the stream, \
+                so a cached email of such a row is not refreshed when it changes"),
+        "{out}"
+    );
     assert!(
         out.lines().any(|l| l.starts_with(
             "FAIL row filter public.sales: tables[1].where: the row filter reads `amount` of public.sales, outside its replica identity (DEFAULT, the primary key (id))"
