@@ -415,7 +415,7 @@ async fn row_filter(
                     detail.push_str(&format!("; publication {} has it", settings.publication))
                 }
                 (Some(h), _) => detail.push_str(&format!(
-                    "; publication {} filters by {h} now, and run changes it",
+                    "; publication {} filters by {h} now, and run changes it (when the role owns the publication)",
                     settings.publication
                 )),
                 (None, _) => {}

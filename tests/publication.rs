@@ -186,10 +186,20 @@ async fn a_filter_outside_the_replica_identity_is_refused_before_the_publication
 
 #[tokio::test(flavor = "multi_thread")]
 async fn filters_postgres_rejects_are_refused_with_its_reason() {
-    let w = world("pub_rejects", FULL_SQL).await;
+    let w = world(
+        "pub_rejects",
+        &format!(
+            "{FULL_SQL} CREATE FUNCTION is_eu(text) RETURNS bool IMMUTABLE LANGUAGE sql AS $$ SELECT $1 = 'eu' $$;"
+        ),
+    )
+    .await;
     for (filter, reason) in [
         (
             "random() > 0.5",
+            "invalid publication WHERE expression: User-defined or built-in mutable functions are not allowed.",
+        ),
+        (
+            "is_eu(region)",
             "invalid publication WHERE expression: User-defined or built-in mutable functions are not allowed.",
         ),
         ("nope = 1", "column \"nope\" does not exist"),
