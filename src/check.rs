@@ -1,41 +1,69 @@
 //! Preflight: everything `run` needs from the database, checked one by one,
 //! each with the fix when it fails.
 
+use std::collections::HashMap;
 use std::fmt;
 
-use crate::config::{quote_ident, Settings};
-use crate::source::{self, connect_sql, Catalog, ReplicationConn};
+use crate::config::{quote_ident, ContactSource, Settings, TableMapping, TableName};
+use crate::mapping::Schema;
+use crate::source::{self, connect_sql, Catalog, FilterVerdict, ReplicaIdentity, ReplicationConn};
+
+/// How one check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    Ok,
+    /// `run` works, but not as well as it could; the detail says how to
+    /// fix it. Does not fail `check`.
+    Warn,
+    /// `run` would fail or do harm; fails `check`.
+    Fail,
+}
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckResult {
     pub name: String,
-    pub ok: bool,
+    pub mark: Mark,
     /// What was found, or the problem and its fix.
     pub detail: String,
 }
 
+impl CheckResult {
+    /// Whether this check fails `check` (warnings do not).
+    pub fn failed(&self) -> bool {
+        self.mark == Mark::Fail
+    }
+}
+
 impl fmt::Display for CheckResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mark = if self.ok { "ok  " } else { "FAIL" };
+        let mark = match self.mark {
+            Mark::Ok => "ok  ",
+            Mark::Warn => "WARN",
+            Mark::Fail => "FAIL",
+        };
         write!(f, "{mark} {}: {}", self.name, self.detail)
     }
 }
 
-fn pass(name: &str, detail: impl Into<String>) -> CheckResult {
+fn result(name: &str, mark: Mark, detail: impl Into<String>) -> CheckResult {
     CheckResult {
         name: name.to_owned(),
-        ok: true,
+        mark,
         detail: detail.into(),
     }
 }
 
+fn pass(name: &str, detail: impl Into<String>) -> CheckResult {
+    result(name, Mark::Ok, detail)
+}
+
+fn warn(name: &str, detail: impl Into<String>) -> CheckResult {
+    result(name, Mark::Warn, detail)
+}
+
 fn fail(name: &str, detail: impl Into<String>) -> CheckResult {
-    CheckResult {
-        name: name.to_owned(),
-        ok: false,
-        detail: detail.into(),
-    }
+    result(name, Mark::Fail, detail)
 }
 
 /// Runs every check that can run; a check that needs a failed one is left
@@ -116,8 +144,8 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         )),
     }
 
-    let catalog_ok = match Catalog::load(&client, &settings.tables).await {
-        Ok(_) => {
+    let schema = match Catalog::load(&client, &settings.tables).await {
+        Ok(schema) => {
             out.push(pass(
                 "tables and columns",
                 format!(
@@ -125,15 +153,15 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
                     settings.tables.len()
                 ),
             ));
-            true
+            Some(schema)
         }
         Err(e) => {
             out.push(fail("tables and columns", e.to_string()));
-            false
+            None
         }
     };
 
-    if catalog_ok {
+    if let Some(schema) = &schema {
         for m in &settings.tables {
             let name = format!("read {}", m.table);
             match client
@@ -155,6 +183,7 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
                 Err(e) => out.push(fail(&name, e.to_string())),
             }
         }
+        out.extend(mapped_tables(&client, settings, schema).await);
     }
 
     let tables = settings.published_tables();
@@ -170,7 +199,9 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
             match source::missing_from_publication(&client, publication, &tables).await {
                 Ok(missing) if missing.is_empty() => out.push(pass(
                     "publication",
-                    format!("{publication} holds every mapped table"),
+                    format!(
+                        "{publication} holds every mapped table and every table a lookup reads"
+                    ),
                 )),
                 Ok(missing) => out.push(fail(
                     "publication",
@@ -206,15 +237,8 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
                 .await
                 .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
                 .unwrap_or(false);
-            let statement = format!(
-                "CREATE PUBLICATION {} FOR TABLE {};",
-                quote_ident(publication),
-                tables
-                    .iter()
-                    .map(|t| t.quoted())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            let statement =
+                source::create_statement(publication, &source::published_tables(settings));
             out.push(if can_create {
                 pass("publication", format!("{publication} does not exist yet; run will create it"))
             } else {
@@ -297,4 +321,206 @@ async fn state_schema(client: &tokio_postgres::Client, settings: &Settings) -> C
         },
         Err(e) => fail(NAME, e.to_string()),
     }
+}
+
+/// Per mapped table: its row filter, its lookup, and whether its replica
+/// identity gives the mapping the old rows it needs; then the replica
+/// identity of the tables only lookups read.
+async fn mapped_tables(
+    client: &tokio_postgres::Client,
+    settings: &Settings,
+    schema: &Schema,
+) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let version = source::server_version_num(client).await;
+    // What the publication filters now, to say what `run` would change.
+    let held = match &version {
+        Ok(v) if *v >= 150_000 => source::current_filters(client, &settings.publication)
+            .await
+            .unwrap_or_default(),
+        _ => HashMap::new(),
+    };
+    for m in &settings.tables {
+        let held_filter = held.get(&m.table).cloned().flatten();
+        match (&m.row_filter, &version) {
+            (Some(filter), Ok(v)) => {
+                out.push(row_filter(client, settings, m, filter, *v, held_filter).await)
+            }
+            (Some(_), Err(e)) => out.push(fail(&format!("row filter {}", m.table), e.to_string())),
+            (None, _) => {
+                if let Some(held) = held_filter {
+                    out.push(pass(
+                        &format!("row filter {}", m.table),
+                        format!(
+                            "{} has no where:, but publication {} filters it by {held}; run removes that filter",
+                            m.key, settings.publication
+                        ),
+                    ));
+                }
+            }
+        }
+        if let ContactSource::Lookup(l) = &m.contact {
+            if let Some(target) = schema.lookup_index(l).map(|i| &schema.lookups[i]) {
+                let filtered_from = settings
+                    .tables
+                    .iter()
+                    .find(|t| t.table == target.from)
+                    .and_then(|t| t.row_filter.as_ref().map(|_| t.key.as_str()));
+                out.push(lookup(client, m, target, filtered_from).await);
+            }
+        }
+        out.extend(identity(client, &m.table, Some(m)).await);
+    }
+    let mapped: Vec<&TableName> = settings.tables.iter().map(|m| &m.table).collect();
+    for table in settings.published_tables() {
+        if !mapped.contains(&table) {
+            out.extend(identity(client, table, None).await);
+        }
+    }
+    out
+}
+
+/// Whether Postgres accepts a table's `where:` in a publication, and
+/// whether it keeps to the replica identity rule.
+async fn row_filter(
+    client: &tokio_postgres::Client,
+    settings: &Settings,
+    m: &TableMapping,
+    filter: &str,
+    version: i32,
+    held: Option<String>,
+) -> CheckResult {
+    let name = format!("row filter {}", m.table);
+    let key = format!("{}.where", m.key);
+    if version < 150_000 {
+        return fail(
+            &name,
+            format!("{key}: row filters need PostgreSQL 15 or later, and this server is older (server_version_num {version}); remove where: or upgrade"),
+        );
+    }
+    match source::probe_filter(client, &m.table, filter).await {
+        Ok(FilterVerdict::Accepted {
+            identity_problem: Some(problem),
+            ..
+        }) => fail(&name, format!("{key}: {problem}")),
+        Ok(FilterVerdict::Accepted {
+            rowfilter,
+            identity_problem: None,
+        }) => {
+            let mut detail = format!(
+                "{key} is accepted by Postgres and reads only columns of the replica identity"
+            );
+            match (&held, &rowfilter) {
+                (Some(h), Some(r)) if h == r => {
+                    detail.push_str(&format!("; publication {} has it", settings.publication))
+                }
+                (Some(h), _) => detail.push_str(&format!(
+                    "; publication {} filters by {h} now, and run changes it (when the role owns the publication)",
+                    settings.publication
+                )),
+                (None, _) => {}
+            }
+            pass(&name, detail)
+        }
+        Ok(FilterVerdict::Refused(message)) => fail(
+            &name,
+            format!("{key}: Postgres refuses the row filter ({filter}): {message}"),
+        ),
+        Ok(FilterVerdict::ParsedOnly) => warn(
+            &name,
+            format!(
+                "{key} parses, but role {} may not create publications, so Postgres's publication rules (built-in immutable functions only, columns of the replica identity) were not probed; run check as a table owner",
+                settings.postgres.user
+            ),
+        ),
+        Err(e) => fail(&name, format!("{key}: {e}")),
+    }
+}
+
+/// A lookup's columns exist (the catalog load checked them) and an index
+/// leads with the referenced column. `filtered_from` is the key of the
+/// related table's own mapping when it has a row filter: changes to rows
+/// outside it are not streamed, so cached contact ids for them go stale.
+async fn lookup(
+    client: &tokio_postgres::Client,
+    m: &TableMapping,
+    target: &crate::mapping::LookupTarget,
+    filtered_from: Option<&str>,
+) -> CheckResult {
+    let name = format!("lookup {} -> {}", m.table, target.from);
+    let ContactSource::Lookup(l) = &m.contact else {
+        return fail(&name, "not a lookup");
+    };
+    let key = format!("{}.{}.id", m.key, m.section());
+    let path = format!(
+        "{key}: {}.{} -> {}.{} -> {}",
+        m.table, l.key, target.from, target.references, target.column
+    );
+    let stale = filtered_from.map(|key| {
+        format!(
+            "; {key}.where keeps changes to {}'s other rows out of the stream, so a cached {} of such a row is not refreshed when it changes",
+            target.from, target.column
+        )
+    });
+    match source::lookup_indexed(client, target).await {
+        Ok(true) => match stale {
+            None => pass(
+                &name,
+                format!("{path}; an index leads with {}", target.references),
+            ),
+            Some(stale) => warn(
+                &name,
+                format!("{path}; an index leads with {}{stale}", target.references),
+            ),
+        },
+        Ok(false) => warn(
+            &name,
+            format!(
+                "{path}; no index leads with {}, so every lookup the cache misses scans {}; run CREATE INDEX ON {} ({});{}",
+                target.references,
+                target.from,
+                target.from.quoted(),
+                quote_ident(&target.references),
+                stale.unwrap_or_default()
+            ),
+        ),
+        Err(e) => fail(&name, format!("{key}: {e}")),
+    }
+}
+
+/// Whether the table's replica identity lets Postgres take UPDATEs and
+/// DELETEs once it is published, and gives the mapping the old rows it
+/// needs (`TableMapping::needs_full_identity`).
+async fn identity(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+    m: Option<&TableMapping>,
+) -> Option<CheckResult> {
+    let name = format!("replica identity {table}");
+    let alter = format!("ALTER TABLE {} REPLICA IDENTITY FULL;", table.quoted());
+    let identity = match source::replica_identity(client, table).await {
+        Ok(identity) => identity,
+        Err(e) => return Some(fail(&name, e.to_string())),
+    };
+    let reasons = m.map(|m| m.needs_full_identity()).unwrap_or_default();
+    Some(match identity {
+        ReplicaIdentity::Nothing { how } => fail(
+            &name,
+            format!("is {how}: once the table is published, Postgres refuses every UPDATE and DELETE on it; run {alter} (or add a primary key)"),
+        ),
+        ReplicaIdentity::Full if reasons.is_empty() => return None,
+        ReplicaIdentity::Full => pass(
+            &name,
+            if m.is_some_and(|m| m.operations.update) {
+                "is FULL: the old row is known, so updates that change no mapped column are skipped"
+            } else {
+                "is FULL: the old row is known"
+            },
+        ),
+        ReplicaIdentity::Columns { .. } if reasons.is_empty() => return None,
+        identity @ ReplicaIdentity::Columns { .. } => warn(
+            &name,
+            format!("is {identity}, not FULL: {}; run {alter}", reasons.join("; ")),
+        ),
+    })
 }

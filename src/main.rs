@@ -216,7 +216,7 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
             }
             let failed: Vec<&str> = results
                 .iter()
-                .filter(|r| !r.ok)
+                .filter(|r| r.failed())
                 .map(|r| r.name.as_str())
                 .collect();
             if failed.is_empty() {

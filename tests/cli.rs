@@ -29,6 +29,15 @@ async fn check_passes_on_a_ready_database_with_one_line_per_check() {
         );
     }
     assert!(!out.contains("FAIL"));
+    // The default replica identity is a warning, with the statement that
+    // fixes it; warnings do not fail check.
+    assert!(
+        out.lines().any(
+            |l| l.starts_with("WARN replica identity public.employees: ")
+                && l.ends_with("run ALTER TABLE \"public\".\"employees\" REPLICA IDENTITY FULL;")
+        ),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,6 +13,7 @@ mod harness;
 mod mapping;
 mod observe;
 mod preview;
+mod publication;
 mod reliability;
 mod spine;
 mod sql;

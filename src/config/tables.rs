@@ -490,26 +490,27 @@ impl TableMapping {
         out
     }
 
-    /// Whether the mapping needs a deleted or updated row's old values in
-    /// full (REPLICA IDENTITY FULL) to do all it is asked, and why.
+    /// What the mapping cannot do unless Postgres logs updated and deleted
+    /// rows' old values in full (REPLICA IDENTITY FULL), one consequence
+    /// each; empty when FULL makes no difference.
     pub fn needs_full_identity(&self) -> Vec<String> {
         let mut why = Vec::new();
         if self.operations.update {
             why.push(
-                "updates that change no mapped column are skipped only when the old row is known"
+                "updates that change no mapped column are sent anyway, because the old row is not known"
                     .to_owned(),
             );
             for f in &self.fields {
                 if let FieldSource::List { .. } = f.source {
                     why.push(format!(
-                        "list trait {} can remove values only when the old row is known",
+                        "list trait {} cannot remove values, because the old row is not known",
                         f.name
                     ));
                 }
             }
         }
         if self.operations.delete && self.on_delete != OnDelete::Ignore {
-            why.push("a delete carries the contact id and other columns only when the old row is known (unless they are all in the primary key)".to_owned());
+            why.push("a delete carries only the replica identity's columns, so the contact id and other mapped columns are missing unless they are all among them".to_owned());
         }
         why
     }

@@ -131,10 +131,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             tracing::warn!(table = %target.from, column = %target.references, "no index leads with the lookup's column: every uncached lookup scans the table (conveyour-cdc check says how to add one)");
         }
     }
-    let tables = settings.published_tables();
-    if source::ensure_publication(&client, &settings.publication, &tables).await?
-        == source::PublicationState::Created
-    {
+    if source::ensure_publication(&client, settings).await? == source::PublicationState::Created {
         tracing::info!(publication = %settings.publication, "created the publication for the mapped tables");
     }
     let mut conn = ReplicationConn::connect(&settings.postgres).await?;

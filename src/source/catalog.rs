@@ -1,5 +1,5 @@
 //! Ordinary SQL against the source database (tokio-postgres): what the
-//! mapped tables look like, and the publication and slot the connector owns.
+//! mapped tables look like, and the slot the connector owns.
 
 use std::collections::HashMap;
 
@@ -8,7 +8,7 @@ use tokio_postgres::{Client, NoTls};
 use super::params::ConnParams;
 use super::tls::{self, MakeRustls};
 use super::SourceError;
-use crate::config::{quote_ident, ColumnRole, ContactSource, Lookup, TableMapping, TableName};
+use crate::config::{ColumnRole, ContactSource, Lookup, TableMapping, TableName};
 use crate::decode::value::ValueKind;
 use crate::lsn::Lsn;
 use crate::mapping::{LookupTarget, Schema};
@@ -301,91 +301,6 @@ pub(crate) async fn lookup_indexed(
         .await
         .map_err(|e| SourceError::from_sql(&format!("looking up indexes of {}", target.from), e))?;
     Ok(row.get(0))
-}
-
-/// What [`ensure_publication`] found or did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum PublicationState {
-    Created,
-    Ready,
-}
-
-/// Makes sure the publication exists and holds every mapped table: creates
-/// it when missing; refuses (with the statement to run) when it exists but
-/// lacks a table, since changing a publication others may use is the
-/// operator's call.
-pub(crate) async fn ensure_publication(
-    client: &Client,
-    publication: &str,
-    tables: &[&TableName],
-) -> Result<PublicationState, SourceError> {
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("looking up the publication", e))?
-        .is_some();
-    if !exists {
-        let list: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
-        let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            quote_ident(publication),
-            list.join(", ")
-        );
-        match client.batch_execute(&sql).await {
-            Ok(()) => return Ok(PublicationState::Created),
-            // Another connector created it just now: check it like any other.
-            Err(e) if SourceError::already_exists(&e) => {}
-            Err(e) => {
-                return Err(SourceError::from_sql(
-                    &format!(
-                    "creating publication {publication} (run as a table owner or superuser: {sql})"
-                ),
-                    e,
-                ))
-            }
-        }
-    }
-    let missing = missing_from_publication(client, publication, tables).await?;
-    if !missing.is_empty() {
-        let list: Vec<String> = missing.iter().map(|t| t.quoted()).collect();
-        return Err(SourceError::config(format!(
-            "postgres.publication: publication {publication} lacks {}; run: ALTER PUBLICATION {} ADD TABLE {}",
-            missing.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
-            quote_ident(publication),
-            list.join(", ")
-        )));
-    }
-    Ok(PublicationState::Ready)
-}
-
-/// The mapped tables the publication does not hold.
-pub(crate) async fn missing_from_publication<'a>(
-    client: &Client,
-    publication: &str,
-    tables: &[&'a TableName],
-) -> Result<Vec<&'a TableName>, SourceError> {
-    let rows = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("reading the publication's tables", e))?;
-    let held: Vec<TableName> = rows
-        .iter()
-        .map(|r| TableName {
-            schema: r.get(0),
-            name: r.get(1),
-        })
-        .collect();
-    Ok(tables
-        .iter()
-        .copied()
-        .filter(|t| !held.contains(t))
-        .collect())
 }
 
 /// The slot as `pg_replication_slots` shows it.

@@ -4,6 +4,7 @@
 mod catalog;
 mod lookup;
 mod params;
+mod publication;
 mod replication;
 mod rows;
 mod tls;
@@ -11,11 +12,15 @@ mod tls;
 use std::fmt;
 
 pub(crate) use catalog::{
-    check_slot, connect_sql, ensure_publication, ensure_slot, lookup_indexed,
-    missing_from_publication, slot_confirmed, slot_info, Catalog, PublicationState,
+    check_slot, connect_sql, ensure_slot, lookup_indexed, slot_confirmed, slot_info, Catalog,
 };
 pub(crate) use lookup::Resolver;
 pub use params::{ConnParams, Host, SslMode};
+pub(crate) use publication::{
+    create_statement, current_filters, ensure_publication, missing_from_publication, probe_filter,
+    published_tables, replica_identity, server_version_num, FilterVerdict, PublicationState,
+    ReplicaIdentity,
+};
 pub(crate) use replication::{
     pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
 };

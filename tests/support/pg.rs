@@ -733,8 +733,7 @@ impl TestDb {
             )
             .await
             .unwrap_or_else(|e| panic!("reading slot {slot}: {e}"))
-            .map(|row| row.get::<_, bool>(0))
-            .unwrap_or(false)
+            .is_some_and(|row| row.get::<_, bool>(0))
     }
 }
 

@@ -1,0 +1,924 @@
+//! The publication the connector streams from: it holds every mapped table
+//! and every table a lookup reads, each mapped table filtered by its
+//! `where:` (Postgres 15+), and is brought in line with the config on
+//! every start.
+//!
+//! Postgres accepts a row filter that reads columns outside the table's
+//! replica identity, and only later refuses every UPDATE and DELETE on the
+//! table, which would break the application writing to it. So every
+//! publication change made here is checked against that rule inside its
+//! transaction, and rolled back when it fails.
+
+use std::collections::{BTreeSet, HashMap};
+
+use tokio_postgres::Client;
+
+use super::SourceError;
+use crate::config::{quote_ident, Settings, TableName};
+
+/// `server_version_num` of the first release with publication row filters.
+const ROW_FILTERS_SINCE: i32 = 150_000;
+
+/// The publication `check` creates (and always rolls back) to let Postgres
+/// judge a row filter without touching the real one.
+const PROBE_PUBLICATION: &str = "conveyour_cdc_filter_probe";
+
+/// The temporary table a row filter is spelled out on when the role may not
+/// change the publication (see [`deparse`]).
+const PROBE_TABLE: &str = "conveyour_cdc_filter_probe";
+
+/// SQLSTATE insufficient_privilege.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// One table the publication must hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PublishedTable<'a> {
+    pub table: &'a TableName,
+    /// `tables[i]` for a mapped table; None for a table only lookups read.
+    pub key: Option<&'a str>,
+    /// The row filter from `where:`.
+    pub filter: Option<&'a str>,
+}
+
+impl PublishedTable<'_> {
+    /// The config key errors about this table's filter name.
+    fn where_key(&self) -> String {
+        match self.key {
+            Some(key) => format!("{key}.where"),
+            None => "postgres.publication".to_owned(),
+        }
+    }
+
+    /// The table as `ADD TABLE` / `FOR TABLE` take it, with its filter and
+    /// (when the publication already limits them) its columns.
+    fn clause(&self, columns: Option<&[String]>) -> String {
+        let mut out = self.table.quoted();
+        if let Some(columns) = columns {
+            let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+            out.push_str(&format!(" ({})", list.join(", ")));
+        }
+        if let Some(filter) = self.filter {
+            out.push_str(&format!(" WHERE ({filter})"));
+        }
+        out
+    }
+}
+
+/// Every table the publication must hold ([`Settings::published_tables`]),
+/// with each mapped table's key and row filter.
+pub(crate) fn published_tables(settings: &Settings) -> Vec<PublishedTable<'_>> {
+    settings
+        .published_tables()
+        .into_iter()
+        .map(|table| {
+            let mapping = settings.tables.iter().find(|m| &m.table == table);
+            PublishedTable {
+                table,
+                key: mapping.map(|m| m.key.as_str()),
+                filter: mapping.and_then(|m| m.row_filter.as_deref()),
+            }
+        })
+        .collect()
+}
+
+/// The server's `server_version_num`, e.g. 150004.
+pub(crate) async fn server_version_num(client: &Client) -> Result<i32, SourceError> {
+    let row = client
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .map_err(|e| SourceError::from_sql("reading the server version", e))?;
+    let text: String = row.get(0);
+    text.trim().parse().map_err(|_| {
+        SourceError::config(format!(
+            "the server reports server_version_num `{text}`, which is not a number"
+        ))
+    })
+}
+
+/// Refuses `where:` on a server without publication row filters, naming
+/// the first table that has one.
+pub(crate) fn require_row_filters(
+    version_num: i32,
+    tables: &[PublishedTable<'_>],
+) -> Result<(), SourceError> {
+    if version_num >= ROW_FILTERS_SINCE {
+        return Ok(());
+    }
+    match tables.iter().find(|t| t.filter.is_some()) {
+        None => Ok(()),
+        Some(t) => Err(SourceError::config(format!(
+            "{}: row filters need PostgreSQL 15 or later, and this server is older (server_version_num {version_num}); remove where: or upgrade",
+            t.where_key()
+        ))),
+    }
+}
+
+/// What [`ensure_publication`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PublicationState {
+    Created,
+    Ready,
+}
+
+/// The publication as `pg_publication` describes it.
+struct PublicationInfo {
+    /// `FOR ALL TABLES`: holds everything, and cannot filter rows.
+    all_tables: bool,
+    /// Publishes UPDATE or DELETE, which is when Postgres enforces the
+    /// replica identity rule on row filters.
+    changes_rows: bool,
+}
+
+async fn publication_info(
+    client: &Client,
+    publication: &str,
+) -> Result<Option<PublicationInfo>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT puballtables, pubupdate OR pubdelete FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("looking up the publication", e))?;
+    Ok(row.map(|r| PublicationInfo {
+        all_tables: r.get(0),
+        changes_rows: r.get(1),
+    }))
+}
+
+/// Makes sure the publication exists, holds every table it must, and
+/// filters each mapped table as its `where:` says.
+///
+/// Creates it when missing. When it exists but lacks a table, refuses with
+/// the statement to run, since adding tables to a publication others may
+/// use is the operator's call. Row filters are changed in one transaction
+/// that is rolled back when it would change nothing, so a restart causes
+/// no catalog churn. A filter Postgres refuses, or one that reads columns
+/// outside the table's replica identity, fails with `tables[i].where` named
+/// and the publication untouched.
+pub(crate) async fn ensure_publication(
+    client: &Client,
+    settings: &Settings,
+) -> Result<PublicationState, SourceError> {
+    let publication = settings.publication.as_str();
+    let tables = published_tables(settings);
+    let version = server_version_num(client).await?;
+    require_row_filters(version, &tables)?;
+    if publication_info(client, publication).await?.is_none()
+        && create(client, publication, &tables).await?
+    {
+        return Ok(PublicationState::Created);
+    }
+    // It existed, or another connector created it just now: check it like
+    // any other.
+    let Some(info) = publication_info(client, publication).await? else {
+        return Err(SourceError::transient(format!(
+            "publication {publication} vanished while starting"
+        )));
+    };
+    let names: Vec<&TableName> = tables.iter().map(|t| t.table).collect();
+    let missing = missing_from_publication(client, publication, &names).await?;
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|t| t.quoted()).collect();
+        return Err(SourceError::config(format!(
+            "postgres.publication: publication {publication} lacks {}; run: ALTER PUBLICATION {} ADD TABLE {}",
+            missing.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
+            quote_ident(publication),
+            list.join(", ")
+        )));
+    }
+    if version >= ROW_FILTERS_SINCE {
+        sync_filters(client, publication, &info, &tables).await?;
+    }
+    Ok(PublicationState::Ready)
+}
+
+/// The statement that creates the publication as the config wants it.
+pub(crate) fn create_statement(publication: &str, tables: &[PublishedTable<'_>]) -> String {
+    let list: Vec<String> = tables.iter().map(|t| t.clause(None)).collect();
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {};",
+        quote_ident(publication),
+        list.join(", ")
+    )
+}
+
+/// Creates the publication in one transaction, a table at a time so an
+/// error names the table whose filter Postgres refused. Returns false when
+/// another session created it first.
+async fn create(
+    client: &Client,
+    publication: &str,
+    tables: &[PublishedTable<'_>],
+) -> Result<bool, SourceError> {
+    begin(client).await?;
+    let outcome = create_inside(client, publication, tables).await;
+    finish(client, outcome.map(|created| (created, created))).await
+}
+
+async fn create_inside(
+    client: &Client,
+    publication: &str,
+    tables: &[PublishedTable<'_>],
+) -> Result<bool, SourceError> {
+    let refused = |e: tokio_postgres::Error| {
+        SourceError::from_sql(
+            &format!(
+                "creating publication {publication} (run as a table owner or superuser: {})",
+                create_statement(publication, tables)
+            ),
+            e,
+        )
+    };
+    match client
+        .batch_execute(&format!("CREATE PUBLICATION {}", quote_ident(publication)))
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if SourceError::already_exists(&e) => return Ok(false),
+        Err(e) => return Err(refused(e)),
+    }
+    for t in tables {
+        let sql = format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote_ident(publication),
+            t.clause(None)
+        );
+        if let Err(e) = client.batch_execute(&sql).await {
+            return Err(if is_privilege(&e) || t.filter.is_none() {
+                refused(e)
+            } else {
+                filter_refused(t, e)
+            });
+        }
+    }
+    for t in tables.iter().filter(|t| t.filter.is_some()) {
+        if let Some(problem) = identity_problem(client, publication, t.table).await? {
+            return Err(SourceError::config(format!("{}: {problem}", t.where_key())));
+        }
+    }
+    Ok(true)
+}
+
+/// A table the publication holds, as `pg_publication_tables` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HeldTable {
+    /// Postgres's spelling of the row filter.
+    rowfilter: Option<String>,
+    /// Listed by name (rather than through `FOR TABLES IN SCHEMA`), so it
+    /// can be dropped and added back.
+    listed: bool,
+    /// The column list, when the publication limits the columns.
+    columns: Option<Vec<String>>,
+}
+
+/// The tables the publication holds (Postgres 15+), by name.
+async fn held_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<HashMap<TableName, HeldTable>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT pt.schemaname::text, pt.tablename::text, pt.rowfilter, pr.prrelid IS NOT NULL,
+                    CASE WHEN pr.prattrs IS NOT NULL THEN pt.attnames::text[] END
+               FROM pg_publication_tables pt
+               JOIN pg_publication p ON p.pubname = pt.pubname
+               LEFT JOIN pg_publication_rel pr ON pr.prpubid = p.oid
+                    AND pr.prrelid = (quote_ident(pt.schemaname) || '.' || quote_ident(pt.tablename))::regclass
+              WHERE pt.pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the publication's row filters", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                TableName {
+                    schema: r.get(0),
+                    name: r.get(1),
+                },
+                HeldTable {
+                    rowfilter: r.get(2),
+                    listed: r.get(3),
+                    columns: r.get(4),
+                },
+            )
+        })
+        .collect())
+}
+
+/// How changing one table's filter went, inside the transaction.
+enum Alter {
+    /// The filters now match the config, and the catalog changed.
+    Changed,
+    /// They already matched: nothing to commit.
+    Unchanged,
+    /// The role may not alter the publication.
+    NotPermitted,
+}
+
+/// Brings each mapped table's row filter in line with its `where:`.
+async fn sync_filters(
+    client: &Client,
+    publication: &str,
+    info: &PublicationInfo,
+    tables: &[PublishedTable<'_>],
+) -> Result<(), SourceError> {
+    let held = held_tables(client, publication).await?;
+    let work: Vec<(PublishedTable<'_>, HeldTable)> = tables
+        .iter()
+        .filter(|t| t.key.is_some())
+        .filter_map(|t| Some((*t, held.get(t.table)?.clone())))
+        .filter(|(t, h)| t.filter.is_some() || h.rowfilter.is_some())
+        .collect();
+    if work.is_empty() {
+        return Ok(());
+    }
+    if info.all_tables {
+        let t = work
+            .iter()
+            .find(|(t, _)| t.filter.is_some())
+            .map_or(work[0].0, |(t, _)| *t);
+        return Err(SourceError::config(format!(
+            "{}: publication {publication} is FOR ALL TABLES, which cannot filter rows; give the connector a publication of its own (postgres.publication) or remove where:",
+            t.where_key()
+        )));
+    }
+    begin(client).await?;
+    let outcome = alter_filters(client, publication, info, &work).await;
+    let commit = matches!(outcome, Ok(Alter::Changed));
+    let outcome = finish(client, outcome.map(|a| (commit, a))).await?;
+    match outcome {
+        Alter::Changed => {
+            tracing::info!(
+                publication,
+                tables = %work.iter().map(|(t, _)| t.table.to_string()).collect::<Vec<_>>().join(", "),
+                "brought the publication's row filters in line with the config"
+            );
+            Ok(())
+        }
+        Alter::Unchanged => Ok(()),
+        Alter::NotPermitted => verify_unaltered(client, publication, info, &work).await,
+    }
+}
+
+/// Drops and adds back each table with its configured filter, then checks
+/// the result against the replica identity rule. Runs inside a
+/// transaction the caller commits only on [`Alter::Changed`].
+async fn alter_filters(
+    client: &Client,
+    publication: &str,
+    info: &PublicationInfo,
+    work: &[(PublishedTable<'_>, HeldTable)],
+) -> Result<Alter, SourceError> {
+    for (t, h) in work {
+        let mut statements = Vec::with_capacity(2);
+        if h.listed {
+            statements.push(format!(
+                "ALTER PUBLICATION {} DROP TABLE {}",
+                quote_ident(publication),
+                t.table.quoted()
+            ));
+        }
+        statements.push(format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote_ident(publication),
+            t.clause(h.columns.as_deref())
+        ));
+        for sql in statements {
+            match client.batch_execute(&sql).await {
+                Ok(()) => {}
+                Err(e) if is_privilege(&e) => return Ok(Alter::NotPermitted),
+                Err(e) if t.filter.is_some() && e.as_db_error().is_some() => {
+                    return Err(filter_refused(t, e))
+                }
+                Err(e) => {
+                    return Err(SourceError::from_sql(
+                        &format!("{}: changing publication {publication}", t.where_key()),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+    if info.changes_rows {
+        for (t, _) in work.iter().filter(|(t, _)| t.filter.is_some()) {
+            if let Some(problem) = identity_problem(client, publication, t.table).await? {
+                return Err(SourceError::config(format!("{}: {problem}", t.where_key())));
+            }
+        }
+    }
+    let after = held_tables(client, publication).await?;
+    let changed = work
+        .iter()
+        .any(|(t, h)| after.get(t.table).map(|a| &a.rowfilter) != Some(&h.rowfilter));
+    Ok(if changed {
+        Alter::Changed
+    } else {
+        Alter::Unchanged
+    })
+}
+
+/// The role may not alter the publication: fine when every filter already
+/// matches the config (and keeps the replica identity rule); otherwise an
+/// error naming the first table that differs and the statements to run.
+async fn verify_unaltered(
+    client: &Client,
+    publication: &str,
+    info: &PublicationInfo,
+    work: &[(PublishedTable<'_>, HeldTable)],
+) -> Result<(), SourceError> {
+    let mut differ = Vec::new();
+    for (t, h) in work {
+        let wanted = match t.filter {
+            None => None,
+            Some(filter) => deparse(client, t.table, filter).await?,
+        };
+        let matches = match (t.filter, &h.rowfilter) {
+            (None, None) => true,
+            (Some(_), Some(held)) => wanted.as_deref() == Some(held.as_str()),
+            _ => false,
+        };
+        if !matches {
+            differ.push((t, h));
+        }
+    }
+    if let Some((first, held)) = differ.first() {
+        let mut sql = vec!["BEGIN;".to_owned()];
+        for (t, h) in &differ {
+            if h.listed {
+                sql.push(format!(
+                    "ALTER PUBLICATION {} DROP TABLE {};",
+                    quote_ident(publication),
+                    t.table.quoted()
+                ));
+            }
+            sql.push(format!(
+                "ALTER PUBLICATION {} ADD TABLE {};",
+                quote_ident(publication),
+                t.clause(h.columns.as_deref())
+            ));
+        }
+        sql.push("COMMIT;".to_owned());
+        let now = match &held.rowfilter {
+            Some(f) => format!("filters {} by {f}", first.table),
+            None => format!("does not filter {}", first.table),
+        };
+        let wanted = match first.filter {
+            Some(f) => format!("the configured ({f})"),
+            None => "no filter, as configured".to_owned(),
+        };
+        return Err(SourceError::config(format!(
+            "{}: publication {publication} {now}, not {wanted}, and this role may not alter the publication; as its owner run: {}",
+            first.where_key(),
+            sql.join(" ")
+        )));
+    }
+    if info.changes_rows {
+        for (t, _) in work.iter().filter(|(t, _)| t.filter.is_some()) {
+            if let Some(problem) = identity_problem(client, publication, t.table).await? {
+                return Err(SourceError::config(format!("{}: {problem}", t.where_key())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Postgres's own spelling of `filter` on `table`, as
+/// `pg_publication_tables.rowfilter` would show it, found without touching
+/// any publication: a CHECK constraint with the filter on a temporary copy
+/// of the table's columns is deparsed the same way. None when Postgres
+/// refuses it there (the caller then reports a difference).
+async fn deparse(
+    client: &Client,
+    table: &TableName,
+    filter: &str,
+) -> Result<Option<String>, SourceError> {
+    begin(client).await?;
+    let outcome = async {
+        client
+            .batch_execute(&format!(
+                "CREATE TEMPORARY TABLE {PROBE_TABLE} (LIKE {}); ALTER TABLE {PROBE_TABLE} ADD CHECK ({filter}) NOT VALID",
+                table.quoted()
+            ))
+            .await?;
+        client
+            .query_opt(
+                &format!(
+                    "SELECT pg_get_expr(conbin, conrelid) FROM pg_constraint WHERE conrelid = '{PROBE_TABLE}'::regclass AND contype = 'c'"
+                ),
+                &[],
+            )
+            .await
+    }
+    .await;
+    finish(client, Ok::<_, SourceError>((false, ()))).await?;
+    Ok(outcome.ok().flatten().and_then(|r| r.get(0)))
+}
+
+/// The replica identity of a table: which of its columns Postgres writes
+/// into the WAL as the old row of an UPDATE or DELETE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ReplicaIdentity {
+    /// `REPLICA IDENTITY FULL`: every column.
+    Full,
+    /// DEFAULT with a primary key, or USING INDEX: these columns.
+    Columns {
+        /// `DEFAULT, the primary key` or `USING INDEX`.
+        how: &'static str,
+        columns: Vec<String>,
+    },
+    /// NOTHING, or DEFAULT without a primary key, or USING INDEX of an
+    /// index since dropped: Postgres refuses UPDATE and DELETE on the table
+    /// once a publication that publishes them holds it.
+    Nothing {
+        /// `NOTHING` or `DEFAULT, but the table has no primary key`.
+        how: &'static str,
+    },
+}
+
+impl ReplicaIdentity {
+    /// Whether the old row carries `column`.
+    fn covers(&self, column: &str) -> bool {
+        match self {
+            ReplicaIdentity::Full => true,
+            ReplicaIdentity::Columns { columns, .. } => columns.iter().any(|c| c == column),
+            ReplicaIdentity::Nothing { .. } => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaIdentity::Full => f.write_str("FULL"),
+            ReplicaIdentity::Columns { how, columns } => {
+                write!(f, "{how} ({})", columns.join(", "))
+            }
+            ReplicaIdentity::Nothing { how } => f.write_str(how),
+        }
+    }
+}
+
+/// Reads a table's replica identity from the catalog.
+pub(crate) async fn replica_identity(
+    client: &Client,
+    table: &TableName,
+) -> Result<ReplicaIdentity, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT c.relreplident::text,
+                    ARRAY(SELECT a.attname::text
+                            FROM pg_index i
+                            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                           WHERE i.indrelid = c.oid
+                             AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
+                                                     WHEN 'i' THEN i.indisreplident
+                                                     ELSE false END
+                           ORDER BY a.attnum)
+               FROM pg_class c WHERE c.oid = $1::text::regclass",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql(&format!("reading the replica identity of {table}"), e))?;
+    let kind: String = row.get(0);
+    let columns: Vec<String> = row.get(1);
+    Ok(match (kind.as_str(), columns.is_empty()) {
+        ("f", _) => ReplicaIdentity::Full,
+        ("n", _) => ReplicaIdentity::Nothing { how: "NOTHING" },
+        ("d", true) => ReplicaIdentity::Nothing {
+            how: "DEFAULT, but the table has no primary key",
+        },
+        ("i", true) => ReplicaIdentity::Nothing {
+            how: "USING INDEX of an index that no longer exists",
+        },
+        ("i", false) => ReplicaIdentity::Columns {
+            how: "USING INDEX",
+            columns,
+        },
+        _ => ReplicaIdentity::Columns {
+            how: "DEFAULT, the primary key",
+            columns,
+        },
+    })
+}
+
+/// The attribute numbers a stored expression (`pg_node_tree` as text)
+/// reads, from its `:varattno N` fields; 0 stands for the whole row.
+fn varattnos(node_tree: &str) -> BTreeSet<i16> {
+    node_tree
+        .split(":varattno ")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '-')
+                .collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// Why the publication's row filter on `table` would make Postgres refuse
+/// the table's UPDATEs and DELETEs: the columns it reads outside the
+/// replica identity, and the fix. None when it reads only identity columns
+/// (or the publication holds no filter for the table).
+pub(crate) async fn identity_problem(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<Option<String>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT pr.prqual::text FROM pg_publication_rel pr
+               JOIN pg_publication p ON p.oid = pr.prpubid
+              WHERE p.pubname = $1 AND pr.prrelid = $2::text::regclass",
+            &[&publication, &table.quoted()],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql(&format!("reading the row filter of {table}"), e))?;
+    let Some(qual) = row.and_then(|r| r.get::<_, Option<String>>(0)) else {
+        return Ok(None);
+    };
+    let identity = replica_identity(client, table).await?;
+    if identity == ReplicaIdentity::Full {
+        return Ok(None);
+    }
+    let attnums: Vec<i16> = varattnos(&qual).into_iter().collect();
+    let rows = client
+        .query(
+            "SELECT attname::text FROM pg_attribute
+              WHERE attrelid = $1::text::regclass AND attnum = ANY ($2) ORDER BY attnum",
+            &[&table.quoted(), &attnums],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql(&format!("reading the columns of {table}"), e))?;
+    let mut outside: Vec<String> = rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|c| !identity.covers(c))
+        .map(|c| format!("`{c}`"))
+        .collect();
+    if attnums.contains(&0) {
+        outside.push("the whole row".to_owned());
+    }
+    if outside.is_empty() {
+        return Ok(None);
+    }
+    let alternative = match &identity {
+        ReplicaIdentity::Columns { columns, .. } => {
+            format!(", or filter only on {}", columns.join(", "))
+        }
+        _ => String::new(),
+    };
+    Ok(Some(format!(
+        "the row filter reads {} of {table}, outside its replica identity ({identity}); Postgres would accept it and then refuse every UPDATE and DELETE on the table. Run ALTER TABLE {} REPLICA IDENTITY FULL;{alternative}",
+        outside.join(", "),
+        table.quoted()
+    )))
+}
+
+/// What Postgres makes of a configured row filter, found by `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FilterVerdict {
+    /// Postgres accepts it in a publication.
+    Accepted {
+        /// Postgres's spelling of it.
+        rowfilter: Option<String>,
+        /// Why it would break the table's UPDATEs and DELETEs, if it would.
+        identity_problem: Option<String>,
+    },
+    /// Postgres refuses it: its message.
+    Refused(String),
+    /// The role may not create publications, so only the expression
+    /// itself was checked (with EXPLAIN), not the publication's rules.
+    ParsedOnly,
+}
+
+/// Asks Postgres about a row filter without changing anything: adds the
+/// table with its filter to a probe publication inside a transaction that
+/// is always rolled back; when the role may not create publications, falls
+/// back to `EXPLAIN SELECT 1 FROM table WHERE (filter)`.
+pub(crate) async fn probe_filter(
+    client: &Client,
+    table: &TableName,
+    filter: &str,
+) -> Result<FilterVerdict, SourceError> {
+    begin(client).await?;
+    let created = client
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WHERE ({filter})",
+            quote_ident(PROBE_PUBLICATION),
+            table.quoted()
+        ))
+        .await;
+    let verdict = match created {
+        Ok(()) => {
+            let inside = async {
+                let rowfilter = client
+                    .query_opt(
+                        "SELECT rowfilter FROM pg_publication_tables WHERE pubname = $1",
+                        &[&PROBE_PUBLICATION],
+                    )
+                    .await
+                    .map_err(|e| SourceError::from_sql("reading the probe's row filter", e))?
+                    .and_then(|r| r.get::<_, Option<String>>(0));
+                let identity_problem = identity_problem(client, PROBE_PUBLICATION, table).await?;
+                Ok(FilterVerdict::Accepted {
+                    rowfilter,
+                    identity_problem,
+                })
+            }
+            .await;
+            return finish(client, inside.map(|v| (false, v))).await;
+        }
+        Err(e) if is_privilege(&e) => None,
+        Err(e) if e.as_db_error().is_some() => Some(FilterVerdict::Refused(pg_message(&e))),
+        Err(e) => {
+            finish(client, Ok::<_, SourceError>((false, ()))).await?;
+            return Err(SourceError::from_sql("probing a row filter", e));
+        }
+    };
+    finish(client, Ok::<_, SourceError>((false, ()))).await?;
+    if let Some(verdict) = verdict {
+        return Ok(verdict);
+    }
+    match client
+        .batch_execute(&format!(
+            "EXPLAIN SELECT 1 FROM {} WHERE ({filter})",
+            table.quoted()
+        ))
+        .await
+    {
+        Ok(()) => Ok(FilterVerdict::ParsedOnly),
+        Err(e) if e.as_db_error().is_some() => Ok(FilterVerdict::Refused(pg_message(&e))),
+        Err(e) => Err(SourceError::from_sql("probing a row filter", e)),
+    }
+}
+
+/// The filters the publication holds now (Postgres 15+), by table; for
+/// `check` to say what `run` would change.
+pub(crate) async fn current_filters(
+    client: &Client,
+    publication: &str,
+) -> Result<HashMap<TableName, Option<String>>, SourceError> {
+    Ok(held_tables(client, publication)
+        .await?
+        .into_iter()
+        .map(|(t, h)| (t, h.rowfilter))
+        .collect())
+}
+
+/// The tables the publication does not hold.
+pub(crate) async fn missing_from_publication<'a>(
+    client: &Client,
+    publication: &str,
+    tables: &[&'a TableName],
+) -> Result<Vec<&'a TableName>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the publication's tables", e))?;
+    let held: Vec<TableName> = rows
+        .iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        })
+        .collect();
+    Ok(tables
+        .iter()
+        .copied()
+        .filter(|t| !held.contains(t))
+        .collect())
+}
+
+/// The role lacks a privilege (owner of the table or publication, CREATE
+/// on the database).
+fn is_privilege(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code().code() == INSUFFICIENT_PRIVILEGE)
+}
+
+/// Postgres's message with its detail and SQLSTATE, for an error about
+/// something the user wrote.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = db.message().to_owned();
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(": {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!(" (hint: {hint})"));
+            }
+            format!("{text} (SQLSTATE {})", db.code().code())
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Postgres refused a table's row filter: a config error naming
+/// `tables[i].where`, with Postgres's reason.
+fn filter_refused(t: &PublishedTable<'_>, e: tokio_postgres::Error) -> SourceError {
+    SourceError::config(format!(
+        "{}: Postgres refuses the row filter ({}) on {}: {}",
+        t.where_key(),
+        t.filter.unwrap_or(""),
+        t.table,
+        pg_message(&e)
+    ))
+}
+
+async fn begin(client: &Client) -> Result<(), SourceError> {
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| SourceError::from_sql("starting a transaction", e))
+}
+
+/// Ends the transaction [`begin`] started: commits when `outcome` is
+/// `Ok((true, _))`, rolls back otherwise, and passes the outcome on.
+async fn finish<T>(
+    client: &Client,
+    outcome: Result<(bool, T), SourceError>,
+) -> Result<T, SourceError> {
+    let end = match &outcome {
+        Ok((true, _)) => "COMMIT",
+        _ => "ROLLBACK",
+    };
+    let ended = client.batch_execute(end).await;
+    let (_, value) = outcome?;
+    ended.map_err(|e| SourceError::from_sql(&format!("ending a transaction ({end})"), e))?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_are_read_from_the_node_tree() {
+        let tree = "{BOOLEXPR :boolop and :args ({VAR :varno 1 :varattno 3 :vartype 16} {OPEXPR :args ({VAR :varno 1 :varattno 7 :vartype 25} {CONST :consttype 25})}) {VAR :varno 1 :varattno 3}}";
+        assert_eq!(varattnos(tree), BTreeSet::from([3, 7]));
+        assert!(varattnos("{CONST :consttype 16 :constvalue 1 [ 1 0 0 0 0 0 0 0 ]}").is_empty());
+    }
+
+    #[test]
+    fn a_filter_on_an_old_server_names_the_key_and_the_version() {
+        let a = TableName::parse("public.a").unwrap();
+        let b = TableName::parse("public.b").unwrap();
+        let tables = [
+            PublishedTable {
+                table: &a,
+                key: Some("tables[0]"),
+                filter: None,
+            },
+            PublishedTable {
+                table: &b,
+                key: Some("tables[1]"),
+                filter: Some("active"),
+            },
+        ];
+        let e = require_row_filters(140_011, &tables).unwrap_err();
+        assert!(!e.is_transient());
+        assert!(
+            e.to_string()
+                .starts_with("tables[1].where: row filters need PostgreSQL 15")
+                && e.to_string().contains("server_version_num 140011"),
+            "{e}"
+        );
+        assert!(require_row_filters(150_000, &tables).is_ok());
+        assert!(require_row_filters(140_011, &tables[..1]).is_ok());
+    }
+
+    #[test]
+    fn the_create_statement_carries_each_filter() {
+        let a = TableName::parse("public.a").unwrap();
+        let b = TableName::parse("public.b").unwrap();
+        let tables = [
+            PublishedTable {
+                table: &a,
+                key: Some("tables[0]"),
+                filter: Some("active AND region = 'eu'"),
+            },
+            PublishedTable {
+                table: &b,
+                key: None,
+                filter: None,
+            },
+        ];
+        assert_eq!(
+            create_statement("p", &tables),
+            r#"CREATE PUBLICATION "p" FOR TABLE "public"."a" WHERE (active AND region = 'eu'), "public"."b";"#
+        );
+        assert_eq!(
+            tables[0].clause(Some(&["id".to_owned(), "active".to_owned()])),
+            r#""public"."a" ("id", "active") WHERE (active AND region = 'eu')"#
+        );
+    }
+}

@@ -1,0 +1,465 @@
+//! Row filters (`where:`) carried by the publication, the replica identity
+//! rule Postgres enforces only when the application next updates a row, and
+//! what `check` says about filters, lookups and replica identity.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::connector::{run_cli, Connector, CONFIG_PLACEHOLDER as CONFIG};
+use crate::support::setup::{world, World};
+
+/// Employees whose updates carry the whole old row, so a filter may read
+/// any column.
+const FULL_SQL: &str = "
+    CREATE TABLE employees (
+        id serial PRIMARY KEY,
+        email text NOT NULL,
+        first_name text,
+        active bool NOT NULL DEFAULT true,
+        region text
+    );
+    ALTER TABLE employees REPLICA IDENTITY FULL;
+";
+
+/// The same table with the default replica identity (the primary key).
+const DEFAULT_SQL: &str = "
+    CREATE TABLE employees (
+        id serial PRIMARY KEY,
+        email text NOT NULL,
+        first_name text,
+        active bool NOT NULL DEFAULT true,
+        region text
+    );
+";
+
+fn filtered(filter: &str) -> String {
+    format!(
+        "
+tables:
+  - table: public.employees
+    identify:
+      id: email
+      traits: {{first_name: first_name, region: region}}
+    where: \"{filter}\"
+"
+    )
+}
+
+const UNFILTERED: &str = "
+tables:
+  - table: public.employees
+    identify:
+      id: email
+      traits: {first_name: first_name, region: region}
+";
+
+/// The publication's filter on employees, as Postgres spells it; None when
+/// it has none (or the publication does not hold the table).
+async fn rowfilter(w: &World) -> Option<String> {
+    w.db.query_opt_string(&format!(
+        "SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'pub_{}' AND tablename = 'employees'",
+        w.slot
+    ))
+    .await
+}
+
+async fn publication_count(w: &World) -> i64 {
+    w.db.query_i64(&format!(
+        "SELECT count(*) FROM pg_publication WHERE pubname = 'pub_{}'",
+        w.slot
+    ))
+    .await
+}
+
+/// Waits until the connector has acknowledged everything written so far,
+/// so the receiver holds all it will ever get for those changes.
+async fn wait_caught_up(w: &World) {
+    let lsn = w.db.wal_lsn().await;
+    w.wait_confirmed(lsn, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_filter_streams_only_matching_rows() {
+    let w = world("pub_filter", FULL_SQL).await;
+    let conn = Connector::run(&w.config(&filtered("active AND region = 'eu'"), ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(
+        rowfilter(&w).await.as_deref(),
+        Some("(active AND (region = 'eu'::text))")
+    );
+
+    w.db.exec(
+        "INSERT INTO employees (email, first_name, region) VALUES ('ann@acme.test', 'Ann', 'eu');
+         INSERT INTO employees (email, first_name, region) VALUES ('bob@acme.test', 'Bob', 'us');
+         INSERT INTO employees (email, first_name, region, active) VALUES ('cat@acme.test', 'Cat', 'eu', false);
+         -- Out of the filter: Postgres sends a delete, which does nothing by default.
+         UPDATE employees SET active = false, first_name = 'Annie' WHERE email = 'ann@acme.test';
+         -- Into the filter: Postgres sends an insert, the whole row.
+         UPDATE employees SET active = true WHERE email = 'cat@acme.test';
+         -- Outside before and after: nothing.
+         UPDATE employees SET first_name = 'Robert' WHERE email = 'bob@acme.test';
+         INSERT INTO employees (email, first_name, region) VALUES ('dan@acme.test', 'Dan', 'eu');",
+    )
+    .await;
+    w.rx.wait_until("three identify entries", Duration::from_secs(60), |r| {
+        r.identify_count() >= 3
+    })
+    .await;
+    wait_caught_up(&w).await;
+    // Different contacts may travel in different lanes: compare in id order.
+    let mut sent = w.rx.identifies();
+    sent.sort_by_key(|b| b["id"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(
+        sent,
+        vec![
+            json!({"id": "ann@acme.test", "traits": {"first_name": "Ann", "region": "eu"}}),
+            json!({"id": "cat@acme.test", "traits": {"first_name": "Cat", "region": "eu"}}),
+            json!({"id": "dan@acme.test", "traits": {"first_name": "Dan", "region": "eu"}}),
+        ]
+    );
+    conn.sigterm();
+    assert!(
+        conn.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        conn.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_filter_outside_the_replica_identity_is_refused_before_the_publication_changes() {
+    let w = world("pub_identity", DEFAULT_SQL).await;
+    let config = w.config(&filtered("active"), "");
+
+    // No publication yet: none is created.
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("tables[0].where: the row filter reads `active` of public.employees, outside its replica identity (DEFAULT, the primary key (id))")
+            && errors[0].contains("ALTER TABLE \"public\".\"employees\" REPLICA IDENTITY FULL;")
+            && errors[0].contains("or filter only on id"),
+        "{err}"
+    );
+    assert_eq!(
+        publication_count(&w).await,
+        0,
+        "the publication was created"
+    );
+
+    // An existing publication keeps its (absent) filter.
+    w.db.exec(&format!(
+        "CREATE PUBLICATION pub_{} FOR TABLE employees;",
+        w.slot
+    ))
+    .await;
+    let xmin_before =
+        w.db.query_opt_string(
+            "SELECT xmin::text FROM pg_publication_rel WHERE prrelid = 'employees'::regclass",
+        )
+        .await;
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("tables[0].where: the row filter reads `active`"),
+        "{err}"
+    );
+    assert_eq!(rowfilter(&w).await, None);
+    let xmin_after =
+        w.db.query_opt_string(
+            "SELECT xmin::text FROM pg_publication_rel WHERE prrelid = 'employees'::regclass",
+        )
+        .await;
+    assert_eq!(
+        xmin_before, xmin_after,
+        "the publication's table was re-added"
+    );
+    // The application can still update the table.
+    w.db.exec(
+        "INSERT INTO employees (email) VALUES ('ann@acme.test');
+         UPDATE employees SET active = false;
+         DELETE FROM employees;",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filters_postgres_rejects_are_refused_with_its_reason() {
+    let w = world(
+        "pub_rejects",
+        &format!(
+            "{FULL_SQL} CREATE FUNCTION is_eu(text) RETURNS bool IMMUTABLE LANGUAGE sql AS $$ SELECT $1 = 'eu' $$;"
+        ),
+    )
+    .await;
+    for (filter, reason) in [
+        (
+            "random() > 0.5",
+            "invalid publication WHERE expression: User-defined or built-in mutable functions are not allowed.",
+        ),
+        (
+            "is_eu(region)",
+            "invalid publication WHERE expression: User-defined or built-in mutable functions are not allowed.",
+        ),
+        ("nope = 1", "column \"nope\" does not exist"),
+        ("active AND", "syntax error at or near \")\""),
+    ] {
+        let (status, _, err) = run_cli(
+            &["run", "--config", CONFIG],
+            &w.config(&filtered(filter), ""),
+            &[],
+        );
+        assert!(!status.success(), "{filter}: {err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{err}");
+        assert!(
+            errors[0].contains(&format!(
+                "tables[0].where: Postgres refuses the row filter ({filter}) on public.employees: {reason}"
+            )),
+            "{filter}: {err}"
+        );
+        assert_eq!(publication_count(&w).await, 0, "{filter}: publication created");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_publication_is_brought_in_line_with_the_config() {
+    let w = world("pub_existing", FULL_SQL).await;
+    w.db.exec(&format!(
+        "CREATE PUBLICATION pub_{} FOR TABLE employees;",
+        w.slot
+    ))
+    .await;
+    let config = w.config(&filtered("region = 'eu'"), "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(
+        rowfilter(&w).await.as_deref(),
+        Some("(region = 'eu'::text)")
+    );
+    w.db.exec(
+        "INSERT INTO employees (email, first_name, region) VALUES ('bob@acme.test', 'Bob', 'us');
+         INSERT INTO employees (email, first_name, region) VALUES ('ann@acme.test', 'Ann', 'eu');",
+    )
+    .await;
+    w.rx.wait_until("one identify entry", Duration::from_secs(60), |r| {
+        r.identify_count() >= 1
+    })
+    .await;
+    wait_caught_up(&w).await;
+    assert_eq!(
+        w.rx.identifies(),
+        vec![json!({"id": "ann@acme.test", "traits": {"first_name": "Ann", "region": "eu"}})]
+    );
+    conn.sigterm();
+    assert!(
+        conn.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        conn.log()
+    );
+
+    // A restart with the same filter leaves the catalog alone.
+    let xmin = "SELECT xmin::text FROM pg_publication_rel WHERE prrelid = 'employees'::regclass";
+    let before = w.db.query_opt_string(xmin).await;
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(
+        w.db.query_opt_string(xmin).await,
+        before,
+        "needless catalog churn"
+    );
+    conn.sigterm();
+    assert!(
+        conn.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        conn.log()
+    );
+
+    // Without where:, the filter goes.
+    let conn = Connector::run(&w.config(UNFILTERED, ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(rowfilter(&w).await, None);
+    conn.sigterm();
+    assert!(
+        conn.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        conn.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_that_may_not_alter_the_publication_gets_the_statements_to_run() {
+    let w = world("pub_not_owner", FULL_SQL).await;
+    let role = format!("r_{}", w.db.name());
+    w.db.exec(&format!(
+        "CREATE ROLE \"{role}\" LOGIN REPLICATION;
+         GRANT SELECT ON employees TO \"{role}\";
+         GRANT CREATE ON DATABASE \"{db}\" TO \"{role}\";
+         CREATE PUBLICATION pub_{slot} FOR TABLE employees WHERE (active);",
+        db = w.db.name(),
+        slot = w.slot
+    ))
+    .await;
+    let url = w.db.url().replacen("postgres@", &format!("{role}@"), 1);
+
+    // The publication already filters as configured: the role starts.
+    let conn = Connector::run(&w.config_with_url(&url, &filtered("active"), ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    conn.sigterm();
+    assert!(
+        conn.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        conn.log()
+    );
+
+    // Another filter: refused, with the statements for the owner.
+    let (status, _, err) = run_cli(
+        &["run", "--config", CONFIG],
+        &w.config_with_url(&url, &filtered("NOT active"), ""),
+        &[],
+    );
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "tables[0].where: publication pub_{slot} filters public.employees by active, not the configured (NOT active), and this role may not alter the publication; as its owner run: BEGIN; ALTER PUBLICATION \"pub_{slot}\" DROP TABLE \"public\".\"employees\"; ALTER PUBLICATION \"pub_{slot}\" ADD TABLE \"public\".\"employees\" WHERE (NOT active); COMMIT;",
+            slot = w.slot
+        )),
+        "{err}"
+    );
+    assert_eq!(rowfilter(&w).await.as_deref(), Some("active"));
+    // Leave no role behind in the shared cluster.
+    w.db.exec(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\";"))
+        .await;
+}
+
+/// A roster whose sales find their rep through a code nobody indexed.
+const LOOKUP_SQL: &str = "
+    CREATE TABLE employees (
+        id serial PRIMARY KEY,
+        code text NOT NULL,
+        email text NOT NULL,
+        tags text[],
+        active bool NOT NULL DEFAULT true
+    );
+    CREATE TABLE sales (
+        id serial PRIMARY KEY,
+        employee_code text NOT NULL,
+        amount numeric
+    );
+";
+
+const LOOKUP_TABLES: &str = "
+tables:
+  - table: public.employees
+    identify:
+      id: email
+      traits: {tags: {list: tags}}
+  - table: public.sales
+    track:
+      id: {from: public.employees, key: employee_code, column: email, references: code}
+      event: made_sale
+      properties: {amount: amount}
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_replica_identity_lookups_and_filters_with_fixes() {
+    let w = world("pub_check", LOOKUP_SQL).await;
+    let (status, out, err) = run_cli(
+        &["check", "--config", CONFIG],
+        &w.config(LOOKUP_TABLES, ""),
+        &[],
+    );
+    // Warnings alone do not fail check.
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.lines().any(|l| l
+            == "WARN replica identity public.employees: is DEFAULT, the primary key (id), not FULL: \
+                updates that change no mapped column are sent anyway, because the old row is not known; \
+                list trait tags cannot remove values, because the old row is not known; \
+                run ALTER TABLE \"public\".\"employees\" REPLICA IDENTITY FULL;"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l
+            == "WARN lookup public.sales -> public.employees: tables[1].track.id: \
+                public.sales.employee_code -> public.employees.code -> email; \
+                no index leads with code, so every lookup the cache misses scans public.employees; \
+                run CREATE INDEX ON \"public\".\"employees\" (\"code\");"),
+        "{out}"
+    );
+    assert!(!out.contains("replica identity public.sales"), "{out}");
+
+    // Fixed as told: both lines pass.
+    w.db.exec(
+        "CREATE INDEX ON employees (code);
+         ALTER TABLE employees REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let (status, out, err) = run_cli(
+        &["check", "--config", CONFIG],
+        &w.config(LOOKUP_TABLES, ""),
+        &[],
+    );
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.lines().any(|l| l
+            == "ok   replica identity public.employees: is FULL: the old row is known, so updates that change no mapped column are skipped"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l
+            == "ok   lookup public.sales -> public.employees: tables[1].track.id: \
+                public.sales.employee_code -> public.employees.code -> email; an index leads with code"),
+        "{out}"
+    );
+    assert!(!out.contains("WARN"), "{out}");
+
+    // Row filters: one Postgres accepts, one outside the replica identity,
+    // one it refuses. Each is judged without creating anything.
+    let tables = LOOKUP_TABLES
+        .replace(
+            "      traits: {tags: {list: tags}}\n",
+            "      traits: {tags: {list: tags}}\n    where: active\n",
+        )
+        .replace(
+            "      properties: {amount: amount}\n",
+            "      properties: {amount: amount}\n    where: amount > 0\n",
+        );
+    let (status, out, _) = run_cli(&["check", "--config", CONFIG], &w.config(&tables, ""), &[]);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.lines().any(|l| l
+            == "ok   row filter public.employees: tables[0].where is accepted by Postgres and reads only columns of the replica identity"),
+        "{out}"
+    );
+    // Sales look their rep up in a table streamed only in part.
+    assert!(
+        out.lines().any(|l| l
+            == "WARN lookup public.sales -> public.employees: tables[1].track.id: \
+                public.sales.employee_code -> public.employees.code -> email; an index leads with code; \
+                tables[0].where keeps changes to public.employees's other rows out of the stream, \
+                so a cached email of such a row is not refreshed when it changes"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with(
+            "FAIL row filter public.sales: tables[1].where: the row filter reads `amount` of public.sales, outside its replica identity (DEFAULT, the primary key (id))"
+        ) && l.contains("ALTER TABLE \"public\".\"sales\" REPLICA IDENTITY FULL;")),
+        "{out}"
+    );
+    let tables = tables.replace("where: amount > 0", "where: random() > 0.5");
+    let (status, out, _) = run_cli(&["check", "--config", CONFIG], &w.config(&tables, ""), &[]);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.lines().any(|l| l
+            == "FAIL row filter public.sales: tables[1].where: Postgres refuses the row filter (random() > 0.5): \
+                invalid publication WHERE expression: User-defined or built-in mutable functions are not allowed. (SQLSTATE 0A000)"),
+        "{out}"
+    );
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        0,
+        "check created a publication"
+    );
+}
