@@ -1196,7 +1196,7 @@ tables:
         assert!(
             why.contains("updates that change no mapped column")
                 && why.contains("list trait tags")
-                && why.contains("a delete carries the contact id"),
+                && why.contains("a delete carries only the replica identity's columns"),
             "{why}"
         );
         assert!(m[2].needs_full_identity().is_empty());
