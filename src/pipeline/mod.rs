@@ -437,15 +437,19 @@ async fn read_loop(
     } = rows;
     // Relations as last announced, for the sync window's keys.
     let mut relations: HashMap<u32, Relation> = HashMap::new();
-    // Notes a change for an open sync window (rare: only while a chunk
-    // is between its watermarks).
-    let saw = |relations: &HashMap<u32, Relation>, relation: u32, tuples: &[&Tuple]| {
-        if let Ok(mut w) = sync.window.lock() {
-            if w.is_open() {
-                if let Some(rel) = relations.get(&relation) {
-                    w.saw(rel, tuples);
-                }
-            }
+    // Whether a sync chunk is between its watermarks. Only this loop opens
+    // and closes the window, so it knows without taking the lock per change.
+    let mut window_open = false;
+    // Notes a change for the open sync window.
+    let saw = |window_open: bool,
+               relations: &HashMap<u32, Relation>,
+               relation: u32,
+               tuples: &[&Tuple]| {
+        if !window_open {
+            return;
+        }
+        if let (Ok(mut w), Some(rel)) = (sync.window.lock(), relations.get(&relation)) {
+            w.saw(rel, tuples);
         }
     };
     // Where the reader is: the transaction (by its commit LSN) and the
@@ -506,7 +510,7 @@ async fn read_loop(
                 PgOutput::Insert { relation, new } => {
                     count_change(&mapper, &mut counters, relation, "insert");
                     mapper.observe(relation, None, Some(&new), &mut cache_changes);
-                    saw(&relations, relation, &[&new]);
+                    saw(window_open, &relations, relation, &[&new]);
                     let outcome = mapper.insert(relation, &new, wal_start)?;
                     for c in cache_changes.drain(..) {
                         resolver.apply(c);
@@ -528,9 +532,9 @@ async fn read_loop(
                     mapper.observe(relation, old.as_ref(), Some(&new), &mut cache_changes);
                     match &old {
                         Some(OldTuple::Key(o) | OldTuple::Full(o)) => {
-                            saw(&relations, relation, &[o, &new])
+                            saw(window_open, &relations, relation, &[o, &new])
                         }
-                        None => saw(&relations, relation, &[&new]),
+                        None => saw(window_open, &relations, relation, &[&new]),
                     }
                     let outcome = mapper.update(relation, old.as_ref(), &new, wal_start)?;
                     for c in cache_changes.drain(..) {
@@ -552,7 +556,7 @@ async fn read_loop(
                     count_change(&mapper, &mut counters, relation, "delete");
                     mapper.observe(relation, Some(&old), None, &mut cache_changes);
                     let (OldTuple::Key(o) | OldTuple::Full(o)) = &old;
-                    saw(&relations, relation, &[o]);
+                    saw(window_open, &relations, relation, &[o]);
                     let outcome = mapper.delete(relation, Some(&old), wal_start)?;
                     for c in cache_changes.drain(..) {
                         resolver.apply(c);
@@ -586,10 +590,15 @@ async fn read_loop(
                         Some(Watermark::Low(id)) => {
                             if let Ok(mut w) = sync.window.lock() {
                                 w.low(&id);
+                                window_open = w.is_open();
                             }
                         }
                         Some(Watermark::High(id)) => {
-                            let copied = sync.window.lock().ok().and_then(|mut w| w.high(&id));
+                            let copied = sync.window.lock().ok().and_then(|mut w| {
+                                let copied = w.high(&id);
+                                window_open = w.is_open();
+                                copied
+                            });
                             if let Some((actions, done)) = copied {
                                 // The chunk's rows take the high
                                 // watermark's place in the stream.
