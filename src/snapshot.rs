@@ -112,7 +112,9 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
-    fn line(&self) -> String {
+    /// Rows per second this run, and seconds left at that rate (None
+    /// before any row).
+    fn pace(&self) -> (f64, Option<f64>) {
         let elapsed = self
             .started
             .map(|s| s.elapsed().as_secs_f64())
@@ -120,10 +122,21 @@ impl Tally {
         let done = (self.rows - self.rows_at_start).max(0) as f64;
         let rate = if elapsed > 0.0 { done / elapsed } else { 0.0 };
         let left = (self.total - self.rows).max(0) as f64;
-        let eta = if rate > 0.0 {
-            format!("{:.0}s", left / rate)
-        } else {
-            "?".into()
+        (rate, (rate > 0.0).then(|| left / rate))
+    }
+
+    /// Exports the estimate and the ETA.
+    fn export(&self) {
+        let m = telemetry::metrics();
+        m.snapshot_rows_estimate.set(self.total);
+        m.snapshot_eta_seconds.set(self.pace().1.unwrap_or(0.0));
+    }
+
+    fn line(&self) -> String {
+        let (rate, eta) = self.pace();
+        let eta = match eta {
+            Some(secs) => format!("{secs:.0}s"),
+            None => "?".into(),
         };
         format!(
             "sync {}: {}/{} rows ({:.0}%), {:.0} rows/s, ETA {eta}, {} table(s) left",
@@ -152,7 +165,13 @@ async fn report(tally: Arc<Mutex<Tally>>, mut done: oneshot::Receiver<()>) {
             _ = &mut done => break,
             _ = tick.tick() => {}
         }
-        let line = tally.lock().map(|t| t.line()).unwrap_or_default();
+        let line = tally
+            .lock()
+            .map(|t| {
+                t.export();
+                t.line()
+            })
+            .unwrap_or_default();
         if terminal {
             eprint!("\r\x1b[2K{line}");
         } else {
@@ -165,6 +184,9 @@ async fn report(tally: Arc<Mutex<Tally>>, mut done: oneshot::Receiver<()>) {
     if let Ok(t) = tally.lock() {
         tracing::info!("{}", t.line());
     }
+    let m = telemetry::metrics();
+    m.snapshot_rows_estimate.set(0);
+    m.snapshot_eta_seconds.set(0.0);
 }
 
 /// What a copy needs from the running session.

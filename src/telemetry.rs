@@ -44,6 +44,8 @@ pub(crate) struct Metrics {
     pub changes_received: IntCounterVec,
     pub snapshot_rows: IntCounter,
     pub snapshot_tables_remaining: IntGauge,
+    pub snapshot_rows_estimate: IntGauge,
+    pub snapshot_eta_seconds: Gauge,
     /// Row changes that could not be sent anywhere (no contact, no event
     /// name), by table and reason.
     pub rows_skipped: IntCounterVec,
@@ -144,11 +146,21 @@ impl Metrics {
             "snapshot_tables_remaining",
             "Tables the initial sync or a resync has not finished",
         );
+        let snapshot_rows_estimate = int_gauge(
+            "snapshot_rows_estimate",
+            "Rows in the table being copied when its copy started (0 when none is)",
+        );
+        let snapshot_eta_seconds = gauge(
+            "snapshot_eta_seconds",
+            "Seconds until the table being copied is done, at the rate so far (0 when none is)",
+        );
 
         let now = unix_ms();
         Metrics {
             snapshot_rows,
             snapshot_tables_remaining,
+            snapshot_rows_estimate,
+            snapshot_eta_seconds,
             changes_received: counter_vec(
                 "changes_received_total",
                 "Row changes of mapped tables received from Postgres",

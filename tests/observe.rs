@@ -154,6 +154,8 @@ async fn metrics_match_what_conveyour_received() {
         "slot_retained_wal_bytes",
         "snapshot_rows_total",
         "snapshot_tables_remaining",
+        "snapshot_rows_estimate",
+        "snapshot_eta_seconds",
         "dead_letters_total",
     ] {
         assert!(
