@@ -128,6 +128,11 @@ pub struct Mapped {
     pub contact: ContactRef,
     pub first: ActionBody,
     pub then: Option<ActionBody>,
+    /// Whether the bodies carry the row's whole mapped state, as an insert
+    /// does; false for an update whose list traits send only what changed
+    /// or whose large values were left out (unchanged TOAST). A sync chunk
+    /// may drop its copy of a row only for a complete change.
+    pub complete: bool,
 }
 
 impl Mapped {
@@ -555,6 +560,7 @@ impl Mapper {
             contact,
             first,
             then: None,
+            complete: true,
         }))
     }
 
@@ -965,11 +971,20 @@ fn build(
         if op == Op::Update && values.is_empty() {
             return Ok(Outcome::Nothing);
         }
+        let complete = op == Op::Insert
+            || act.fields.iter().all(|f| match &f.plan {
+                FieldPlan::List { .. } => false,
+                FieldPlan::Value { index, .. } => {
+                    !matches!(new.0.get(*index), Some(Datum::UnchangedToast))
+                }
+                FieldPlan::Const(_) => true,
+            });
         return Ok(Outcome::Send(Mapped {
             table: plan.table.clone(),
             contact,
             first: ActionBody::Identify { traits: values },
             then: None,
+            complete,
         }));
     };
     let event: Arc<str> = match event {
@@ -1036,6 +1051,7 @@ fn build(
         contact,
         first,
         then,
+        complete: true,
     }))
 }
 

@@ -31,7 +31,7 @@ use tokio_postgres::Client;
 use crate::config::{Settings, SnapshotPolicy, TableMapping, TableName};
 use crate::decode::{Relation, Tuple};
 use crate::lsn::Lsn;
-use crate::mapping::{Action, ContactRef, Mapper, Outcome, Schema};
+use crate::mapping::{Action, ContactRef, Mapped, Mapper, Outcome, Schema};
 use crate::pipeline::{Event, Shutdown};
 use crate::source::{key_at, Key, Resolver, SourceError, TableReader};
 use crate::state::{Progress, State, SyncStatus, WATERMARK_PREFIX};
@@ -56,7 +56,22 @@ async fn row_actions(
     tuple: &Tuple,
     lsn: Lsn,
 ) -> Result<Vec<Action>, Error> {
-    let mapped = match mapper.insert(relation, tuple, lsn)? {
+    let outcome = match mapper.insert(relation, tuple, lsn) {
+        Ok(outcome) => outcome,
+        // An existing row the mapping cannot send (a NULL contact id, a
+        // value that does not convert): a copy goes on without it rather
+        // than stop at it on every start; the stream stops at such a row
+        // because it is news, this one is not.
+        Err(e) => {
+            tracing::warn!("row not copied: {e}");
+            telemetry::metrics()
+                .rows_skipped
+                .with_label_values(&[&e.table, "unmappable"])
+                .inc();
+            return Ok(Vec::new());
+        }
+    };
+    let mapped = match outcome {
         Outcome::Nothing => return Ok(Vec::new()),
         Outcome::Skip {
             table,
@@ -86,6 +101,13 @@ async fn row_actions(
                 return Ok(Vec::new());
             }
         },
+    };
+    // A copied row is an existing row, not a new one: counters were
+    // bumped when it was inserted, so only its event (or traits) go.
+    let mapped = Mapped {
+        first: mapped.then.unwrap_or(mapped.first),
+        then: None,
+        ..mapped
     };
     Ok(mapped.into_actions(contact, lsn).collect())
 }
@@ -198,6 +220,75 @@ pub(crate) struct CopyContext<'a> {
     pub chunks_in_flight: usize,
 }
 
+/// Where one table's copy is recorded: its row in `snapshot_progress`, at
+/// the generation the copy started with, and the progress shown.
+struct Ledger<'a> {
+    state: &'a State,
+    tally: &'a Mutex<Tally>,
+    table: String,
+    generation: i64,
+    total: i64,
+}
+
+/// How waiting for a chunk ended.
+enum Settled {
+    Recorded,
+    /// A stop was asked for, or delivery ended.
+    Stopped,
+    /// A resync was asked for meanwhile: the table starts over.
+    Superseded,
+}
+
+impl Ledger<'_> {
+    /// Records an acknowledged chunk (rows so far, last key) and counts it.
+    async fn chunk(&self, key: Option<&Key>, rows: i64, status: SyncStatus) -> Result<bool, Error> {
+        let before = self.tally.lock().map(|t| t.rows).unwrap_or(0);
+        if !self
+            .state
+            .save_sync(
+                &self.table,
+                self.generation,
+                status,
+                key.map(|k| k.as_slice()),
+                rows,
+                Some(self.total),
+            )
+            .await?
+        {
+            return Ok(false);
+        }
+        let m = telemetry::metrics();
+        m.snapshot_rows.inc_by((rows - before).max(0) as u64);
+        m.copy_progressed();
+        if let Ok(mut t) = self.tally.lock() {
+            t.rows = rows;
+        }
+        Ok(true)
+    }
+
+    /// Waits for the oldest chunk in flight to be acknowledged, then
+    /// records it.
+    async fn settle(
+        &self,
+        in_flight: &mut VecDeque<(oneshot::Receiver<()>, Key, i64)>,
+        shutdown: &mut Shutdown,
+    ) -> Result<Settled, Error> {
+        let Some((fired, key, rows)) = in_flight.pop_front() else {
+            return Ok(Settled::Recorded);
+        };
+        tokio::select! {
+            r = fired => if r.is_err() { return Ok(Settled::Stopped) },
+            _ = shutdown.wait() => return Ok(Settled::Stopped),
+        }
+        Ok(
+            match self.chunk(Some(&key), rows, SyncStatus::Copying).await? {
+                true => Settled::Recorded,
+                false => Settled::Superseded,
+            },
+        )
+    }
+}
+
 /// The first run's copy, inside the snapshot the new slot exported: every
 /// pending table, chunk by chunk, delivered before the stream starts at
 /// `consistent_point`. Returns early (Ok) when a stop is asked for.
@@ -215,17 +306,17 @@ pub(crate) async fn copy_exported(
         ))
         .await
         .map_err(|e| SourceError::from_sql("importing the slot's snapshot", e))?;
-    let pending: Vec<String> = cx
+    let pending: HashMap<String, i64> = cx
         .state
         .sync_rows()
         .await?
         .into_iter()
         .filter(|r| r.status != SyncStatus::Done)
-        .map(|r| r.table)
+        .map(|r| (r.table, r.generation))
         .collect();
-    let tables: Vec<&TableMapping> = copied_tables(cx.settings)
+    let tables: Vec<(&TableMapping, i64)> = copied_tables(cx.settings)
         .into_iter()
-        .filter(|t| pending.contains(&t.table.to_string()))
+        .filter_map(|t| Some((t, *pending.get(&t.table.to_string())?)))
         .collect();
     let tally = Arc::new(Mutex::new(Tally {
         tables_left: tables.len(),
@@ -240,16 +331,25 @@ pub(crate) async fn copy_exported(
     let mut resolver = Resolver::new(client.clone(), cx.schema.lookups.clone());
     let mut ordinal = 0u64;
     let result = async {
-        for t in &tables {
+        for (t, generation) in &tables {
             let reader = TableReader::describe(&client, t, cx.schema).await?;
+            if !reader.has_primary_key() {
+                skip_keyless(cx.state, t, *generation).await?;
+                continue;
+            }
             let mapper = table_mapper(t, cx.schema, reader.relation(), consistent_point)?;
-            let total = reader.count(&client).await?;
-            let name = t.table.to_string();
+            let ledger = Ledger {
+                state: cx.state,
+                tally: &tally,
+                table: t.table.to_string(),
+                generation: *generation,
+                total: reader.count(&client).await?,
+            };
             if let Ok(mut tally) = tally.lock() {
                 *tally = Tally {
-                    table: name.clone(),
+                    table: ledger.table.clone(),
                     rows: 0,
-                    total,
+                    total: ledger.total,
                     started: Some(Instant::now()),
                     rows_at_start: 0,
                     tables_left: tally.tables_left,
@@ -258,6 +358,7 @@ pub(crate) async fn copy_exported(
             let mut in_flight: VecDeque<(oneshot::Receiver<()>, Key, i64)> = VecDeque::new();
             let mut last: Option<Key> = None;
             let mut rows_read = 0i64;
+            let mut superseded = false;
             loop {
                 if shutdown.is_set() {
                     return Ok(());
@@ -271,15 +372,8 @@ pub(crate) async fn copy_exported(
                 let mut events = Vec::with_capacity(rows.len() + 3);
                 events.push(Event::Begin);
                 for (_, tuple) in &rows {
-                    for action in row_actions(
-                        &mapper,
-                        &mut resolver,
-                        reader.relation().id,
-                        tuple,
-                        consistent_point,
-                    )
-                    .await?
-                    {
+                    let actions = row_actions(&mapper, &mut resolver, reader.relation().id, tuple, consistent_point).await?;
+                    for action in actions {
                         ordinal += 1;
                         events.push(Event::Action {
                             action,
@@ -302,43 +396,38 @@ pub(crate) async fn copy_exported(
                 }
                 in_flight.push_back((fired, key.clone(), rows_read));
                 last = Some(key);
-                while in_flight.len() >= cx.chunks_in_flight || (!full && !in_flight.is_empty()) {
-                    let Some((fired, key, rows)) = in_flight.pop_front() else {
-                        break;
-                    };
-                    tokio::select! {
-                        r = fired => if r.is_err() { return Ok(()) },
-                        _ = shutdown.wait() => return Ok(()),
+                // Several chunks in flight keep every lane busy; each is
+                // recorded once acknowledged, oldest first. At the end,
+                // every one is, before the table counts as done.
+                while in_flight.len() >= cx.chunks_in_flight {
+                    match ledger.settle(&mut in_flight, &mut shutdown).await? {
+                        Settled::Recorded => {}
+                        Settled::Stopped => return Ok(()),
+                        Settled::Superseded => superseded = true,
                     }
-                    acknowledged(
-                        cx.state,
-                        &tally,
-                        &name,
-                        &key,
-                        rows,
-                        total,
-                        SyncStatus::Copying,
-                    )
-                    .await?;
                 }
-                if !full {
+                if !full || superseded {
                     break;
                 }
             }
-            cx.state
-                .save_sync(
-                    &name,
-                    SyncStatus::Done,
-                    last.as_deref(),
-                    rows_read,
-                    Some(total),
-                )
-                .await?;
+            while !in_flight.is_empty() {
+                match ledger.settle(&mut in_flight, &mut shutdown).await? {
+                    Settled::Recorded => {}
+                    Settled::Stopped => return Ok(()),
+                    Settled::Superseded => superseded = true,
+                }
+            }
+            if superseded {
+                // The copy alongside the stream does it over.
+                tracing::info!(table = %ledger.table, "sync: a resync was requested during the first copy; the table is copied again alongside the stream");
+                continue;
+            }
+            ledger.chunk(last.as_ref(), rows_read, SyncStatus::Done).await?;
             if let Ok(mut tally) = tally.lock() {
                 tally.tables_left = tally.tables_left.saturating_sub(1);
             }
             metrics.snapshot_tables_remaining.dec();
-            tracing::info!(table = %name, rows = rows_read, "sync: table copied");
+            tracing::info!(table = %ledger.table, rows = rows_read, "sync: table copied");
         }
         client
             .batch_execute("COMMIT")
@@ -352,26 +441,26 @@ pub(crate) async fn copy_exported(
     result
 }
 
-/// Records an acknowledged chunk and counts it.
-async fn acknowledged(
-    state: &State,
-    tally: &Mutex<Tally>,
-    table: &str,
-    key: &Key,
-    rows: i64,
-    total: i64,
-    status: SyncStatus,
-) -> Result<(), Error> {
-    let before = tally.lock().map(|t| t.rows).unwrap_or(0);
+/// A table without a primary key cannot be read in chunks: it is left out
+/// of the copy (its changes still stream), with a warning saying how to
+/// have it copied.
+async fn skip_keyless(state: &State, t: &TableMapping, generation: i64) -> Result<(), Error> {
+    tracing::warn!(
+        table = %t.table,
+        "sync: not copying existing rows: the table has no primary key to read it in chunks by; add one and run resync, or set {}.snapshot: never to silence this",
+        t.key
+    );
     state
-        .save_sync(table, status, Some(key), rows, Some(total))
+        .save_sync(
+            &t.table.to_string(),
+            generation,
+            SyncStatus::Done,
+            None,
+            0,
+            None,
+        )
         .await?;
-    telemetry::metrics()
-        .snapshot_rows
-        .inc_by((rows - before).max(0) as u64);
-    if let Ok(mut t) = tally.lock() {
-        t.rows = rows;
-    }
+    telemetry::metrics().snapshot_tables_remaining.dec();
     Ok(())
 }
 
@@ -408,13 +497,21 @@ pub(crate) struct Window {
     open: Option<OpenWindow>,
     /// The chunk's rows, put here before the high watermark is written.
     rows: Option<Chunk>,
+    /// Keys of the last chunk to read again: the stream changed them
+    /// between its watermarks without carrying their whole state.
+    redo: Vec<Key>,
 }
 
 struct OpenWindow {
     id: String,
     table: TableName,
-    /// Keys the stream changed since the low watermark.
-    seen: HashSet<Key>,
+    /// Keys whose change the stream sent in full (or deleted) since the
+    /// low watermark: the stream's value is newer than the chunk's.
+    superseded: HashSet<Key>,
+    /// Keys the stream changed but sent only in part (list diffs, large
+    /// values left out): the chunk's copy may be older, and the change
+    /// alone does not hold the whole row.
+    partial: HashSet<Key>,
     /// Key column indexes per relation id, found by name.
     key_columns: Vec<String>,
     indexes: HashMap<u32, Option<Vec<usize>>>,
@@ -424,6 +521,19 @@ struct OpenWindow {
 pub(crate) struct Chunk {
     rows: Vec<(Key, Vec<Action>)>,
     done: oneshot::Sender<()>,
+}
+
+/// What a change the stream carried during a window means for the chunk's
+/// copy of its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Sent in full, or deleted: the copy is older, drop it.
+    Superseded,
+    /// Sent in part: read the row again in a later chunk.
+    Partial,
+    /// Nothing mapped changed (or the operation does not count): the copy
+    /// holds what the stream would, keep it.
+    Unchanged,
 }
 
 /// What a watermark message asks of the reader.
@@ -461,7 +571,8 @@ impl Window {
                 self.open = Some(OpenWindow {
                     id: id.to_owned(),
                     table: table.clone(),
-                    seen: HashSet::new(),
+                    superseded: HashSet::new(),
+                    partial: HashSet::new(),
                     key_columns: key_columns.clone(),
                     indexes: HashMap::new(),
                 });
@@ -475,45 +586,74 @@ impl Window {
         self.open.is_some()
     }
 
-    /// Notes a change the stream carried while the window is open.
-    pub(crate) fn saw(&mut self, relation: &Relation, tuples: &[&Tuple]) {
+    /// Notes a change the stream carried while the window is open: `new`
+    /// (absent for a delete) as `seen` says; an `old` row under another key
+    /// (a delete, or an update of the key) is gone, so superseded.
+    pub(crate) fn saw(
+        &mut self,
+        relation: &Relation,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+        seen: Seen,
+    ) {
         let Some(open) = &mut self.open else { return };
         if relation.namespace != open.table.schema || relation.name != open.table.name {
             return;
         }
-        let indexes = open
-            .indexes
-            .entry(relation.id)
-            .or_insert_with(|| {
-                open.key_columns
-                    .iter()
-                    .map(|k| relation.columns.iter().position(|c| c.name == *k))
-                    .collect()
-            })
-            .clone();
-        if let Some(indexes) = indexes {
-            for t in tuples {
-                open.seen.insert(key_at(t, &indexes));
+        let indexes = open.indexes.entry(relation.id).or_insert_with(|| {
+            open.key_columns
+                .iter()
+                .map(|k| relation.columns.iter().position(|c| c.name == *k))
+                .collect()
+        });
+        let Some(indexes) = indexes else { return };
+        let new_key = new.map(|t| key_at(t, indexes));
+        if let Some(old_key) = old.map(|t| key_at(t, indexes)) {
+            if new_key.as_ref() != Some(&old_key) {
+                open.superseded.insert(old_key);
             }
+        }
+        if let Some(key) = new_key {
+            match seen {
+                Seen::Superseded => open.superseded.insert(key),
+                Seen::Partial => open.partial.insert(key),
+                Seen::Unchanged => false,
+            };
         }
     }
 
     /// The high watermark `id` was read: the chunk's rows the stream did
     /// not change since the low one, and the marker for when they are
-    /// delivered.
+    /// delivered. Rows the stream changed in part are left for the copy to
+    /// read again ([`Window::take_redo`]).
     pub(crate) fn high(&mut self, id: &str) -> Option<(Vec<Action>, oneshot::Sender<()>)> {
         let open = self.open.take_if(|o| o.id == id)?;
         let chunk = self.rows.take()?;
         self.expected = None;
-        let actions = chunk
-            .rows
-            .into_iter()
-            .filter(|(key, _)| !open.seen.contains(key))
-            .flat_map(|(_, actions)| actions)
-            .collect();
+        let mut actions = Vec::new();
+        for (key, row) in chunk.rows {
+            if open.superseded.contains(&key) {
+                continue;
+            }
+            if open.partial.contains(&key) {
+                self.redo.push(key);
+                continue;
+            }
+            actions.extend(row);
+        }
         Some((actions, chunk.done))
     }
+
+    /// Keys the last chunk left to read again.
+    fn take_redo(&mut self) -> Vec<Key> {
+        std::mem::take(&mut self.redo)
+    }
 }
+
+/// How many times in a row a chunk's rows that the stream keeps changing
+/// in part are read again before they are sent as read: a row rewritten
+/// that often gets its full state from the stream soon anyway.
+const REDO_ROUNDS: usize = 3;
 
 /// Copies pending tables (a resume, a table new to the mapping, a resync)
 /// alongside the stream, one watermarked chunk at a time; then waits for
@@ -525,9 +665,13 @@ pub(crate) async fn copy_alongside(
     wake: Arc<Notify>,
     mut shutdown: Shutdown,
 ) -> Result<(), Error> {
-    let nonce = format!("{:x}", pg_now());
-    let mut chunk_no = 0u64;
-    let mut resolver = Resolver::new(client.clone(), cx.schema.lookups.clone());
+    let mut chunks = WatermarkedChunks {
+        client: &client,
+        window: &window,
+        slot: &cx.settings.slot,
+        nonce: format!("{:x}", pg_now()),
+        count: 0,
+    };
     let metrics = telemetry::metrics();
     loop {
         let rows = cx.state.sync_rows().await?;
@@ -551,97 +695,190 @@ pub(crate) async fn copy_alongside(
             }
             continue;
         };
-        let name = t.table.to_string();
         let reader = TableReader::describe(&client, t, cx.schema).await?;
         if !reader.has_primary_key() {
-            return Err(SourceError::config(format!(
-                "{}.snapshot: table {} has no primary key, and copying it alongside the stream needs one; add one, or set snapshot: never",
-                t.key, t.table
-            ))
-            .into());
+            skip_keyless(cx.state, t, row.generation).await?;
+            continue;
         }
-        let key_columns: Vec<String> = reader.key_columns().map(|(_, c)| c.name.clone()).collect();
         let total = reader.count(&client).await?;
         let tally = Arc::new(Mutex::new(Tally {
-            table: name.clone(),
+            table: t.table.to_string(),
             rows: row.rows_copied,
             total,
             started: Some(Instant::now()),
             rows_at_start: row.rows_copied,
             tables_left: pending.len(),
         }));
+        let ledger = Ledger {
+            state: cx.state,
+            tally: &tally,
+            table: t.table.to_string(),
+            generation: row.generation,
+            total,
+        };
         let (stop_report, report_done) = oneshot::channel();
         let reporter = tokio::spawn(report(tally.clone(), report_done));
-        let mut last = row.last_key.clone();
-        let mut rows_copied = row.rows_copied;
-        tracing::info!(table = %name, from_key = ?last, "sync: copying alongside the stream");
-        let result = async {
-            loop {
-                chunk_no += 1;
-                let id = format!("{nonce}-{chunk_no}");
-                if let Ok(mut w) = window.lock() {
-                    *w = Window {
-                        expected: Some((id.clone(), t.table.clone(), key_columns.clone())),
-                        open: None,
-                        rows: None,
-                    };
-                }
-                emit(&client, &format!("lw:{}:{id}", cx.settings.slot)).await?;
-                let rows = reader
-                    .read(&client, last.as_ref(), cx.settings.sync_chunk_rows)
-                    .await?;
-                let full = rows.len() == cx.settings.sync_chunk_rows;
-                let new_last = rows.last().map(|(k, _)| k.clone());
-                let count = rows.len() as i64;
-                // Planned per chunk: the table may have changed shape.
-                let mapper = table_mapper(t, cx.schema, reader.relation(), Lsn::ZERO)?;
-                let mut mapped = Vec::with_capacity(rows.len());
-                for (key, tuple) in rows {
-                    let actions = row_actions(
-                        &mapper,
-                        &mut resolver,
-                        reader.relation().id,
-                        &tuple,
-                        Lsn::ZERO,
-                    )
-                    .await?;
-                    mapped.push((key, actions));
-                }
-                let (done, delivered) = oneshot::channel();
-                if let Ok(mut w) = window.lock() {
-                    w.rows = Some(Chunk { rows: mapped, done });
-                }
-                emit(&client, &format!("hw:{}:{id}", cx.settings.slot)).await?;
-                tokio::select! {
-                    r = delivered => if r.is_err() { return Ok(false) },
-                    _ = shutdown.wait() => return Ok(false),
-                }
-                rows_copied += count;
-                let status = if full {
-                    SyncStatus::Copying
-                } else {
-                    SyncStatus::Done
-                };
-                if let Some(key) = &new_last {
-                    acknowledged(cx.state, &tally, &name, key, rows_copied, total, status).await?;
-                    last = new_last;
-                } else {
-                    cx.state
-                        .save_sync(&name, status, last.as_deref(), rows_copied, Some(total))
-                        .await?;
-                }
-                if !full {
-                    return Ok::<bool, Error>(true);
-                }
-            }
-        }
+        tracing::info!(table = %ledger.table, from_key = ?row.last_key, "sync: copying alongside the stream");
+        let result = copy_table(
+            &cx,
+            &mut chunks,
+            t,
+            &reader,
+            &ledger,
+            row.last_key.clone(),
+            row.rows_copied,
+            &mut shutdown,
+        )
         .await;
         let _ = stop_report.send(());
         let _ = reporter.await;
-        if !result? {
-            return Ok(());
+        match result? {
+            Settled::Recorded => {
+                tracing::info!(table = %ledger.table, "sync: table copied");
+            }
+            Settled::Superseded => {
+                tracing::info!(table = %ledger.table, "sync: a resync was requested meanwhile; the table starts over");
+            }
+            Settled::Stopped => return Ok(()),
         }
-        tracing::info!(table = %name, rows = rows_copied, "sync: table copied");
+    }
+}
+
+/// Reads chunks between watermarks and hands them to the reader.
+struct WatermarkedChunks<'a> {
+    client: &'a Arc<Client>,
+    window: &'a Mutex<Window>,
+    slot: &'a str,
+    /// Tells this run's watermarks from those of earlier runs still in the
+    /// WAL.
+    nonce: String,
+    count: u64,
+}
+
+impl WatermarkedChunks<'_> {
+    /// One chunk: the low watermark, `read`, the high watermark; waits until
+    /// the rows the stream did not supersede are delivered. Returns what was
+    /// read and the keys to read again, or None on a stop.
+    async fn chunk<F, Fut>(
+        &mut self,
+        table: &TableName,
+        key_columns: &[String],
+        read: F,
+        shutdown: &mut Shutdown,
+    ) -> Result<Option<(Vec<Key>, Vec<Key>)>, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<(Key, Vec<Action>)>, Error>>,
+    {
+        self.count += 1;
+        let id = format!("{}-{}", self.nonce, self.count);
+        if let Ok(mut w) = self.window.lock() {
+            *w = Window {
+                expected: Some((id.clone(), table.clone(), key_columns.to_vec())),
+                ..Window::default()
+            };
+        }
+        emit(self.client, &format!("lw:{}:{id}", self.slot)).await?;
+        let rows = read().await?;
+        let keys: Vec<Key> = rows.iter().map(|(k, _)| k.clone()).collect();
+        let (done, delivered) = oneshot::channel();
+        if let Ok(mut w) = self.window.lock() {
+            w.rows = Some(Chunk { rows, done });
+        }
+        emit(self.client, &format!("hw:{}:{id}", self.slot)).await?;
+        tokio::select! {
+            r = delivered => if r.is_err() { return Ok(None) },
+            _ = shutdown.wait() => return Ok(None),
+        }
+        let redo = self
+            .window
+            .lock()
+            .map(|mut w| w.take_redo())
+            .unwrap_or_default();
+        Ok(Some((keys, redo)))
+    }
+}
+
+/// Copies one table from `last` on, chunk by chunk alongside the stream;
+/// rows the stream changed in part during their chunk are read again.
+#[allow(clippy::too_many_arguments)]
+async fn copy_table(
+    cx: &CopyContext<'_>,
+    chunks: &mut WatermarkedChunks<'_>,
+    t: &TableMapping,
+    reader: &TableReader,
+    ledger: &Ledger<'_>,
+    mut last: Option<Key>,
+    mut rows_copied: i64,
+    shutdown: &mut Shutdown,
+) -> Result<Settled, Error> {
+    let key_columns: Vec<String> = reader.key_columns().map(|(_, c)| c.name.clone()).collect();
+    let client = chunks.client;
+    // Rows mapped as they are read, through a fresh lookup cache per
+    // chunk: the stream keeps only the reader's cache current.
+    let map_rows = |rows: Vec<(Key, Tuple)>| async move {
+        let mapper = table_mapper(t, cx.schema, reader.relation(), Lsn::ZERO)?;
+        let mut resolver = Resolver::new(client.clone(), cx.schema.lookups.clone());
+        let mut mapped = Vec::with_capacity(rows.len());
+        for (key, tuple) in rows {
+            let actions = row_actions(
+                &mapper,
+                &mut resolver,
+                reader.relation().id,
+                &tuple,
+                Lsn::ZERO,
+            )
+            .await?;
+            mapped.push((key, actions));
+        }
+        Ok::<_, Error>(mapped)
+    };
+    loop {
+        let after = last.clone();
+        let read = || async {
+            let rows = reader
+                .read(client, after.as_ref(), cx.settings.sync_chunk_rows)
+                .await?;
+            map_rows(rows).await
+        };
+        let Some((keys, mut redo)) = chunks.chunk(&t.table, &key_columns, read, shutdown).await?
+        else {
+            return Ok(Settled::Stopped);
+        };
+        let full = keys.len() == cx.settings.sync_chunk_rows;
+        for round in 1..=REDO_ROUNDS {
+            if redo.is_empty() {
+                break;
+            }
+            let again = std::mem::take(&mut redo);
+            let read = || async {
+                let rows = reader.read_keys(client, &again).await?;
+                map_rows(rows).await
+            };
+            let Some((_, left)) = chunks.chunk(&t.table, &key_columns, read, shutdown).await?
+            else {
+                return Ok(Settled::Stopped);
+            };
+            redo = left;
+            if round == REDO_ROUNDS && !redo.is_empty() {
+                tracing::warn!(table = %t.table, rows = redo.len(), "sync: rows the stream keeps changing in part were not copied in full; their next full change brings them up to date");
+            }
+        }
+        rows_copied += keys.len() as i64;
+        if let Some(key) = keys.last() {
+            last = Some(key.clone());
+        }
+        let status = if full {
+            SyncStatus::Copying
+        } else {
+            SyncStatus::Done
+        };
+        if !ledger.chunk(last.as_ref(), rows_copied, status).await? {
+            return Ok(Settled::Superseded);
+        }
+        if !full {
+            return Ok(Settled::Recorded);
+        }
     }
 }
 

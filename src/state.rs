@@ -85,6 +85,7 @@ impl State {
                      last_key text[],
                      rows_copied bigint NOT NULL DEFAULT 0,
                      rows_total bigint,
+                     generation bigint NOT NULL DEFAULT 0,
                      started_at timestamptz,
                      updated_at timestamptz NOT NULL DEFAULT now(),
                      finished_at timestamptz,
@@ -235,6 +236,9 @@ pub(crate) struct SyncRow {
     /// acknowledged; None before the first.
     pub last_key: Option<Vec<Option<String>>>,
     pub rows_copied: i64,
+    /// Bumped by each resync request: a copy records its progress only
+    /// while the generation it started with is current.
+    pub generation: i64,
 }
 
 /// A table's copy: to do, under way, or finished.
@@ -261,7 +265,7 @@ impl State {
         let rows = self
             .client
             .query(
-                &format!("SELECT source_table, status, last_key, rows_copied FROM {SCHEMA}.snapshot_progress WHERE slot = $1 ORDER BY source_table"),
+                &format!("SELECT source_table, status, last_key, rows_copied, generation FROM {SCHEMA}.snapshot_progress WHERE slot = $1 ORDER BY source_table"),
                 &[&self.slot],
             )
             .await
@@ -277,6 +281,7 @@ impl State {
                 },
                 last_key: r.get(2),
                 rows_copied: r.get(3),
+                generation: r.get(4),
             })
             .collect())
     }
@@ -309,30 +314,34 @@ impl State {
         Ok(())
     }
 
-    /// Records a table's copy after a chunk was acknowledged (or its end).
-    /// Durable when it returns.
+    /// Records a table's copy after a chunk was acknowledged (or its end),
+    /// if `generation` is still current. Durable when it returns. False
+    /// when a resync was asked for meanwhile: the table starts over.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn save_sync(
         &self,
         table: &str,
+        generation: i64,
         status: SyncStatus,
         last_key: Option<&[Option<String>]>,
         rows_copied: i64,
         rows_total: Option<i64>,
-    ) -> Result<(), SourceError> {
-        self.client
+    ) -> Result<bool, SourceError> {
+        let n = self
+            .client
             .execute(
                 &format!(
                     "UPDATE {SCHEMA}.snapshot_progress
                         SET status = $3, last_key = $4, rows_copied = $5, rows_total = COALESCE($6, rows_total),
                             started_at = COALESCE(started_at, now()), updated_at = now(),
                             finished_at = CASE WHEN $3 = 'done' THEN now() END
-                      WHERE slot = $1 AND source_table = $2"
+                      WHERE slot = $1 AND source_table = $2 AND generation = $7"
                 ),
-                &[&self.slot, &table, &status.as_str(), &last_key, &rows_copied, &rows_total],
+                &[&self.slot, &table, &status.as_str(), &last_key, &rows_copied, &rows_total, &generation],
             )
             .await
             .map_err(|e| SourceError::from_sql("recording the sync state", e))?;
-        Ok(())
+        Ok(n == 1)
     }
 }
 
@@ -346,7 +355,8 @@ pub async fn request_resync(client: &Client, slot: &str, table: &str) -> Result<
             &format!(
                 "INSERT INTO {SCHEMA}.snapshot_progress (slot, source_table, status) VALUES ($1, $2, 'pending')
                  ON CONFLICT (slot, source_table) DO UPDATE
-                    SET status = 'pending', last_key = NULL, rows_copied = 0, started_at = NULL, finished_at = NULL, updated_at = now()"
+                    SET status = 'pending', last_key = NULL, rows_copied = 0, started_at = NULL, finished_at = NULL,
+                        generation = snapshot_progress.generation + 1, updated_at = now()"
             ),
             &[&slot, &table],
         )

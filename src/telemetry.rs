@@ -229,6 +229,12 @@ impl Metrics {
         self.update_lag_bytes();
     }
 
+    /// A sync chunk was acknowledged: work moves though the confirmed
+    /// position does not (the first copy runs before the stream starts).
+    pub(crate) fn copy_progressed(&self) {
+        self.last_progress_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
     fn update_lag_bytes(&self) {
         let end = self.server_wal_end.load(Ordering::Relaxed);
         let confirmed = self.confirmed.load(Ordering::Relaxed);
@@ -265,7 +271,9 @@ impl Metrics {
     /// recently.
     fn ready(&self) -> Result<(), &'static str> {
         if self.connected.get() != 1 {
-            return Err("not connected to the replication stream");
+            return Err(
+                "not connected to the replication stream (or to the first copy's snapshot)",
+            );
         }
         let stalled = unix_ms().saturating_sub(self.last_progress_ms.load(Ordering::Relaxed))
             > NO_PROGRESS_AFTER.as_millis() as u64;

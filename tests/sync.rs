@@ -413,3 +413,136 @@ async fn a_resync_while_a_writer_updates_ends_with_the_final_values() {
         conn.log()
     );
 }
+
+/// A resync (after adding a list trait to the mapping) while a job keeps
+/// touching only `updated_at` and another keeps editing tags: every
+/// contact ends with its table's tags. Rows the stream changed during
+/// their chunk without carrying their whole state (a no-op update, a list
+/// diff) must not be dropped from the copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resync_under_partial_changes_still_sends_every_row_in_full() {
+    let w = world(
+        "sync_partial",
+        "CREATE TABLE reps (
+             id bigserial PRIMARY KEY,
+             email text NOT NULL UNIQUE,
+             tags text[] NOT NULL DEFAULT '{}',
+             updated_at timestamptz NOT NULL DEFAULT now()
+         );
+         ALTER TABLE reps REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let n: i64 = 3_000;
+    w.db.exec(&format!(
+        "INSERT INTO reps (email, tags) SELECT 'r' || i || '@acme.test', ARRAY['t' || (i % 5)] FROM generate_series(1, {n}) i"
+    ))
+    .await;
+    // First without the list trait, as if it were added later.
+    let before = "
+tables:
+  - table: reps
+    identify:
+      id: email
+";
+    let after = "
+tables:
+  - table: reps
+    identify:
+      id: email
+      traits: {tags: {list: tags}}
+";
+    let tail = "sync:\n  chunk_rows: 200\n";
+    let config = format!("{}{tail}", w.config(before, "  batch_size: 100"));
+    let conn = Connector::run(&config, &[]);
+    wait_synced(&w, "public.reps", Duration::from_secs(120), &conn).await;
+    conn.sigterm();
+    assert!(
+        conn.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        conn.log()
+    );
+    let config = format!("{}{tail}", w.config(after, "  batch_size: 100"));
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let jobs: Vec<_> = ["UPDATE reps SET updated_at = now() WHERE id = $1",
+                        "UPDATE reps SET tags = array_append(tags, 'x' || (id % 3)) WHERE id = $1 AND cardinality(tags) < 4"]
+        .into_iter()
+        .enumerate()
+        .map(|(j, sql)| {
+            let url = w.db.url();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let client = crate::support::pg::connect(&url).await.unwrap();
+                let mut i: i64 = 17 + j as i64;
+                while !stop.load(Ordering::Relaxed) {
+                    i = (i * 7919 + 13) % n + 1;
+                    client.execute(sql, &[&i]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, out, err) = run_cli(
+        &["resync", "--config", CONFIG, "--table", "reps"],
+        &config,
+        &[],
+    );
+    assert!(status.success(), "{out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sync_state(&w).await["public.reps"].0 == "done" {
+        assert!(
+            Instant::now() < deadline,
+            "resync not taken up\n{}",
+            conn.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_synced(&w, "public.reps", Duration::from_secs(120), &conn).await;
+    stop.store(true, Ordering::Relaxed);
+    for j in jobs {
+        j.await.unwrap();
+    }
+    wait_caught_up(&w).await;
+
+    let client = w.db.client().await;
+    let rows = client
+        .query("SELECT email, tags FROM reps", &[])
+        .await
+        .unwrap();
+    let wrong: Vec<String> = w.rx.with_contacts(|contacts| {
+        rows.iter()
+            .filter_map(|r| {
+                let email: String = r.get(0);
+                let mut want: Vec<String> = r.get(1);
+                want.sort();
+                want.dedup();
+                let mut got: Vec<String> = contacts
+                    .get(&email)
+                    .and_then(|c| c.get("tags"))
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                got.sort();
+                (got != want).then(|| format!("{email}: table {want:?}, receiver {got:?}"))
+            })
+            .take(5)
+            .collect()
+    });
+    assert!(
+        wrong.is_empty(),
+        "contacts without their tags:\n{}",
+        wrong.join("\n")
+    );
+    conn.sigterm();
+    assert!(
+        conn.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        conn.log()
+    );
+}

@@ -98,6 +98,12 @@ impl Replay {
         })
     }
 
+    /// Whether every lane had delivered past this place: true of a row
+    /// whatever its contact.
+    pub(super) fn covers_every_lane(&self, at: Progress) -> bool {
+        self.per_lane.iter().all(|p| at <= *p)
+    }
+
     /// Whether this row of this contact was delivered before.
     pub(super) fn covers(&self, contact: &str, at: Progress) -> bool {
         let lane = if self.per_lane.len() == 1 {

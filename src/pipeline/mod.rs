@@ -24,7 +24,7 @@ use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{ContactRef, Mapper, Outcome};
 use crate::sink::Sink;
-use crate::snapshot::{self, Watermark};
+use crate::snapshot::{self, Seen, Watermark};
 use crate::source::{
     self, connect_sql, Catalog, ReplicationConn, ReplicationMessage, ReplicationReader,
     ReplicationWriter, Resolver,
@@ -88,7 +88,10 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
     let mut standing_by = false;
     loop {
         let started = Instant::now();
-        let wait = match session(settings, &sink, shutdown.clone()).await {
+        let ended = session(settings, &sink, shutdown.clone()).await;
+        // However the session ended, it holds no connection now.
+        telemetry::metrics().connected.set(0);
+        let wait = match ended {
             Ok(()) => return Ok(()),
             Err(Error::Source(e))
                 if e.kind() == source::SourceErrorKind::SlotBusy && !shutdown.is_set() =>
@@ -153,31 +156,32 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     if let Some(state) = &mut state {
         state.set_system(&system.system_id);
     }
+    let copied: Vec<String> = snapshot::copied_tables(settings)
+        .iter()
+        .map(|t| t.table.to_string())
+        .collect();
     // A new slot is created here, on the replication connection, so that
-    // its snapshot can seed the first copy.
+    // its snapshot can seed the first copy. The sync state starts over
+    // first: had it been reset after, a crash in between would leave an
+    // earlier slot's "done" marks on tables this slot never copied.
     let exported = match source::slot_info(&client, &settings.slot).await? {
-        None => conn.create_slot_exporting(&settings.slot).await?,
+        None => {
+            if let Some(state) = &state {
+                state.start_sync(&copied).await?;
+            }
+            conn.create_slot_exporting(&settings.slot).await?
+        }
         Some(_) => None,
     };
     if exported.is_some() {
         tracing::info!(slot = %settings.slot, "created the replication slot");
     }
     source::ensure_slot(&client, &settings.slot, &settings.postgres.dbname).await?;
-    let copied: Vec<String> = snapshot::copied_tables(settings)
-        .iter()
-        .map(|t| t.table.to_string())
-        .collect();
-    let exported = match (&state, exported) {
-        (Some(state), Some(exported)) => {
-            state.start_sync(&copied).await?;
-            Some(exported)
-        }
-        (Some(state), None) => {
-            state.add_sync(&copied).await?;
-            None
-        }
-        (None, _) => None,
-    };
+    // Tables new to the mapping (or never copied) are copied too.
+    if let Some(state) = &state {
+        state.add_sync(&copied).await?;
+    }
+    let exported = exported.filter(|_| state.is_some());
     let start = source::slot_confirmed(&client, &settings.slot).await?;
     // Rows the lanes recorded as delivered are skipped, so a restart
     // resends only what was in flight, not everything after the slot's
@@ -200,7 +204,9 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         state.clone(),
         confirmed_tx,
     );
-    let mut delivery = tokio::spawn(coordinator.run(events_rx, shutdown.clone()));
+    // Aborted if this session returns early (an error before streaming):
+    // a reconnect must not leave it sending beside the next session's.
+    let mut delivery = AbortOnDrop(tokio::spawn(coordinator.run(events_rx, shutdown.clone())));
     let joined = |r: Result<Result<(), Error>, tokio::task::JoinError>| match r {
         Ok(r) => r,
         Err(e) => Err(Error::Setup(format!("delivery failed: {e}"))),
@@ -209,6 +215,8 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     // The first run: existing rows, inside the slot's snapshot, delivered
     // before the stream starts at the slot's consistent point.
     if let (Some(exported), Some(state)) = (&exported, &state) {
+        // Connected: the slot is held and the copy is the work under way.
+        metrics.connected.set(1);
         let copy_client = Arc::new(connect_sql(&settings.postgres).await?);
         let cx = snapshot::CopyContext {
             settings,
@@ -219,12 +227,12 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         };
         tokio::select! {
             r = snapshot::copy_exported(cx, copy_client, &exported.snapshot, exported.consistent_point, shutdown.clone()) => r?,
-            r = &mut delivery => return joined(r),
+            r = &mut delivery.0 => return joined(r),
             e = watch_slot(&client, &settings.slot, settings.retained_wal_warn_bytes) => return Err(e),
         }
         if shutdown.is_set() {
             drop(events_tx);
-            return joined(delivery.await);
+            return joined((&mut delivery.0).await);
         }
     }
 
@@ -312,7 +320,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     let mut delivery_done = false;
     let delivered = loop {
         tokio::select! {
-            r = &mut delivery => {
+            r = &mut delivery.0 => {
                 delivery_done = true;
                 break joined(r);
             }
@@ -337,7 +345,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     let delivered = if delivery_done {
         delivered
     } else {
-        delivered.and(joined(delivery.await))
+        delivered.and(joined((&mut delivery.0).await))
     };
 
     metrics.connected.set(0);
@@ -355,6 +363,15 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         tracing::debug!("final status update not sent: {e}");
     }
     delivered.and(read)
+}
+
+/// A task that ends with the value holding it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How the reader turns rows into actions: the mapping, its lookups, and
@@ -444,12 +461,15 @@ async fn read_loop(
     let saw = |window_open: bool,
                relations: &HashMap<u32, Relation>,
                relation: u32,
-               tuples: &[&Tuple]| {
+               old: Option<&OldTuple>,
+               new: Option<&Tuple>,
+               seen: Seen| {
         if !window_open {
             return;
         }
         if let (Ok(mut w), Some(rel)) = (sync.window.lock(), relations.get(&relation)) {
-            w.saw(rel, tuples);
+            let old = old.map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
+            w.saw(rel, old, new, seen);
         }
     };
     // Where the reader is: the transaction (by its commit LSN) and the
@@ -510,16 +530,23 @@ async fn read_loop(
                 PgOutput::Insert { relation, new } => {
                     count_change(&mapper, &mut counters, relation, "insert");
                     mapper.observe(relation, None, Some(&new), &mut cache_changes);
-                    saw(window_open, &relations, relation, &[&new]);
                     let outcome = mapper.insert(relation, &new, wal_start)?;
+                    saw(
+                        window_open,
+                        &relations,
+                        relation,
+                        None,
+                        Some(&new),
+                        seen_by(&outcome),
+                    );
                     for c in cache_changes.drain(..) {
                         resolver.apply(c);
                     }
-                    at.change += 1;
+                    at.change += ROW_ORDINALS;
                     deliver(
                         outcome,
                         wal_start,
-                        &mut at,
+                        at,
                         &mut resolver,
                         replay.as_ref(),
                         &mut chunk,
@@ -530,21 +557,23 @@ async fn read_loop(
                 PgOutput::Update { relation, old, new } => {
                     count_change(&mapper, &mut counters, relation, "update");
                     mapper.observe(relation, old.as_ref(), Some(&new), &mut cache_changes);
-                    match &old {
-                        Some(OldTuple::Key(o) | OldTuple::Full(o)) => {
-                            saw(window_open, &relations, relation, &[o, &new])
-                        }
-                        None => saw(window_open, &relations, relation, &[&new]),
-                    }
                     let outcome = mapper.update(relation, old.as_ref(), &new, wal_start)?;
+                    saw(
+                        window_open,
+                        &relations,
+                        relation,
+                        old.as_ref(),
+                        Some(&new),
+                        seen_by(&outcome),
+                    );
                     for c in cache_changes.drain(..) {
                         resolver.apply(c);
                     }
-                    at.change += 1;
+                    at.change += ROW_ORDINALS;
                     deliver(
                         outcome,
                         wal_start,
-                        &mut at,
+                        at,
                         &mut resolver,
                         replay.as_ref(),
                         &mut chunk,
@@ -555,17 +584,23 @@ async fn read_loop(
                 PgOutput::Delete { relation, old } => {
                     count_change(&mapper, &mut counters, relation, "delete");
                     mapper.observe(relation, Some(&old), None, &mut cache_changes);
-                    let (OldTuple::Key(o) | OldTuple::Full(o)) = &old;
-                    saw(window_open, &relations, relation, &[o]);
+                    saw(
+                        window_open,
+                        &relations,
+                        relation,
+                        Some(&old),
+                        None,
+                        Seen::Superseded,
+                    );
                     let outcome = mapper.delete(relation, Some(&old), wal_start)?;
                     for c in cache_changes.drain(..) {
                         resolver.apply(c);
                     }
-                    at.change += 1;
+                    at.change += ROW_ORDINALS;
                     deliver(
                         outcome,
                         wal_start,
-                        &mut at,
+                        at,
                         &mut resolver,
                         replay.as_ref(),
                         &mut chunk,
@@ -631,14 +666,27 @@ async fn read_loop(
     }
 }
 
+/// What a streamed change means for a sync chunk's copy of its row.
+fn seen_by(outcome: &Outcome) -> Seen {
+    match outcome {
+        Outcome::Send(m) if m.complete => Seen::Superseded,
+        Outcome::Send(_) => Seen::Partial,
+        Outcome::Nothing | Outcome::Skip { .. } => Seen::Unchanged,
+    }
+}
+
+/// Ordinals a row change takes in its transaction: one per action it can
+/// become (a `$inc` identify, then its event), whatever it became this
+/// time, so the numbering of later rows is the same on every replay.
+const ROW_ORDINALS: u64 = 2;
+
 /// Turns a row's outcome into events: resolves a looked-up contact, skips
 /// what a restart knows was delivered, logs and counts what cannot be sent.
-/// A row of two actions (a `$inc`, then its event) takes two ordinals, so
-/// progress can tell them apart.
+/// `at` is the row's last ordinal; its actions take the ones before it.
 async fn deliver(
     outcome: Outcome,
     lsn: Lsn,
-    at: &mut Progress,
+    at: Progress,
     resolver: &mut Resolver,
     replay: Option<&Replay>,
     chunk: &mut Vec<Event>,
@@ -681,14 +729,24 @@ async fn deliver(
             }
         },
     };
+    // A looked-up contact may resolve differently after a restart (and so
+    // land in another lane): such a row counts as delivered only when every
+    // lane had passed it.
+    let looked_up = matches!(mapped.contact, ContactRef::Lookup { .. });
+    let first = at.change + 1 - ROW_ORDINALS;
     for (i, action) in mapped.into_actions(contact, lsn).enumerate() {
-        if i > 0 {
-            at.change += 1;
-        }
-        if replay.is_some_and(|r| r.covers(&action.contact, *at)) {
+        let at = Progress {
+            commit_lsn: at.commit_lsn,
+            change: first + i as u64,
+        };
+        let delivered = replay.is_some_and(|r| match looked_up {
+            true => r.covers_every_lane(at),
+            false => r.covers(&action.contact, at),
+        });
+        if delivered {
             continue;
         }
-        chunk.push(Event::Action { action, at: *at });
+        chunk.push(Event::Action { action, at });
     }
     Ok(())
 }

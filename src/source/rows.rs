@@ -133,48 +133,97 @@ impl TableReader {
         after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<(Key, Tuple)>, SourceError> {
-        let columns = &self.relation.columns;
-        // Qualified: a bare name in ORDER BY could mean an output column.
+        let condition = match after {
+            None => None,
+            Some(after) => Some(format!(
+                "({}) > ({})",
+                self.order().join(", "),
+                self.key_literals(after)?
+            )),
+        };
+        self.query(client, condition, Some(limit)).await
+    }
+
+    /// The rows with these keys (those that still exist and pass the row
+    /// filter), in key order.
+    pub(crate) async fn read_keys(
+        &self,
+        client: &Client,
+        keys: &[Key],
+    ) -> Result<Vec<(Key, Tuple)>, SourceError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tuples = Vec::with_capacity(keys.len());
+        for k in keys {
+            tuples.push(format!("({})", self.key_literals(k)?));
+        }
+        let condition = format!("({}) IN ({})", self.order().join(", "), tuples.join(", "));
+        self.query(client, Some(condition), None).await
+    }
+
+    /// The ORDER BY terms: the primary key's columns, or the text of every
+    /// column read. Qualified: a bare name could mean an output column.
+    fn order(&self) -> Vec<String> {
         let qualified = |c: &Column| format!("src.{}", quote_ident(&c.name));
-        let list: Vec<String> = columns.iter().map(qualified).collect();
-        let order: Vec<String> = if self.has_primary_key() {
+        if self.has_primary_key() {
             self.key_columns().map(|(_, c)| qualified(c)).collect()
         } else {
-            list.iter()
-                .map(|c| format!("{c}::text COLLATE \"C\""))
-                .collect()
-        };
-        let mut conditions = Vec::new();
-        if let Some((_, f)) = &self.filter {
-            conditions.push(format!("({f})"));
-        }
-        if let Some(after) = after {
-            if !self.has_primary_key() || after.len() != self.key_types.len() {
-                return Err(SourceError::config(format!(
-                    "table {} has no primary key, and reading it in chunks needs one; add one, or set snapshot: never for it",
-                    self.table
-                )));
-            }
-            let values: Vec<String> = after
+            self.relation
+                .columns
                 .iter()
-                .zip(&self.key_types)
-                .map(|(v, ty)| match v {
-                    Some(v) => format!("{}::{ty}", quote_literal(v)),
-                    None => format!("NULL::{ty}"),
-                })
-                .collect();
-            conditions.push(format!("({}) > ({})", order.join(", "), values.join(", ")));
+                .map(|c| format!("{}::text COLLATE \"C\"", qualified(c)))
+                .collect()
         }
+    }
+
+    /// A key as SQL literals of the key columns' types.
+    fn key_literals(&self, key: &Key) -> Result<String, SourceError> {
+        if !self.has_primary_key() || key.len() != self.key_types.len() {
+            return Err(SourceError::config(format!(
+                "table {} has no primary key, and reading it in chunks needs one; add one, or set snapshot: never for it",
+                self.table
+            )));
+        }
+        Ok(key
+            .iter()
+            .zip(&self.key_types)
+            .map(|(v, ty)| match v {
+                Some(v) => format!("{}::{ty}", quote_literal(v)),
+                None => format!("NULL::{ty}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "))
+    }
+
+    async fn query(
+        &self,
+        client: &Client,
+        condition: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<Vec<(Key, Tuple)>, SourceError> {
+        let columns = &self.relation.columns;
+        let list: Vec<String> = columns
+            .iter()
+            .map(|c| format!("src.{}", quote_ident(&c.name)))
+            .collect();
+        let conditions: Vec<String> = self
+            .filter
+            .iter()
+            .map(|(_, f)| format!("({f})"))
+            .chain(condition)
+            .collect();
         let filter = if conditions.is_empty() {
             String::new()
         } else {
             format!(" WHERE {}", conditions.join(" AND "))
         };
+        let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
         let sql = format!(
-            "SELECT {} FROM {} AS src{filter} ORDER BY {} LIMIT {limit}",
+            "SELECT {} FROM {} AS src{filter} ORDER BY {}{limit}",
             list.join(", "),
             self.table.quoted(),
-            order.join(", ")
+            self.order().join(", ")
         );
         let context = match &self.filter {
             Some((key, _)) => format!("reading {} with its row filter {key}", self.table),
