@@ -338,12 +338,16 @@ def test_notes_explain_how_to_check_slot_lag():
                              "conveyour": {"url": "https://acme.conveyour.com", "token": "x"}}), "token"),
         (base_values(config={"postgres": {"url": "postgres://cdc@db/app", "slot": "Bad-Slot"},
                              "conveyour": {"url": "https://acme.conveyour.com"}}), "slot"),
+        (base_values(mapping=[{"table": "t", "identify": {"id": "a"}, "operations": ["upsert"]}]), "operations"),
+        (base_values(mapping=[{"table": "t", "identify": {"id": {"from": "u", "key": "k"}}}]), "id"),
+        (base_values(mapping=[{"table": "t", "identify": {"id": "a"}, "snapshot": "sometimes"}]), "snapshot"),
         (base_values(replicas=2), "replicas"),
         (base_values(logFormat="xml"), "logFormat"),
     ],
     ids=[
         "empty-mapping", "neither-identify-nor-track", "both-identify-and-track", "track-without-event",
-        "unknown-mapping-key", "too-many-properties", "password-in-url", "token-in-config",
+        "unknown-mapping-key", "too-many-properties", "bad-operation", "lookup-without-column",
+        "bad-snapshot-policy", "password-in-url", "token-in-config",
         "bad-slot-name", "replicas-is-not-a-knob", "bad-log-format",
     ],
 )
@@ -392,7 +396,11 @@ def test_the_rendered_config_is_accepted_by_the_binary(values_file, tmp_path):
     values = case_values(values_file)
     text = rendered_config(values)
     config = yaml.safe_load(text)
-    assert set(config) == {"postgres", "conveyour", "tables", "metrics"}
+    expected_keys = {"postgres", "conveyour", "tables", "metrics"}
+    if values.get("config", {}).get("sync"):
+        expected_keys.add("sync")
+        assert config["sync"] == values["config"]["sync"]
+    assert set(config) == expected_keys
     assert config["metrics"] == {"listen": f"0.0.0.0:{METRICS_PORT}"}
     assert "appkey" not in config["conveyour"] and "token" not in config["conveyour"]
     expected_mapping = values.get("mapping") or yaml.safe_load((CHART / "values.yaml").read_text())["mapping"]

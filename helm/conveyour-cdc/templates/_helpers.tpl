@@ -117,6 +117,9 @@ in it: they come from the Secret through the environment.
       "conveyour" .Values.config.conveyour
       "metrics" (dict "listen" (printf "0.0.0.0:%s" (include "conveyour-cdc.metricsPort" .)))
       "tables" .Values.mapping }}
+{{- with .Values.config.sync }}
+{{- $_ := set $config "sync" . }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
