@@ -23,7 +23,7 @@ use crate::config::{ContactSource, Settings, TableMapping, TableName};
 use crate::decode::value::{to_json, ValueKind};
 use crate::decode::{Column, Datum, Relation, Tuple};
 use crate::lsn::Lsn;
-use crate::mapping::{ContactRef, MapError, Mapper, Outcome, Schema};
+use crate::mapping::{MapError, Mapper, Outcome, Schema};
 use crate::sink::{single_body, Endpoint};
 use crate::source::{connect_sql, Catalog, Resolver, SourceError, TableReader};
 use crate::Error;
@@ -193,22 +193,15 @@ async fn verdict(
         // Unlike a skip, `run` stops on such a row: say so.
         Err(e) => return Ok(Err(format!("{}; {STOPS}", row_problem(&e)))),
     };
-    let contact = match &mapped.contact {
-        ContactRef::Known(c) => c.clone(),
-        ContactRef::Lookup { lookup, key } => match resolver.resolve(*lookup, key).await? {
-            Some(c) => c,
-            None => {
-                let target = resolver.target(*lookup);
-                let column = match &m.contact {
-                    ContactSource::Lookup(l) => l.key.as_str(),
-                    ContactSource::Column(c) => c.as_str(),
-                };
-                return Ok(Err(format!(
-                    "column {column}: no row of {} has {} = {key} (or its {} is empty), so the row belongs to no contact",
-                    target.from, target.references, target.column
-                )));
-            }
-        },
+    let contact = match resolver.contact(&mapped.contact).await? {
+        Ok(c) => c,
+        Err(reason) => {
+            let column = match &m.contact {
+                ContactSource::Lookup(l) => l.key.as_str(),
+                ContactSource::Column(c) => c.as_str(),
+            };
+            return Ok(Err(format!("column {column}: {reason}")));
+        }
     };
     Ok(Ok(mapped
         .into_actions(contact, Lsn::ZERO)

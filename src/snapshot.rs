@@ -31,7 +31,7 @@ use tokio_postgres::Client;
 use crate::config::{Settings, SnapshotPolicy, TableMapping, TableName};
 use crate::decode::{Relation, Tuple};
 use crate::lsn::Lsn;
-use crate::mapping::{Action, ContactRef, Mapped, Mapper, Outcome, Schema};
+use crate::mapping::{Action, Mapped, Mapper, Outcome, Schema};
 use crate::pipeline::{Event, Shutdown};
 use crate::source::{key_at, Key, Resolver, SourceError, TableReader};
 use crate::state::{Progress, State, SyncStatus, WATERMARK_PREFIX};
@@ -87,20 +87,16 @@ async fn row_actions(
         }
         Outcome::Send(m) => m,
     };
-    let contact = match &mapped.contact {
-        ContactRef::Known(c) => c.clone(),
-        ContactRef::Lookup { lookup, key } => match resolver.resolve(*lookup, key).await? {
-            Some(c) => c,
-            None => {
-                let target = resolver.target(*lookup);
-                tracing::warn!(table = %mapped.table, "row not copied: no row of {} has {} = {key}", target.from, target.references);
-                telemetry::metrics()
-                    .rows_skipped
-                    .with_label_values(&[&mapped.table, "contact_not_found"])
-                    .inc();
-                return Ok(Vec::new());
-            }
-        },
+    let contact = match resolver.contact(&mapped.contact).await? {
+        Ok(c) => c,
+        Err(reason) => {
+            tracing::warn!(table = %mapped.table, "row not copied: {reason}");
+            telemetry::metrics()
+                .rows_skipped
+                .with_label_values(&[&mapped.table, "contact_not_found"])
+                .inc();
+            return Ok(Vec::new());
+        }
     };
     // A copied row is an existing row, not a new one: counters were
     // bumped when it was inserted, so only its event (or traits) go.

@@ -504,165 +504,148 @@ async fn read_loop(
                 }
                 Event::Keepalive { wal_end }
             }
-            ReplicationMessage::XLogData { wal_start, data } => match decode(wal_start, data)? {
-                PgOutput::Begin { final_lsn, .. } => {
-                    at = Progress {
-                        commit_lsn: final_lsn,
-                        change: 0,
-                    };
-                    Event::Begin
-                }
-                PgOutput::Commit {
-                    end_lsn,
-                    commit_time,
-                    ..
-                } => Event::Commit {
-                    end_lsn,
-                    commit_time,
-                },
-                PgOutput::Relation(rel) => {
-                    mapper.relation(&rel, wal_start)?;
-                    relations.insert(rel.id, rel.clone());
-                    // The relation id may now stand for another table.
-                    counters.retain(|(id, _), _| *id != rel.id);
-                    continue;
-                }
-                PgOutput::Insert { relation, new } => {
-                    count_change(&mapper, &mut counters, relation, "insert");
-                    mapper.observe(relation, None, Some(&new), &mut cache_changes);
-                    let outcome = mapper.insert(relation, &new, wal_start)?;
-                    saw(
-                        window_open,
-                        &relations,
-                        relation,
-                        None,
-                        Some(&new),
-                        seen_by(&outcome),
-                    );
-                    for c in cache_changes.drain(..) {
-                        resolver.apply(c);
-                    }
-                    at.change += ROW_ORDINALS;
-                    deliver(
-                        outcome,
-                        wal_start,
-                        at,
-                        &mut resolver,
-                        replay.as_ref(),
-                        &mut chunk,
-                    )
-                    .await?;
-                    continue;
-                }
-                PgOutput::Update { relation, old, new } => {
-                    count_change(&mapper, &mut counters, relation, "update");
-                    mapper.observe(relation, old.as_ref(), Some(&new), &mut cache_changes);
-                    let outcome = mapper.update(relation, old.as_ref(), &new, wal_start)?;
-                    saw(
-                        window_open,
-                        &relations,
-                        relation,
-                        old.as_ref(),
-                        Some(&new),
-                        seen_by(&outcome),
-                    );
-                    for c in cache_changes.drain(..) {
-                        resolver.apply(c);
-                    }
-                    at.change += ROW_ORDINALS;
-                    deliver(
-                        outcome,
-                        wal_start,
-                        at,
-                        &mut resolver,
-                        replay.as_ref(),
-                        &mut chunk,
-                    )
-                    .await?;
-                    continue;
-                }
-                PgOutput::Delete { relation, old } => {
-                    count_change(&mapper, &mut counters, relation, "delete");
-                    mapper.observe(relation, Some(&old), None, &mut cache_changes);
-                    saw(
-                        window_open,
-                        &relations,
-                        relation,
-                        Some(&old),
-                        None,
-                        Seen::Superseded,
-                    );
-                    let outcome = mapper.delete(relation, Some(&old), wal_start)?;
-                    for c in cache_changes.drain(..) {
-                        resolver.apply(c);
-                    }
-                    at.change += ROW_ORDINALS;
-                    deliver(
-                        outcome,
-                        wal_start,
-                        at,
-                        &mut resolver,
-                        replay.as_ref(),
-                        &mut chunk,
-                    )
-                    .await?;
-                    continue;
-                }
-                PgOutput::Truncate { relations, .. } => {
-                    for r in &relations {
-                        count_change(&mapper, &mut counters, *r, "truncate");
-                    }
-                    tracing::warn!(lsn = %wal_start, relations = ?relations, "TRUNCATE of a published table: nothing is sent to ConveYour for it");
-                    continue;
-                }
-                PgOutput::Message {
-                    transactional: false,
-                    lsn,
-                    prefix,
-                    content,
-                } => {
-                    match snapshot::watermark(&prefix, &content, &sync.slot) {
-                        Some(Watermark::Low(id)) => {
-                            if let Ok(mut w) = sync.window.lock() {
-                                w.low(&id);
-                                window_open = w.is_open();
+            ReplicationMessage::XLogData { wal_start, data } => {
+                match row_change(decode(wal_start, data)?) {
+                    Ok((relation, op, old, new)) => {
+                        count_change(&mapper, &mut counters, relation, op);
+                        mapper.observe(relation, old.as_ref(), new.as_ref(), &mut cache_changes);
+                        let outcome = match (&old, &new) {
+                            (_, Some(new)) if op == "insert" => {
+                                mapper.insert(relation, new, wal_start)?
                             }
+                            (_, Some(new)) => {
+                                mapper.update(relation, old.as_ref(), new, wal_start)?
+                            }
+                            (Some(old), None) => mapper.delete(relation, Some(old), wal_start)?,
+                            (None, None) => Outcome::Nothing,
+                        };
+                        // A delete supersedes a chunk's copy whatever it sends.
+                        let seen = match new {
+                            Some(_) => seen_by(&outcome),
+                            None => Seen::Superseded,
+                        };
+                        saw(
+                            window_open,
+                            &relations,
+                            relation,
+                            old.as_ref(),
+                            new.as_ref(),
+                            seen,
+                        );
+                        for c in cache_changes.drain(..) {
+                            resolver.apply(c);
                         }
-                        Some(Watermark::High(id)) => {
-                            let copied = sync.window.lock().ok().and_then(|mut w| {
-                                let copied = w.high(&id);
-                                window_open = w.is_open();
-                                copied
-                            });
-                            if let Some((actions, done)) = copied {
-                                // The chunk's rows take the high
-                                // watermark's place in the stream.
-                                chunk.push(Event::Begin);
-                                for (i, action) in actions.into_iter().enumerate() {
-                                    let at = Progress {
-                                        commit_lsn: lsn,
-                                        change: i as u64 + 1,
-                                    };
-                                    chunk.push(Event::Action { action, at });
+                        at.change += ROW_ORDINALS;
+                        deliver(
+                            outcome,
+                            wal_start,
+                            at,
+                            &mut resolver,
+                            replay.as_ref(),
+                            &mut chunk,
+                        )
+                        .await?;
+                        continue;
+                    }
+                    Err(message) => match message {
+                        PgOutput::Begin { final_lsn, .. } => {
+                            at = Progress {
+                                commit_lsn: final_lsn,
+                                change: 0,
+                            };
+                            Event::Begin
+                        }
+                        PgOutput::Commit {
+                            end_lsn,
+                            commit_time,
+                            ..
+                        } => Event::Commit {
+                            end_lsn,
+                            commit_time,
+                        },
+                        PgOutput::Relation(rel) => {
+                            mapper.relation(&rel, wal_start)?;
+                            relations.insert(rel.id, rel.clone());
+                            // The relation id may now stand for another table.
+                            counters.retain(|(id, _), _| *id != rel.id);
+                            continue;
+                        }
+                        PgOutput::Insert { .. }
+                        | PgOutput::Update { .. }
+                        | PgOutput::Delete { .. } => {
+                            // Taken apart by `row_change` above.
+                            continue;
+                        }
+                        PgOutput::Truncate { relations, .. } => {
+                            for r in &relations {
+                                count_change(&mapper, &mut counters, *r, "truncate");
+                            }
+                            tracing::warn!(lsn = %wal_start, relations = ?relations, "TRUNCATE of a published table: nothing is sent to ConveYour for it");
+                            continue;
+                        }
+                        PgOutput::Message {
+                            transactional: false,
+                            lsn,
+                            prefix,
+                            content,
+                        } => {
+                            match snapshot::watermark(&prefix, &content, &sync.slot) {
+                                Some(Watermark::Low(id)) => {
+                                    if let Ok(mut w) = sync.window.lock() {
+                                        w.low(&id);
+                                        window_open = w.is_open();
+                                    }
                                 }
-                                chunk.push(Event::Commit {
-                                    end_lsn: lsn,
-                                    commit_time: snapshot::pg_now(),
-                                });
-                                chunk.push(Event::Marker(done));
+                                Some(Watermark::High(id)) => {
+                                    let copied = sync.window.lock().ok().and_then(|mut w| {
+                                        let copied = w.high(&id);
+                                        window_open = w.is_open();
+                                        copied
+                                    });
+                                    if let Some((actions, done)) = copied {
+                                        // The chunk's rows take the high
+                                        // watermark's place in the stream.
+                                        chunk.push(Event::Begin);
+                                        for (i, action) in actions.into_iter().enumerate() {
+                                            let at = Progress {
+                                                commit_lsn: lsn,
+                                                change: i as u64 + 1,
+                                            };
+                                            chunk.push(Event::Action { action, at });
+                                        }
+                                        chunk.push(Event::Commit {
+                                            end_lsn: lsn,
+                                            commit_time: snapshot::pg_now(),
+                                        });
+                                        chunk.push(Event::Marker(done));
+                                    }
+                                }
+                                Some(Watermark::Resync) => sync.wake.notify_one(),
+                                None => {}
                             }
+                            continue;
                         }
-                        Some(Watermark::Resync) => sync.wake.notify_one(),
-                        None => {}
-                    }
-                    continue;
+                        PgOutput::Origin { .. }
+                        | PgOutput::Type { .. }
+                        | PgOutput::Message { .. } => continue,
+                    },
                 }
-                PgOutput::Origin { .. } | PgOutput::Type { .. } | PgOutput::Message { .. } => {
-                    continue
-                }
-            },
+            }
         };
         chunk.push(event);
+    }
+}
+
+/// A row change's parts: relation, operation, old row, new row.
+type RowChange = (u32, &'static str, Option<OldTuple>, Option<Tuple>);
+
+/// A row change taken apart, or the message back when it is not one.
+fn row_change(message: PgOutput) -> Result<RowChange, PgOutput> {
+    match message {
+        PgOutput::Insert { relation, new } => Ok((relation, "insert", None, Some(new))),
+        PgOutput::Update { relation, old, new } => Ok((relation, "update", old, Some(new))),
+        PgOutput::Delete { relation, old } => Ok((relation, "delete", Some(old), None)),
+        other => Err(other),
     }
 }
 
@@ -710,24 +693,12 @@ async fn deliver(
         }
         Outcome::Send(mapped) => mapped,
     };
-    let contact = match &mapped.contact {
-        ContactRef::Known(c) => c.clone(),
-        ContactRef::Lookup { lookup, key } => match resolver.resolve(*lookup, key).await? {
-            Some(c) => c,
-            None => {
-                let target = resolver.target(*lookup);
-                skip(
-                    &mapped.table,
-                    &target.references,
-                    &format!(
-                        "no row of {} has {} = {key} (or its {} is empty), so the row belongs to no contact",
-                        target.from, target.references, target.column
-                    ),
-                    "contact_not_found",
-                );
-                return Ok(());
-            }
-        },
+    let contact = match resolver.contact(&mapped.contact).await? {
+        Ok(c) => c,
+        Err(reason) => {
+            skip(&mapped.table, "", &reason, "contact_not_found");
+            return Ok(());
+        }
     };
     // A looked-up contact may resolve differently after a restart (and so
     // land in another lane): such a row counts as delivered only when every

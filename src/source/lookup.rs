@@ -15,7 +15,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::SourceError;
 use crate::config::quote_ident;
-use crate::mapping::{CacheChange, LookupTarget};
+use crate::mapping::{CacheChange, ContactRef, LookupTarget};
 
 /// Contact ids cached per lookup. 100,000 covers a large roster whole
 /// (about 10 MiB of short emails), so steady streaming seldom queries.
@@ -162,9 +162,26 @@ impl Resolver {
         Ok(contact)
     }
 
-    /// The related table a lookup reads, for messages.
-    pub(crate) fn target(&self, lookup: usize) -> &LookupTarget {
-        &self.targets[lookup]
+    /// The contact of a mapped row: as the row gave it, or looked up.
+    /// `Err` says why a lookup found none, for the row to be skipped.
+    pub(crate) async fn contact(
+        &mut self,
+        contact: &ContactRef,
+    ) -> Result<Result<String, String>, SourceError> {
+        let (lookup, key) = match contact {
+            ContactRef::Known(c) => return Ok(Ok(c.clone())),
+            ContactRef::Lookup { lookup, key } => (*lookup, key),
+        };
+        Ok(match self.resolve(lookup, key).await? {
+            Some(c) => Ok(c),
+            None => {
+                let t = &self.targets[lookup];
+                Err(format!(
+                    "no row of {} has {} = {key} (or its {} is empty), so the row belongs to no contact",
+                    t.from, t.references, t.column
+                ))
+            }
+        })
     }
 }
 
