@@ -22,12 +22,6 @@ async fn start(w: &World, tables: &str) -> Connector {
 }
 
 /// SIGTERM, and a clean exit.
-async fn stop(conn: Connector) {
-    conn.sigterm();
-    let status = conn.wait(WAIT).await;
-    assert!(status.success(), "{status:?}\n{}", conn.log());
-}
-
 /// Waits until everything written so far is confirmed, i.e. acknowledged
 /// or known to send nothing.
 async fn settle(w: &World) {
@@ -120,7 +114,7 @@ async fn a_sale_is_tracked_on_its_reps_email_found_through_the_foreign_key() {
         "{log}"
     );
     assert!(conn.is_running());
-    stop(conn).await;
+    conn.stop().await;
 
     // While the connector is down: an employee and their sale in one
     // transaction, then the employee's email changes and they sell again.
@@ -171,7 +165,7 @@ async fn a_sale_is_tracked_on_its_reps_email_found_through_the_foreign_key() {
         "{:?}",
         w.rx.orphan_tracks()
     );
-    stop(conn).await;
+    conn.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -245,7 +239,7 @@ async fn a_sale_carries_the_email_its_rep_had_at_commit_while_the_email_keeps_ch
         w.rx.contact(&format!("rep-{ROUNDS}@x.test")),
         Some(json!({"first_name": "Rep"}).as_object().unwrap().clone())
     );
-    stop(conn).await;
+    conn.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -329,7 +323,7 @@ async fn list_traits_send_what_was_added_and_removed() {
             .as_object()
             .unwrap()
     );
-    stop(conn).await;
+    conn.stop().await;
 }
 
 // ---------------------------------------------------------------------
@@ -410,7 +404,7 @@ async fn a_sale_bumps_its_reps_counters_before_the_event() {
             .unwrap()
     );
     assert!(w.rx.orphan_tracks().is_empty());
-    stop(conn).await;
+    conn.stop().await;
 }
 
 // ---------------------------------------------------------------------
@@ -464,7 +458,7 @@ tables:
         w.rx.identifies()[2],
         json!({"id": "u@x.test", "traits": {"first_name": "Una"}})
     );
-    stop(conn).await;
+    conn.stop().await;
 }
 
 // ---------------------------------------------------------------------
@@ -567,7 +561,7 @@ async fn constants_event_columns_operations_nulls_and_formats_shape_the_bodies()
         log.contains("row not sent") && log.contains("the event name is NULL or empty"),
         "{log}"
     );
-    stop(conn).await;
+    conn.stop().await;
 }
 
 const DELETE_SQL: &str = "
@@ -682,7 +676,7 @@ async fn a_delete_sends_what_on_delete_says_when_its_contact_is_known() {
         );
     }
     assert!(w.rx.orphan_tracks().is_empty());
-    stop(conn).await;
+    conn.stop().await;
 }
 
 // ---------------------------------------------------------------------
@@ -968,5 +962,5 @@ async fn adding_or_renaming_an_unmapped_column_changes_nothing() {
             json!({"id": "c@x.test", "traits": {"first_name": "Cy", "last_name": "Cole"}}),
         ]
     );
-    stop(conn).await;
+    conn.stop().await;
 }

@@ -118,12 +118,7 @@ async fn a_row_filter_streams_only_matching_rows() {
             json!({"id": "dan@acme.test", "traits": {"first_name": "Dan", "region": "eu"}}),
         ]
     );
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -252,12 +247,7 @@ async fn an_existing_publication_is_brought_in_line_with_the_config() {
         w.rx.identifies(),
         vec![json!({"id": "ann@acme.test", "traits": {"first_name": "Ann", "region": "eu"}})]
     );
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 
     // A restart with the same filter leaves the catalog alone.
     let xmin = "SELECT xmin::text FROM pg_publication_rel WHERE prrelid = 'employees'::regclass";
@@ -269,23 +259,13 @@ async fn an_existing_publication_is_brought_in_line_with_the_config() {
         before,
         "needless catalog churn"
     );
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 
     // Without where:, the filter goes.
     let conn = Connector::run(&w.config(UNFILTERED, ""), &[]);
     w.wait_streaming(Duration::from_secs(60)).await;
     assert_eq!(rowfilter(&w).await, None);
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -306,12 +286,7 @@ async fn a_role_that_may_not_alter_the_publication_gets_the_statements_to_run() 
     // The publication already filters as configured: the role starts.
     let conn = Connector::run(&w.config_with_url(&url, &filtered("active"), ""), &[]);
     w.wait_streaming(Duration::from_secs(60)).await;
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 
     // Another filter: refused, with the statements for the owner.
     let (status, _, err) = run_cli(

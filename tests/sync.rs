@@ -207,12 +207,7 @@ async fn the_first_run_sends_100k_existing_rows_exactly_once() {
     assert_eq!(employees["rows_copied"], 100_000);
     assert_eq!(employees["rows_total"], 100_000);
 
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 }
 
 /// A writer that keeps updating random employees until stopped; returns
@@ -275,12 +270,7 @@ async fn rows_updated_during_the_first_copy_end_with_their_latest_values() {
     wait_caught_up(&w).await;
     assert_receiver_matches_db(&w).await;
     assert!(identifies_per_contact(&w).len() == n);
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -338,12 +328,7 @@ async fn a_copy_killed_midway_resumes_from_its_last_chunk() {
         duplicates <= bound,
         "{duplicates} rows sent twice, more than one chunk ({chunk}) per in-flight request ({lanes})"
     );
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -406,12 +391,7 @@ async fn a_resync_while_a_writer_updates_ends_with_the_final_values() {
     );
     assert!(!status.success());
     assert!(err.contains("snapshot is never"), "{err}");
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 }
 
 /// A resync (after adding a list trait to the mapping) while a job keeps
@@ -455,12 +435,7 @@ tables:
     let config = format!("{}{tail}", w.config(before, "  batch_size: 100"));
     let conn = Connector::run(&config, &[]);
     wait_synced(&w, "public.reps", Duration::from_secs(120), &conn).await;
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
     let config = format!("{}{tail}", w.config(after, "  batch_size: 100"));
     let conn = Connector::run(&config, &[]);
     w.wait_streaming(Duration::from_secs(60)).await;
@@ -539,10 +514,5 @@ tables:
         "contacts without their tags:\n{}",
         wrong.join("\n")
     );
-    conn.sigterm();
-    assert!(
-        conn.wait(Duration::from_secs(60)).await.success(),
-        "{}",
-        conn.log()
-    );
+    conn.stop().await;
 }

@@ -163,6 +163,14 @@ impl Connector {
         self.try_status().is_none()
     }
 
+    /// Sends SIGTERM and asserts a clean exit (0) within a minute, showing
+    /// the log otherwise.
+    pub async fn stop(&self) {
+        self.sigterm();
+        let status = self.wait(Duration::from_secs(60)).await;
+        assert!(status.success(), "{status:?}\n{}", self.log());
+    }
+
     /// Waits for exit; panics with the log if it takes longer than `timeout`.
     pub async fn wait(&self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
