@@ -142,12 +142,18 @@ pub struct FieldDetail {
     /// With `list` on a text column: the separator between values.
     #[serde(default)]
     pub delimiter: Option<String>,
-    /// A constant, sent as it is.
-    #[serde(default)]
+    /// A constant, sent as it is; `value: null` is a constant null (it
+    /// clears the field), not a missing key.
+    #[serde(default, deserialize_with = "present")]
     pub value: Option<Value>,
     /// For a date or timestamp column: overrides the table's format.
     #[serde(default)]
     pub format: Option<String>,
+}
+
+/// A key that is present, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// `event:` — a fixed name, or a column holding it.
@@ -828,7 +834,7 @@ fn field_mappings(
                         delimiter: d.delimiter.clone(),
                     }
                 } else {
-                    let v = d.value.clone().unwrap_or(Value::Null);
+                    let v = d.value.clone().unwrap_or_default();
                     if let Value::Object(_) = v {
                         if lists_allowed {
                             // An object trait is a list operation or a
@@ -985,6 +991,24 @@ tables:
       id: employee_email
       event: made_sale
 ";
+
+    #[test]
+    fn a_null_constant_is_a_value_not_a_missing_one() {
+        let m = validate(
+            "
+tables:
+  - table: people
+    identify: {id: email, traits: {manager: {value: null}}}
+",
+        )
+        .unwrap();
+        assert_eq!(
+            m[0].fields[0].source,
+            FieldSource::Const(Value::Null),
+            "{:?}",
+            m[0].fields
+        );
+    }
 
     #[test]
     fn time_formats_parse_or_say_what_is_allowed() {
