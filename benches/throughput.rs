@@ -682,7 +682,16 @@ impl Ctx {
         let pid = child.id();
         let perf_child = perf.map(|file| {
             Command::new("perf")
-                .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                .args([
+                    "record",
+                    "-e",
+                    "cpu-clock",
+                    "-F",
+                    "499",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-o",
+                ])
                 .arg(file)
                 .args(["-p", &pid.to_string()])
                 .stdin(Stdio::null())

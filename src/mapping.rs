@@ -16,9 +16,13 @@ use crate::config::{
     ContactSource, EventName, FieldSource, IncrementBy, Lookup, MappingKind, NullPolicy, OnDelete,
     Operations, TableMapping, TableName, TimeFormat,
 };
-use crate::decode::value::{to_json, to_json_formatted, ValueKind};
+use crate::decode::value::{to_json, write_json, ValueKind};
 use crate::decode::{Datum, OldTuple, Relation, Tuple};
+
+mod fields;
+
 use crate::lsn::Lsn;
+pub use fields::Fields;
 
 /// One thing to tell ConveYour about one row change.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,12 +40,9 @@ pub struct Action {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ActionBody {
     /// Set traits on the contact (an identify entry).
-    Identify { traits: Map<String, Value> },
+    Identify { traits: Fields },
     /// Record an event on the contact.
-    Track {
-        event: Arc<str>,
-        properties: Map<String, Value>,
-    },
+    Track { event: Arc<str>, properties: Fields },
 }
 
 /// A row that cannot become an action, or a table whose shape no longer
@@ -240,7 +241,7 @@ enum IncrementPlan {
 #[derive(Debug, Clone)]
 enum DeletePlan {
     Ignore,
-    Identify(Map<String, Value>),
+    Identify(Fields),
     Track { event: Arc<str>, fields: Vec<Field> },
 }
 
@@ -543,15 +544,15 @@ impl Mapper {
                 // A key-only old row carries NULL for every other column:
                 // those are unknown, not null, so leave them out.
                 let nulls = if full { act.nulls } else { NullPolicy::Omit };
-                let mut properties = Map::new();
+                let mut properties = Fields::writer();
                 for f in fields {
-                    if let Some(v) = field_value(f, tuple, None, Op::Insert, nulls, &error)? {
-                        properties.insert(f.name.clone(), v);
-                    }
+                    properties.field(&f.name, |out| {
+                        write_field(f, tuple, None, Op::Insert, nulls, &error, out)
+                    })?;
                 }
                 ActionBody::Track {
                     event: event.clone(),
-                    properties,
+                    properties: properties.finish(),
                 }
             }
         };
@@ -695,7 +696,9 @@ fn plan_for(
     };
     let delete = match &m.on_delete {
         OnDelete::Ignore => DeletePlan::Ignore,
-        OnDelete::Identify(traits) => DeletePlan::Identify(traits.iter().cloned().collect()),
+        OnDelete::Identify(traits) => {
+            DeletePlan::Identify(Fields::from_map(&traits.iter().cloned().collect()))
+        }
         OnDelete::Track { event, properties } => DeletePlan::Track {
             event: Arc::from(event.as_str()),
             fields: field_plans(
@@ -769,6 +772,9 @@ fn field_plans(
             plan,
         });
     }
+    // Written in key order, as a JSON map would be: the bytes sent do not
+    // depend on the order of the config's keys.
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
@@ -829,48 +835,84 @@ fn contact_of(
     }))
 }
 
-/// A field's value for a row, or None to leave the key out.
-fn field_value(
+/// Appends a field's value for a row to `out`: Ok(true) when written,
+/// Ok(false) to leave the key out (an omitted NULL, an unchanged large
+/// value, a list with nothing added or removed).
+fn write_field(
     f: &Field,
     new: &Tuple,
     old: Option<&Tuple>,
     op: Op,
     nulls: NullPolicy,
     error: &dyn Fn(&str, String) -> MapError,
-) -> Result<Option<Value>, MapError> {
+    out: &mut Vec<u8>,
+) -> Result<bool, MapError> {
     let column = f.column.as_deref().unwrap_or("");
-    let (index, element, delimiter) = match &f.plan {
-        FieldPlan::Const(v) => return Ok(Some(v.clone())),
+    let value = match &f.plan {
         FieldPlan::Value {
             index,
             kind,
             format,
         } => {
             return match new.0.get(*index) {
-                Some(Datum::Text(bytes)) => to_json_formatted(kind, bytes, format)
-                    .map(Some)
+                Some(Datum::Text(bytes)) => write_json(kind, bytes, format, out)
+                    .map(|()| true)
                     .map_err(|e| error(column, e.to_string())),
-                Some(Datum::Null) if nulls == NullPolicy::Omit => Ok(None),
-                Some(Datum::Null) => Ok(Some(Value::Null)),
+                Some(Datum::Null) if nulls == NullPolicy::Omit => Ok(false),
+                Some(Datum::Null) => {
+                    out.extend_from_slice(b"null");
+                    Ok(true)
+                }
                 // Unchanged large value: leave it out rather than send it
                 // as null or empty, which would erase it in ConveYour.
-                Some(Datum::UnchangedToast) => Ok(None),
+                Some(Datum::UnchangedToast) => Ok(false),
                 None => Err(error(
                     column,
                     "the row has fewer columns than its relation".into(),
                 )),
             };
         }
+        FieldPlan::Const(v) => Some(v.clone()),
         FieldPlan::List {
             index,
             element,
             delimiter,
-        } => (*index, element, delimiter),
+        } => list_change(
+            *index,
+            element,
+            delimiter.as_deref(),
+            column,
+            new,
+            old,
+            op,
+            error,
+        )?,
     };
+    let Some(value) = value else {
+        return Ok(false);
+    };
+    serde_json::to_writer(&mut *out, &value)
+        .map(|()| true)
+        .map_err(|e| error(column, format!("cannot encode the value as JSON ({e})")))
+}
+
+/// A list trait's operations for a row: `{add, remove}` from the old and
+/// new values, or None when nothing was added or removed.
+#[allow(clippy::too_many_arguments)]
+fn list_change(
+    index: usize,
+    element: &ValueKind,
+    delimiter: Option<&str>,
+    column: &str,
+    new: &Tuple,
+    old: Option<&Tuple>,
+    op: Op,
+    error: &dyn Fn(&str, String) -> MapError,
+) -> Result<Option<Value>, MapError> {
     let list = |t: &Tuple| -> Result<Option<Vec<Value>>, MapError> {
         match t.0.get(index) {
             Some(Datum::Text(bytes)) => {
-                list_values(element, delimiter.as_deref(), bytes, column, error).map(Some)
+                list_values(element, delimiter, bytes, column, error).map(Some)
             }
             Some(Datum::Null) => Ok(Some(Vec::new())),
             Some(Datum::UnchangedToast) => Ok(None),
@@ -959,12 +1001,13 @@ fn build(
         Ok(c) => c,
         Err(skip) => return Ok(skip),
     };
-    let mut values = Map::new();
+    let mut values = Fields::writer();
     for f in &act.fields {
-        if let Some(v) = field_value(f, new, old, op, act.nulls, &error)? {
-            values.insert(f.name.clone(), v);
-        }
+        values.field(&f.name, |out| {
+            write_field(f, new, old, op, act.nulls, &error, out)
+        })?;
     }
+    let values = values.finish();
     let Some(event) = &act.event else {
         // An update whose traits all came out unchanged (lists with
         // nothing added or removed, unchanged large values) says nothing.
@@ -1044,7 +1087,12 @@ fn build(
     } else {
         // The counter first: an automation fired by the event sees the
         // contact's new count.
-        (ActionBody::Identify { traits: counters }, Some(track))
+        (
+            ActionBody::Identify {
+                traits: Fields::from_map(&counters),
+            },
+            Some(track),
+        )
     };
     Ok(Outcome::Send(Mapped {
         table: plan.table.clone(),
@@ -1120,9 +1168,9 @@ mod tests {
     /// track `{"event": .., "properties": ..}`; Nothing and Skip as strings.
     fn sent(outcome: Outcome) -> Value {
         let body = |b: ActionBody| match b {
-            ActionBody::Identify { traits } => json!({ "traits": traits }),
+            ActionBody::Identify { traits } => json!({ "traits": traits.to_map() }),
             ActionBody::Track { event, properties } => {
-                json!({"event": &*event, "properties": properties})
+                json!({"event": &*event, "properties": properties.to_map()})
             }
         };
         match outcome {

@@ -135,6 +135,116 @@ fn str_to_json(kind: &ValueKind, s: &str) -> Result<Value, ValueError> {
     }
 }
 
+/// Appends to `out` the JSON of this value under `format`: byte for byte
+/// what serde_json writes for [`to_json_formatted`]'s value. Booleans,
+/// integers, text and ISO 8601 dates and timestamps, the bulk of a roster,
+/// are written straight from the text, with no [`Value`] in between; the
+/// other kinds go through [`to_json_formatted`]. On error `out` may hold
+/// part of the value; the caller discards it.
+pub fn write_json(
+    kind: &ValueKind,
+    text: &[u8],
+    format: &crate::config::TimeFormat,
+    out: &mut Vec<u8>,
+) -> Result<(), ValueError> {
+    use crate::config::TimeFormat;
+    let iso = *format == TimeFormat::Iso8601;
+    match kind {
+        ValueKind::Bool => out.extend_from_slice(match text {
+            b"t" => b"true",
+            b"f" => b"false",
+            _ => return Err(invalid("a boolean (t or f)", text)),
+        }),
+        ValueKind::Int => {
+            let n = parse_i64(text).ok_or_else(|| invalid("an integer within 64 bits", text))?;
+            write_i64(out, n);
+        }
+        ValueKind::Text => write_json_str(out, utf8(text)?),
+        ValueKind::Date if iso => write_json_str(out, utf8(text)?),
+        ValueKind::Timestamp | ValueKind::TimestampTz if iso => {
+            let s = utf8(text)?;
+            out.push(b'"');
+            iso_timestamp(s, *kind == ValueKind::TimestampTz, |piece| {
+                escape_into(out, piece)
+            });
+            out.push(b'"');
+        }
+        _ => {
+            let value = to_json_formatted(kind, text, format)?;
+            // Writing into a Vec cannot fail, and a Value always serialises.
+            serde_json::to_writer(&mut *out, &value).map_err(|e| ValueError {
+                reason: format!("cannot encode the value as JSON ({e})"),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn utf8(text: &[u8]) -> Result<&str, ValueError> {
+    std::str::from_utf8(text).map_err(|e| ValueError {
+        reason: format!("value is not valid UTF-8 ({e})"),
+    })
+}
+
+/// Appends an integer in decimal, as serde_json prints it.
+pub(crate) fn write_i64(out: &mut Vec<u8>, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `s` as a JSON string, quoted and escaped exactly as serde_json
+/// does it: `"` and `\\`, the short escapes `\b \f \n \r \t`, and `\u00XX`
+/// (lower-case hex) for the other control characters; everything else,
+/// non-ASCII included, as it is.
+pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    escape_into(out, s);
+    out.push(b'"');
+}
+
+/// The body of a JSON string, without quotes: see [`write_json_str`].
+fn escape_into(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        start = i + 1;
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
 /// The value for an error message: lossy UTF-8, cut at 40 characters.
 fn snippet(text: &[u8]) -> String {
     let s = String::from_utf8_lossy(text);
@@ -287,29 +397,36 @@ impl fmt::Write for StackBuf {
 /// ISO 8601 from Postgres's ISO DateStyle output. With `with_offset`, a
 /// trailing `±HH` offset becomes `±HH:00` and `+00` becomes `Z`.
 fn timestamp_value(s: &str, with_offset: bool) -> Value {
-    let Some((date, time)) = s.split_once(' ').filter(|_| !s.ends_with(" BC")) else {
-        // infinity, -infinity, BC values: as sent.
-        return Value::String(s.to_owned());
-    };
     let mut out = String::with_capacity(s.len() + 3);
-    out.push_str(date);
-    out.push('T');
+    iso_timestamp(s, with_offset, |piece| out.push_str(piece));
+    Value::String(out)
+}
+
+/// Hands the pieces of [`timestamp_value`]'s string to `push`, in order:
+/// infinity, -infinity and BC values as sent, others with the date and
+/// time joined by `T` and the offset in ISO 8601.
+fn iso_timestamp<'a>(s: &'a str, with_offset: bool, mut push: impl FnMut(&'a str)) {
+    let Some((date, time)) = s.split_once(' ').filter(|_| !s.ends_with(" BC")) else {
+        push(s);
+        return;
+    };
+    push(date);
+    push("T");
     match time.rfind(['+', '-']).filter(|_| with_offset) {
         Some(at) => {
             let (clock, offset) = time.split_at(at);
-            out.push_str(clock);
+            push(clock);
             if offset == "+00" {
-                out.push('Z');
+                push("Z");
             } else {
-                out.push_str(offset);
+                push(offset);
                 if offset.len() == 3 {
-                    out.push_str(":00");
+                    push(":00");
                 }
             }
         }
-        None => out.push_str(time),
+        None => push(time),
     }
-    Value::String(out)
 }
 
 /// A date or timestamp in another format than ISO 8601 (`unix`, `unix_ms`,
@@ -1112,5 +1229,73 @@ mod tests {
                 let _ = to_json(kind, text.as_bytes());
             }
         }
+    }
+
+    /// The writer is the converter's twin: the same bytes serde_json writes
+    /// for the converted value, and the same errors.
+    #[test]
+    fn write_json_writes_what_serde_json_writes_for_to_json() {
+        use crate::config::TimeFormat;
+        use ValueKind::*;
+        let weird: String = (0u8..0x80).map(char::from).collect::<String>() + "é€😀";
+        let cases: Vec<(ValueKind, &str)> = vec![
+            (Bool, "t"),
+            (Bool, "f"),
+            (Bool, "true"),
+            (Int, "0"),
+            (Int, "-1"),
+            (Int, "42"),
+            (Int, "9223372036854775807"),
+            (Int, "-9223372036854775808"),
+            (Int, "9223372036854775808"),
+            (Int, "+7"),
+            (Int, "007"),
+            (Int, "x"),
+            (Float, "1.5"),
+            (Float, "NaN"),
+            (Numeric, "1250.50"),
+            (Numeric, "0.0000001"),
+            (Numeric, "12345678901234567890.123"),
+            (Text, ""),
+            (Text, "plain"),
+            (Text, "quote \" backslash \\ tab \t"),
+            (Text, &weird),
+            (Date, "2024-01-31"),
+            (Date, "infinity"),
+            (Timestamp, "2024-01-31 10:00:00.123"),
+            (Timestamp, "-infinity"),
+            (Timestamp, "2024-01-31 10:00:00 BC"),
+            (TimestampTz, "2024-01-31 10:00:00+00"),
+            (TimestampTz, "2024-01-31 10:00:00.5-08"),
+            (TimestampTz, "2024-01-31 10:00:00+05:30"),
+            (Json, r#"{"a":1}"#),
+            (Json, "[1,2]"),
+            (Array(Box::new(Text)), r#"{a,"b c",NULL}"#),
+        ];
+        let formats = [
+            TimeFormat::Iso8601,
+            TimeFormat::Unix,
+            TimeFormat::parse("%d/%m/%Y").unwrap(),
+        ];
+        for (kind, text) in &cases {
+            for format in &formats {
+                let expected = to_json_formatted(kind, text.as_bytes(), format)
+                    .map(|v| serde_json::to_vec(&v).unwrap());
+                let mut out = b"[".to_vec();
+                let written =
+                    write_json(kind, text.as_bytes(), format, &mut out).map(|()| out[1..].to_vec());
+                assert_eq!(
+                    written
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned()),
+                    expected
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned()),
+                    "{kind:?} {text:?} {format:?}"
+                );
+            }
+        }
+        // Invalid UTF-8 is refused, not passed on.
+        assert!(write_json(&Text, b"\xff", &TimeFormat::Iso8601, &mut Vec::new()).is_err());
     }
 }

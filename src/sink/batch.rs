@@ -9,14 +9,14 @@
 //! contact, makes [`Batcher::must_flush_before`] ask for a flush first.
 
 use bytes::Bytes;
-use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 #[cfg(test)]
 use std::collections::HashSet;
 
 use super::Endpoint;
-use crate::mapping::{Action, ActionBody};
+use crate::decode::value::write_json_str;
+use crate::mapping::{Action, ActionBody, Fields};
 
 /// An action with its place in the stream, so acknowledgements can be
 /// matched back to positions.
@@ -99,24 +99,6 @@ impl Request {
     }
 }
 
-#[derive(Serialize)]
-struct IdentifyEntry<'a> {
-    id: &'a str,
-    traits: &'a Map<String, Value>,
-}
-
-#[derive(Serialize)]
-struct TrackEvent<'a> {
-    event: &'a str,
-    properties: &'a Map<String, Value>,
-}
-
-#[derive(Serialize)]
-struct TrackBody<'a> {
-    id: &'a str,
-    events: Vec<TrackEvent<'a>>,
-}
-
 /// Pending actions, grouped into requests.
 pub(crate) struct Batcher {
     batch_size: usize,
@@ -179,8 +161,12 @@ impl Batcher {
                         ActionBody::Identify { traits: later },
                     ) = (&mut self.identify[i].1.body, &action.body)
                     {
-                        if let Some(folded) = fold_traits(traits, later) {
-                            *traits = folded;
+                        let folded = traits
+                            .to_map()
+                            .zip(later.to_map())
+                            .and_then(|(earlier, later)| fold_traits(&earlier, &later));
+                        if let Some(folded) = folded {
+                            *traits = Fields::from_map(&folded);
                             self.identify_merged[i].push(seq);
                             return;
                         }
@@ -348,42 +334,67 @@ pub(crate) fn single_body(action: &Action) -> (Endpoint, Bytes) {
 }
 
 /// Encodes a request. Identify: an array of `{id, traits}`. Track: one
-/// contact (every item has the same) with its `events`.
+/// contact (every item has the same) with its `events`, each
+/// `{event, properties}`. The fields were rendered when the rows were
+/// mapped; their bytes are copied in.
 pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>, merged: Vec<Vec<u64>>) -> Request {
-    let body = match endpoint {
+    let size: usize = items
+        .iter()
+        .map(|(_, a)| {
+            let fields = match &a.body {
+                ActionBody::Identify { traits: f } | ActionBody::Track { properties: f, .. } => f,
+            };
+            fields.as_bytes().len() + a.contact.len() + 32
+        })
+        .sum();
+    let mut body = Vec::with_capacity(size + 32);
+    match endpoint {
         Endpoint::Identify => {
-            let entries: Vec<IdentifyEntry<'_>> = items
-                .iter()
-                .filter_map(|(_, a)| match &a.body {
-                    ActionBody::Identify { traits } => Some(IdentifyEntry {
-                        id: &a.contact,
-                        traits,
-                    }),
-                    ActionBody::Track { .. } => None,
-                })
-                .collect();
-            serde_json::to_vec(&entries)
+            body.push(b'[');
+            let traits = items.iter().filter_map(|(_, a)| match &a.body {
+                ActionBody::Identify { traits } => Some((a.contact.as_str(), traits)),
+                ActionBody::Track { .. } => None,
+            });
+            for (i, (id, traits)) in traits.enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(b"{\"id\":");
+                write_json_str(&mut body, id);
+                body.extend_from_slice(b",\"traits\":");
+                body.extend_from_slice(traits.as_bytes());
+                body.push(b'}');
+            }
+            body.push(b']');
         }
         Endpoint::Track => {
-            let events: Vec<TrackEvent<'_>> = items
-                .iter()
-                .filter_map(|(_, a)| match &a.body {
-                    ActionBody::Track { event, properties } => {
-                        Some(TrackEvent { event, properties })
-                    }
-                    ActionBody::Identify { .. } => None,
-                })
-                .collect();
             let id = items
                 .first()
                 .map(|(_, a)| a.contact.as_str())
                 .unwrap_or_default();
-            serde_json::to_vec(&TrackBody { id, events })
+            body.extend_from_slice(b"{\"id\":");
+            write_json_str(&mut body, id);
+            body.extend_from_slice(b",\"events\":[");
+            let events = items.iter().filter_map(|(_, a)| match &a.body {
+                ActionBody::Track { event, properties } => Some((event, properties)),
+                ActionBody::Identify { .. } => None,
+            });
+            for (i, (event, properties)) in events.enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(b"{\"event\":");
+                write_json_str(&mut body, event);
+                body.extend_from_slice(b",\"properties\":");
+                body.extend_from_slice(properties.as_bytes());
+                body.push(b'}');
+            }
+            body.extend_from_slice(b"]}");
         }
-    };
+    }
     Request {
         endpoint,
-        body: Bytes::from(body.expect("JSON values always serialise")),
+        body: Bytes::from(body),
         items,
         merged,
     }
@@ -403,7 +414,7 @@ mod tests {
             lsn: Lsn(lsn),
             contact: contact.into(),
             body: ActionBody::Identify {
-                traits: traits.as_object().unwrap().clone(),
+                traits: Fields::from_map(traits.as_object().unwrap()),
             },
         }
     }
@@ -415,7 +426,7 @@ mod tests {
             contact: contact.into(),
             body: ActionBody::Track {
                 event: Arc::from("made_sale"),
-                properties: json!({ "amount": amount }).as_object().unwrap().clone(),
+                properties: Fields::from_map(json!({ "amount": amount }).as_object().unwrap()),
             },
         }
     }
@@ -555,7 +566,7 @@ mod tests {
             lsn: Lsn(1),
             contact: "jill".into(),
             body: ActionBody::Identify {
-                traits: traits(json!({"sales_count": {"$inc": n}})),
+                traits: Fields::from_map(&traits(json!({"sales_count": {"$inc": n}}))),
             },
         };
         b.push(1, inc(1));
