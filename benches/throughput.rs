@@ -4,7 +4,7 @@
 //! cargo bench --bench throughput -- [--changes N] [--quick] [--repeat R]
 //!     [--sales-per-rep K] [--delay-ms D] [--latency-rate R] [--latency-secs S]
 //!     [--batch-size B] [--batch-wait-ms W] [--set conveyour_key=value]... [--perf FILE] [--no-build]
-//!     [--timeout-secs T] [--skip-latency]
+//!     [--timeout-secs T] [--skip-latency] [--sslmode disable|prefer|require]
 //! ```
 //!
 //! In one process, on one machine, it:
@@ -78,6 +78,8 @@ struct Opts {
     build: bool,
     timeout: Duration,
     latency: bool,
+    /// libpq `sslmode` of both clients' connections to Postgres.
+    sslmode: String,
 }
 
 fn usage() -> ! {
@@ -85,7 +87,7 @@ fn usage() -> ! {
         "usage: cargo bench --bench throughput -- [--changes N (1000000)] [--quick (50000 changes)] \
          [--repeat R (2)] [--sales-per-rep K (100)] [--delay-ms D (20)] [--latency-rate R (5000)] \
          [--latency-secs S (10)] [--batch-size B] [--batch-wait-ms W] [--set conveyour_key=value]... [--perf FILE] [--no-build] \
-         [--timeout-secs T (900)] [--skip-latency]"
+         [--timeout-secs T (900)] [--skip-latency] [--sslmode M (prefer)]"
     );
     std::process::exit(2)
 }
@@ -105,6 +107,7 @@ fn parse_opts() -> Opts {
         build: true,
         timeout: Duration::from_secs(900),
         latency: true,
+        sslmode: "prefer".into(),
     };
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>| -> u64 {
@@ -132,6 +135,7 @@ fn parse_opts() -> Opts {
             "--no-build" => o.build = false,
             "--timeout-secs" => o.timeout = Duration::from_secs(num(args.next())),
             "--skip-latency" => o.latency = false,
+            "--sslmode" => o.sslmode = args.next().unwrap_or_else(|| usage()),
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("unknown argument {other}");
@@ -369,6 +373,9 @@ async fn load_workload(client: &tokio_postgres::Client, n: i64, sales_per_rep: i
 struct ProcSample {
     cpu_s: f64,
     hwm_kib: u64,
+    /// Context switches of all the process's threads: how often it slept
+    /// and woke (or was preempted).
+    switches: u64,
 }
 
 fn clock_ticks() -> f64 {
@@ -397,9 +404,25 @@ fn sample(pid: u32) -> Option<ProcSample> {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
+    let switches = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
+                .flat_map(|status| {
+                    status
+                        .lines()
+                        .filter(|l| l.contains("ctxt_switches:"))
+                        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                        .collect::<Vec<_>>()
+                })
+                .sum()
+        })
+        .unwrap_or(0);
     Some(ProcSample {
         cpu_s: (utime + stime) / clock_ticks(),
         hwm_kib: hwm,
+        switches,
     })
 }
 
@@ -477,6 +500,8 @@ struct RunResult {
     /// CPU of the client: pg_recvlogical or the connector.
     cpu_s: Option<f64>,
     hwm_kib: Option<u64>,
+    /// Context switches of the client, all threads.
+    switches: Option<u64>,
     /// CPU of the walsender serving the slot (last sample before the end).
     walsender_cpu_s: Option<f64>,
     requests: u64,
@@ -567,9 +592,10 @@ impl Ctx {
             let _ = writeln!(extra, "  {kv}");
         }
         let yaml = format!(
-            "postgres:\n  url: \"{url}\"\n  slot: {slot}\n  publication: {PUBLICATION}\n\
+            "postgres:\n  url: \"{url}?sslmode={sslmode}\"\n  slot: {slot}\n  publication: {PUBLICATION}\n\
              conveyour:\n  url: http://{rx}\n  appkey: bench-appkey\n  token: bench-token\n{extra}{TABLES_YAML}",
             url = self.db.url(),
+            sslmode = opts.sslmode,
             rx = self.receiver,
         );
         let path = self.scratch.join(format!("{slot}.yaml"));
@@ -597,6 +623,7 @@ impl Ctx {
     async fn run_recvlogical(
         &self,
         slot: &str,
+        sslmode: &str,
         end: u64,
         expected: u64,
         timeout: Duration,
@@ -604,9 +631,10 @@ impl Ctx {
         let cluster = self.db.cluster();
         let endpos = format!("{:X}/{:X}", end >> 32, end & 0xffff_ffff);
         let dsn = format!(
-            "host=127.0.0.1 port={} user=postgres dbname={}",
+            "host=127.0.0.1 port={} user=postgres dbname={} sslmode={}",
             cluster.port(),
-            self.db.name()
+            self.db.name(),
+            sslmode
         );
         let err_path = self.scratch.join(format!("{slot}.recvlogical.log"));
         let t0 = Instant::now();
@@ -647,6 +675,7 @@ impl Ctx {
             counted: if ok { expected } else { 0 },
             cpu_s: last.as_ref().map(|s| s.cpu_s),
             hwm_kib: last.as_ref().map(|s| s.hwm_kib),
+            switches: last.as_ref().map(|s| s.switches),
             walsender_cpu_s: walsender.cpu_s,
             requests: 0,
             ok,
@@ -777,6 +806,7 @@ impl Ctx {
             counted,
             cpu_s: last_sample.as_ref().map(|s| s.cpu_s),
             hwm_kib: last_sample.as_ref().map(|s| s.hwm_kib),
+            switches: last_sample.as_ref().map(|s| s.switches),
             walsender_cpu_s: walsender.cpu_s,
             requests,
             ok,
@@ -1037,7 +1067,10 @@ async fn main() {
     let mut perf_done = false;
     for (kind, slot) in &plan {
         let r = match kind {
-            Kind::Recvlogical => ctx.run_recvlogical(slot, end, expected, opts.timeout).await,
+            Kind::Recvlogical => {
+                ctx.run_recvlogical(slot, &opts.sslmode, end, expected, opts.timeout)
+                    .await
+            }
             Kind::Connector => {
                 let perf = if perf_done {
                     None
@@ -1054,12 +1087,15 @@ async fn main() {
             }
         };
         eprintln!(
-            "{slot}: {:.2} s, {:.0} changes/s, {} requests{}{}",
+            "{slot}: {:.2} s, {:.0} changes/s, {} requests{}{}{}",
             r.secs,
             r.counted as f64 / r.secs,
             r.requests,
             r.cpu_s
                 .map(|c| format!(", cpu {c:.2} s"))
+                .unwrap_or_default(),
+            r.switches
+                .map(|c| format!(", {c} context switches"))
                 .unwrap_or_default(),
             if r.note.is_empty() {
                 String::new()
@@ -1099,7 +1135,7 @@ async fn main() {
         "Machine: {}; PostgreSQL {pg_version}. Workload: {expected} changes = {n} employee inserts + {n} updates + {} sales inserts, \
          transactions of {TX_ROWS} rows, {} consecutive sales per rep; WAL written before timing. Connector `{}`: batch_size {}, batch_wait_ms {}{}. \
          Median of {} runs each, alternating, each from its own fresh slot; times include starting the client. \
-         Client = pg_recvlogical in (a), the connector in (b) and (c); both use sslmode=prefer, so the replication stream is TLS-encrypted in every run. \
+         Client = pg_recvlogical in (a), the connector in (b) and (c); both connect with sslmode={}{}. \
          CPU = utime+stime from /proc at the end of the run; RSS = VmHWM.\n",
         machine(),
         n / 2,
@@ -1109,6 +1145,12 @@ async fn main() {
         opts.batch_wait_ms.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
         opts.extra.iter().map(|kv| format!(", {kv}")).collect::<String>(),
         opts.repeat,
+        opts.sslmode,
+        if opts.sslmode == "disable" {
+            ", so the replication stream is plain TCP"
+        } else {
+            ", so the replication stream is TLS-encrypted in every run"
+        },
     );
     let _ = writeln!(
         md,

@@ -339,6 +339,19 @@ fn numeric_value(s: &str) -> Result<Value, ValueError> {
     // Not all zero: an all-zero value was handled as an integer above.
     let significant = total - lead - trail;
     let exponent = int_part.len() as i64 - lead as i64;
+    // Up to 15 significant digits (f64's DBL_DIG) every decimal within the
+    // normal range reads back from its nearest f64 unchanged, and no
+    // shorter decimal shares that f64: the shortest print is this value.
+    if significant <= 15 {
+        if let Some(n) = s
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_normal())
+            .and_then(serde_json::Number::from_f64)
+        {
+            return Ok(Value::Number(n));
+        }
+    }
     // An f64 printed shortest has at most 17 significant digits.
     if significant <= 17 {
         let mut wanted = [0u8; 17];
@@ -880,6 +893,35 @@ mod tests {
             assert!(
                 fails(&k, bad.as_bytes()).ends_with("is not a floating-point number"),
                 "{bad}"
+            );
+        }
+    }
+
+    /// The short path for up to 15 significant digits trusts f64's DBL_DIG:
+    /// check it against the shortest print for many random decimals.
+    #[test]
+    fn decimals_of_up_to_15_digits_print_shortest_as_themselves() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..200_000 {
+            let digits = rng.usize(1..=15);
+            let mut d: String = (0..digits)
+                .map(|_| char::from(b'0' + rng.u8(0..10)))
+                .collect();
+            d.replace_range(0..1, &rng.u8(1..10).to_string());
+            let scale = rng.i32(-300..300);
+            let text = format!("{d}e{scale}");
+            let f: f64 = text.parse().unwrap();
+            if !f.is_normal() {
+                continue;
+            }
+            let printed = format!("{f:e}");
+            let (mantissa, exp) = printed.split_once('e').unwrap();
+            let mantissa: String = mantissa.chars().filter(|c| *c != '.').collect();
+            assert_eq!(mantissa, d.trim_end_matches('0'), "{text}");
+            assert_eq!(
+                exp.parse::<i32>().unwrap(),
+                scale + digits as i32 - 1,
+                "{text}"
             );
         }
     }
