@@ -217,15 +217,26 @@ pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// The body of a JSON string, without quotes: see [`write_json_str`].
+/// Plain runs are skipped eight bytes at a time and copied whole.
 fn escape_into(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if let Some(word) = bytes.get(i..i + 8) {
+            let word = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or([0; 8]));
+            if !word_needs_escape(word) {
+                i += 8;
+                continue;
+            }
+        }
         if b >= 0x20 && b != b'"' && b != b'\\' {
+            i += 1;
             continue;
         }
         out.extend_from_slice(&bytes[start..i]);
-        start = i + 1;
+        i += 1;
+        start = i;
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -243,6 +254,17 @@ fn escape_into(out: &mut Vec<u8>, s: &str) {
         }
     }
     out.extend_from_slice(&bytes[start..]);
+}
+
+/// Whether any of eight bytes is below 0x20, `"` or `\\`: the classic
+/// SWAR tests (a byte below n; a zero byte after XOR), exact as a yes/no.
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGHS != 0;
+    below(w, 0x20)
+        || below(w ^ (ONES * u64::from(b'"')), 1)
+        || below(w ^ (ONES * u64::from(b'\\')), 1)
 }
 
 /// The value for an error message: lossy UTF-8, cut at 40 characters.
@@ -1335,6 +1357,23 @@ mod tests {
                         .map(|b| String::from_utf8_lossy(b).into_owned()),
                     "{kind:?} {text:?} {format:?}"
                 );
+            }
+        }
+        // Escapes at every place of the eight-byte words, in strings
+        // around the word size.
+        for len in 1..20 {
+            for at in 0..len {
+                for special in ["\u{0}", "\u{1f}", "\"", "\\", "\n", " ", "\u{7f}", "é", "~"] {
+                    let mut text = "a".repeat(len);
+                    text.replace_range(at..at + 1, special);
+                    let mut out = Vec::new();
+                    write_json_str(&mut out, &text);
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        serde_json::to_string(&text).unwrap(),
+                        "{text:?}"
+                    );
+                }
             }
         }
         // Invalid UTF-8 is refused, not passed on.

@@ -11,7 +11,7 @@
 //! skipped ([`Replay`]): what repeats after a crash is at most what the
 //! lanes had in flight.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,7 +123,10 @@ pub(super) struct Coordinator {
     acks: mpsc::UnboundedReceiver<Vec<u64>>,
     next_seq: u64,
     /// Dispatched actions not yet below the low-water mark: acknowledged?
-    window: BTreeMap<u64, bool>,
+    /// Sequence numbers are dense, so entry `i` is action `window_start + i`.
+    window: VecDeque<bool>,
+    /// The sequence number of the window's first entry: the low-water mark.
+    window_start: u64,
     /// Transactions whose commit has been seen: confirmed once every
     /// action before `seq` is acknowledged.
     commits: VecDeque<(u64, Lsn, i64)>,
@@ -173,7 +176,8 @@ impl Coordinator {
             lane_tasks,
             acks,
             next_seq: 0,
-            window: BTreeMap::new(),
+            window: VecDeque::new(),
+            window_start: 0,
             commits: VecDeque::new(),
             markers: VecDeque::new(),
             in_transaction: false,
@@ -288,7 +292,7 @@ impl Coordinator {
             Event::Action { action, at } => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.window.insert(seq, false);
+                self.window.push_back(false);
                 let lane = lane_for(&action.contact, self.lanes.len());
                 telemetry::metrics().buffered_actions.inc();
                 let msg = match self.lanes[lane].try_send(LaneMsg::Item(seq, at, action)) {
@@ -334,7 +338,8 @@ impl Coordinator {
     fn acked(&mut self, seqs: Vec<u64>) {
         telemetry::metrics().buffered_actions.sub(seqs.len() as i64);
         for seq in seqs {
-            if let Some(acked) = self.window.get_mut(&seq) {
+            let at = seq.checked_sub(self.window_start).map(|i| i as usize);
+            if let Some(acked) = at.and_then(|i| self.window.get_mut(i)) {
                 *acked = true;
             }
         }
@@ -344,17 +349,12 @@ impl Coordinator {
     /// Moves the low-water mark over acknowledged actions and confirms
     /// every transaction now wholly acknowledged.
     fn advance(&mut self) {
-        while let Some(entry) = self.window.first_entry() {
-            if !*entry.get() {
-                break;
-            }
-            entry.remove();
+        while self.window.front() == Some(&true) {
+            self.window.pop_front();
+            self.window_start += 1;
         }
-        let low_water = self
-            .window
-            .first_key_value()
-            .map(|(s, _)| *s)
-            .unwrap_or(self.next_seq);
+        // Every action before it is acknowledged (next_seq when all are).
+        let low_water = self.window_start;
         let mut confirm = None;
         while let Some(&(seq, end, time)) = self.commits.front() {
             if seq > low_water {

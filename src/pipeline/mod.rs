@@ -567,7 +567,7 @@ async fn read_loop(
                             mapper.relation(&rel, wal_start)?;
                             relations.insert(rel.id, rel.clone());
                             // The relation id may now stand for another table.
-                            counters.retain(|(id, _), _| *id != rel.id);
+                            counters.forget(rel.id);
                             continue;
                         }
                         PgOutput::Insert { .. }
@@ -723,18 +723,37 @@ async fn deliver(
 }
 
 /// `changes_received_total` counters by relation and operation, looked up
-/// once rather than per change.
-type ChangeCounters = HashMap<(u32, &'static str), Option<prometheus::IntCounter>>;
+/// once rather than per change. A few tables times a few operations: a
+/// scan is cheaper than hashing per change.
+#[derive(Default)]
+struct ChangeCounters(Vec<((u32, &'static str), Option<prometheus::IntCounter>)>);
+
+impl ChangeCounters {
+    fn new() -> ChangeCounters {
+        ChangeCounters::default()
+    }
+
+    /// Forgets a relation's counters (its id may now stand for another table).
+    fn forget(&mut self, relation: u32) {
+        self.0.retain(|((id, _), _)| *id != relation);
+    }
+}
 
 fn count_change(mapper: &Mapper, counters: &mut ChangeCounters, relation: u32, op: &'static str) {
-    let counter = counters.entry((relation, op)).or_insert_with(|| {
-        mapper.table(relation).map(|table| {
+    let known = counters
+        .0
+        .iter()
+        .position(|(key, _)| *key == (relation, op));
+    let at = known.unwrap_or_else(|| {
+        let counter = mapper.table(relation).map(|table| {
             telemetry::metrics()
                 .changes_received
                 .with_label_values(&[table.as_ref(), op])
-        })
+        });
+        counters.0.push(((relation, op), counter));
+        counters.0.len() - 1
     });
-    if let Some(c) = counter {
+    if let Some((_, Some(c))) = counters.0.get(at) {
         c.inc();
     }
 }
