@@ -371,22 +371,11 @@ pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>, merged: Vec<Vec<u64>>)
     let mut body = Vec::with_capacity(size + 32);
     match endpoint {
         Endpoint::Identify => {
-            body.push(b'[');
             let traits = items.iter().filter_map(|(_, a)| match &a.body {
                 ActionBody::Identify { traits } => Some((a.contact.as_str(), traits)),
                 ActionBody::Track { .. } => None,
             });
-            for (i, (id, traits)) in traits.enumerate() {
-                if i > 0 {
-                    body.push(b',');
-                }
-                body.extend_from_slice(b"{\"id\":");
-                write_json_str(&mut body, id);
-                body.extend_from_slice(b",\"traits\":");
-                body.extend_from_slice(traits.as_bytes());
-                body.push(b'}');
-            }
-            body.push(b']');
+            write_entries(&mut body, b"id", b"traits", traits);
         }
         Endpoint::Track => {
             let id = items
@@ -395,22 +384,13 @@ pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>, merged: Vec<Vec<u64>>)
                 .unwrap_or_default();
             body.extend_from_slice(b"{\"id\":");
             write_json_str(&mut body, id);
-            body.extend_from_slice(b",\"events\":[");
+            body.extend_from_slice(b",\"events\":");
             let events = items.iter().filter_map(|(_, a)| match &a.body {
-                ActionBody::Track { event, properties } => Some((event, properties)),
+                ActionBody::Track { event, properties } => Some((&**event, properties)),
                 ActionBody::Identify { .. } => None,
             });
-            for (i, (event, properties)) in events.enumerate() {
-                if i > 0 {
-                    body.push(b',');
-                }
-                body.extend_from_slice(b"{\"event\":");
-                write_json_str(&mut body, event);
-                body.extend_from_slice(b",\"properties\":");
-                body.extend_from_slice(properties.as_bytes());
-                body.push(b'}');
-            }
-            body.extend_from_slice(b"]}");
+            write_entries(&mut body, b"event", b"properties", events);
+            body.push(b'}');
         }
     }
     Request {
@@ -419,6 +399,31 @@ pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>, merged: Vec<Vec<u64>>)
         items,
         merged,
     }
+}
+
+/// Appends a JSON array of `{"<name>": string, "<fields>": object}`.
+fn write_entries<'a>(
+    body: &mut Vec<u8>,
+    name: &[u8],
+    fields: &[u8],
+    entries: impl Iterator<Item = (&'a str, &'a Fields)>,
+) {
+    body.push(b'[');
+    for (i, (value, object)) in entries.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"");
+        body.extend_from_slice(name);
+        body.extend_from_slice(b"\":");
+        write_json_str(body, value);
+        body.extend_from_slice(b",\"");
+        body.extend_from_slice(fields);
+        body.extend_from_slice(b"\":");
+        body.extend_from_slice(object.as_bytes());
+        body.push(b'}');
+    }
+    body.push(b']');
 }
 
 #[cfg(test)]
