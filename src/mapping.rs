@@ -22,6 +22,7 @@ use crate::decode::{Datum, OldTuple, Relation, Tuple};
 mod fields;
 
 use crate::lsn::Lsn;
+use fields::FieldKey;
 pub use fields::Fields;
 
 /// One thing to tell ConveYour about one row change.
@@ -205,6 +206,8 @@ enum FieldPlan {
 #[derive(Debug, Clone)]
 struct Field {
     name: String,
+    /// The name as the object's key, encoded once.
+    key: FieldKey,
     column: Option<String>,
     plan: FieldPlan,
 }
@@ -546,7 +549,7 @@ impl Mapper {
                 let nulls = if full { act.nulls } else { NullPolicy::Omit };
                 let mut properties = Fields::writer();
                 for f in fields {
-                    properties.field(&f.name, |out| {
+                    properties.field(&f.key, |out| {
                         write_field(f, tuple, None, Op::Insert, nulls, &error, out)
                     })?;
                 }
@@ -768,6 +771,7 @@ fn field_plans(
         };
         out.push(Field {
             name: f.name.clone(),
+            key: FieldKey::new(&f.name),
             column: f.source.column().map(str::to_owned),
             plan,
         });
@@ -1003,7 +1007,7 @@ fn build(
     };
     let mut values = Fields::writer();
     for f in &act.fields {
-        values.field(&f.name, |out| {
+        values.field(&f.key, |out| {
             write_field(f, new, old, op, act.nulls, &error, out)
         })?;
     }

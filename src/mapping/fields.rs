@@ -74,6 +74,20 @@ impl fmt::Debug for Fields {
     }
 }
 
+/// A field's key as written into the object (`"name":`), encoded once
+/// when the mapping is planned rather than for every row.
+#[derive(Debug, Clone)]
+pub(crate) struct FieldKey(Box<[u8]>);
+
+impl FieldKey {
+    pub(crate) fn new(name: &str) -> FieldKey {
+        let mut key = Vec::with_capacity(name.len() + 3);
+        write_json_str(&mut key, name);
+        key.push(b':');
+        FieldKey(key.into_boxed_slice())
+    }
+}
+
 /// Writes a [`Fields`] object one field at a time; the caller gives the
 /// fields in key order.
 pub(crate) struct FieldsWriter {
@@ -87,15 +101,14 @@ impl FieldsWriter {
     /// again, so a left-out field leaves no trace.
     pub(crate) fn field<E>(
         &mut self,
-        key: &str,
+        key: &FieldKey,
         write: impl FnOnce(&mut Vec<u8>) -> Result<bool, E>,
     ) -> Result<(), E> {
         let mark = self.json.len();
         if self.len > 0 {
             self.json.push(b',');
         }
-        write_json_str(&mut self.json, key);
-        self.json.push(b':');
+        self.json.extend_from_slice(&key.0);
         match write(&mut self.json) {
             Ok(true) => {
                 self.len += 1;
@@ -130,24 +143,24 @@ mod tests {
     #[test]
     fn written_fields_are_the_json_object_of_the_map() {
         let mut w = Fields::writer();
-        w.field("a\"b", |out| {
+        w.field(&FieldKey::new("a\"b"), |out| {
             out.extend_from_slice(b"1");
             Ok::<_, ()>(true)
         })
         .unwrap();
         // Left out, then failed: neither leaves a trace.
-        w.field("gone", |out| {
+        w.field(&FieldKey::new("gone"), |out| {
             out.extend_from_slice(b"null");
             Ok::<_, ()>(false)
         })
         .unwrap();
         assert!(w
-            .field("broken", |out| {
+            .field(&FieldKey::new("broken"), |out| {
                 out.extend_from_slice(b"\"half");
                 Err(())
             })
             .is_err());
-        w.field("z", |out| {
+        w.field(&FieldKey::new("z"), |out| {
             out.extend_from_slice(b"[true]");
             Ok::<_, ()>(true)
         })
