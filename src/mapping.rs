@@ -18,10 +18,10 @@ use crate::config::{
 };
 use crate::decode::value::{to_json, write_json, ValueKind};
 use crate::decode::{Datum, OldTuple, Relation, Tuple};
+use crate::lsn::Lsn;
 
 mod fields;
 
-use crate::lsn::Lsn;
 use fields::FieldKey;
 pub use fields::Fields;
 
@@ -852,6 +852,11 @@ fn write_field(
     out: &mut Vec<u8>,
 ) -> Result<bool, MapError> {
     let column = f.column.as_deref().unwrap_or("");
+    let encode = |v: &Value, out: &mut Vec<u8>| {
+        serde_json::to_writer(out, v)
+            .map(|()| true)
+            .map_err(|e| error(column, format!("cannot encode the value as JSON ({e})")))
+    };
     let value = match &f.plan {
         FieldPlan::Value {
             index,
@@ -876,7 +881,10 @@ fn write_field(
                 )),
             };
         }
-        FieldPlan::Const(v) => Some(v.clone()),
+        FieldPlan::Const(v) => {
+            // Written from the plan's value: no copy per row.
+            return encode(v, out);
+        }
         FieldPlan::List {
             index,
             element,
@@ -895,9 +903,7 @@ fn write_field(
     let Some(value) = value else {
         return Ok(false);
     };
-    serde_json::to_writer(&mut *out, &value)
-        .map(|()| true)
-        .map_err(|e| error(column, format!("cannot encode the value as JSON ({e})")))
+    encode(&value, out)
 }
 
 /// A list trait's operations for a row: `{add, remove}` from the old and
