@@ -386,6 +386,7 @@ pub(crate) async fn copy_exported(
                 });
                 let (fire, fired) = oneshot::channel();
                 events.push(Event::Marker(fire));
+                events.push(Event::Quiet);
                 rows_read += rows.len() as i64;
                 if cx.events.send(events).await.is_err() {
                     return Ok(());

@@ -42,6 +42,9 @@ const NO_PROGRESS_AFTER: Duration = Duration::from_secs(120);
 pub(crate) struct Metrics {
     registry: Registry,
     pub changes_received: IntCounterVec,
+    /// Reads of the replication stream, by what the reader waited for:
+    /// `batch` (a busy stream's bytes to gather) or `change` (anything).
+    pub stream_reads: IntCounterVec,
     pub snapshot_rows: IntCounter,
     pub snapshot_tables_remaining: IntGauge,
     pub snapshot_rows_estimate: IntGauge,
@@ -165,6 +168,11 @@ impl Metrics {
                 "changes_received_total",
                 "Row changes of mapped tables received from Postgres",
                 &["table", "op"],
+            ),
+            stream_reads: counter_vec(
+                "stream_reads_total",
+                "Reads of the replication stream: batch (a busy stream gathered first) or change (woke for whatever came)",
+                &["wait"],
             ),
             rows_skipped: counter_vec(
                 "rows_skipped_total",

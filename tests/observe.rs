@@ -172,6 +172,46 @@ async fn metrics_match_what_conveyour_received() {
     drop(conn);
 }
 
+/// A bulk load is read in batches (a busy stream gathers in the socket
+/// instead of waking the reader per change), and the change after it still
+/// comes through at once: the reader does not wait for a batch that never
+/// fills.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_load_is_read_in_batches_and_the_change_after_it_is_not_held_back() {
+    const ROWS: usize = 50_000;
+    let w = world("batches", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    let addr = metrics_addr(&conn).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.rx.set_keep_bodies(false);
+    w.db.exec(&format!(
+        "INSERT INTO employees (email, first_name) SELECT 'b' || g || '@x.test', 'F' FROM generate_series(1, {ROWS}) g"
+    ))
+    .await;
+    w.rx.wait_until("the bulk load", Duration::from_secs(120), |r| {
+        r.identify_count() >= ROWS
+    })
+    .await;
+    let m = parse(&get(&addr, "/metrics").await.1);
+    let batched = sample(&m, r#"conveyour_cdc_stream_reads_total{wait="batch"}"#);
+    let single = sample(&m, r#"conveyour_cdc_stream_reads_total{wait="change"}"#);
+    assert!(
+        batched > 0.0,
+        "{ROWS} inserts in one statement should make the stream busy enough to read in batches ({single} reads woke per change)"
+    );
+
+    // The stream is quiet again: one more change must not sit in the
+    // socket waiting for company.
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('after@x.test', 'After')")
+        .await;
+    w.rx.wait_until("the change after the load", Duration::from_secs(20), |r| {
+        r.contact("after@x.test").is_some()
+    })
+    .await;
+    assert_eq!(w.rx.identify_count(), ROWS + 1, "{}", w.rx.summary());
+    drop(conn);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_parse_and_never_hold_secrets() {
     let w = world("jsonlogs", ROSTER_SQL).await;

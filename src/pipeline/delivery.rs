@@ -51,6 +51,10 @@ pub(crate) enum Event {
     /// Fires once every action before it is acknowledged (or durably
     /// dead-lettered): a sync chunk's rows are delivered.
     Marker(oneshot::Sender<()>),
+    /// Nothing more is due soon: lanes send what they batched, if a
+    /// transaction ended since they last did, rather than wait for their
+    /// batches to fill.
+    Quiet,
 }
 
 /// The lane of a contact among `lanes`: FNV-1a, stable across restarts and
@@ -191,6 +195,8 @@ impl Coordinator {
         mut events: mpsc::Receiver<Vec<Event>>,
         mut shutdown: Shutdown,
     ) -> Result<(), Error> {
+        // A commit handed over since the lanes were last told to send.
+        let mut unsent_commit = false;
         loop {
             tokio::select! {
                 biased;
@@ -199,10 +205,11 @@ impl Coordinator {
                 Some(seqs) = self.acks.recv() => self.acked(seqs),
                 chunk = events.recv() => match chunk {
                     Some(chunk) => {
-                        let mut committed = false;
+                        let mut quiet = false;
                         let mut going = true;
                         for e in chunk {
-                            committed |= matches!(e, Event::Commit { .. });
+                            unsent_commit |= matches!(e, Event::Commit { .. });
+                            quiet |= matches!(e, Event::Quiet);
                             going = self.handle(e, &mut shutdown).await?;
                             if !going {
                                 break;
@@ -213,10 +220,11 @@ impl Coordinator {
                         }
                         // The stream has gone quiet after a commit: send
                         // now rather than wait for batches to fill.
-                        if committed && events.is_empty() {
+                        if quiet && unsent_commit && events.is_empty() {
                             for lane in &self.lanes {
                                 let _ = lane.try_send(LaneMsg::Flush);
                             }
+                            unsent_commit = false;
                         }
                     }
                     None => break,
@@ -280,6 +288,7 @@ impl Coordinator {
                 }
                 self.advance();
             }
+            Event::Quiet => {}
             Event::Marker(done) => {
                 self.markers.push_back((self.next_seq, done));
                 self.advance();

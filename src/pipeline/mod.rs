@@ -478,9 +478,22 @@ async fn read_loop(
     let mut cache_changes = Vec::new();
     let mut counters = ChangeCounters::new();
     let mut chunk = Vec::with_capacity(EVENT_CHUNK);
+    // Whether events went over since delivery last heard the stream was
+    // quiet.
+    let mut quiet_owed = false;
     loop {
-        // Hand over what was decoded before waiting on the network.
-        if !chunk.is_empty() && (chunk.len() >= EVENT_CHUNK || !reader.has_buffered_message()) {
+        // Hand over what was decoded before waiting on the network; unless
+        // a busy stream is sure to bring more, say it went quiet.
+        let waiting = !reader.has_buffered_message();
+        if waiting
+            && !reader.is_batching()
+            && (quiet_owed || !chunk.is_empty())
+            && !matches!(chunk.last(), Some(Event::Quiet))
+        {
+            chunk.push(Event::Quiet);
+        }
+        if !chunk.is_empty() && (chunk.len() >= EVENT_CHUNK || waiting) {
+            quiet_owed = !matches!(chunk.last(), Some(Event::Quiet));
             let full = std::mem::replace(&mut chunk, Vec::with_capacity(EVENT_CHUNK));
             if events.send(full).await.is_err() {
                 return Ok(());
@@ -495,6 +508,8 @@ async fn read_loop(
             }
         };
         let event = match message {
+            // A busy stream paused: send what is batched.
+            ReplicationMessage::Lull => Event::Quiet,
             ReplicationMessage::Keepalive {
                 wal_end,
                 reply_requested,
