@@ -41,6 +41,12 @@ const EVENT_CHUNKS: usize = 16;
 /// per chunk rather than once per change, and a quiet one without delay.
 const EVENT_CHUNK: usize = 256;
 
+/// While the stream is busy (and so no lull says it went quiet), delivery
+/// is told to send what it holds at least this often: a steady stream's
+/// changes wait no longer than this plus a request, without a request per
+/// transaction.
+const BUSY_FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+
 /// First pause before reconnecting to Postgres; doubles up to the cap.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 /// How often a standby connector tries a slot another one holds: the
@@ -481,16 +487,20 @@ async fn read_loop(
     // Whether events went over since delivery last heard the stream was
     // quiet.
     let mut quiet_owed = false;
+    let mut last_quiet = Instant::now();
     loop {
         // Hand over what was decoded before waiting on the network; unless
-        // a busy stream is sure to bring more, say it went quiet.
+        // a busy stream is sure to bring more soon, say it went quiet.
         let waiting = !reader.has_buffered_message();
         if waiting
-            && !reader.is_batching()
             && (quiet_owed || !chunk.is_empty())
             && !matches!(chunk.last(), Some(Event::Quiet))
+            && (!reader.is_batching() || last_quiet.elapsed() >= BUSY_FLUSH_INTERVAL)
         {
             chunk.push(Event::Quiet);
+        }
+        if matches!(chunk.last(), Some(Event::Quiet)) {
+            last_quiet = Instant::now();
         }
         if !chunk.is_empty() && (chunk.len() >= EVENT_CHUNK || waiting) {
             quiet_owed = !matches!(chunk.last(), Some(Event::Quiet));

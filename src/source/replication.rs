@@ -858,3 +858,55 @@ fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -
     }
     SourceError::from_sqlstate(&code, text)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batching state whose rate window began `ago`.
+    fn batching(ago: Duration) -> Batching {
+        let mut b = Batching::new(-1);
+        b.window_start = Instant::now() - ago;
+        b
+    }
+
+    #[test]
+    fn a_stream_is_busy_from_two_megabytes_a_second() {
+        // 30 KiB over 10 ms: 3 MB/s.
+        let mut b = batching(RATE_WINDOW);
+        b.account(30 * 1024, false);
+        assert!(b.busy);
+        // 30 KiB over 20 ms: 1.5 MB/s, scaled down to the window.
+        let mut b = batching(RATE_WINDOW * 2);
+        b.account(30 * 1024, false);
+        assert!(!b.busy);
+        // Within a window nothing is decided yet.
+        let mut b = batching(Duration::ZERO);
+        b.account(1 << 20, false);
+        assert!(!b.busy);
+        assert_eq!(b.window_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn a_wait_that_finds_little_ends_the_busy_spell() {
+        let mut b = batching(RATE_WINDOW);
+        b.account(64 * 1024, false);
+        assert!(b.busy);
+        // Waited out the timer and found a full quarter batch: still busy.
+        b.account(BATCH_BYTES as usize / 4, true);
+        assert!(b.busy);
+        b.account(BATCH_BYTES as usize / 4 - 1, true);
+        assert!(!b.busy);
+        assert_eq!(b.window_bytes, 0);
+    }
+
+    #[test]
+    fn a_socket_that_refuses_the_mark_says_so() {
+        let mut b = Batching::new(-1);
+        assert!(!b.mark(true));
+        assert!(!b.raised);
+        // Lowering an unraised mark needs no system call.
+        assert!(b.mark(false));
+        assert_eq!(b.queued(), 0);
+    }
+}
