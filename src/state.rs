@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::lsn::Lsn;
 use crate::sink::{Endpoint, Request, SinkError};
@@ -41,6 +41,9 @@ pub(crate) struct State {
     /// on another cluster (a restored dump) means nothing here, since its
     /// positions are another history's.
     system_id: String,
+    /// The progress upsert, prepared once: a lane records progress after
+    /// every flush, and an unprepared statement costs a second round trip.
+    save_progress: Statement,
 }
 
 impl State {
@@ -118,10 +121,19 @@ impl State {
                 ))
             }
         }
+        let save_progress = client
+            .prepare(&format!(
+                "INSERT INTO {SCHEMA}.progress (slot, lane, lanes, system_id, commit_lsn, change) VALUES ($1, $2, $3, $6, $4::text::pg_lsn, $5)
+                 ON CONFLICT (slot, lane) DO UPDATE SET lanes = excluded.lanes, system_id = excluded.system_id,
+                     commit_lsn = excluded.commit_lsn, change = excluded.change, updated_at = now()"
+            ))
+            .await
+            .map_err(|e| SourceError::from_sql("preparing the progress statement", e))?;
         Ok(State {
             client,
             slot: slot.to_owned(),
             system_id: String::new(),
+            save_progress,
         })
     }
 
@@ -181,12 +193,15 @@ impl State {
     ) -> Result<(), SourceError> {
         self.client
             .execute(
-                &format!(
-                    "INSERT INTO {SCHEMA}.progress (slot, lane, lanes, system_id, commit_lsn, change) VALUES ($1, $2, $3, $6, $4::text::pg_lsn, $5)
-                     ON CONFLICT (slot, lane) DO UPDATE SET lanes = excluded.lanes, system_id = excluded.system_id,
-                         commit_lsn = excluded.commit_lsn, change = excluded.change, updated_at = now()"
-                ),
-                &[&self.slot, &(lane as i32), &(lanes as i32), &p.commit_lsn.to_string(), &(p.change as i64), &self.system_id],
+                &self.save_progress,
+                &[
+                    &self.slot,
+                    &(lane as i32),
+                    &(lanes as i32),
+                    &p.commit_lsn.to_string(),
+                    &(p.change as i64),
+                    &self.system_id,
+                ],
             )
             .await
             .map_err(|e| SourceError::from_sql("recording progress", e))?;
