@@ -253,6 +253,59 @@ async fn coalescing_folds_a_contacts_updates_within_a_batch_window() {
     drop(conn);
 }
 
+/// A backlog (commits that stream well after they happened) goes out in
+/// full batches rather than a request per transaction, its end is not held
+/// for `batch_wait_ms`, and a live change after it is sent at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_goes_out_in_full_batches_and_its_end_is_not_held_back() {
+    const TXNS: usize = 40;
+    // Not a multiple of the batch size: the last batch is sent by the
+    // stream going quiet.
+    const ROWS: usize = 49;
+    let w = world("backlog", ROSTER_SQL).await;
+    // A minute's batch wait: only the stream going quiet can send a batch
+    // that is not full within this test's waits.
+    let config = w
+        .config(
+            crate::support::setup::ROSTER_TABLES,
+            "  batch_size: 500\n  max_in_flight: 1\n",
+        )
+        .replace("batch_wait_ms: 50", "batch_wait_ms: 60000");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    conn.stop().await;
+
+    // Committed while the connector is down: a backlog when it returns.
+    let mut sql = String::new();
+    for t in 0..TXNS {
+        sql.push_str(&format!(
+            "BEGIN; INSERT INTO employees (email, first_name) SELECT 'k{t}-' || g || '@x.test', 'K' FROM generate_series(1, {ROWS}) g; COMMIT;"
+        ));
+    }
+    w.db.exec(&sql).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let conn = Connector::run(&config, &[]);
+    w.rx.wait_until("the backlog", Duration::from_secs(30), |r| {
+        r.identify_count() >= TXNS * ROWS
+    })
+    .await;
+    let requests = w.rx.request_count();
+    assert!(
+        requests <= TXNS / 4,
+        "{} rows in {TXNS} transactions, batch_size 500, one lane: {requests} requests, expected full batches rather than one per transaction",
+        TXNS * ROWS
+    );
+
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('live@x.test', 'L')")
+        .await;
+    w.rx.wait_until("the live change", Duration::from_secs(20), |r| {
+        r.contact("live@x.test").is_some()
+    })
+    .await;
+    assert_eq!(w.rx.identify_count(), TXNS * ROWS + 1, "{}", w.rx.summary());
+    drop(conn);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn updates_that_change_no_mapped_column_send_nothing_when_the_old_row_is_known() {
     let w = world(

@@ -47,6 +47,21 @@ const EVENT_CHUNK: usize = 256;
 /// transaction.
 const BUSY_FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 
+/// A commit the server sends this long (by its own clock) after it
+/// happened means the walsender is working through a backlog. Its short
+/// pauses between transactions are then decoding, not a quiet stream:
+/// delivery fills its batches instead of sending a request per lane per
+/// transaction, which halves the requests and progress writes while
+/// catching up. Live changes arrive within a few milliseconds of their
+/// commit, far below this, so their latency is unchanged.
+const CATCH_UP_LAG_US: i64 = 100_000;
+
+/// While catching up, a pause counts as quiet once it lasts this long: a
+/// backlog's pauses while the walsender decodes a transaction of a few
+/// thousand rows are shorter, and the end of a backlog is sent this soon
+/// rather than after `batch_wait_ms`.
+const CATCH_UP_SETTLE: Duration = Duration::from_millis(10);
+
 /// First pause before reconnecting to Postgres; doubles up to the cap.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 /// How often a standby connector tries a slot another one holds: the
@@ -488,6 +503,12 @@ async fn read_loop(
     // quiet.
     let mut quiet_owed = false;
     let mut last_quiet = Instant::now();
+    // Whether the last commit came well after it happened (see
+    // CATCH_UP_LAG_US): the stream's pauses are then not quiet.
+    let mut catching_up = false;
+    // While catching up: when the pause the reader is waiting in counts as
+    // quiet.
+    let mut settle: Option<tokio::time::Instant> = None;
     loop {
         // Hand over what was decoded before waiting on the network; unless
         // a busy stream is sure to bring more soon, say it went quiet.
@@ -497,7 +518,11 @@ async fn read_loop(
             && !matches!(chunk.last(), Some(Event::Quiet))
             && (!reader.is_batching() || last_quiet.elapsed() >= BUSY_FLUSH_INTERVAL)
         {
-            chunk.push(Event::Quiet);
+            if !catching_up {
+                chunk.push(Event::Quiet);
+            } else if settle.is_none() {
+                settle = Some(tokio::time::Instant::now() + CATCH_UP_SETTLE);
+            }
         }
         if matches!(chunk.last(), Some(Event::Quiet)) {
             last_quiet = Instant::now();
@@ -514,11 +539,21 @@ async fn read_loop(
         } else {
             tokio::select! {
                 m = reader.next() => m?,
+                _ = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {
+                    settle = None;
+                    chunk.push(Event::Quiet);
+                    continue;
+                }
                 _ = shutdown.wait() => return Ok(()),
             }
         };
+        if !matches!(message, ReplicationMessage::Lull) {
+            settle = None;
+        }
         let event = match message {
-            // A busy stream paused: send what is batched.
+            // A busy stream paused: send what is batched, unless the
+            // pause may be the walsender decoding a backlog.
+            ReplicationMessage::Lull if catching_up => continue,
             ReplicationMessage::Lull => Event::Quiet,
             ReplicationMessage::Keepalive {
                 wal_end,
@@ -529,7 +564,11 @@ async fn read_loop(
                 }
                 Event::Keepalive { wal_end }
             }
-            ReplicationMessage::XLogData { wal_start, data } => {
+            ReplicationMessage::XLogData {
+                wal_start,
+                sent_at,
+                data,
+            } => {
                 match row_change(decode(wal_start, data)?) {
                     Ok((relation, op, old, new)) => {
                         count_change(&mapper, &mut counters, relation, op);
@@ -584,10 +623,13 @@ async fn read_loop(
                             end_lsn,
                             commit_time,
                             ..
-                        } => Event::Commit {
-                            end_lsn,
-                            commit_time,
-                        },
+                        } => {
+                            catching_up = sent_at.saturating_sub(commit_time) > CATCH_UP_LAG_US;
+                            Event::Commit {
+                                end_lsn,
+                                commit_time,
+                            }
+                        }
                         PgOutput::Relation(rel) => {
                             mapper.relation(&rel, wal_start)?;
                             relations.insert(rel.id, rel.clone());
