@@ -160,6 +160,7 @@ pub fn write_json(
             write_i64(out, n);
         }
         ValueKind::Text => write_json_str(out, utf8(text)?),
+        ValueKind::Numeric if write_plain_numeric(text, out) => {}
         ValueKind::Date if iso => write_json_str(out, utf8(text)?),
         ValueKind::Timestamp | ValueKind::TimestampTz if iso => {
             let s = utf8(text)?;
@@ -178,6 +179,58 @@ pub fn write_json(
         }
     }
     Ok(())
+}
+
+/// Writes a numeric whose JSON is its own digits, trimmed: an integer
+/// within i64, or a decimal of at most 15 significant digits between 0.001
+/// and 10^15, which reads back from its nearest f64 unchanged and prints
+/// shortest as itself (see [`numeric_value`]). Money and counts, the usual
+/// numerics, take this path without a parse and print of an f64. False,
+/// with nothing written, for anything else.
+fn write_plain_numeric(text: &[u8], out: &mut Vec<u8>) -> bool {
+    let (negative, body) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let (int_part, frac_part) = match body.iter().position(|&b| b == b'.') {
+        Some(dot) => (&body[..dot], &body[dot + 1..]),
+        None => (body, &body[..0]),
+    };
+    if int_part.is_empty()
+        || !int_part.iter().all(u8::is_ascii_digit)
+        || !frac_part.iter().all(u8::is_ascii_digit)
+    {
+        return false;
+    }
+    let frac =
+        &frac_part[..frac_part.len() - frac_part.iter().rev().take_while(|&&b| b == b'0').count()];
+    if frac.is_empty() {
+        let Some(n) = parse_i64(&text[..text.len() - body.len() + int_part.len()]) else {
+            return false;
+        };
+        write_i64(out, n);
+        return true;
+    }
+    let int = &int_part[int_part.iter().take_while(|&&b| b == b'0').count()..];
+    let (significant, small) = if int.is_empty() {
+        let zeros = frac.iter().take_while(|&&b| b == b'0').count();
+        (frac.len() - zeros, zeros > 2)
+    } else {
+        (int.len() + frac.len(), false)
+    };
+    if significant > 15 || small {
+        return false;
+    }
+    if negative {
+        out.push(b'-');
+    }
+    if int.is_empty() {
+        out.push(b'0');
+    }
+    out.extend_from_slice(int);
+    out.push(b'.');
+    out.extend_from_slice(frac);
+    true
 }
 
 fn utf8(text: &[u8]) -> Result<&str, ValueError> {
@@ -943,6 +996,64 @@ mod tests {
             assert_eq!(
                 exp.parse::<i32>().unwrap(),
                 scale + digits as i32 - 1,
+                "{text}"
+            );
+        }
+    }
+
+    /// The numeric short path writes exactly what the general path does.
+    #[test]
+    fn plain_numerics_write_what_the_general_path_writes() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut taken = 0;
+        for i in 0..300_000 {
+            let int: String = (0..rng.usize(0..=17))
+                .map(|_| char::from(b'0' + rng.u8(0..10)))
+                .collect();
+            let frac: String = (0..rng.usize(0..=12))
+                .map(|_| char::from(b'0' + rng.u8(0..10)))
+                .collect();
+            let sign = if i % 3 == 0 { "-" } else { "" };
+            let int = if int.is_empty() { "0".to_owned() } else { int };
+            let text = match (frac.is_empty(), i % 5) {
+                (true, _) | (_, 0) => format!("{sign}{int}"),
+                _ => format!("{sign}{int}.{frac}"),
+            };
+            let mut fast = Vec::new();
+            if !write_plain_numeric(text.as_bytes(), &mut fast) {
+                continue;
+            }
+            taken += 1;
+            let general = serde_json::to_string(&conv(&ValueKind::Numeric, &text)).unwrap();
+            assert_eq!(String::from_utf8(fast).unwrap(), general, "{text}");
+        }
+        assert!(taken > 100_000, "the short path took only {taken}");
+        for text in [
+            "0.001",
+            "-0.0012",
+            "99999999999999.9",
+            "1250.50",
+            "-0",
+            "0.000",
+        ] {
+            let mut fast = Vec::new();
+            assert!(write_plain_numeric(text.as_bytes(), &mut fast), "{text}");
+            let general = serde_json::to_string(&conv(&ValueKind::Numeric, text)).unwrap();
+            assert_eq!(String::from_utf8(fast).unwrap(), general, "{text}");
+        }
+        for text in [
+            "0.0001",
+            "NaN",
+            "1e5",
+            "",
+            "-",
+            ".5",
+            "1.2.3",
+            "999999999999999.9",
+            "0.1234567890123456",
+        ] {
+            assert!(
+                !write_plain_numeric(text.as_bytes(), &mut Vec::new()),
                 "{text}"
             );
         }
