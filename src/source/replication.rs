@@ -128,6 +128,10 @@ impl ReplicationConn {
                         match answer[0] {
                             b'S' => {
                                 let name = tls::server_name(host).map_err(SourceError::config)?;
+                                // rustls reads at most 4 KiB per call; the
+                                // buffer makes that one system call per
+                                // READ_CHUNK on a busy stream.
+                                let s = tokio::io::BufReader::with_capacity(READ_CHUNK, s);
                                 let stream = tokio_rustls::TlsConnector::from(config)
                                     .connect(name, s)
                                     .await
@@ -430,8 +434,13 @@ impl ReplicationConn {
 /// One message from the replication stream.
 #[derive(Debug)]
 pub(crate) enum ReplicationMessage {
-    /// A pgoutput message and the WAL position it starts at.
-    XLogData { wal_start: Lsn, data: Bytes },
+    /// A pgoutput message, the WAL position it starts at, and when the
+    /// server sent it (its clock, microseconds since 2000-01-01).
+    XLogData {
+        wal_start: Lsn,
+        sent_at: i64,
+        data: Bytes,
+    },
     /// The server's WAL end, and whether it wants a status update now.
     Keepalive { wal_end: Lsn, reply_requested: bool },
     /// A busy stream paused: nothing arrived within the batching wait.
@@ -566,8 +575,12 @@ impl ReplicationReader {
                             let m = crate::telemetry::metrics();
                             m.server_wal_end(wal_end);
                             m.received_lsn.set(wal_start.0 as f64);
-                            let _send_time = data.get_i64();
-                            return Ok(ReplicationMessage::XLogData { wal_start, data });
+                            let sent_at = data.get_i64();
+                            return Ok(ReplicationMessage::XLogData {
+                                wal_start,
+                                sent_at,
+                                data,
+                            });
                         }
                         Some(b'k') => {
                             if data.len() < 18 {
