@@ -625,6 +625,7 @@ async fn read_loop(
                             ..
                         } => {
                             catching_up = sent_at.saturating_sub(commit_time) > CATCH_UP_LAG_US;
+                            reader.set_catching_up(catching_up);
                             Event::Commit {
                                 end_lsn,
                                 commit_time,
