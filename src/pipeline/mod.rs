@@ -51,16 +51,18 @@ const BUSY_FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 /// happened means the walsender is working through a backlog. Its short
 /// pauses between transactions are then decoding, not a quiet stream:
 /// delivery fills its batches instead of sending a request per lane per
-/// transaction, which halves the requests and progress writes while
-/// catching up. Live changes arrive within a few milliseconds of their
-/// commit, far below this, so their latency is unchanged.
+/// transaction (about a third fewer requests and progress writes in the
+/// benchmark), and the reader batches from the start of each burst. Live
+/// changes arrive within a few milliseconds of their commit, far below
+/// this, so their latency is unchanged.
 const CATCH_UP_LAG_US: i64 = 100_000;
 
 /// While catching up, a pause counts as quiet once it lasts this long: a
 /// backlog's pauses while the walsender decodes a transaction of a few
 /// thousand rows are shorter, and the end of a backlog is sent this soon
-/// rather than after `batch_wait_ms`.
-const CATCH_UP_SETTLE: Duration = Duration::from_millis(10);
+/// rather than after `batch_wait_ms`. The reader ends its busy spell after
+/// the same pause.
+const CATCH_UP_SETTLE: Duration = source::CATCH_UP_PAUSE;
 
 /// First pause before reconnecting to Postgres; doubles up to the cap.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);

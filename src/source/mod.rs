@@ -23,6 +23,7 @@ pub(crate) use publication::{
 };
 pub(crate) use replication::{
     pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
+    CATCH_UP_PAUSE,
 };
 pub(crate) use rows::{key_at, Key, TableReader};
 

@@ -536,9 +536,6 @@ impl ReplicationReader {
         Ok(true)
     }
 
-    /// Whether the stream is busy enough that the reader waits for bytes to
-    /// gather: more is coming, and a [`ReplicationMessage::Lull`] will say
-    /// when it stops.
     /// Tells the reader whether the stream is a backlog (its commits arrive
     /// well after they happened). A backlog is read in batches from the
     /// start, and its short pauses do not end the busy spell; see
@@ -554,6 +551,9 @@ impl ReplicationReader {
         }
     }
 
+    /// Whether the stream is busy enough that the reader waits for bytes to
+    /// gather: more is coming, and a [`ReplicationMessage::Lull`] will say
+    /// when it stops.
     pub(crate) fn is_batching(&self) -> bool {
         self.batching.as_ref().is_some_and(|b| b.busy)
     }
@@ -745,9 +745,10 @@ const BUSY_BYTES: u64 = 20 * 1024;
 /// A backlog streams in bursts, one per transaction, with a pause while the
 /// walsender decodes the next; leaving the busy state at each pause had the
 /// reader wake per change through most of every burst, which cost a third
-/// of the connector's CPU on a TLS stream. Matches the pipeline's 10 ms
-/// catch-up settle: a longer silence is the backlog's end.
-const CATCH_UP_PAUSE: Duration = Duration::from_millis(10);
+/// of the connector's CPU on a TLS stream. The pipeline counts a pause this
+/// long as the stream going quiet too: a longer silence is the backlog's
+/// end.
+pub(crate) const CATCH_UP_PAUSE: Duration = Duration::from_millis(10);
 
 /// Lets a busy replication stream gather in the socket before the reader
 /// wakes. The walsender writes every change as it decodes it; a reader that
