@@ -372,6 +372,10 @@ async fn load_workload(client: &tokio_postgres::Client, n: i64, sales_per_rep: i
 
 struct ProcSample {
     cpu_s: f64,
+    /// The user-space part of `cpu_s`: the connector's own work. The rest,
+    /// kernel time, swings between runs with how the loopback's receive
+    /// work lands, so comparing builds is steadier on this.
+    user_s: f64,
     hwm_kib: u64,
     /// Context switches of all the process's threads: how often it slept
     /// and woke (or was preempted).
@@ -421,6 +425,7 @@ fn sample(pid: u32) -> Option<ProcSample> {
         .unwrap_or(0);
     Some(ProcSample {
         cpu_s: (utime + stime) / clock_ticks(),
+        user_s: utime / clock_ticks(),
         hwm_kib: hwm,
         switches,
     })
@@ -499,6 +504,7 @@ struct RunResult {
     counted: u64,
     /// CPU of the client: pg_recvlogical or the connector.
     cpu_s: Option<f64>,
+    user_s: Option<f64>,
     hwm_kib: Option<u64>,
     /// Context switches of the client, all threads.
     switches: Option<u64>,
@@ -674,6 +680,7 @@ impl Ctx {
             secs,
             counted: if ok { expected } else { 0 },
             cpu_s: last.as_ref().map(|s| s.cpu_s),
+            user_s: last.as_ref().map(|s| s.user_s),
             hwm_kib: last.as_ref().map(|s| s.hwm_kib),
             switches: last.as_ref().map(|s| s.switches),
             walsender_cpu_s: walsender.cpu_s,
@@ -805,6 +812,7 @@ impl Ctx {
             secs,
             counted,
             cpu_s: last_sample.as_ref().map(|s| s.cpu_s),
+            user_s: last_sample.as_ref().map(|s| s.user_s),
             hwm_kib: last_sample.as_ref().map(|s| s.hwm_kib),
             switches: last_sample.as_ref().map(|s| s.switches),
             walsender_cpu_s: walsender.cpu_s,
@@ -1092,7 +1100,8 @@ async fn main() {
             r.counted as f64 / r.secs,
             r.requests,
             r.cpu_s
-                .map(|c| format!(", cpu {c:.2} s"))
+                .zip(r.user_s)
+                .map(|(c, u)| format!(", cpu {c:.2} s (user {u:.2} s)"))
                 .unwrap_or_default(),
             r.switches
                 .map(|c| format!(", {c} context switches"))

@@ -26,9 +26,12 @@ use crate::sink::{Batcher, Request, Sink};
 use crate::state::{Progress, State};
 use crate::{telemetry, Error};
 
-/// Actions queued per lane before the reader waits: with the batch being
-/// filled and the request in flight, this bounds memory per lane.
-const LANE_QUEUE: usize = 1024;
+/// Hand-overs queued per lane before the reader waits. A hand-over holds
+/// the lane's actions from one chunk of the reader's events (at most two
+/// per event), so with the batch being filled and the request in flight
+/// this bounds memory per lane. Room to spare keeps a flush request, which
+/// is never waited for, from finding the queue full.
+const LANE_QUEUE: usize = 16;
 
 /// What the reader hands the delivery coordinator, in stream order.
 #[derive(Debug)]
@@ -123,6 +126,10 @@ impl Replay {
 /// the lanes finish within the grace period.
 pub(super) struct Coordinator {
     lanes: Vec<mpsc::Sender<LaneMsg>>,
+    /// Actions bound for each lane from the chunk being handled: a lane is
+    /// handed them together, one queue operation and one wake-up per chunk
+    /// rather than per action.
+    pending: Vec<Vec<LaneItem>>,
     lane_tasks: JoinSet<Result<(), Error>>,
     acks: mpsc::UnboundedReceiver<Vec<u64>>,
     next_seq: u64,
@@ -141,10 +148,13 @@ pub(super) struct Coordinator {
     grace: Duration,
 }
 
+/// An action, with its sequence number and its place in the stream.
+pub(super) type LaneItem = (u64, Progress, Action);
+
 /// What a lane is told.
 pub(super) enum LaneMsg {
-    /// An action, with its sequence number and its place in the stream.
-    Item(u64, Progress, Action),
+    /// Actions, in stream order.
+    Items(Vec<LaneItem>),
     /// Send what is batched now: the stream went quiet after a commit.
     Flush,
 }
@@ -176,6 +186,7 @@ impl Coordinator {
             lane_tasks.spawn(lane.run(rx));
         }
         Coordinator {
+            pending: lanes.iter().map(|_| Vec::new()).collect(),
             lanes,
             lane_tasks,
             acks,
@@ -206,16 +217,12 @@ impl Coordinator {
                 chunk = events.recv() => match chunk {
                     Some(chunk) => {
                         let mut quiet = false;
-                        let mut going = true;
                         for e in chunk {
                             unsent_commit |= matches!(e, Event::Commit { .. });
                             quiet |= matches!(e, Event::Quiet);
-                            going = self.handle(e, &mut shutdown).await?;
-                            if !going {
-                                break;
-                            }
+                            self.handle(e);
                         }
-                        if !going {
+                        if !self.dispatch(&mut shutdown).await? {
                             break;
                         }
                         // The stream has gone quiet after a commit: send
@@ -264,11 +271,8 @@ impl Coordinator {
         }
     }
 
-    /// Takes one event. Returns `false` once a stop was asked for while an
-    /// action waited for its lane: that action was not dispatched, so
-    /// nothing after it may be either (a lane would record progress past
-    /// it, and a restart would skip it).
-    async fn handle(&mut self, event: Event, shutdown: &mut Shutdown) -> Result<bool, Error> {
+    /// Takes one event; actions wait in `pending` for [`Self::dispatch`].
+    fn handle(&mut self, event: Event) {
         match event {
             Event::Begin => self.in_transaction = true,
             Event::Commit {
@@ -303,32 +307,47 @@ impl Coordinator {
                 self.next_seq += 1;
                 self.window.push_back(false);
                 let lane = lane_for(&action.contact, self.lanes.len());
-                telemetry::metrics().buffered_actions.inc();
-                let msg = match self.lanes[lane].try_send(LaneMsg::Item(seq, at, action)) {
-                    Ok(()) => return Ok(true),
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        return Err(self.lane_error().await)
-                    }
-                    Err(mpsc::error::TrySendError::Full(msg)) => msg,
-                };
-                // A full lane makes the reader wait; acknowledgements and
-                // lane failures are still taken meanwhile.
-                let lane = self.lanes[lane].clone();
-                let send = lane.send(msg);
-                tokio::pin!(send);
-                loop {
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.wait() => return Ok(false),
-                        sent = &mut send => {
-                            if sent.is_err() {
-                                return Err(self.lane_error().await);
-                            }
-                            break;
+                self.pending[lane].push((seq, at, action));
+            }
+        }
+    }
+
+    /// Hands each lane its pending actions. Returns `false` once a stop
+    /// was asked for while a lane's queue was full: those actions were not
+    /// dispatched, so nothing after them may be either (the lane would
+    /// record progress past them, and a restart would skip them). Other
+    /// lanes' actions are independent: each lane records its own progress.
+    async fn dispatch(&mut self, shutdown: &mut Shutdown) -> Result<bool, Error> {
+        for lane in 0..self.lanes.len() {
+            if self.pending[lane].is_empty() {
+                continue;
+            }
+            let items = std::mem::take(&mut self.pending[lane]);
+            telemetry::metrics()
+                .buffered_actions
+                .add(items.len() as i64);
+            let msg = match self.lanes[lane].try_send(LaneMsg::Items(items)) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.lane_error().await),
+                Err(mpsc::error::TrySendError::Full(msg)) => msg,
+            };
+            // A full lane makes the reader wait; acknowledgements and
+            // lane failures are still taken meanwhile.
+            let sender = self.lanes[lane].clone();
+            let send = sender.send(msg);
+            tokio::pin!(send);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => return Ok(false),
+                    sent = &mut send => {
+                        if sent.is_err() {
+                            return Err(self.lane_error().await);
                         }
-                        Some(seqs) = self.acks.recv() => self.acked(seqs),
-                        Some(result) = self.lane_tasks.join_next() => return Err(lane_failed(result)),
+                        break;
                     }
+                    Some(seqs) = self.acks.recv() => self.acked(seqs),
+                    Some(result) = self.lane_tasks.join_next() => return Err(lane_failed(result)),
                 }
             }
         }
@@ -452,19 +471,21 @@ impl Lane {
                         self.flush().await?;
                         deadline = None;
                     }
-                    Some(LaneMsg::Item(seq, at, action)) => {
-                        if self.batcher.must_flush_before(&action) {
-                            self.flush().await?;
-                            deadline = None;
-                        }
-                        if self.batcher.is_empty() {
-                            deadline = Some(tokio::time::Instant::now() + self.batch_wait);
-                        }
-                        self.last = Some(at);
-                        self.batcher.push(seq, action);
-                        if self.batcher.is_full() {
-                            self.flush().await?;
-                            deadline = None;
+                    Some(LaneMsg::Items(items)) => {
+                        for (seq, at, action) in items {
+                            if self.batcher.must_flush_before(&action) {
+                                self.flush().await?;
+                                deadline = None;
+                            }
+                            if self.batcher.is_empty() {
+                                deadline = Some(tokio::time::Instant::now() + self.batch_wait);
+                            }
+                            self.last = Some(at);
+                            self.batcher.push(seq, action);
+                            if self.batcher.is_full() {
+                                self.flush().await?;
+                                deadline = None;
+                            }
                         }
                     }
                     None => {

@@ -81,7 +81,8 @@ impl std::error::Error for SinkError {}
 /// Delivers requests to one ConveYour account.
 pub(crate) struct Sink {
     http: reqwest::Client,
-    base: String,
+    /// The identify and track URLs, parsed once rather than per request.
+    urls: [reqwest::Url; 2],
     settings: SinkSettings,
     throttle: Throttle,
 }
@@ -119,9 +120,13 @@ impl Sink {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("conveyour: cannot build the HTTP client: {e}"))?;
+        let url = |e: Endpoint| {
+            reqwest::Url::parse(&format!("{}{}", settings.url, e.path()))
+                .map_err(|err| format!("conveyour.url: not a usable URL ({err})"))
+        };
         Ok(Sink {
             http,
-            base: settings.url.clone(),
+            urls: [url(Endpoint::Identify)?, url(Endpoint::Track)?],
             settings: settings.clone(),
             throttle: Throttle::new(settings.max_requests_per_second),
         })
@@ -133,7 +138,10 @@ impl Sink {
     /// not ok is retried `body_error_retries` times; anything else is a
     /// [`SinkError`]. Cancel by dropping the future.
     pub(crate) async fn deliver(&self, req: &Request) -> Result<(), SinkError> {
-        let url = format!("{}{}", self.base, req.endpoint.path());
+        let url = &self.urls[match req.endpoint {
+            Endpoint::Identify => 0,
+            Endpoint::Track => 1,
+        }];
         let key = req.idempotency_key();
         let mut attempts: u32 = 0;
         let mut not_ok: u32 = 0;
@@ -147,7 +155,7 @@ impl Sink {
             let started = std::time::Instant::now();
             let verdict = match self
                 .http
-                .post(&url)
+                .post(url.clone())
                 .header("Idempotency-Key", &key)
                 .body(req.body.clone())
                 .send()

@@ -130,8 +130,9 @@ impl ReplicationConn {
                                 let name = tls::server_name(host).map_err(SourceError::config)?;
                                 // rustls reads at most 4 KiB per call; the
                                 // buffer makes that one system call per
-                                // READ_CHUNK on a busy stream.
-                                let s = tokio::io::BufReader::with_capacity(READ_CHUNK, s);
+                                // READ_CHUNK on a busy stream, and rustls
+                                // takes it in small parts (see `Feed`).
+                                let s = tls::Feed(tokio::io::BufReader::with_capacity(READ_CHUNK, s));
                                 let stream = tokio_rustls::TlsConnector::from(config)
                                     .connect(name, s)
                                     .await
