@@ -254,16 +254,22 @@ impl Reader<'_> {
     /// The next `n` bytes, or an error naming `field` if the message ends first.
     fn take(&mut self, n: usize, field: &dyn fmt::Display) -> Res<&[u8]> {
         if self.remaining() < n {
-            return Err(format!(
-                "{}: message ends in {field} (needs {n} bytes at offset {}, {} left)",
-                self.what,
-                self.pos,
-                self.remaining()
-            ));
+            return Err(self.ends_in(field, n));
         }
         let start = self.pos;
         self.pos += n;
         Ok(&self.data[start..self.pos])
+    }
+
+    /// The reason for a message that ends before `field`'s `n` bytes.
+    #[cold]
+    fn ends_in(&self, field: &dyn fmt::Display, n: usize) -> String {
+        format!(
+            "{}: message ends in {field} (needs {n} bytes at offset {}, {} left)",
+            self.what,
+            self.pos,
+            self.remaining()
+        )
     }
 
     fn array<const N: usize>(&mut self, field: &dyn fmt::Display) -> Res<[u8; N]> {
@@ -497,13 +503,22 @@ impl Reader<'_> {
             .map_err(|_| format!("{}: negative tuple column count {count}", self.what))?;
         // Each column takes at least one byte; don't let a corrupt count over-allocate.
         let mut datums = Vec::with_capacity(count.min(self.remaining()));
+        // Read without the field-naming helpers, which showed per column in
+        // profiles; a short message gets the same reason as from them.
         for i in 1..=count {
-            let kind = self.u8(&format_args!("tuple column {i} kind"))?;
+            let Some(&kind) = self.data.get(self.pos) else {
+                return Err(self.ends_in(&format_args!("tuple column {i} kind"), 1));
+            };
+            self.pos += 1;
             datums.push(match kind {
                 b'n' => Datum::Null,
                 b'u' => Datum::UnchangedToast,
                 b't' => {
-                    let len = self.i32(&format_args!("tuple column {i} length"))?;
+                    let Some(&[a, b, c, d]) = self.data.get(self.pos..self.pos + 4) else {
+                        return Err(self.ends_in(&format_args!("tuple column {i} length"), 4));
+                    };
+                    self.pos += 4;
+                    let len = i32::from_be_bytes([a, b, c, d]);
                     let len = usize::try_from(len).map_err(|_| {
                         format!("{}: tuple column {i} has negative length {len}", self.what)
                     })?;

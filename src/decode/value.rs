@@ -155,6 +155,7 @@ pub fn write_json(
             b"f" => b"false",
             _ => return Err(invalid("a boolean (t or f)", text)),
         }),
+        ValueKind::Int if is_plain_int(text) => out.extend_from_slice(text),
         ValueKind::Int => {
             let n = parse_i64(text).ok_or_else(|| invalid("an integer within 64 bits", text))?;
             write_i64(out, n);
@@ -179,6 +180,23 @@ pub fn write_json(
         }
     }
     Ok(())
+}
+
+/// Whether an integer's text is already its JSON: Postgres's own output
+/// for an integer of at most 18 digits (so within i64), without a sign
+/// other than `-` or leading zeros. Such text is copied as it is instead
+/// of parsed and printed again.
+fn is_plain_int(text: &[u8]) -> bool {
+    let digits = match text.split_first() {
+        Some((b'-', rest)) => rest,
+        _ => text,
+    };
+    match digits {
+        [] => false,
+        [b'0'] => digits.len() == text.len(),
+        [b'0', ..] => false,
+        _ => digits.len() <= 18 && digits.iter().all(u8::is_ascii_digit),
+    }
 }
 
 /// Writes a numeric whose JSON is its own digits, trimmed: an integer
@@ -998,6 +1016,50 @@ mod tests {
                 scale + digits as i32 - 1,
                 "{text}"
             );
+        }
+    }
+
+    /// An integer copied as it is reads as what the parse and print gave.
+    #[test]
+    fn plain_ints_write_what_the_general_path_writes() {
+        let mut rng = fastrand::Rng::with_seed(12);
+        let mut taken = 0;
+        let general = |text: &str| {
+            let mut out = Vec::new();
+            parse_i64(text.as_bytes()).map(|n| {
+                write_i64(&mut out, n);
+                String::from_utf8(out).unwrap()
+            })
+        };
+        for i in 0..200_000 {
+            let mut text: String = (0..rng.usize(0..=20))
+                .map(|_| char::from(b'0' + rng.u8(0..10)))
+                .collect();
+            if i % 3 == 0 {
+                text.insert(0, '-');
+            }
+            if !is_plain_int(text.as_bytes()) {
+                continue;
+            }
+            taken += 1;
+            assert_eq!(general(&text).as_deref(), Some(text.as_str()), "{text}");
+        }
+        assert!(taken > 20_000, "the plain path took only {taken}");
+        for text in ["0", "7", "-7", "999999999999999999", "-999999999999999999"] {
+            assert!(is_plain_int(text.as_bytes()), "{text}");
+        }
+        // Left to the general path: what it rewrites or rejects.
+        for text in [
+            "",
+            "-",
+            "-0",
+            "007",
+            "+7",
+            "1e3",
+            "9223372036854775807",
+            " 1",
+        ] {
+            assert!(!is_plain_int(text.as_bytes()), "{text}");
         }
     }
 

@@ -22,7 +22,7 @@ use super::Shutdown;
 use crate::config::{OnReject, SinkSettings};
 use crate::lsn::Lsn;
 use crate::mapping::Action;
-use crate::sink::{Batcher, Request, Sink};
+use crate::sink::{contact_key, Batcher, Request, Sink};
 use crate::state::{Progress, State};
 use crate::{telemetry, Error};
 
@@ -60,15 +60,10 @@ pub(crate) enum Event {
     Quiet,
 }
 
-/// The lane of a contact among `lanes`: FNV-1a, stable across restarts and
-/// versions, since recorded progress is per lane.
+/// The lane of a contact among `lanes`, by [`contact_key`]: stable across
+/// restarts and versions, since recorded progress is per lane.
 pub(super) fn lane_for(contact: &str, lanes: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in contact.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % lanes.max(1) as u64) as usize
+    (contact_key(contact) % lanes.max(1) as u64) as usize
 }
 
 /// What a restart may skip: rows each lane recorded as delivered.

@@ -751,7 +751,7 @@ async fn deliver(
             .with_label_values(&[table, label])
             .inc();
     };
-    let mapped = match outcome {
+    let mut mapped = match outcome {
         Outcome::Nothing => return Ok(()),
         Outcome::Skip {
             table,
@@ -763,17 +763,21 @@ async fn deliver(
         }
         Outcome::Send(mapped) => mapped,
     };
-    let contact = match resolver.contact(&mapped.contact).await? {
-        Ok(c) => c,
-        Err(reason) => {
-            skip(&mapped.table, "", &reason, "contact_not_found");
-            return Ok(());
-        }
-    };
     // A looked-up contact may resolve differently after a restart (and so
     // land in another lane): such a row counts as delivered only when every
     // lane had passed it.
     let looked_up = matches!(mapped.contact, ContactRef::Lookup { .. });
+    // A known contact is moved into the actions, not copied.
+    let contact = match std::mem::replace(&mut mapped.contact, ContactRef::Known(String::new())) {
+        ContactRef::Known(c) => c,
+        lookup => match resolver.contact(&lookup).await? {
+            Ok(c) => c,
+            Err(reason) => {
+                skip(&mapped.table, "", &reason, "contact_not_found");
+                return Ok(());
+            }
+        },
+    };
     let first = at.change + 1 - ROW_ORDINALS;
     for (i, action) in mapped.into_actions(contact, lsn).enumerate() {
         let at = Progress {

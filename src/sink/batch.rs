@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 #[cfg(test)]
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::Endpoint;
 use crate::decode::value::write_json_str;
@@ -128,12 +129,90 @@ pub(crate) struct Batcher {
     identify: Vec<Item>,
     /// With coalescing: each pending identify's contact → its index, and
     /// the identifies folded into each entry.
-    identify_index: HashMap<String, usize>,
+    identify_index: ContactIndex,
     identify_merged: Vec<Vec<u64>>,
     /// Track events by contact, in order of each contact's first event.
     tracks: Vec<(String, Vec<Item>)>,
-    track_index: HashMap<String, usize>,
+    track_index: ContactIndex,
     track_count: usize,
+}
+
+/// Pending entries by contact, keyed by a 64-bit hash of the contact id
+/// so that indexing an action copies nothing (a `String` key meant an
+/// allocation per identify). The entry's own contact settles whether a
+/// hit is the contact or another with the same hash.
+struct ContactIndex {
+    entries: HashMap<u64, usize, BuildHasherDefault<KeyHasher>>,
+    /// [`contact_key`]; tests put a colliding one here.
+    key: fn(&str) -> u64,
+}
+
+impl Default for ContactIndex {
+    fn default() -> ContactIndex {
+        ContactIndex {
+            entries: HashMap::default(),
+            key: contact_key,
+        }
+    }
+}
+
+/// Where a contact stands in a [`ContactIndex`].
+enum Slot {
+    Found(usize),
+    /// Another contact holds the key.
+    Taken,
+    Absent,
+}
+
+impl ContactIndex {
+    /// Looks `contact` up; `contact_at` gives the contact of an entry.
+    fn find<'a>(&self, contact: &str, contact_at: impl Fn(usize) -> &'a String) -> Slot {
+        match self.entries.get(&(self.key)(contact)) {
+            Some(&i) if contact_at(i) == contact => Slot::Found(i),
+            Some(_) => Slot::Taken,
+            None => Slot::Absent,
+        }
+    }
+
+    fn set(&mut self, contact: &str, at: usize) {
+        self.entries.insert((self.key)(contact), at);
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// FNV-1a of a contact id: a few cycles for a short id. Stable across
+/// restarts and versions, since delivery lanes are chosen by it
+/// (`pipeline::delivery::lane_for`) and progress is recorded per lane.
+pub(crate) fn contact_key(contact: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in contact.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Hands a [`ContactIndex`] key, already a hash, to the map unchanged.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl Batcher {
@@ -142,10 +221,10 @@ impl Batcher {
             batch_size,
             coalesce,
             identify: Vec::new(),
-            identify_index: HashMap::new(),
+            identify_index: ContactIndex::default(),
             identify_merged: Vec::new(),
             tracks: Vec::new(),
-            track_index: HashMap::new(),
+            track_index: ContactIndex::default(),
             track_count: 0,
         }
     }
@@ -163,8 +242,14 @@ impl Batcher {
     /// contact's order: an identify may not join a batch that already holds
     /// an event for the same contact, since identifies are sent first.
     pub(crate) fn must_flush_before(&self, action: &Action) -> bool {
+        // A contact whose key is taken by another may have events too:
+        // flush then as well.
         matches!(action.body, ActionBody::Identify { .. })
-            && self.track_index.contains_key(&action.contact)
+            && !matches!(
+                self.track_index
+                    .find(&action.contact, |i| &self.tracks[i].0),
+                Slot::Absent
+            )
     }
 
     /// Adds an action. With coalescing, an identify for a contact that
@@ -176,7 +261,10 @@ impl Batcher {
     pub(crate) fn push(&mut self, seq: u64, action: Action) {
         match action.body {
             ActionBody::Identify { .. } if self.coalesce => {
-                if let Some(&i) = self.identify_index.get(&action.contact) {
+                let slot = self
+                    .identify_index
+                    .find(&action.contact, |i| &self.identify[i].1.contact);
+                if let Slot::Found(i) = slot {
                     if let (
                         ActionBody::Identify { traits },
                         ActionBody::Identify { traits: later },
@@ -193,19 +281,25 @@ impl Batcher {
                         }
                     }
                 }
+                // The newest entry of its contact takes the key (from
+                // another contact too, which then just does not coalesce).
                 self.identify_index
-                    .insert(action.contact.clone(), self.identify.len());
+                    .set(&action.contact, self.identify.len());
                 self.identify.push((seq, action));
                 self.identify_merged.push(Vec::new());
             }
             ActionBody::Identify { .. } => self.identify.push((seq, action)),
             ActionBody::Track { .. } => {
                 self.track_count += 1;
-                match self.track_index.get(&action.contact) {
-                    Some(&i) => self.tracks[i].1.push((seq, action)),
-                    None => {
-                        self.track_index
-                            .insert(action.contact.clone(), self.tracks.len());
+                match self
+                    .track_index
+                    .find(&action.contact, |i| &self.tracks[i].0)
+                {
+                    Slot::Found(i) => self.tracks[i].1.push((seq, action)),
+                    // A contact whose key another holds starts a group of its
+                    // own; its groups go out in order, so its events do too.
+                    Slot::Absent | Slot::Taken => {
+                        self.track_index.set(&action.contact, self.tracks.len());
                         self.tracks
                             .push((action.contact.clone(), vec![(seq, action)]));
                     }
@@ -645,6 +739,42 @@ mod tests {
         b.push(1, identify("a", 1, json!({ "x": 1 })));
         b.push(2, identify("a", 2, json!({ "x": 2 })));
         assert_eq!(body(&b.take()[0]).as_array().unwrap().len(), 2);
+    }
+
+    /// Contacts whose keys collide (here every key does) neither share an
+    /// entry nor lose their order.
+    #[test]
+    fn a_contact_whose_key_another_holds_keeps_its_own_entries() {
+        let mut b = Batcher::new(10, true);
+        b.track_index.key = |_| 7;
+        b.identify_index.key = |_| 7;
+        b.push(1, identify("a", 1, json!({ "x": 1 })));
+        b.push(2, identify("b", 2, json!({ "y": 2 })));
+        b.push(3, identify("a", 3, json!({ "x": 3 })));
+        b.push(4, track("a", 4, 40));
+        // "b" may have events under the taken key: flush to be safe.
+        assert!(b.must_flush_before(&identify("b", 5, json!({}))));
+        b.push(5, track("b", 5, 50));
+        b.push(6, track("a", 6, 60));
+        let reqs = b.take();
+        assert_eq!(
+            body(&reqs[0]),
+            json!([
+                {"id": "a", "traits": {"x": 1}},
+                {"id": "b", "traits": {"y": 2}},
+                {"id": "a", "traits": {"x": 3}}
+            ])
+        );
+        let tracks: Vec<Value> = reqs[1..].iter().map(body).collect();
+        let sale = |n: i64| json!({"event": "made_sale", "properties": {"amount": n}});
+        assert_eq!(
+            tracks,
+            [
+                json!({"id": "a", "events": [sale(40)]}),
+                json!({"id": "b", "events": [sale(50)]}),
+                json!({"id": "a", "events": [sale(60)]}),
+            ]
+        );
     }
 
     #[test]

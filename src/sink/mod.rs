@@ -6,7 +6,7 @@ mod client;
 mod retry;
 mod throttle;
 
-pub(crate) use batch::{single_body, Batcher, Request};
+pub(crate) use batch::{contact_key, single_body, Batcher, Request};
 pub(crate) use client::Sink;
 pub use client::SinkError;
 pub(crate) use retry::backoff;
