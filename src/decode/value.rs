@@ -160,14 +160,14 @@ pub fn write_json(
             let n = parse_i64(text).ok_or_else(|| invalid("an integer within 64 bits", text))?;
             write_i64(out, n);
         }
-        ValueKind::Text => write_json_str(out, utf8(text)?),
+        ValueKind::Text => write_json_text(out, text)?,
         ValueKind::Numeric if write_plain_numeric(text, out) => {}
-        ValueKind::Date if iso => write_json_str(out, utf8(text)?),
+        ValueKind::Date if iso => write_json_text(out, text)?,
         ValueKind::Timestamp | ValueKind::TimestampTz if iso => {
             let s = utf8(text)?;
             out.push(b'"');
             iso_timestamp(s, *kind == ValueKind::TimestampTz, |piece| {
-                escape_into(out, piece)
+                escape_into(out, piece.as_bytes())
             });
             out.push(b'"');
         }
@@ -283,14 +283,27 @@ pub(crate) fn write_i64(out: &mut Vec<u8>, n: i64) {
 pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
     out.reserve(s.len() + 2);
     out.push(b'"');
-    escape_into(out, s);
+    escape_into(out, s.as_bytes());
     out.push(b'"');
+}
+
+/// [`write_json_str`] for a value's text, which must be UTF-8. ASCII, the
+/// usual case, is only scanned once: the check that it is ASCII is far
+/// cheaper than a full UTF-8 validation of a short string.
+fn write_json_text(out: &mut Vec<u8>, text: &[u8]) -> Result<(), ValueError> {
+    if !text.is_ascii() {
+        utf8(text)?;
+    }
+    out.reserve(text.len() + 2);
+    out.push(b'"');
+    escape_into(out, text);
+    out.push(b'"');
+    Ok(())
 }
 
 /// The body of a JSON string, without quotes: see [`write_json_str`].
 /// Plain runs are skipped eight bytes at a time and copied whole.
-fn escape_into(out: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
+fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     let mut start = 0;
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
@@ -1549,7 +1562,15 @@ mod tests {
                 }
             }
         }
-        // Invalid UTF-8 is refused, not passed on.
-        assert!(write_json(&Text, b"\xff", &TimeFormat::Iso8601, &mut Vec::new()).is_err());
+        // A value's text, ASCII or not, the same way; invalid UTF-8 is
+        // refused, not passed on.
+        for text in ["plain", "tab\there", "café \"ok\"", "日本\u{1}"] {
+            let mut out = Vec::new();
+            write_json(&Text, text.as_bytes(), &TimeFormat::Iso8601, &mut out).unwrap();
+            assert_eq!(out, serde_json::to_vec(text).unwrap(), "{text:?}");
+        }
+        for bad in [&b"\xff"[..], b"caf\xc3", b"ok\xed\xa0\x80"] {
+            assert!(write_json(&Text, bad, &TimeFormat::Iso8601, &mut Vec::new()).is_err());
+        }
     }
 }
