@@ -5,6 +5,7 @@
 //!     [--sales-per-rep K] [--delay-ms D] [--latency-rate R] [--latency-secs S]
 //!     [--batch-size B] [--batch-wait-ms W] [--set conveyour_key=value]... [--perf FILE] [--no-build]
 //!     [--timeout-secs T] [--skip-latency] [--sslmode disable|prefer|require]
+//!     [--callgrind DIR]
 //! ```
 //!
 //! In one process, on one machine, it:
@@ -75,6 +76,10 @@ struct Opts {
     /// More `conveyour:` keys, `key: value`, from `--set key=value`.
     extra: Vec<String>,
     perf: Option<PathBuf>,
+    /// Run the connector under callgrind, writing its profiles here, and
+    /// report instructions per change: a count the machine's load does not
+    /// move, for comparing builds. Times then measure valgrind.
+    callgrind: Option<PathBuf>,
     build: bool,
     timeout: Duration,
     latency: bool,
@@ -87,7 +92,7 @@ fn usage() -> ! {
         "usage: cargo bench --bench throughput -- [--changes N (1000000)] [--quick (50000 changes)] \
          [--repeat R (2)] [--sales-per-rep K (100)] [--delay-ms D (20)] [--latency-rate R (5000)] \
          [--latency-secs S (10)] [--batch-size B] [--batch-wait-ms W] [--set conveyour_key=value]... [--perf FILE] [--no-build] \
-         [--timeout-secs T (900)] [--skip-latency] [--sslmode M (prefer)]"
+         [--timeout-secs T (900)] [--skip-latency] [--sslmode M (prefer)] [--callgrind DIR]"
     );
     std::process::exit(2)
 }
@@ -104,6 +109,7 @@ fn parse_opts() -> Opts {
         batch_wait_ms: None,
         extra: Vec::new(),
         perf: None,
+        callgrind: None,
         build: true,
         timeout: Duration::from_secs(900),
         latency: true,
@@ -132,6 +138,11 @@ fn parse_opts() -> Opts {
                 o.extra.push(format!("{}: {}", k.trim(), v.trim()));
             }
             "--perf" => o.perf = Some(PathBuf::from(args.next().unwrap_or_else(|| usage()))),
+            "--callgrind" => {
+                o.callgrind = Some(PathBuf::from(args.next().unwrap_or_else(|| usage())));
+                // Latency under valgrind would measure valgrind.
+                o.latency = false;
+            }
             "--no-build" => o.build = false,
             "--timeout-secs" => o.timeout = Duration::from_secs(num(args.next())),
             "--skip-latency" => o.latency = false,
@@ -382,6 +393,23 @@ struct ProcSample {
     switches: u64,
 }
 
+/// Where `--callgrind` writes a run's profile.
+fn callgrind_file(dir: &Path, slot: &str) -> PathBuf {
+    dir.join(format!("{slot}.callgrind"))
+}
+
+/// The instructions a callgrind profile counted: its `summary:` (or, in
+/// older files, `totals:`) line.
+fn callgrind_total(file: &Path) -> Option<u64> {
+    fs::read_to_string(file).ok()?.lines().find_map(|l| {
+        l.strip_prefix("summary:")
+            .or_else(|| l.strip_prefix("totals:"))?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
@@ -502,6 +530,8 @@ struct RunResult {
     kind: Kind,
     secs: f64,
     counted: u64,
+    /// Instructions the connector ran (`--callgrind`).
+    instructions: Option<u64>,
     /// CPU of the client: pg_recvlogical or the connector.
     cpu_s: Option<f64>,
     user_s: Option<f64>,
@@ -614,7 +644,20 @@ impl Ctx {
         let log = self.scratch.join(format!("{slot}.log"));
         let out = fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
-        let child = Command::new(&self.bin)
+        let mut command = match &opts.callgrind {
+            Some(dir) => {
+                let mut c = Command::new("valgrind");
+                c.arg("--tool=callgrind")
+                    .arg(format!(
+                        "--callgrind-out-file={}",
+                        callgrind_file(dir, slot).display()
+                    ))
+                    .arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
@@ -622,7 +665,10 @@ impl Ctx {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+            .unwrap_or_else(|e| match opts.callgrind {
+                Some(_) => panic!("starting valgrind (needed by --callgrind): {e}"),
+                None => panic!("starting {}: {e}", self.bin.display()),
+            });
         (child, log)
     }
 
@@ -679,6 +725,7 @@ impl Ctx {
             kind: Kind::Recvlogical,
             secs,
             counted: if ok { expected } else { 0 },
+            instructions: None,
             cpu_s: last.as_ref().map(|s| s.cpu_s),
             user_s: last.as_ref().map(|s| s.user_s),
             hwm_kib: last.as_ref().map(|s| s.hwm_kib),
@@ -807,10 +854,15 @@ impl Ctx {
                 note.push_str(" confirmed LSN short of the end");
             }
         }
+        let instructions = opts
+            .callgrind
+            .as_ref()
+            .and_then(|dir| callgrind_total(&callgrind_file(dir, slot)));
         RunResult {
             kind,
             secs,
             counted,
+            instructions,
             cpu_s: last_sample.as_ref().map(|s| s.cpu_s),
             user_s: last_sample.as_ref().map(|s| s.user_s),
             hwm_kib: last_sample.as_ref().map(|s| s.hwm_kib),
@@ -1008,6 +1060,9 @@ async fn main() {
         return;
     }
     let opts = parse_opts();
+    if let Some(dir) = &opts.callgrind {
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("--callgrind {}: {e}", dir.display()));
+    }
     let n = (opts.changes * 2 / 5).max(2) as i64;
     let bin = connector_bin(&opts);
     let stats = Arc::new(Stats::default());
@@ -1095,7 +1150,7 @@ async fn main() {
             }
         };
         eprintln!(
-            "{slot}: {:.2} s, {:.0} changes/s, {} requests{}{}{}",
+            "{slot}: {:.2} s, {:.0} changes/s, {} requests{}{}{}{}",
             r.secs,
             r.counted as f64 / r.secs,
             r.requests,
@@ -1105,6 +1160,12 @@ async fn main() {
                 .unwrap_or_default(),
             r.switches
                 .map(|c| format!(", {c} context switches"))
+                .unwrap_or_default(),
+            r.instructions
+                .map(|i| format!(
+                    ", {i} instructions ({:.0} per change)",
+                    i as f64 / r.counted.max(1) as f64
+                ))
                 .unwrap_or_default(),
             if r.note.is_empty() {
                 String::new()
