@@ -78,7 +78,8 @@ struct Opts {
     perf: Option<PathBuf>,
     /// Run the connector under callgrind, writing its profiles here, and
     /// report instructions per change: a count the machine's load does not
-    /// move, for comparing builds. Times then measure valgrind.
+    /// move, for comparing builds. Times then measure valgrind, and the
+    /// latency run is skipped.
     callgrind: Option<PathBuf>,
     build: bool,
     timeout: Duration,

@@ -187,12 +187,13 @@ impl ContactIndex {
 /// restarts and versions, since delivery lanes are chosen by it
 /// (`pipeline::delivery::lane_for`) and progress is recorded per lane.
 pub(crate) fn contact_key(contact: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in contact.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    fnv1a(0xcbf2_9ce4_8422_2325, contact.as_bytes())
+}
+
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Hands a [`ContactIndex`] key, already a hash, to the map unchanged.
@@ -204,10 +205,9 @@ impl Hasher for KeyHasher {
         self.0
     }
 
+    /// Not used for the map's `u64` keys; any bytes still hash.
     fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
+        self.0 = fnv1a(self.0, bytes);
     }
 
     fn write_u64(&mut self, n: u64) {
