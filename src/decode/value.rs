@@ -223,7 +223,12 @@ fn write_plain_numeric(text: &[u8], out: &mut Vec<u8>) -> bool {
     let frac =
         &frac_part[..frac_part.len() - frac_part.iter().rev().take_while(|&&b| b == b'0').count()];
     if frac.is_empty() {
-        let Some(n) = parse_i64(&text[..text.len() - body.len() + int_part.len()]) else {
+        let int_text = &text[..text.len() - body.len() + int_part.len()];
+        if is_plain_int(int_text) {
+            out.extend_from_slice(int_text);
+            return true;
+        }
+        let Some(n) = parse_i64(int_text) else {
             return false;
         };
         write_i64(out, n);
@@ -281,10 +286,7 @@ pub(crate) fn write_i64(out: &mut Vec<u8>, n: i64) {
 /// (lower-case hex) for the other control characters; everything else,
 /// non-ASCII included, as it is.
 pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    out.reserve(s.len() + 2);
-    out.push(b'"');
-    escape_into(out, s.as_bytes());
-    out.push(b'"');
+    write_quoted(out, s.as_bytes());
 }
 
 /// [`write_json_str`] for a value's text, which must be UTF-8. ASCII, the
@@ -294,11 +296,16 @@ fn write_json_text(out: &mut Vec<u8>, text: &[u8]) -> Result<(), ValueError> {
     if !text.is_ascii() {
         utf8(text)?;
     }
+    write_quoted(out, text);
+    Ok(())
+}
+
+/// Quotes and escapes text already known to be UTF-8.
+fn write_quoted(out: &mut Vec<u8>, text: &[u8]) {
     out.reserve(text.len() + 2);
     out.push(b'"');
     escape_into(out, text);
     out.push(b'"');
-    Ok(())
 }
 
 /// The body of a JSON string, without quotes: see [`write_json_str`].
