@@ -1,5 +1,6 @@
-//! The command line: `check` against a real database, bad configs refused
-//! before anything connects, `--help` everywhere.
+//! The command line: `check` against a real database and the test
+//! ConveYour, bad configs refused before anything connects, `--help`
+//! everywhere.
 
 use crate::support::connector::{run_cli, CONFIG_PLACEHOLDER as CONFIG};
 use crate::support::receiver::{Fault, IDENTIFY_PATH};
@@ -333,11 +334,7 @@ async fn check_reports_conveyour_unreachable_with_the_cause() {
     let config = w
         .roster_config()
         .replace(&w.rx.url(), &format!("http://127.0.0.1:{closed}"));
-    let (status, out, err) = run_cli(
-        &["check", "--config", CONFIG, "--probe-id", "probe@x.test"],
-        &config,
-        &[],
-    );
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
     assert_eq!(status.code(), Some(1), "{out}\n{err}");
     // The database checks still ran and passed.
     assert!(out.contains("ok   replication connection"), "{out}");
@@ -351,10 +348,18 @@ async fn check_reports_conveyour_unreachable_with_the_cause() {
         )) && line.to_lowercase().contains("connection refused"),
         "{line}"
     );
-    // The probe needs a reachable URL; it is left out, not a second failure.
-    assert!(!out.contains("conveyour identify"), "{out}");
     assert!(
         err.contains("1 check(s) failed: conveyour reachable"),
         "{err}"
     );
+
+    // The probe needs a reachable URL; it is left out, not a second failure.
+    let (status, out, err) = run_cli(
+        &["check", "--config", CONFIG, "--probe-id", "probe@x.test"],
+        &config,
+        &[],
+    );
+    assert_eq!(status.code(), Some(1), "{out}\n{err}");
+    assert!(out.contains("FAIL conveyour reachable"), "{out}");
+    assert!(!out.contains("conveyour identify"), "{out}");
 }
