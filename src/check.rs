@@ -1,5 +1,6 @@
 //! Preflight: everything `run` needs from the database, checked one by one,
-//! each with the fix when it fails.
+//! each with the fix when it fails; [`conveyour_checks`] does the same for
+//! ConveYour.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -7,6 +8,10 @@ use std::fmt;
 use crate::config::{quote_ident, ContactSource, Settings, TableMapping, TableName};
 use crate::mapping::Schema;
 use crate::source::{self, connect_sql, Catalog, FilterVerdict, ReplicaIdentity, ReplicationConn};
+
+mod conveyour;
+
+pub use conveyour::conveyour_checks;
 
 /// How one check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

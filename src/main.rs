@@ -74,7 +74,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Verify everything `run` needs and print one line per check.
+    /// Verify everything `run` needs, in Postgres and ConveYour, and print
+    /// one line per check. Sends ConveYour nothing unless --probe-id is given.
     Check {
         /// The YAML config file.
         #[arg(long, short)]
@@ -82,6 +83,11 @@ enum Command {
         /// Only parse and validate the config; do not connect.
         #[arg(long)]
         config_only: bool,
+        /// Also send ConveYour one identify with empty traits for this
+        /// contact id (created if the account lacks it), to try the URL, app
+        /// key and token.
+        #[arg(long, value_name = "ID", conflicts_with = "config_only", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        probe_id: Option<String>,
     },
     /// List, re-send or delete entries ConveYour rejected for good.
     DeadLetters {
@@ -217,13 +223,20 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
         Command::Check {
             config,
             config_only,
+            probe_id,
         } => {
             let settings = config::load(&config)?;
             println!("ok   config: {} tables mapped", settings.tables.len());
             if config_only {
                 return Ok(ExitCode::SUCCESS);
             }
-            let results = runtime(threads)?.block_on(check::run_checks(&settings));
+            let results = runtime(threads)?.block_on(async {
+                let mut results = check::run_checks(&settings).await;
+                results.extend(
+                    check::conveyour_checks(&settings.conveyour, probe_id.as_deref()).await,
+                );
+                results
+            });
             for r in &results {
                 println!("{r}");
             }

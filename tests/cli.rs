@@ -1,8 +1,10 @@
-//! The command line: `check` against a real database, bad configs refused
-//! before anything connects, `--help` everywhere.
+//! The command line: `check` against a real database and the test
+//! ConveYour, bad configs refused before anything connects, `--help`
+//! everywhere.
 
 use crate::support::connector::{run_cli, CONFIG_PLACEHOLDER as CONFIG};
-use crate::support::setup::{world, ROSTER_SQL, ROSTER_TABLES, TOKEN};
+use crate::support::receiver::{Fault, IDENTIFY_PATH};
+use crate::support::setup::{world, APPKEY, ROSTER_SQL, ROSTER_TABLES, TOKEN};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn check_passes_on_a_ready_database_with_one_line_per_check() {
@@ -21,6 +23,7 @@ async fn check_passes_on_a_ready_database_with_one_line_per_check() {
         "publication",
         "connector schema",
         "replication slot",
+        "conveyour reachable",
     ] {
         assert!(
             out.lines()
@@ -189,4 +192,174 @@ fn every_subcommand_has_help() {
         assert!(status.success(), "{args:?}");
         assert!(out.contains("Usage: conveyour-cdc"), "{out}");
     }
+}
+
+#[test]
+fn a_conveyour_url_ending_in_the_api_path_is_refused_by_every_command() {
+    // Port 1 would refuse a connection; the config error must come first.
+    for path in [
+        "/api/analytics",
+        "/api/analytics/",
+        "/api/analytics/identify",
+    ] {
+        let yaml = format!(
+            "postgres:\n  url: postgres://cdc@127.0.0.1:1/app\nconveyour:\n  url: http://127.0.0.1:1{path}\n  appkey: k\n  token: {TOKEN}\n{ROSTER_TABLES}"
+        );
+        for command in ["check", "run", "preview"] {
+            let (status, out, err) = run_cli(&[command, "--config", CONFIG], &yaml, &[]);
+            assert!(!status.success(), "{command} accepted {path}:\n{out}");
+            assert_eq!(err.lines().count(), 1, "{command} {path}: {err}");
+            assert!(
+                err.contains("config conveyour.url: ")
+                    && err.contains("the account's base URL: http://127.0.0.1:1 "),
+                "{command} {path}: {err}"
+            );
+        }
+        let (status, _, err) = run_cli(&["check", "--config", CONFIG, "--config-only"], &yaml, &[]);
+        assert!(!status.success() && err.contains("conveyour.url"), "{err}");
+    }
+}
+
+/// The `conveyour identify` line of `check --probe-id` with this config.
+fn probe_line(config: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let (status, out, err) = run_cli(
+        &["check", "--config", CONFIG, "--probe-id", "probe@x.test"],
+        config,
+        env,
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok   conveyour reachable: ")),
+        "{out}\n{err}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains(" conveyour identify: "))
+        .unwrap_or_else(|| panic!("no conveyour identify line:\n{out}\n{err}"))
+        .to_owned();
+    assert!(
+        !out.contains(TOKEN) && !err.contains(TOKEN) && !out.contains(APPKEY),
+        "a secret leaked:\n{out}\n{err}"
+    );
+    (status.success(), line)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_probe_id_sends_one_empty_identify_and_says_what_conveyour_answered() {
+    let w = world("check_probe", ROSTER_SQL).await;
+    let config = w.roster_config();
+
+    // Without --probe-id nothing is posted.
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{out}\n{err}");
+    assert!(
+        out.contains(&format!("ok   conveyour reachable: {} answers", w.rx.url())),
+        "{out}"
+    );
+    assert!(
+        w.rx.requests().iter().all(|r| r.method != "POST"),
+        "{}",
+        w.rx.summary()
+    );
+
+    // Wrong credentials: named, never printed.
+    w.rx.reset_records();
+    let (ok, line) = probe_line(&config, &[("CONVEYOUR_TOKEN", "wrong-token-31")]);
+    assert!(!ok, "{line}");
+    assert!(
+        line.starts_with("FAIL conveyour identify: HTTP 401: the app key or token is wrong (conveyour.appkey / conveyour.token"),
+        "{line}"
+    );
+    assert!(!line.contains("wrong-token-31"), "{line}");
+    assert_eq!(w.rx.identify_count(), 0);
+
+    // The right ones: ok, and exactly that identify arrived.
+    w.rx.reset_records();
+    let (ok, line) = probe_line(&config, &[]);
+    assert!(ok, "{line}");
+    assert!(
+        line.starts_with(
+            "ok   conveyour identify: ConveYour accepted an identify of contact probe@x.test"
+        ),
+        "{line}"
+    );
+    assert_eq!(
+        w.rx.identifies(),
+        vec![serde_json::json!({"id": "probe@x.test", "traits": {}})]
+    );
+    let posts: Vec<_> =
+        w.rx.requests()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .collect();
+    assert_eq!(posts.len(), 1, "{}", w.rx.summary());
+    assert_eq!(posts[0].endpoint, IDENTIFY_PATH);
+
+    // A URL with a path ConveYour does not serve.
+    let (ok, line) = probe_line(
+        &config.replace(&w.rx.url(), &format!("{}/cy", w.rx.url())),
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        line.contains("HTTP 404") && line.contains("conveyour.url points to the wrong place"),
+        "{line}"
+    );
+
+    // 200 with an error body: ConveYour's message. Then a 503: busy.
+    w.rx.set_fault(Fault::BodyError);
+    let (ok, line) = probe_line(&config, &[]);
+    assert!(!ok);
+    assert!(
+        line.contains("HTTP 200: ConveYour did not accept") && line.ends_with("injected"),
+        "{line}"
+    );
+    w.rx.set_fault(Fault::Status(503));
+    let (ok, line) = probe_line(&config, &[]);
+    assert!(!ok);
+    assert!(
+        line.contains("ConveYour is unreachable or busy: HTTP 503"),
+        "{line}"
+    );
+    w.rx.clear_fault();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_conveyour_unreachable_with_the_cause() {
+    let w = world("check_cy_down", ROSTER_SQL).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = w
+        .roster_config()
+        .replace(&w.rx.url(), &format!("http://127.0.0.1:{closed}"));
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert_eq!(status.code(), Some(1), "{out}\n{err}");
+    // The database checks still ran and passed.
+    assert!(out.contains("ok   replication connection"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("conveyour reachable"))
+        .unwrap_or_else(|| panic!("no conveyour line:\n{out}"));
+    assert!(
+        line.starts_with(&format!(
+            "FAIL conveyour reachable: conveyour.url http://127.0.0.1:{closed}: could not connect"
+        )) && line.to_lowercase().contains("connection refused"),
+        "{line}"
+    );
+    assert!(
+        err.contains("1 check(s) failed: conveyour reachable"),
+        "{err}"
+    );
+
+    // The probe needs a reachable URL; it is left out, not a second failure.
+    let (status, out, err) = run_cli(
+        &["check", "--config", CONFIG, "--probe-id", "probe@x.test"],
+        &config,
+        &[],
+    );
+    assert_eq!(status.code(), Some(1), "{out}\n{err}");
+    assert!(out.contains("FAIL conveyour reachable"), "{out}");
+    assert!(!out.contains("conveyour identify"), "{out}");
 }

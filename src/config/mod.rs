@@ -449,6 +449,12 @@ impl Config {
                         "give only the base URL (scheme, host, port, path); credentials go in appkey and token",
                     ));
                 }
+                if let Some(base) = without_api_path(&u) {
+                    return Err(err(
+                        "conveyour.url",
+                        format!("`{url}` ends in ConveYour's API path, which the connector appends itself (requests would go to {url}/api/analytics/identify); set it to the account's base URL: {base}"),
+                    ));
+                }
             }
             _ => {
                 return Err(err(
@@ -581,6 +587,29 @@ fn credential(
             format!("missing: set it in the config file or in the {env_name} environment variable"),
         )),
     }
+}
+
+/// The base URL without a trailing `/api/analytics`,
+/// `/api/analytics/identify` or `/api/analytics/track` (any case), when the
+/// URL ends in one of them; `None` for a base URL.
+fn without_api_path(url: &url::Url) -> Option<String> {
+    let segments: Vec<&str> = url.path_segments()?.filter(|s| !s.is_empty()).collect();
+    let is = |s: &str, word: &str| s.eq_ignore_ascii_case(word);
+    let api = |tail: &[&str]| match tail {
+        [api, analytics] => is(api, "api") && is(analytics, "analytics"),
+        [api, analytics, call] => {
+            is(api, "api")
+                && is(analytics, "analytics")
+                && (is(call, "identify") || is(call, "track"))
+        }
+        _ => false,
+    };
+    let start =
+        (segments.len().saturating_sub(3)..segments.len()).find(|&i| api(&segments[i..]))?;
+    let mut base = url.clone();
+    base.set_path(&segments[..start].join("/"));
+    base.set_fragment(None);
+    Some(base.as_str().trim_end_matches('/').to_owned())
 }
 
 /// Slot names are restricted by Postgres to lower-case letters, digits and
@@ -855,6 +884,49 @@ tables: [{table: employees, identify: {id: email}}]
             "missing identify or track",
         );
         expect_error("tables: [", "", "");
+    }
+
+    #[test]
+    fn a_url_ending_in_the_api_path_is_refused_with_the_base_url() {
+        for (given, base) in [
+            (
+                "https://acme.conveyour.com/api/analytics",
+                "https://acme.conveyour.com",
+            ),
+            (
+                "https://acme.conveyour.com/api/analytics/",
+                "https://acme.conveyour.com",
+            ),
+            (
+                "https://acme.conveyour.com/API/Analytics",
+                "https://acme.conveyour.com",
+            ),
+            (
+                "https://acme.conveyour.com/api/analytics/identify",
+                "https://acme.conveyour.com",
+            ),
+            (
+                "https://acme.conveyour.com/api/analytics/track/",
+                "https://acme.conveyour.com",
+            ),
+            ("http://proxy:8080/cy/api/analytics", "http://proxy:8080/cy"),
+        ] {
+            expect_error(
+                &GOOD.replace("https://acme.conveyour.com", given),
+                "conveyour.url",
+                &format!("set it to the account's base URL: {base}"),
+            );
+        }
+        for fine in [
+            "https://acme.conveyour.com/",
+            "http://proxy:8080/cy",
+            "https://acme.conveyour.com/api",
+            "https://acme.conveyour.com/analytics",
+            "https://acme.conveyour.com/api/analytics/v2",
+        ] {
+            let s = validate(&GOOD.replace("https://acme.conveyour.com", fine)).unwrap();
+            assert_eq!(s.conveyour.url, fine.trim_end_matches('/'));
+        }
     }
 
     #[test]

@@ -256,6 +256,58 @@ impl Sink {
     }
 }
 
+/// Single exchanges for `check`: no retry, no throttle, no metrics.
+impl Sink {
+    /// Sends `req` once and classifies the answer as [`Sink::deliver`]
+    /// does; a transport error (connect, TLS, timeout) is a
+    /// [`Verdict::Retry`] whose reason names its cause.
+    pub(crate) async fn send_once(&self, req: &Request) -> Verdict {
+        let url = &self.urls[match req.endpoint {
+            Endpoint::Identify => 0,
+            Endpoint::Track => 1,
+        }];
+        let sent = self
+            .http
+            .post(url.clone())
+            .header("Idempotency-Key", req.idempotency_key())
+            .body(req.body.clone())
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Verdict::Retry {
+                    reason: describe(&e),
+                    after: None,
+                }
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match resp.bytes().await {
+            Ok(body) => classify(status, retry_after.as_deref(), &body),
+            Err(e) => Verdict::Retry {
+                reason: format!("HTTP {status}, reading the body failed: {}", describe(&e)),
+                after: None,
+            },
+        }
+    }
+
+    /// Whether the base URL answers over HTTP(S) at all: the status of a
+    /// GET of it (any status will do; nothing is posted), or the transport
+    /// error with its cause.
+    pub(crate) async fn reach(&self) -> Result<u16, String> {
+        match self.http.get(&self.settings.url).send().await {
+            Ok(resp) => Ok(resp.status().as_u16()),
+            Err(e) => Err(describe(&e)),
+        }
+    }
+}
+
 /// A transport error in one line, with its causes, and never the URL's
 /// query (there is none; credentials travel in headers).
 fn describe(e: &reqwest::Error) -> String {

@@ -9,7 +9,7 @@ mod throttle;
 pub(crate) use batch::{contact_key, single_body, Batcher, Request};
 pub(crate) use client::Sink;
 pub use client::SinkError;
-pub(crate) use retry::backoff;
+pub(crate) use retry::{backoff, Verdict};
 
 /// Which ConveYour API a request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
