@@ -40,9 +40,9 @@ impl Scratch {
         self.dir.join("config.yaml")
     }
 
-    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+    fn command(&self, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
         let config = self.config_path();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin);
         for arg in args {
             if *arg == CONFIG_PLACEHOLDER {
                 cmd.arg(&config);
@@ -78,16 +78,27 @@ impl Connector {
     /// (`{config}` → that file) and `env` added to the inherited environment.
     /// stdout and stderr both go to one log file, see [`Connector::log`].
     pub fn spawn(args: &[&str], config_yaml: &str, env: &[(&str, &str)]) -> Connector {
+        Connector::spawn_bin(Path::new(BIN), args, config_yaml, env)
+    }
+
+    /// Like [`Connector::spawn`], with the binary at `bin` instead of [`BIN`]
+    /// (the demo runs the one built next to it).
+    pub fn spawn_bin(
+        bin: &Path,
+        args: &[&str],
+        config_yaml: &str,
+        env: &[(&str, &str)],
+    ) -> Connector {
         let scratch = Scratch::new(config_yaml);
         let log_path = scratch.dir.join("output.log");
         let out = fs::File::create(&log_path).expect("creating the connector log");
         let err = out.try_clone().expect("cloning the log handle");
         let child = scratch
-            .command(args, env)
+            .command(bin, args, env)
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         Connector {
             pid: child.id(),
             child: Mutex::new(child),
@@ -253,7 +264,7 @@ pub fn run_cli(
     let out_path = scratch.dir.join("stdout");
     let err_path = scratch.dir.join("stderr");
     let mut child = scratch
-        .command(args, env)
+        .command(Path::new(BIN), args, env)
         .stdout(Stdio::from(fs::File::create(&out_path).unwrap()))
         .stderr(Stdio::from(fs::File::create(&err_path).unwrap()))
         .spawn()
