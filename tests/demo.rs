@@ -54,11 +54,15 @@ async fn main() {
     demo.receiver_outage().await;
     demo.kill_while_flowing().await;
     demo.restart().await;
-    demo.compare().await;
+    let matches = demo.compare().await;
     if keep {
         demo.keep().await;
     } else {
         demo.stop().await;
+    }
+    if !matches {
+        eprintln!("the database and ConveYour's state differ: see the comparison above");
+        std::process::exit(1);
     }
 }
 
@@ -151,7 +155,8 @@ impl Demo {
         self.show_log();
     }
 
-    /// Prints the connector's log lines not shown yet (without timestamps).
+    /// Prints the connector's own log lines not shown yet, without
+    /// timestamps; repeated retry warnings are counted, not all printed.
     fn show_log(&mut self) {
         let Some(c) = &self.connector else { return };
         let log = c.log();
@@ -160,8 +165,21 @@ impl Demo {
         };
         // Only whole lines; the rest waits for the next call.
         let Some(end) = new.rfind('\n') else { return };
-        for line in new[..end].lines() {
-            println!("   connector: {}", without_timestamp(line));
+        let mut retries = 0;
+        for line in new[..end].lines().map(without_timestamp) {
+            if !is_connector_line(line) {
+                continue;
+            }
+            if line.contains("will retry") {
+                retries += 1;
+                if retries > 1 {
+                    continue;
+                }
+            }
+            println!("   connector: {line}");
+        }
+        if retries > 1 {
+            println!("   connector: … {retries} such retries in all");
         }
         self.log_shown += end + 1;
     }
@@ -225,9 +243,9 @@ impl Demo {
         )
         .await;
         println!(
-            "   50 inserts, {} request(s): the connector packs up to `batch_size` identify \
-             entries in one request and lets a change wait at most `batch_wait_ms` \
-             (50 here) for its batch to fill",
+            "   50 inserts, {} requests: contacts are spread over `max_in_flight` (4) lanes, \
+             and a lane packs up to `batch_size` (500) identify entries in a request, waiting \
+             at most `batch_wait_ms` (50 ms here) for it to fill",
             self.seen - before
         );
     }
@@ -286,27 +304,30 @@ impl Demo {
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         });
-        let before = self.w.rx.request_count();
+        let tracks_before = self.w.rx.track_count();
         self.w
             .rx
             .wait_until("the stream to reach ConveYour", WAIT, |r| {
-                r.request_count() >= before + 5
+                r.track_count() >= tracks_before + 5
             })
             .await;
         let c = self.connector.take().expect("the connector runs");
         c.sigkill();
         c.wait(WAIT).await;
-        let got = self.w.rx.track_count();
         println!(
-            "   killed pid {} (SIGKILL) after ConveYour had {} track events; slot confirmed at {}",
+            "   killed pid {} with SIGKILL mid-stream: ConveYour had {} of the {FLOWING_SALES} \
+             sales; slot confirmed at {}",
             c.pid(),
-            got,
+            self.w.rx.track_count() - tracks_before,
             Lsn(self.w.confirmed().await)
         );
         self.seen = self.w.rx.request_count();
         writer.await.expect("the writer");
         let sales = self.w.db.query_i64("SELECT count(*) FROM sales").await;
-        println!("   the writes went on without it: {sales} sales in the database now");
+        println!(
+            "   the writes went on without it: all {FLOWING_SALES} committed, {sales} sales in \
+             the database now"
+        );
 
         self.next_step("More writes while the connector is down: twenty new reps");
         let sql = "INSERT INTO employees (email, first_name, last_name, career_sales) \
@@ -357,8 +378,8 @@ impl Demo {
 
     /// The database against ConveYour's state: every employee a contact with
     /// the same career sales, every sale one track event, and what the
-    /// restart sent twice.
-    async fn compare(&mut self) {
+    /// restart sent twice. True when nothing is missing or stale.
+    async fn compare(&mut self) -> bool {
         self.next_step("Compare the database with what ConveYour holds");
         let client = self.w.db.client().await;
         let employees: Vec<(String, String)> = client
@@ -400,6 +421,7 @@ impl Demo {
             .iter()
             .map(|(id, event)| (id.clone(), customer_of(event)))
             .collect();
+        let missing_contacts = missing;
         let missing = sales
             .iter()
             .filter(|sale| !received.contains(*sale))
@@ -415,10 +437,12 @@ impl Demo {
         let repeated_requests = repeated_keys(&self.w.rx.requests());
         println!(
             "   sent twice because of the kill: {} identify entries (idempotent), {} track \
-             events, in {repeated_requests} request(s) carrying the same Idempotency-Key as before",
+             events, {repeated_requests} requests with an Idempotency-Key seen before: a restart \
+             resends only what was in flight (each lane records what it delivered)",
             identifies.len() - distinct.len(),
             tracks.len() - received.len()
         );
+        missing_contacts == 0 && stale == 0 && missing == 0
     }
 
     async fn stop(&mut self) {
@@ -427,7 +451,9 @@ impl Demo {
             c.wait(WAIT).await;
         }
         let _ = fs::remove_dir_all(&self.dir);
-        println!("\nDone: the connector stopped; the demo database and its cluster go away on exit.");
+        println!(
+            "\nDone: the connector stopped; the demo database and its cluster go away on exit."
+        );
     }
 
     /// Leaves the database and the receiver up, stops the demo's connector
@@ -483,6 +509,13 @@ fn without_timestamp(line: &str) -> &str {
         }
         _ => line,
     }
+}
+
+/// The connector's own lines, not its libraries' (e.g. Postgres NOTICEs).
+fn is_connector_line(line: &str) -> bool {
+    line.split_whitespace()
+        .nth(1)
+        .is_some_and(|target| target.starts_with("conveyour_cdc"))
 }
 
 /// SQL on one line, its whitespace collapsed.

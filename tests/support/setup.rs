@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use conveyour_cdc::lsn::Lsn;
+
 use super::pg::{cluster, Cluster, TestDb};
 use super::receiver::Receiver;
 
@@ -127,7 +129,9 @@ impl World {
             }
             assert!(
                 Instant::now() < deadline,
-                "confirmed_flush_lsn stayed at {c:X} below {lsn:X} for {timeout:?}\nreceiver: {}",
+                "confirmed_flush_lsn stayed at {} below {} for {timeout:?}\nreceiver: {}",
+                Lsn(c),
+                Lsn(lsn),
                 self.rx.summary()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
