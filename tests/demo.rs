@@ -5,7 +5,9 @@
 //! database with what ConveYour received.
 //!
 //! Run it with `bash .ci/demo` (installs Postgres if missing, builds the
-//! connector and this demo). `--keep` leaves the database and the receiver
+//! connector and this demo). It runs the `conveyour-cdc` built next to it,
+//! so `cargo run --example demo` alone needs `cargo build --bin
+//! conveyour-cdc` first. `--keep` leaves the database and the receiver
 //! running at the end, with the commands to go on by hand, until Ctrl-C.
 
 #[path = "support/mod.rs"]
@@ -146,7 +148,7 @@ impl Demo {
             &self.bin,
             &["run", "--config", config],
             &self.w.roster_config(),
-            &[("NO_COLOR", "1")],
+            &[],
         );
         println!("   connector running, pid {}", c.pid());
         self.connector = Some(c);
