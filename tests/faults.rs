@@ -387,7 +387,12 @@ fn receiver_state(rx: &Receiver) -> (BTreeMap<String, Value>, Vec<(String, i64)>
     let mut sales: Vec<(String, i64)> = rx
         .tracks()
         .into_iter()
-        .map(|(id, e)| (id, e["properties"]["amount"].as_f64().unwrap_or(-1.0) as i64))
+        .map(|(id, e)| {
+            (
+                id,
+                e["properties"]["amount"].as_f64().unwrap_or(-1.0) as i64,
+            )
+        })
         .collect();
     sales.sort();
     (contacts, sales)
@@ -405,8 +410,10 @@ async fn a_minute_of_status_error_on_every_request_is_an_outage_not_dead_letters
     );
     let addr = crate::observe::metrics_addr(&conn).await;
     w.wait_streaming(Duration::from_secs(60)).await;
-    w.db.exec("INSERT INTO employees (email, first_name, career_sales) VALUES ('warm@x.test', 'w', 0);")
-        .await;
+    w.db.exec(
+        "INSERT INTO employees (email, first_name, career_sales) VALUES ('warm@x.test', 'w', 0);",
+    )
+    .await;
     let warm = w.db.wal_lsn().await;
     w.wait_confirmed(warm, Duration::from_secs(60)).await;
     assert_eq!(outage_gauge(&addr).await, 0.0);
@@ -460,11 +467,7 @@ async fn a_minute_of_status_error_on_every_request_is_an_outage_not_dead_letters
     }
     writer.await.unwrap();
     let gauge_up = gauge_up.expect("conveyour_cdc_outage never went to 1 during the outage");
-    assert_eq!(
-        outage_gauge(&addr).await,
-        1.0,
-        "still an outage at its end"
-    );
+    assert_eq!(outage_gauge(&addr).await, 1.0, "still an outage at its end");
     assert_eq!(w.rx.identify_count(), 1, "nothing was acknowledged");
     assert_eq!(dead_letter_count(&w).await, 0, "an outage is no bad entry");
     assert!(
@@ -577,12 +580,11 @@ async fn a_lone_refused_entry_with_no_other_traffic_is_one_dead_letter() {
     assert_eq!(dead_letter_count(&w).await, 1);
     assert!(conn.is_running(), "{}", conn.log());
     assert!(w.rx.contact("poison@x.test").is_none());
-    let probes = w
-        .rx
-        .requests()
-        .into_iter()
-        .filter(|r| r.accepted && r.body == json!([{"id": "good@x.test", "traits": {}}]))
-        .count();
+    let probes =
+        w.rx.requests()
+            .into_iter()
+            .filter(|r| r.accepted && r.body == json!([{"id": "good@x.test", "traits": {}}]))
+            .count();
     assert!(probes >= 1, "{}", w.rx.summary());
     // The probe changed nothing.
     assert_eq!(w.rx.contact("good@x.test").unwrap()["first_name"], "g");

@@ -584,7 +584,11 @@ impl Lane {
     /// create anyway); a track event refused then, or an entry whose
     /// contact id itself is refused, waits for a witness from other
     /// traffic: held, never dead-lettered on a guess.
-    async fn settle(&self, request: &Request, refusal: SinkError) -> Result<Option<SinkError>, Error> {
+    async fn settle(
+        &self,
+        request: &Request,
+        refusal: SinkError,
+    ) -> Result<Option<SinkError>, Error> {
         let mut trial = Trial::new(Instant::now());
         let mut refusal = refusal;
         let mut held: u32 = 0;

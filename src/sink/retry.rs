@@ -180,11 +180,17 @@ mod tests {
         // says something else still is.
         assert!(matches!(
             classify(503, None, br#"{"message":"HTTP 429 upstream"}"#),
-            Verdict::Retry { status: Some(503), .. }
+            Verdict::Retry {
+                status: Some(503),
+                ..
+            }
         ));
         assert!(matches!(
             classify(429, None, br#"{"message":"slow down"}"#),
-            Verdict::Retry { status: Some(429), .. }
+            Verdict::Retry {
+                status: Some(429),
+                ..
+            }
         ));
     }
 
