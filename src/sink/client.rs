@@ -265,9 +265,10 @@ impl Sink {
     /// Sends one request until ConveYour acknowledges it. Transient failures
     /// (connection errors, timeouts, 408, 429, 5xx but 501) are retried
     /// forever with capped, jittered backoff, honouring Retry-After; a 2xx
-    /// whose body is not ok is retried `body_error_retries` times; anything
-    /// else is a [`SinkError`], which by itself blames nothing (see
-    /// [`super::blame`]). Cancel by dropping the future.
+    /// whose body is not ok is retried `body_error_retries` times (not at
+    /// all during an outage); anything else is a [`SinkError`], which by
+    /// itself blames nothing (see [`super::blame`]). Cancel by dropping the
+    /// future.
     pub(crate) async fn deliver(&self, req: &Request) -> Result<(), SinkError> {
         self.exchange(req, &req.idempotency_key(), false).await
     }
@@ -355,7 +356,9 @@ impl Sink {
                 }
                 Verdict::NotOk { status, message } => {
                     not_ok += 1;
-                    if once || not_ok > self.settings.body_error_retries {
+                    // In an outage the holding lane's growing backoff
+                    // paces the tries: retrying here only adds load.
+                    if once || self.in_outage() || not_ok > self.settings.body_error_retries {
                         outcome("rejected");
                         return Err(self.rejected(req, status, message, attempts));
                     }
