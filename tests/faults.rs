@@ -590,3 +590,37 @@ async fn a_lone_refused_entry_with_no_other_traffic_is_one_dead_letter() {
     assert_eq!(w.rx.contact("good@x.test").unwrap()["first_name"], "g");
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_row_ever_refused_for_a_value_is_one_dead_letter() {
+    // Nothing acknowledged yet, so no known contact to probe with: the
+    // probe identifies the entry's own contact with empty traits.
+    let w = world("first_poison", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.rx.set_fault(Fault::RejectValue("BAD".into()));
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('first@x.test', 'BAD');")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    assert_eq!(dead_letter_count(&w).await, 1);
+    assert!(conn.is_running(), "{}", conn.log());
+    // The probe created the contact, without the refused value.
+    let contact = w.rx.contact("first@x.test").expect("probed contact");
+    assert!(contact.is_empty(), "{contact:?}");
+    // Once the value is accepted, the dead letter goes through.
+    w.rx.clear_fault();
+    let (status, out, err) = crate::support::connector::run_cli(
+        &[
+            "dead-letters",
+            "retry",
+            "--config",
+            crate::support::connector::CONFIG_PLACEHOLDER,
+        ],
+        &w.roster_config(),
+        &[],
+    );
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(w.rx.contact("first@x.test").unwrap()["first_name"], "BAD");
+    drop(conn);
+}
