@@ -70,6 +70,8 @@ pub(crate) struct Metrics {
     pub slot_retained_wal_bytes: Gauge,
     pub connected: IntGauge,
     pub dead_letters: IntCounter,
+    /// 1 while ConveYour refuses every request alike and the lanes hold.
+    pub outage: IntGauge,
     /// The server's WAL end as last reported, for lag in bytes.
     server_wal_end: AtomicU64,
     confirmed: AtomicU64,
@@ -209,6 +211,10 @@ impl Metrics {
             slot_retained_wal_bytes: gauge("slot_retained_wal_bytes", "WAL the server keeps for the slot"),
             connected: int_gauge("connected", "1 while the replication stream is connected"),
             dead_letters: counter("dead_letters_total", "Entries stored as dead letters"),
+            outage: int_gauge(
+                "outage",
+                "1 while ConveYour refuses every request alike (no entry blamed) and delivery holds the position",
+            ),
             registry,
             server_wal_end: AtomicU64::new(0),
             confirmed: AtomicU64::new(0),

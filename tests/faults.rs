@@ -1,11 +1,13 @@
 //! Nothing is lost and nothing is confirmed early when ConveYour fails,
 //! refuses, or the connector dies.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
+
 use crate::support::connector::Connector;
-use crate::support::receiver::Fault;
+use crate::support::receiver::{Fault, Receiver};
 use crate::support::setup::{world, ROSTER_SQL};
 
 /// The position stood still while requests failed, and never reached the
@@ -316,4 +318,309 @@ async fn a_million_row_transaction_streams_through_in_bounded_memory() {
     assert!(rss < 200 * 1024, "peak RSS {rss} KiB is over 200 MiB");
     conn.sigterm();
     assert!(conn.wait(Duration::from_secs(60)).await.success());
+}
+
+/// The outage gauge as `/metrics` shows it.
+async fn outage_gauge(addr: &str) -> f64 {
+    let (status, text) = crate::observe::get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    *crate::observe::parse(&text)
+        .get("conveyour_cdc_outage")
+        .expect("conveyour_cdc_outage is exported")
+}
+
+async fn dead_letter_count(w: &crate::support::setup::World) -> i64 {
+    w.db.query_i64("SELECT count(*) FROM conveyour_cdc.dead_letters")
+        .await
+}
+
+/// Every employee's traits and every sale's (contact, amount) in the
+/// database, and the same as the receiver holds them.
+async fn roster_state(
+    w: &crate::support::setup::World,
+) -> (BTreeMap<String, Value>, Vec<(String, i64)>) {
+    let client = w.db.client().await;
+    let contacts = client
+        .query(
+            "SELECT email, first_name, last_name, career_sales::int8 FROM employees",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            let (first, last, sales): (Option<String>, Option<String>, Option<i64>) =
+                (r.get(1), r.get(2), r.get(3));
+            (
+                r.get::<_, String>(0),
+                json!({"first_name": first, "last_name": last, "career_sales": sales}),
+            )
+        })
+        .collect();
+    let mut sales: Vec<(String, i64)> = client
+        .query("SELECT employee_email, amount::int8 FROM sales", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    sales.sort();
+    (contacts, sales)
+}
+
+fn receiver_state(rx: &Receiver) -> (BTreeMap<String, Value>, Vec<(String, i64)>) {
+    let contacts = rx
+        .contacts()
+        .into_iter()
+        .map(|(id, traits)| {
+            let sales = traits.get("career_sales").and_then(Value::as_f64);
+            (
+                id,
+                json!({
+                    "first_name": traits.get("first_name"),
+                    "last_name": traits.get("last_name"),
+                    "career_sales": sales.map(|s| s as i64),
+                }),
+            )
+        })
+        .collect();
+    let mut sales: Vec<(String, i64)> = rx
+        .tracks()
+        .into_iter()
+        .map(|(id, e)| {
+            (
+                id,
+                e["properties"]["amount"].as_f64().unwrap_or(-1.0) as i64,
+            )
+        })
+        .collect();
+    sales.sort();
+    (contacts, sales)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_minute_of_status_error_on_every_request_is_an_outage_not_dead_letters() {
+    // Issue 15: ConveYour answered every request with 200 and
+    // {"status":"error"}; the connector dead-lettered each change after
+    // body_error_retries and moved on, and nothing was re-sent afterwards.
+    let w = world("body_outage", ROSTER_SQL).await;
+    let conn = Connector::run(
+        &w.config(crate::support::setup::ROSTER_TABLES, "  batch_size: 20\n"),
+        &[],
+    );
+    let addr = crate::observe::metrics_addr(&conn).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec(
+        "INSERT INTO employees (email, first_name, career_sales) VALUES ('warm@x.test', 'w', 0);",
+    )
+    .await;
+    let warm = w.db.wal_lsn().await;
+    w.wait_confirmed(warm, Duration::from_secs(60)).await;
+    assert_eq!(outage_gauge(&addr).await, 0.0);
+
+    w.rx.set_fault(Fault::BodyError);
+    let outage = Instant::now();
+    // The first affected commit: 30 rows in one transaction, so requests
+    // of several entries are refused (and halved) too.
+    w.db.exec(
+        "INSERT INTO employees (email, first_name, career_sales)
+           SELECT 'e' || g || '@x.test', 'r0', 0 FROM generate_series(1, 30) g;
+         INSERT INTO sales (employee_email, amount, customer)
+           SELECT 'e' || g || '@x.test', g, 'c' FROM generate_series(1, 30) g;",
+    )
+    .await;
+    let first_end = w.db.wal_lsn().await;
+    // A stream of changes through the outage.
+    let writer = {
+        let url = w.db.url();
+        tokio::spawn(async move {
+            let client = crate::support::pg::connect(&url).await.unwrap();
+            for round in 1..=25 {
+                client
+                    .batch_execute(&format!(
+                        "UPDATE employees SET first_name = 'r{round}', career_sales = {round}
+                           WHERE email = 'e{}@x.test';
+                         INSERT INTO employees (email, first_name) VALUES ('n{round}@x.test', 'n');
+                         INSERT INTO sales (employee_email, amount, customer)
+                           VALUES ('n{round}@x.test', {round}, 'c');",
+                        round % 30 + 1
+                    ))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    let mut gauge_up = None;
+    while outage.elapsed() < Duration::from_secs(60) {
+        let at = w.confirmed().await;
+        assert!(
+            at < first_end,
+            "the position {at:X} passed the first commit of the outage (ends {first_end:X}) while ConveYour acknowledged nothing\nreceiver: {}\n{}",
+            w.rx.summary(),
+            crate::support::tail_of(conn.log_path(), 30)
+        );
+        if gauge_up.is_none() && outage_gauge(&addr).await == 1.0 {
+            gauge_up = Some(outage.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    writer.await.unwrap();
+    let gauge_up = gauge_up.expect("conveyour_cdc_outage never went to 1 during the outage");
+    assert_eq!(outage_gauge(&addr).await, 1.0, "still an outage at its end");
+    assert_eq!(w.rx.identify_count(), 1, "nothing was acknowledged");
+    assert_eq!(dead_letter_count(&w).await, 0, "an outage is no bad entry");
+    assert!(
+        conn.is_running(),
+        "an outage must not stop the connector\n{}",
+        conn.log()
+    );
+    let log = conn.log();
+    let outage_lines = log.matches("acknowledges none").count();
+    eprintln!(
+        "status-error outage: gauge up after {:.1} s; {} requests refused; {outage_lines} outage log lines",
+        gauge_up.as_secs_f64(),
+        w.rx.rejected_count()
+    );
+    assert!(
+        (1..=3).contains(&outage_lines),
+        "the outage is logged when it starts and then once a minute, not per request: {outage_lines} lines"
+    );
+
+    w.rx.clear_fault();
+    let end = w.db.wal_lsn().await;
+    let want = roster_state(&w).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while receiver_state(&w.rx) != want {
+        assert!(
+            Instant::now() < deadline,
+            "after the outage the receiver does not hold the database's state\nreceiver: {:?}\ndatabase: {want:?}\n{}",
+            receiver_state(&w.rx),
+            w.rx.summary()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    assert_eq!(outage_gauge(&addr).await, 0.0, "the outage ended");
+    assert_eq!(dead_letter_count(&w).await, 0);
+    assert!(conn.log().contains("acknowledges again"));
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_does_not_stop_a_connector_set_to_stop_on_rejection() {
+    let w = world("body_outage_stop", ROSTER_SQL).await;
+    let conn = Connector::run(
+        &w.config(crate::support::setup::ROSTER_TABLES, "  on_reject: stop\n"),
+        &[],
+    );
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.rx.set_fault(Fault::BodyError);
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('s@x.test', 's');")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.rx.wait_until("a dozen refusals", Duration::from_secs(60), |r| {
+        r.rejected_count() >= 12
+    })
+    .await;
+    assert!(
+        conn.is_running(),
+        "a refusal of everything is no rejection of an entry\n{}",
+        conn.log()
+    );
+    assert!(w.confirmed().await < end);
+    w.rx.clear_fault();
+    w.rx.wait_until("the row after the outage", Duration::from_secs(60), |r| {
+        r.contact("s@x.test").is_some()
+    })
+    .await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_implemented_stops_the_connector_with_a_hint() {
+    // 501 is no outage: the address serves no such endpoint. It used to be
+    // retried forever.
+    let w = world("not_implemented", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.rx.set_fault(Fault::Status(501));
+    w.db.exec("INSERT INTO employees (email) VALUES ('a@x.test');")
+        .await;
+    let end = w.db.wal_lsn().await;
+    let status = conn.wait(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let log = conn.log();
+    assert!(
+        log.contains("HTTP 501") && log.contains("conveyour.url"),
+        "{log}"
+    );
+    assert!(w.confirmed().await < end);
+    assert_eq!(dead_letter_count(&w).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_refused_entry_with_no_other_traffic_is_one_dead_letter() {
+    // No other request to witness ConveYour working: the connector probes
+    // with an empty identify of a contact ConveYour acknowledged before.
+    let w = world("lone_poison", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('good@x.test', 'g');")
+        .await;
+    let warm = w.db.wal_lsn().await;
+    w.wait_confirmed(warm, Duration::from_secs(60)).await;
+
+    w.rx.set_fault(Fault::RejectId("poison@x.test".into()));
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('poison@x.test', 'p');")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    assert_eq!(dead_letter_count(&w).await, 1);
+    assert!(conn.is_running(), "{}", conn.log());
+    assert!(w.rx.contact("poison@x.test").is_none());
+    let probes =
+        w.rx.requests()
+            .into_iter()
+            .filter(|r| r.accepted && r.body == json!([{"id": "good@x.test", "traits": {}}]))
+            .count();
+    assert!(probes >= 1, "{}", w.rx.summary());
+    // The probe changed nothing.
+    assert_eq!(w.rx.contact("good@x.test").unwrap()["first_name"], "g");
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_row_ever_refused_for_a_value_is_one_dead_letter() {
+    // Nothing acknowledged yet, so no known contact to probe with: the
+    // probe identifies the entry's own contact with empty traits.
+    let w = world("first_poison", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.rx.set_fault(Fault::RejectValue("BAD".into()));
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('first@x.test', 'BAD');")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    assert_eq!(dead_letter_count(&w).await, 1);
+    assert!(conn.is_running(), "{}", conn.log());
+    // The probe created the contact, without the refused value.
+    let contact = w.rx.contact("first@x.test").expect("probed contact");
+    assert!(contact.is_empty(), "{contact:?}");
+    // Once the value is accepted, the dead letter goes through.
+    w.rx.clear_fault();
+    let (status, out, err) = crate::support::connector::run_cli(
+        &[
+            "dead-letters",
+            "retry",
+            "--config",
+            crate::support::connector::CONFIG_PLACEHOLDER,
+        ],
+        &w.roster_config(),
+        &[],
+    );
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(w.rx.contact("first@x.test").unwrap()["first_name"], "BAD");
+    drop(conn);
 }

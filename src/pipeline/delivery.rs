@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -22,7 +22,7 @@ use super::Shutdown;
 use crate::config::{OnReject, SinkSettings};
 use crate::lsn::Lsn;
 use crate::mapping::Action;
-use crate::sink::{contact_key, Batcher, Request, Sink};
+use crate::sink::{contact_key, probe_contact, Batcher, Blame, Request, Sink, SinkError, Trial};
 use crate::state::{Progress, State};
 use crate::{telemetry, Error};
 
@@ -519,49 +519,108 @@ impl Lane {
         Ok(())
     }
 
-    /// Delivers a request; when ConveYour rejects it for its content and
-    /// dead-lettering is on, halves it until the rejected entries are
-    /// found, stores those, and delivers the rest.
+    /// Delivers a request. When ConveYour refuses it and dead-lettering is
+    /// on, halves it until single entries are refused, and puts each on
+    /// trial ([`Self::settle`]): only an entry shown at fault is stored as
+    /// a dead letter. Without dead letters the whole request is on trial,
+    /// and one shown at fault stops the connector. Refusals that blame no
+    /// entry (credentials, URL) stop it at once.
     async fn deliver(&self, request: Request) -> Result<(), Error> {
+        let store = self.state.as_ref().filter(|_| self.dead_letter);
         let mut todo = vec![request];
         while let Some(request) = todo.pop() {
-            match self.sink.deliver(&request).await {
-                Ok(()) => {}
-                Err(e) => {
-                    let Some(state) = self
-                        .state
-                        .as_ref()
-                        .filter(|_| self.dead_letter && e.is_content_rejection())
-                    else {
-                        return Err(e.into());
-                    };
-                    match request.split() {
-                        Ok((left, right)) => {
-                            // Left first: order within the lane is kept.
-                            todo.push(right);
-                            todo.push(left);
-                            continue;
-                        }
-                        Err(request) => {
-                            state.dead_letter(&request, &e).await?;
-                            let m = telemetry::metrics();
-                            m.dead_letters.inc();
-                            m.requests
-                                .with_label_values(&[request.endpoint.name(), "dead_lettered"])
-                                .inc();
-                            tracing::warn!(
-                                endpoint = request.endpoint.name(),
-                                "stored a rejected entry as a dead letter: {e}"
-                            );
-                            let _ = self.acks.send(request.seqs());
-                            continue;
-                        }
-                    }
+            let refusal = match self.sink.deliver(&request).await {
+                Ok(()) => {
+                    let _ = self.acks.send(request.seqs());
+                    continue;
                 }
-            }
+                Err(e) if !e.is_content_rejection() => return Err(e.into()),
+                Err(e) => e,
+            };
+            let request = if store.is_some() {
+                match request.split() {
+                    Ok((left, right)) => {
+                        // Left first: order within the lane is kept.
+                        todo.push(right);
+                        todo.push(left);
+                        continue;
+                    }
+                    Err(single) => single,
+                }
+            } else {
+                request
+            };
+            let Some(fault) = self.settle(&request, refusal).await? else {
+                let _ = self.acks.send(request.seqs());
+                continue;
+            };
+            let Some(state) = store else {
+                return Err(fault.into());
+            };
+            state.dead_letter(&request, &fault).await?;
+            let m = telemetry::metrics();
+            m.dead_letters.inc();
+            m.requests
+                .with_label_values(&[request.endpoint.name(), "dead_lettered"])
+                .inc();
+            tracing::warn!(
+                endpoint = request.endpoint.name(),
+                "stored a rejected entry as a dead letter: {fault}"
+            );
             let _ = self.acks.send(request.seqs());
         }
         Ok(())
+    }
+
+    /// Sends a refused request again until ConveYour acknowledges it
+    /// (`None`) or it is shown at fault (its last refusal): ConveYour
+    /// acknowledged another request sent after one refusal of it, and then
+    /// refused it again ([`Trial`]). The witness is any lane's
+    /// acknowledgement, else a probe ([`Sink::probe`]). Without one it is
+    /// an outage: the lane holds, backs off and tries again, forever.
+    ///
+    /// Before ConveYour has acknowledged any identify since the start, the
+    /// probe identifies the request's own contact (which the request would
+    /// create anyway); a track event refused then, or an entry whose
+    /// contact id itself is refused, waits for a witness from other
+    /// traffic: held, never dead-lettered on a guess.
+    async fn settle(
+        &self,
+        request: &Request,
+        refusal: SinkError,
+    ) -> Result<Option<SinkError>, Error> {
+        let mut trial = Trial::new(Instant::now());
+        let mut refusal = refusal;
+        let mut held: u32 = 0;
+        loop {
+            if !trial.witnessed(self.sink.last_ack_sent()) {
+                let contact = probe_contact(self.sink.acknowledged_contact().as_deref(), request);
+                if let Some(contact) = contact {
+                    self.sink.probe(&contact).await?;
+                }
+            }
+            if trial.witnessed(self.sink.last_ack_sent()) {
+                tracing::debug!(
+                    endpoint = request.endpoint.name(),
+                    "ConveYour acknowledged another request since refusing this one; sending it again to see whether it is at fault"
+                );
+            } else {
+                self.sink.hold(&refusal);
+                held += 1;
+                tokio::time::sleep(self.sink.backoff(held)).await;
+            }
+            trial.resending(self.sink.last_ack_sent());
+            match self.sink.deliver(request).await {
+                Ok(()) => return Ok(None),
+                Err(e) if !e.is_content_rejection() => return Err(e.into()),
+                Err(e) => {
+                    if trial.refused(Instant::now()) == Blame::Request {
+                        return Ok(Some(e));
+                    }
+                    refusal = e;
+                }
+            }
+        }
     }
 }
 

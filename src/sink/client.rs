@@ -2,7 +2,8 @@
 //! each is acknowledged or definitely rejected.
 
 use std::fmt;
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 
@@ -29,16 +30,19 @@ pub struct SinkError {
 impl SinkError {
     /// What the operator should do.
     pub fn hint(&self) -> &'static str {
-        if self.is_content_rejection() {
+        if self.status == 501 {
+            "ConveYour answered 501 Not Implemented: conveyour.url must be the account's address (https://SUBDOMAIN.conveyour.com), without a path; the position was not advanced, so nothing is lost"
+        } else if self.is_content_rejection() {
             "fix the row or the mapping named above (or what ConveYour's message says), then restart; the position was not advanced, so nothing is lost"
         } else {
             "check conveyour.url, conveyour.appkey and conveyour.token; the position was not advanced, so nothing is lost"
         }
     }
 
-    /// Whether ConveYour refused what the request says (a bad entry), as
-    /// opposed to who sent it or where (credentials, URL), which no entry
-    /// can be blamed for.
+    /// Whether ConveYour refused what the request says (a bad entry, or
+    /// ConveYour failing in a way that looks the same), as opposed to who
+    /// sent it or where (credentials, URL, 501), which no entry can be
+    /// blamed for and which stops the connector.
     pub fn is_content_rejection(&self) -> bool {
         matches!(self.status, 200..=299 | 400..=499)
             && !matches!(self.status, 401 | 403 | 404 | 405 | 407)
@@ -85,7 +89,28 @@ pub(crate) struct Sink {
     urls: [reqwest::Url; 2],
     settings: SinkSettings,
     throttle: Throttle,
+    /// What every lane has seen ConveYour acknowledge, and whether it is
+    /// in an outage.
+    health: Mutex<Health>,
 }
+
+/// ConveYour's health as the lanes saw it together.
+#[derive(Debug, Default)]
+struct Health {
+    /// When the latest acknowledged request was sent (its last attempt):
+    /// a witness for [`super::blame::Trial`].
+    last_ack_sent: Option<Instant>,
+    /// The contact of the last acknowledged identify entry: one ConveYour
+    /// has, for probes.
+    contact: Option<String>,
+    /// Since when every request has been refused without a witness.
+    outage_since: Option<Instant>,
+    /// When the outage was last logged.
+    reported: Option<Instant>,
+}
+
+/// How often a lasting outage is logged again.
+const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(60);
 
 impl Sink {
     pub(crate) fn new(settings: &SinkSettings) -> Result<Sink, String> {
@@ -129,20 +154,132 @@ impl Sink {
             urls: [url(Endpoint::Identify)?, url(Endpoint::Track)?],
             settings: settings.clone(),
             throttle: Throttle::new(settings.max_requests_per_second),
+            health: Mutex::new(Health::default()),
         })
     }
 
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When the latest request ConveYour acknowledged was sent, by any
+    /// lane (its acknowledged attempt).
+    pub(crate) fn last_ack_sent(&self) -> Option<Instant> {
+        self.health().last_ack_sent
+    }
+
+    /// The contact of the last identify entry ConveYour acknowledged.
+    pub(crate) fn acknowledged_contact(&self) -> Option<String> {
+        self.health().contact.clone()
+    }
+
+    /// Sends one identify of `contact` with empty traits, once, to see
+    /// whether ConveYour acknowledges anything right now (a no-op for a
+    /// contact it has). `Ok(true)` when acknowledged, `Ok(false)` when
+    /// refused or unanswered; a refusal that stops the connector
+    /// (credentials, URL) is an error. Its key is new each time, so a
+    /// receiver that deduplicates cannot answer it from a cache.
+    pub(crate) async fn probe(&self, contact: &str) -> Result<bool, SinkError> {
+        let body = serde_json::to_vec(&serde_json::json!([{ "id": contact, "traits": {} }]))
+            .unwrap_or_default();
+        let req = Request::stored(Endpoint::Identify, bytes::Bytes::from(body));
+        let key = format!(
+            "probe-{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        match self.exchange(&req, &key, true).await {
+            Ok(()) => Ok(true),
+            // Status 0: a transient failure, not retried for a probe.
+            Err(e) if e.status == 0 || e.is_content_rejection() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the lanes are holding for an outage.
+    pub(crate) fn in_outage(&self) -> bool {
+        self.health().outage_since.is_some()
+    }
+
+    /// A lane holds `refused` for lack of a witness: ConveYour refuses
+    /// everything alike. Exported as the outage gauge; logged when the
+    /// outage starts and then every [`OUTAGE_REPORT_EVERY`], not per
+    /// request.
+    pub(crate) fn hold(&self, refused: &SinkError) {
+        let now = Instant::now();
+        let mut h = self.health();
+        match h.outage_since {
+            None => {
+                h.outage_since = Some(now);
+                h.reported = Some(now);
+                crate::telemetry::metrics().outage.set(1);
+                tracing::warn!(
+                    status = refused.status,
+                    "ConveYour refuses requests and acknowledges none (HTTP {}: {}): an outage, not bad entries; holding the position and retrying until it acknowledges again",
+                    refused.status,
+                    refused.message
+                );
+            }
+            Some(since) if h.reported.is_none_or(|r| now - r >= OUTAGE_REPORT_EVERY) => {
+                h.reported = Some(now);
+                tracing::warn!(
+                    status = refused.status,
+                    outage_seconds = (now - since).as_secs(),
+                    "ConveYour still refuses requests and acknowledges none (HTTP {}: {}); holding the position",
+                    refused.status,
+                    refused.message
+                );
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Records an acknowledged attempt sent at `sent`; ends an outage.
+    fn acknowledged(&self, req: &Request, sent: Instant) {
+        let contact = match req.endpoint {
+            Endpoint::Identify => req.items.last().map(|(_, a)| &a.contact),
+            Endpoint::Track => None,
+        };
+        let mut h = self.health();
+        if h.last_ack_sent.is_none_or(|t| t < sent) {
+            h.last_ack_sent = Some(sent);
+        }
+        if let Some(c) = contact {
+            if h.contact.as_ref() != Some(c) {
+                h.contact = Some(c.clone());
+            }
+        }
+        if let Some(since) = h.outage_since.take() {
+            h.reported = None;
+            crate::telemetry::metrics().outage.set(0);
+            tracing::info!(
+                outage_seconds = since.elapsed().as_secs(),
+                "ConveYour acknowledges again after {} s of refusing everything; delivery resumes",
+                since.elapsed().as_secs()
+            );
+        }
+    }
+
     /// Sends one request until ConveYour acknowledges it. Transient failures
-    /// (connection errors, timeouts, 408, 429, 5xx) are retried forever with
-    /// capped, jittered backoff, honouring Retry-After; a 2xx whose body is
-    /// not ok is retried `body_error_retries` times; anything else is a
-    /// [`SinkError`]. Cancel by dropping the future.
+    /// (connection errors, timeouts, 408, 429, 5xx but 501) are retried
+    /// forever with capped, jittered backoff, honouring Retry-After; a 2xx
+    /// whose body is not ok is retried `body_error_retries` times (not at
+    /// all during an outage); anything else is a [`SinkError`], which by
+    /// itself blames nothing (see [`super::blame`]). Cancel by dropping the
+    /// future.
     pub(crate) async fn deliver(&self, req: &Request) -> Result<(), SinkError> {
+        self.exchange(req, &req.idempotency_key(), false).await
+    }
+
+    /// [`Self::deliver`] with a given Idempotency-Key; `once` makes every
+    /// failure final after one attempt (a probe).
+    async fn exchange(&self, req: &Request, key: &str, once: bool) -> Result<(), SinkError> {
         let url = &self.urls[match req.endpoint {
             Endpoint::Identify => 0,
             Endpoint::Track => 1,
         }];
-        let key = req.idempotency_key();
         let mut attempts: u32 = 0;
         let mut not_ok: u32 = 0;
         let m = crate::telemetry::metrics();
@@ -156,7 +293,7 @@ impl Sink {
             let verdict = match self
                 .http
                 .post(url.clone())
-                .header("Idempotency-Key", &key)
+                .header("Idempotency-Key", key)
                 .body(req.body.clone())
                 .send()
                 .await
@@ -171,6 +308,7 @@ impl Sink {
                     match resp.bytes().await {
                         Ok(body) => classify(status, retry_after.as_deref(), &body),
                         Err(e) => Verdict::Retry {
+                            status: Some(status),
                             reason: format!(
                                 "HTTP {status}, reading the body failed: {}",
                                 describe(&e)
@@ -180,6 +318,7 @@ impl Sink {
                     }
                 }
                 Err(e) => Verdict::Retry {
+                    status: None,
                     reason: describe(&e),
                     after: None,
                 },
@@ -192,15 +331,24 @@ impl Sink {
                 Verdict::Ack => {
                     outcome("ok");
                     m.backoff_seconds.set(0.0);
+                    self.acknowledged(req, started);
                     match req.endpoint {
                         Endpoint::Identify => m.identify_acknowledged.inc_by(req.count() as u64),
                         Endpoint::Track => m.track_acknowledged.inc_by(req.count() as u64),
                     }
                     return Ok(());
                 }
-                Verdict::Retry { reason, after } => {
+                Verdict::Retry { .. } if once => {
+                    outcome("rejected");
+                    return Err(self.rejected(req, 0, "no acknowledgement".to_owned(), attempts));
+                }
+                Verdict::Retry {
+                    status,
+                    reason,
+                    after,
+                } => {
                     let wait = after.unwrap_or_else(|| self.backoff(attempts));
-                    if after.is_some() || reason.starts_with("HTTP 429") {
+                    if after.is_some() || status == Some(429) {
                         // ConveYour is throttling: every lane waits.
                         self.throttle.pause(wait);
                     }
@@ -208,7 +356,9 @@ impl Sink {
                 }
                 Verdict::NotOk { status, message } => {
                     not_ok += 1;
-                    if not_ok > self.settings.body_error_retries {
+                    // In an outage the holding lane's growing backoff
+                    // paces the tries: retrying here only adds load.
+                    if once || self.in_outage() || not_ok > self.settings.body_error_retries {
                         outcome("rejected");
                         return Err(self.rejected(req, status, message, attempts));
                     }
@@ -220,13 +370,24 @@ impl Sink {
                     return Err(self.rejected(req, status, message, attempts));
                 }
             };
-            tracing::warn!(
-                endpoint = req.endpoint.name(),
-                entries = req.count(),
-                attempt = attempts,
-                retry_in_ms = wait.as_millis() as u64,
-                "ConveYour request failed, will retry: {reason}"
-            );
+            if self.in_outage() {
+                // Reported once per outage, not per attempt.
+                tracing::debug!(
+                    endpoint = req.endpoint.name(),
+                    entries = req.count(),
+                    attempt = attempts,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "ConveYour request failed, will retry: {reason}"
+                );
+            } else {
+                tracing::warn!(
+                    endpoint = req.endpoint.name(),
+                    entries = req.count(),
+                    attempt = attempts,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "ConveYour request failed, will retry: {reason}"
+                );
+            }
             outcome("retried");
             m.retries.with_label_values(&[endpoint]).inc();
             m.backoff_seconds.set(wait.as_secs_f64());
@@ -234,7 +395,8 @@ impl Sink {
         }
     }
 
-    fn backoff(&self, attempts: u32) -> Duration {
+    /// The wait before attempt `attempts + 1`: capped, jittered.
+    pub(crate) fn backoff(&self, attempts: u32) -> Duration {
         backoff(
             attempts.saturating_sub(1),
             self.settings.min_backoff,
@@ -326,4 +488,32 @@ fn describe(e: &reqwest::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(status: u16) -> SinkError {
+        SinkError {
+            endpoint: Endpoint::Identify,
+            count: 1,
+            first: None,
+            status,
+            message: "m".into(),
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn only_refusals_of_content_can_blame_an_entry() {
+        for s in [200, 201, 400, 409, 413, 422] {
+            assert!(refused(s).is_content_rejection(), "{s}");
+        }
+        // Credentials, URL, redirects and 501 stop the connector.
+        for s in [301, 401, 403, 404, 405, 407, 501] {
+            assert!(!refused(s).is_content_rejection(), "{s}");
+        }
+        assert!(refused(501).hint().contains("conveyour.url"));
+    }
 }

@@ -2,11 +2,13 @@
 //! policy that decides what counts as an acknowledgement.
 
 mod batch;
+mod blame;
 mod client;
 mod retry;
 mod throttle;
 
 pub(crate) use batch::{contact_key, single_body, Batcher, Request};
+pub(crate) use blame::{probe_contact, Blame, Trial};
 pub(crate) use client::Sink;
 pub use client::SinkError;
 pub(crate) use retry::{backoff, Verdict};

@@ -9,7 +9,10 @@ pub(crate) enum Verdict {
     /// 2xx and a JSON body whose `status` is `"ok"`: ConveYour stored it.
     Ack,
     /// Worth trying again, optionally not before the server said.
+    /// `status` is the HTTP status, `None` when no reply came (connection
+    /// error, timeout).
     Retry {
+        status: Option<u16>,
         reason: String,
         after: Option<Duration>,
     },
@@ -24,10 +27,12 @@ pub(crate) enum Verdict {
 /// header cannot park the connector for hours.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
-/// Classifies a reply. 408, 429 and 5xx are transient (ConveYour or a proxy
-/// is busy or down); other 4xx mean the request itself is wrong; 2xx is an
-/// acknowledgement only if the body's `status` is `"ok"`, which is how
-/// ConveYour's own clients read success.
+/// Classifies a reply. 408, 429 and 5xx other than 501 are transient
+/// (ConveYour or a proxy is busy or down); other 4xx mean the request
+/// itself is wrong; 501 (Not Implemented) means the address serves no such
+/// endpoint, which waiting does not change; 2xx is an acknowledgement only
+/// if the body's `status` is `"ok"`, which is how ConveYour's own clients
+/// read success.
 pub(crate) fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Verdict {
     let message = body_message(body);
     match status {
@@ -46,7 +51,9 @@ pub(crate) fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> V
             status,
             message: "ConveYour answered with a redirect; set conveyour.url to the address it redirects to (https?)".to_owned(),
         },
+        501 => Verdict::Reject { status, message },
         408 | 429 | 500..=599 => Verdict::Retry {
+            status: Some(status),
             reason: format!("HTTP {status}: {message}"),
             after: retry_after
                 .and_then(parse_retry_after)
@@ -135,6 +142,7 @@ mod tests {
         assert_eq!(
             classify(429, Some("7"), b""),
             Verdict::Retry {
+                status: Some(429),
                 reason: "HTTP 429: (empty body)".into(),
                 after: Some(Duration::from_secs(7))
             }
@@ -163,6 +171,43 @@ mod tests {
                 assert_eq!(message, "too many properties");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_status_travels_in_the_verdict_not_in_its_text() {
+        // A message that reads like a 429 is not one, and a 429 whose body
+        // says something else still is.
+        assert!(matches!(
+            classify(503, None, br#"{"message":"HTTP 429 upstream"}"#),
+            Verdict::Retry {
+                status: Some(503),
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(429, None, br#"{"message":"slow down"}"#),
+            Verdict::Retry {
+                status: Some(429),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn not_implemented_is_a_refusal_not_an_outage() {
+        match classify(501, None, b"no such endpoint") {
+            Verdict::Reject { status, message } => {
+                assert_eq!(status, 501);
+                assert_eq!(message, "no such endpoint");
+            }
+            other => panic!("{other:?}"),
+        }
+        for s in [500, 502, 503, 504, 505, 599] {
+            assert!(
+                matches!(classify(s, None, b""), Verdict::Retry { .. }),
+                "{s}"
+            );
         }
     }
 

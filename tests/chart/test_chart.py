@@ -59,6 +59,7 @@ METRICS = {
     "snapshot_tables_remaining",
     "connected",
     "dead_letters_total",
+    "outage",
     "build_info",
 }
 
@@ -473,7 +474,7 @@ def balanced(expr: str) -> bool:
     return all(v == 0 for v in depth.values())
 
 
-def test_the_alerts_cover_lag_disconnection_dead_letters_and_stalls():
+def test_the_alerts_cover_lag_disconnection_dead_letters_stalls_and_outages():
     rules = rules_of(base_values(prometheusRule={"enabled": True}))
     names = [r["alert"] for r in rules]
     assert names == [
@@ -482,6 +483,7 @@ def test_the_alerts_cover_lag_disconnection_dead_letters_and_stalls():
         "ConveyourCdcDisconnected",
         "ConveyourCdcDeadLettersRising",
         "ConveyourCdcNoProgress",
+        "ConveyourCdcOutage",
     ]
     selector = f'job="{RELEASE}-conveyour-cdc",namespace="{NAMESPACE}"'
     for rule in rules:
@@ -504,6 +506,9 @@ def test_the_alerts_cover_lag_disconnection_dead_letters_and_stalls():
     assert "absent(conveyour_cdc_connected" in by_name["ConveyourCdcDisconnected"]["expr"]
     assert "increase(conveyour_cdc_dead_letters_total" in by_name["ConveyourCdcDeadLettersRising"]["expr"]
     assert "changes(conveyour_cdc_confirmed_lsn" in by_name["ConveyourCdcNoProgress"]["expr"]
+    outage = by_name["ConveyourCdcOutage"]
+    assert outage["expr"] == f"max by (namespace, job) (conveyour_cdc_outage{{{selector}}}) == 1"
+    assert outage["for"] == "5m" and outage["labels"]["severity"] == "critical"
 
 
 def test_alerts_can_be_tuned_turned_off_and_extended():
@@ -514,6 +519,11 @@ def test_alerts_can_be_tuned_turned_off_and_extended():
     assert lag["expr"].endswith("> 536870912")
     assert lag["for"] == "5m" and lag["labels"]["severity"] == "critical"
     assert "ConveyourCdcRequestsRejected" in by_name
+    assert by_name["ConveyourCdcOutage"]["for"] == "10m"
+    off = rules_of(
+        base_values(prometheusRule={"enabled": True, "alerts": {"outage": {"enabled": False, "for": "5m", "severity": "critical"}}})
+    )
+    assert "ConveyourCdcOutage" not in {r["alert"] for r in off}
     custom = rules_of(base_values(prometheusRule={"enabled": True, "selector": 'job="x"'}))
     assert all('{job="x"}' in r["expr"] for r in custom)
 

@@ -50,6 +50,9 @@ pub enum Fault {
     Outage,
     /// 400 for any request that carries this contact id (poisoned rows).
     RejectId(String),
+    /// 400 for any request with an identify trait or event property whose
+    /// value is this string (a value ConveYour will not store).
+    RejectValue(String),
 }
 
 /// One request as the receiver saw it.
@@ -487,6 +490,7 @@ enum FaultAction {
     Reset,
     Delay(Duration),
     RejectId(String),
+    RejectValue(String),
 }
 
 fn take_fault_action(st: &mut State) -> FaultAction {
@@ -512,6 +516,7 @@ fn take_fault_action(st: &mut State) -> FaultAction {
         Some(Fault::Reset) | Some(Fault::Outage) => FaultAction::Reset,
         Some(Fault::Slow(d)) => FaultAction::Delay(d),
         Some(Fault::RejectId(id)) => FaultAction::RejectId(id),
+        Some(Fault::RejectValue(v)) => FaultAction::RejectValue(v),
     }
 }
 
@@ -637,6 +642,16 @@ async fn handle(receiver: Arc<Inner>, req: Request<Incoming>, reset: Arc<Notify>
         }
     }
 
+    if let FaultAction::RejectValue(bad) = &action {
+        if field_values(body).any(|v| v.as_str() == Some(bad)) {
+            return finish(
+                record,
+                400,
+                &format!("injected rejection of the value {bad}"),
+            );
+        }
+    }
+
     // Accepted: apply it.
     let body = parsed.unwrap_or_default();
     record.response_status = 200;
@@ -713,6 +728,24 @@ fn ids_of(kind: Endpoint, body: &Value) -> HashSet<String> {
         }
         _ => std::iter::once(id_string(&body["id"])).collect(),
     }
+}
+
+/// Every identify trait and event property value in a body.
+fn field_values(body: &Value) -> impl Iterator<Item = &Value> {
+    let entries: Vec<&Value> = match body {
+        Value::Array(items) => items.iter().collect(),
+        Value::Object(o) => match o.get("events").and_then(Value::as_array) {
+            Some(events) => events.iter().collect(),
+            None => vec![body],
+        },
+        _ => Vec::new(),
+    };
+    entries.into_iter().flat_map(|e| {
+        ["traits", "properties"]
+            .into_iter()
+            .filter_map(move |k| e.get(k).and_then(Value::as_object))
+            .flat_map(|m| m.values())
+    })
 }
 
 fn check_id(v: Option<&Value>, at: &str) -> Result<(), String> {
