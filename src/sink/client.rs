@@ -276,10 +276,6 @@ impl Sink {
     /// [`Self::deliver`] with a given Idempotency-Key; `once` makes every
     /// failure final after one attempt (a probe).
     async fn exchange(&self, req: &Request, key: &str, once: bool) -> Result<(), SinkError> {
-        let url = &self.urls[match req.endpoint {
-            Endpoint::Identify => 0,
-            Endpoint::Track => 1,
-        }];
         let mut attempts: u32 = 0;
         let mut not_ok: u32 = 0;
         let m = crate::telemetry::metrics();
@@ -290,39 +286,7 @@ impl Sink {
             self.throttle.acquire().await;
             m.in_flight.inc();
             let started = std::time::Instant::now();
-            let verdict = match self
-                .http
-                .post(url.clone())
-                .header("Idempotency-Key", key)
-                .body(req.body.clone())
-                .send()
-                .await
-            {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let retry_after = resp
-                        .headers()
-                        .get(RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    match resp.bytes().await {
-                        Ok(body) => classify(status, retry_after.as_deref(), &body),
-                        Err(e) => Verdict::Retry {
-                            status: Some(status),
-                            reason: format!(
-                                "HTTP {status}, reading the body failed: {}",
-                                describe(&e)
-                            ),
-                            after: None,
-                        },
-                    }
-                }
-                Err(e) => Verdict::Retry {
-                    status: None,
-                    reason: describe(&e),
-                    after: None,
-                },
-            };
+            let verdict = self.post(req, key).await;
             m.in_flight.dec();
             m.request_duration
                 .with_label_values(&[endpoint])
@@ -424,6 +388,26 @@ impl Sink {
     /// does; a transport error (connect, TLS, timeout) is a
     /// [`Verdict::Retry`] whose reason names its cause.
     pub(crate) async fn send_once(&self, req: &Request) -> Verdict {
+        self.post(req, &req.idempotency_key()).await
+    }
+
+    /// Whether the base URL answers over HTTP(S) at all: the status of a
+    /// GET of it (any status will do; nothing is posted), or the transport
+    /// error with its cause.
+    pub(crate) async fn reach(&self) -> Result<u16, String> {
+        match self.http.get(&self.settings.url).send().await {
+            Ok(resp) => Ok(resp.status().as_u16()),
+            Err(e) => Err(describe(&e)),
+        }
+    }
+}
+
+impl Sink {
+    /// One POST of `req` with Idempotency-Key `key`, and the answer
+    /// classified; a transport error (connect, TLS, timeout, a body cut
+    /// off) is a [`Verdict::Retry`] whose reason names its cause. No
+    /// retry, throttle or metrics: callers add those.
+    async fn post(&self, req: &Request, key: &str) -> Verdict {
         let url = &self.urls[match req.endpoint {
             Endpoint::Identify => 0,
             Endpoint::Track => 1,
@@ -431,7 +415,7 @@ impl Sink {
         let sent = self
             .http
             .post(url.clone())
-            .header("Idempotency-Key", req.idempotency_key())
+            .header("Idempotency-Key", key)
             .body(req.body.clone())
             .send()
             .await;
@@ -439,6 +423,7 @@ impl Sink {
             Ok(resp) => resp,
             Err(e) => {
                 return Verdict::Retry {
+                    status: None,
                     reason: describe(&e),
                     after: None,
                 }
@@ -453,19 +438,10 @@ impl Sink {
         match resp.bytes().await {
             Ok(body) => classify(status, retry_after.as_deref(), &body),
             Err(e) => Verdict::Retry {
+                status: Some(status),
                 reason: format!("HTTP {status}, reading the body failed: {}", describe(&e)),
                 after: None,
             },
-        }
-    }
-
-    /// Whether the base URL answers over HTTP(S) at all: the status of a
-    /// GET of it (any status will do; nothing is posted), or the transport
-    /// error with its cause.
-    pub(crate) async fn reach(&self) -> Result<u16, String> {
-        match self.http.get(&self.settings.url).send().await {
-            Ok(resp) => Ok(resp.status().as_u16()),
-            Err(e) => Err(describe(&e)),
         }
     }
 }
