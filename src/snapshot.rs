@@ -15,7 +15,15 @@
 //!   chunk every row the stream changed between the two watermarks (the
 //!   stream's value is newer) and hands the rest over at the high
 //!   watermark's place in the stream, so a row's later changes always come
-//!   after its copy.
+//!   after its copy. Positions alone are not enough: a commit is in the WAL
+//!   (and may be streamed and sent) a moment before new snapshots see it,
+//!   so a chunk read after the low watermark can still miss a change the
+//!   stream sent before it. Each chunk is therefore read in one snapshot
+//!   whose visibility (`pg_current_snapshot()`) goes with the rows, the
+//!   reader records the id and changes of every transaction it carries on
+//!   a copied table until a snapshot of the copy's sees it, and at the high
+//!   watermark also drops (or reads again) the rows those the chunk's
+//!   snapshot did not see changed.
 //!
 //! Progress (table, last key, rows) is recorded after a chunk's rows are
 //! acknowledged, so a crash resends at most the chunks in flight.
@@ -497,6 +505,63 @@ pub(crate) struct Window {
     /// Keys of the last chunk to read again: the stream changed them
     /// between its watermarks without carrying their whole state.
     redo: Vec<Key>,
+    /// Transactions the stream carried with changes to copied tables that
+    /// no snapshot of the copy's has yet been seen to include (see
+    /// [`Window::carried`]).
+    unseen: Vec<Carried>,
+}
+
+/// A transaction the stream carried, with its changes to copied tables.
+pub(crate) struct Carried {
+    xid: u32,
+    changes: Vec<CarriedChange>,
+}
+
+/// One row change of a [`Carried`] transaction, as [`Window::saw`] takes it.
+pub(crate) struct CarriedChange {
+    pub relation: Arc<Relation>,
+    pub old: Option<Tuple>,
+    pub new: Option<Tuple>,
+    pub seen: Seen,
+}
+
+/// Which transactions a snapshot sees, as `pg_current_snapshot()` tells:
+/// every one before `xmin`, and those before `xmax` not in `xip` (64-bit
+/// transaction ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Visibility {
+    xmin: u64,
+    xmax: u64,
+    xip: Vec<u64>,
+}
+
+impl Visibility {
+    /// Parses `pg_current_snapshot()`'s text form, `xmin:xmax:xip,...`.
+    pub(crate) fn parse(text: &str) -> Option<Visibility> {
+        let mut parts = text.trim().splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = parts
+            .next()?
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().ok())
+            .collect::<Option<Vec<u64>>>()?;
+        Some(Visibility { xmin, xmax, xip })
+    }
+
+    /// Whether the snapshot sees the committed transaction `xid` (the
+    /// 32-bit id pgoutput sends, taken in the epoch nearest `xmax`).
+    pub(crate) fn sees(&self, xid: u32) -> bool {
+        const EPOCH: u64 = 1 << 32;
+        let mut full = (self.xmax & !(EPOCH - 1)) | u64::from(xid);
+        if full > self.xmax.saturating_add(EPOCH / 2) && full >= EPOCH {
+            full -= EPOCH;
+        } else if full.saturating_add(EPOCH / 2) < self.xmax {
+            full += EPOCH;
+        }
+        full < self.xmin || (full < self.xmax && !self.xip.contains(&full))
+    }
 }
 
 struct OpenWindow {
@@ -514,9 +579,90 @@ struct OpenWindow {
     indexes: HashMap<u32, Option<Vec<usize>>>,
 }
 
+impl OpenWindow {
+    /// Notes a change to the chunk's table the stream carried while the
+    /// window is open: `new` (absent for a delete) as `seen` says; an `old`
+    /// row under another key (a delete, or an update of the key) is gone,
+    /// so superseded.
+    fn note(&mut self, relation: &Relation, old: Option<&Tuple>, new: Option<&Tuple>, seen: Seen) {
+        if relation.namespace != self.table.schema || relation.name != self.table.name {
+            return;
+        }
+        let key_columns = &self.key_columns;
+        let indexes = self
+            .indexes
+            .entry(relation.id)
+            .or_insert_with(|| key_indexes(key_columns, relation));
+        if let Some(indexes) = indexes {
+            note_keys(
+                &mut self.superseded,
+                &mut self.partial,
+                indexes,
+                old,
+                new,
+                seen,
+            );
+        }
+    }
+
+    /// Notes a change carried earlier, under the relation as it was then.
+    fn note_carried(&mut self, c: &CarriedChange) {
+        let relation = &c.relation;
+        if relation.namespace != self.table.schema || relation.name != self.table.name {
+            return;
+        }
+        if let Some(indexes) = key_indexes(&self.key_columns, relation) {
+            let (old, new) = (c.old.as_ref(), c.new.as_ref());
+            note_keys(
+                &mut self.superseded,
+                &mut self.partial,
+                &indexes,
+                old,
+                new,
+                c.seen,
+            );
+        }
+    }
+}
+
+/// Where the key columns are in `relation`'s tuples (None when one is
+/// missing).
+fn key_indexes(key_columns: &[String], relation: &Relation) -> Option<Vec<usize>> {
+    key_columns
+        .iter()
+        .map(|k| relation.columns.iter().position(|c| c.name == *k))
+        .collect()
+}
+
+/// Notes one change's keys; see [`OpenWindow::note`].
+fn note_keys(
+    superseded: &mut HashSet<Key>,
+    partial: &mut HashSet<Key>,
+    indexes: &[usize],
+    old: Option<&Tuple>,
+    new: Option<&Tuple>,
+    seen: Seen,
+) {
+    let new_key = new.map(|t| key_at(t, indexes));
+    if let Some(old_key) = old.map(|t| key_at(t, indexes)) {
+        if new_key.as_ref() != Some(&old_key) {
+            superseded.insert(old_key);
+        }
+    }
+    if let Some(key) = new_key {
+        match seen {
+            Seen::Superseded => superseded.insert(key),
+            Seen::Partial => partial.insert(key),
+            Seen::Unchanged => false,
+        };
+    }
+}
+
 /// A chunk's rows, mapped, with the marker to fire once delivered.
 pub(crate) struct Chunk {
     rows: Vec<(Key, Vec<Action>)>,
+    /// The snapshot the rows were read in.
+    snapshot: Visibility,
     done: oneshot::Sender<()>,
 }
 
@@ -583,9 +729,7 @@ impl Window {
         self.open.is_some()
     }
 
-    /// Notes a change the stream carried while the window is open: `new`
-    /// (absent for a delete) as `seen` says; an `old` row under another key
-    /// (a delete, or an update of the key) is gone, so superseded.
+    /// Notes a change the stream carried while the window is open.
     pub(crate) fn saw(
         &mut self,
         relation: &Relation,
@@ -593,40 +737,44 @@ impl Window {
         new: Option<&Tuple>,
         seen: Seen,
     ) {
-        let Some(open) = &mut self.open else { return };
-        if relation.namespace != open.table.schema || relation.name != open.table.name {
-            return;
-        }
-        let indexes = open.indexes.entry(relation.id).or_insert_with(|| {
-            open.key_columns
-                .iter()
-                .map(|k| relation.columns.iter().position(|c| c.name == *k))
-                .collect()
-        });
-        let Some(indexes) = indexes else { return };
-        let new_key = new.map(|t| key_at(t, indexes));
-        if let Some(old_key) = old.map(|t| key_at(t, indexes)) {
-            if new_key.as_ref() != Some(&old_key) {
-                open.superseded.insert(old_key);
-            }
-        }
-        if let Some(key) = new_key {
-            match seen {
-                Seen::Superseded => open.superseded.insert(key),
-                Seen::Partial => open.partial.insert(key),
-                Seen::Unchanged => false,
-            };
+        if let Some(open) = &mut self.open {
+            open.note(relation, old, new, seen);
         }
     }
 
+    /// Records a transaction the stream carried with changes to copied
+    /// tables, for every chunk whose snapshot turns out not to include it.
+    /// Its commit is in the WAL (and so in the stream) a moment before new
+    /// snapshots see it: a chunk read in that moment, even after the low
+    /// watermark, holds the older row although the stream already sent the
+    /// newer one before the window opened.
+    pub(crate) fn carried(&mut self, xid: u32, changes: Vec<CarriedChange>) {
+        self.unseen.push(Carried { xid, changes });
+    }
+
+    /// Forgets the carried transactions `snapshot` sees: every snapshot
+    /// taken after it sees them too.
+    pub(crate) fn settle(&mut self, snapshot: &Visibility) {
+        self.unseen.retain(|t| !snapshot.sees(t.xid));
+    }
+
     /// The high watermark `id` was read: the chunk's rows the stream did
-    /// not change since the low one, and the marker for when they are
-    /// delivered. Rows the stream changed in part are left for the copy to
-    /// read again ([`Window::take_redo`]).
+    /// not change since the low one, nor in a transaction the chunk's
+    /// snapshot does not see, and the marker for when they are delivered.
+    /// Rows the stream changed in part are left for the copy to read again
+    /// ([`Window::take_redo`]).
     pub(crate) fn high(&mut self, id: &str) -> Option<(Vec<Action>, oneshot::Sender<()>)> {
-        let open = self.open.take_if(|o| o.id == id)?;
+        let mut open = self.open.take_if(|o| o.id == id)?;
         let chunk = self.rows.take()?;
         self.expected = None;
+        // Everything the stream carried so far came before this place, so
+        // a change the snapshot does not see is newer than the copy.
+        for t in self.unseen.iter().filter(|t| !chunk.snapshot.sees(t.xid)) {
+            for c in &t.changes {
+                open.note_carried(c);
+            }
+        }
+        self.settle(&chunk.snapshot);
         let mut actions = Vec::new();
         for (key, row) in chunk.rows {
             if open.superseded.contains(&key) {
@@ -685,6 +833,12 @@ pub(crate) async fn copy_alongside(
             .collect();
         metrics.snapshot_tables_remaining.set(pending.len() as i64);
         let Some((t, row)) = pending.first() else {
+            // Transactions the stream carried that a snapshot taken now
+            // sees need no longer be kept for a chunk's check.
+            let now = current_snapshot(&client).await?;
+            if let Ok(mut w) = window.lock() {
+                w.settle(&now);
+            }
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
@@ -770,17 +924,34 @@ impl WatermarkedChunks<'_> {
         self.count += 1;
         let id = format!("{}-{}", self.nonce, self.count);
         if let Ok(mut w) = self.window.lock() {
-            *w = Window {
-                expected: Some((id.clone(), table.clone(), key_columns.to_vec())),
-                ..Window::default()
-            };
+            w.expected = Some((id.clone(), table.clone(), key_columns.to_vec()));
+            w.open = None;
+            w.rows = None;
+            w.redo.clear();
         }
         emit(self.client, &format!("lw:{}:{id}", self.slot)).await?;
-        let rows = read().await?;
+        // One snapshot for the rows and their lookups, whose visibility the
+        // reader checks the stream's transactions against.
+        let snapshot = begin_snapshot(self.client).await?;
+        let rows = match read().await {
+            Ok(rows) => rows,
+            Err(e) => {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| SourceError::from_sql("ending a sync chunk's read", e))?;
         let keys: Vec<Key> = rows.iter().map(|(k, _)| k.clone()).collect();
         let (done, delivered) = oneshot::channel();
         if let Ok(mut w) = self.window.lock() {
-            w.rows = Some(Chunk { rows, done });
+            w.rows = Some(Chunk {
+                rows,
+                snapshot,
+                done,
+            });
         }
         emit(self.client, &format!("hw:{}:{id}", self.slot)).await?;
         tokio::select! {
@@ -879,6 +1050,41 @@ async fn copy_table(
     }
 }
 
+/// Starts a read-only repeatable-read transaction and returns what its
+/// snapshot sees.
+async fn begin_snapshot(client: &Client) -> Result<Visibility, SourceError> {
+    let rows = client
+        .simple_query(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()::text",
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("starting a sync chunk's read", e))?;
+    snapshot_of(rows)
+}
+
+/// What a snapshot taken now sees.
+async fn current_snapshot(client: &Client) -> Result<Visibility, SourceError> {
+    let rows = client
+        .simple_query("SELECT pg_current_snapshot()::text")
+        .await
+        .map_err(|e| SourceError::from_sql("reading the current snapshot", e))?;
+    snapshot_of(rows)
+}
+
+fn snapshot_of(rows: Vec<tokio_postgres::SimpleQueryMessage>) -> Result<Visibility, SourceError> {
+    let text = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    text.as_deref()
+        .and_then(Visibility::parse)
+        .ok_or_else(|| {
+            SourceError::config(format!(
+                "pg_current_snapshot() returned {text:?}, not xmin:xmax:xip; is the server PostgreSQL 13 or later?"
+            ))
+        })
+}
+
 /// Writes one of the connector's messages into the WAL, outside any
 /// transaction, so the stream carries it at this point.
 async fn emit(client: &Client, content: &str) -> Result<(), SourceError> {
@@ -924,4 +1130,155 @@ pub async fn request_resync(settings: &Settings, table: &str) -> Result<TableNam
             ))
         })?;
     Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::decode::{Column, Datum};
+    use crate::mapping::{ActionBody, Fields};
+
+    #[test]
+    fn a_snapshot_sees_what_ended_before_it() {
+        let s = Visibility::parse("10:20:12,15").unwrap();
+        assert!(s.sees(9));
+        assert!(!s.sees(12));
+        assert!(s.sees(13));
+        assert!(!s.sees(15));
+        assert!(s.sees(19));
+        assert!(!s.sees(20));
+        assert!(!s.sees(25));
+        assert_eq!(Visibility::parse("7:7:").unwrap().xip, Vec::<u64>::new());
+        assert!(Visibility::parse("7:x:").is_none());
+        assert!(Visibility::parse("").is_none());
+    }
+
+    #[test]
+    fn a_32_bit_id_is_taken_in_the_epoch_nearest_the_snapshot() {
+        let epoch = 1u64 << 32;
+        let s = Visibility::parse(&format!("{}:{}:{}", epoch - 5, epoch + 5, epoch + 2)).unwrap();
+        assert!(s.sees(0xFFFF_FFF0), "the previous epoch's id is long done");
+        assert!(s.sees(0xFFFF_FFFC), "before xmin's wrap");
+        assert!(!s.sees(2), "in progress across the wrap");
+        assert!(s.sees(3));
+        assert!(!s.sees(7), "after xmax");
+    }
+
+    fn relation() -> Arc<Relation> {
+        let column = |name: &str| Column {
+            key: name == "id",
+            name: name.into(),
+            type_oid: 25,
+            type_modifier: -1,
+        };
+        Arc::new(Relation {
+            id: 42,
+            namespace: "public".into(),
+            name: "employees".into(),
+            replica_identity: b'd',
+            columns: vec![column("id"), column("email")],
+        })
+    }
+
+    fn row(id: &str) -> Tuple {
+        Tuple(vec![
+            Datum::Text(Bytes::from(id.to_owned())),
+            Datum::Text(Bytes::from(format!("e{id}@acme.test"))),
+        ])
+    }
+
+    fn action(id: &str) -> Action {
+        Action {
+            table: "public.employees".into(),
+            lsn: Lsn::ZERO,
+            contact: format!("e{id}@acme.test"),
+            body: ActionBody::Identify {
+                traits: Fields::default(),
+            },
+        }
+    }
+
+    /// A chunk of rows 1..=3 read in `snapshot`, after the stream carried
+    /// `carried` (xid, row id, how) before its low watermark.
+    fn chunk_after(
+        carried: &[(u32, &str, Seen)],
+        snapshot: &str,
+    ) -> (Vec<String>, Vec<Key>, Window) {
+        let mut w = Window::default();
+        for (xid, id, seen) in carried {
+            w.carried(
+                *xid,
+                vec![CarriedChange {
+                    relation: relation(),
+                    old: None,
+                    new: Some(row(id)),
+                    seen: *seen,
+                }],
+            );
+        }
+        w.expected = Some((
+            "c-1".into(),
+            TableName::parse("public.employees").unwrap(),
+            vec!["id".into()],
+        ));
+        w.low("c-1");
+        let (done, _) = oneshot::channel();
+        w.rows = Some(Chunk {
+            rows: ["1", "2", "3"]
+                .iter()
+                .map(|id| (vec![Some(id.to_string())], vec![action(id)]))
+                .collect(),
+            snapshot: Visibility::parse(snapshot).unwrap(),
+            done,
+        });
+        let (actions, _) = w.high("c-1").unwrap();
+        let sent = actions.into_iter().map(|a| a.contact).collect();
+        let redo = w.take_redo();
+        (sent, redo, w)
+    }
+
+    #[test]
+    fn a_change_streamed_before_the_window_that_the_chunk_did_not_see_wins() {
+        // 100 committed and streamed, but the chunk's snapshot still had it
+        // in progress; 90 the chunk saw.
+        let (sent, redo, w) = chunk_after(
+            &[
+                (90, "1", Seen::Superseded),
+                (100, "2", Seen::Superseded),
+                (101, "3", Seen::Partial),
+            ],
+            "95:102:100,101",
+        );
+        assert_eq!(sent, vec!["e1@acme.test".to_owned()]);
+        assert_eq!(redo, vec![vec![Some("3".to_owned())]]);
+        // What the chunk's snapshot saw is forgotten; the rest is kept for
+        // the next chunk.
+        let kept: Vec<u32> = w.unseen.iter().map(|t| t.xid).collect();
+        assert_eq!(kept, vec![100, 101]);
+    }
+
+    #[test]
+    fn changes_the_chunk_saw_leave_it_whole_and_are_forgotten() {
+        let (sent, redo, w) = chunk_after(
+            &[(90, "1", Seen::Superseded), (91, "2", Seen::Partial)],
+            "95:102:",
+        );
+        assert_eq!(sent.len(), 3);
+        assert!(redo.is_empty());
+        assert!(w.unseen.is_empty());
+    }
+
+    #[test]
+    fn settling_forgets_what_a_later_snapshot_sees() {
+        let mut w = Window::default();
+        w.carried(100, Vec::new());
+        w.carried(105, Vec::new());
+        w.settle(&Visibility::parse("100:110:100").unwrap());
+        assert_eq!(
+            w.unseen.iter().map(|t| t.xid).collect::<Vec<_>>(),
+            vec![100]
+        );
+    }
 }
