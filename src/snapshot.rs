@@ -508,21 +508,87 @@ pub(crate) struct Window {
     /// Transactions the stream carried with changes to copied tables that
     /// no snapshot of the copy's has yet been seen to include (see
     /// [`Window::carried`]).
-    unseen: Vec<Carried>,
+    unseen: VecDeque<Carried>,
+    /// Changes held in `unseen`, at most [`CARRIED_CHANGES`].
+    unseen_changes: usize,
 }
+
+/// Changes of carried transactions kept row by row, in one transaction and
+/// in all: beyond, the oldest keep only which tables they changed, and a
+/// chunk of such a table whose snapshot does not see them is read again
+/// whole. Bounds memory under a large transaction or a long idle spell.
+const CARRIED_CHANGES: usize = 8192;
 
 /// A transaction the stream carried, with its changes to copied tables.
+#[derive(Default)]
 pub(crate) struct Carried {
     xid: u32,
+    /// Its changes, unless `whole`.
     changes: Vec<CarriedChange>,
+    /// The tables it changed, by relation.
+    tables: Vec<Arc<Relation>>,
+    /// Its changes were too many to keep: any row of `tables` may be one.
+    whole: bool,
 }
 
-/// One row change of a [`Carried`] transaction, as [`Window::saw`] takes it.
-pub(crate) struct CarriedChange {
-    pub relation: Arc<Relation>,
-    pub old: Option<Tuple>,
-    pub new: Option<Tuple>,
-    pub seen: Seen,
+/// One row change of a [`Carried`] transaction.
+struct CarriedChange {
+    relation: Arc<Relation>,
+    old: Option<Tuple>,
+    new: Option<Tuple>,
+    seen: Seen,
+}
+
+impl Carried {
+    /// A transaction begins.
+    pub(crate) fn begin(&mut self, xid: u32) {
+        self.xid = xid;
+        self.changes.clear();
+        self.tables.clear();
+        self.whole = false;
+    }
+
+    /// Notes a change to a copied table, as [`Window::saw`] takes it.
+    pub(crate) fn push(
+        &mut self,
+        relation: &Arc<Relation>,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+        seen: Seen,
+    ) {
+        if !self.tables.iter().any(|r| Arc::ptr_eq(r, relation)) {
+            self.tables.push(relation.clone());
+        }
+        if self.whole {
+            return;
+        }
+        if self.changes.len() >= CARRIED_CHANGES {
+            self.forget_rows();
+            return;
+        }
+        self.changes.push(CarriedChange {
+            relation: relation.clone(),
+            old: old.cloned(),
+            new: new.cloned(),
+            seen,
+        });
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    fn forget_rows(&mut self) {
+        self.whole = true;
+        self.changes = Vec::new();
+    }
+
+    /// Whether it changed `table`.
+    fn changed(&self, table: &TableName) -> bool {
+        self.tables
+            .iter()
+            .any(|r| r.namespace == table.schema && r.name == table.name)
+    }
 }
 
 /// Which transactions a snapshot sees, as `pg_current_snapshot()` tells:
@@ -748,14 +814,24 @@ impl Window {
     /// snapshots see it: a chunk read in that moment, even after the low
     /// watermark, holds the older row although the stream already sent the
     /// newer one before the window opened.
-    pub(crate) fn carried(&mut self, xid: u32, changes: Vec<CarriedChange>) {
-        self.unseen.push(Carried { xid, changes });
+    pub(crate) fn carried(&mut self, transaction: &mut Carried) {
+        let t = std::mem::take(transaction);
+        self.unseen_changes += t.changes.len();
+        self.unseen.push_back(t);
+        for t in self.unseen.iter_mut() {
+            if self.unseen_changes <= CARRIED_CHANGES {
+                break;
+            }
+            self.unseen_changes -= t.changes.len();
+            t.forget_rows();
+        }
     }
 
     /// Forgets the carried transactions `snapshot` sees: every snapshot
     /// taken after it sees them too.
     pub(crate) fn settle(&mut self, snapshot: &Visibility) {
         self.unseen.retain(|t| !snapshot.sees(t.xid));
+        self.unseen_changes = self.unseen.iter().map(|t| t.changes.len()).sum();
     }
 
     /// The high watermark `id` was read: the chunk's rows the stream did
@@ -769,7 +845,9 @@ impl Window {
         self.expected = None;
         // Everything the stream carried so far came before this place, so
         // a change the snapshot does not see is newer than the copy.
+        let mut whole = false;
         for t in self.unseen.iter().filter(|t| !chunk.snapshot.sees(t.xid)) {
+            whole |= t.whole && t.changed(&open.table);
             for c in &t.changes {
                 open.note_carried(c);
             }
@@ -780,7 +858,9 @@ impl Window {
             if open.superseded.contains(&key) {
                 continue;
             }
-            if open.partial.contains(&key) {
+            // Changed or not by a transaction too large to keep row by
+            // row: read again.
+            if whole || open.partial.contains(&key) {
                 self.redo.push(key);
                 continue;
             }
@@ -1208,15 +1288,10 @@ mod tests {
     ) -> (Vec<String>, Vec<Key>, Window) {
         let mut w = Window::default();
         for (xid, id, seen) in carried {
-            w.carried(
-                *xid,
-                vec![CarriedChange {
-                    relation: relation(),
-                    old: None,
-                    new: Some(row(id)),
-                    seen: *seen,
-                }],
-            );
+            let mut t = Carried::default();
+            t.begin(*xid);
+            t.push(&relation(), None, Some(&row(id)), *seen);
+            w.carried(&mut t);
         }
         w.expected = Some((
             "c-1".into(),
@@ -1257,6 +1332,7 @@ mod tests {
         // the next chunk.
         let kept: Vec<u32> = w.unseen.iter().map(|t| t.xid).collect();
         assert_eq!(kept, vec![100, 101]);
+        assert_eq!(w.unseen_changes, 2);
     }
 
     #[test]
@@ -1271,14 +1347,69 @@ mod tests {
     }
 
     #[test]
+    fn a_transaction_too_large_to_keep_row_by_row_has_the_whole_chunk_read_again() {
+        let mut w = Window::default();
+        let mut t = Carried::default();
+        t.begin(100);
+        for i in 0..CARRIED_CHANGES + 5 {
+            t.push(
+                &relation(),
+                None,
+                Some(&row(&(1000 + i).to_string())),
+                Seen::Superseded,
+            );
+        }
+        assert!(t.whole && t.changes.is_empty());
+        w.carried(&mut t);
+        // Later small transactions push the oldest kept rows out instead.
+        for xid in 101..111 {
+            let mut t = Carried::default();
+            t.begin(xid);
+            for i in 0..CARRIED_CHANGES / 4 {
+                t.push(
+                    &relation(),
+                    None,
+                    Some(&row(&i.to_string())),
+                    Seen::Superseded,
+                );
+            }
+            w.carried(&mut t);
+        }
+        assert!(w.unseen_changes <= CARRIED_CHANGES);
+        assert_eq!(w.unseen.len(), 11);
+        assert!(w.unseen.iter().take(7).all(|t| t.whole));
+        w.expected = Some((
+            "c-1".into(),
+            TableName::parse("public.employees").unwrap(),
+            vec!["id".into()],
+        ));
+        w.low("c-1");
+        let (done, _) = oneshot::channel();
+        w.rows = Some(Chunk {
+            rows: vec![(vec![Some("1".to_owned())], vec![action("1")])],
+            snapshot: Visibility::parse("100:200:100").unwrap(),
+            done,
+        });
+        let (actions, _) = w.high("c-1").unwrap();
+        assert!(actions.is_empty());
+        assert_eq!(w.take_redo(), vec![vec![Some("1".to_owned())]]);
+        assert_eq!(w.unseen.len(), 1);
+    }
+
+    #[test]
     fn settling_forgets_what_a_later_snapshot_sees() {
         let mut w = Window::default();
-        w.carried(100, Vec::new());
-        w.carried(105, Vec::new());
+        for xid in [100, 105] {
+            let mut t = Carried::default();
+            t.begin(xid);
+            t.push(&relation(), None, Some(&row("1")), Seen::Superseded);
+            w.carried(&mut t);
+        }
         w.settle(&Visibility::parse("100:110:100").unwrap());
         assert_eq!(
             w.unseen.iter().map(|t| t.xid).collect::<Vec<_>>(),
             vec![100]
         );
+        assert_eq!(w.unseen_changes, 1);
     }
 }

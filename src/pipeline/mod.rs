@@ -24,7 +24,7 @@ use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{ContactRef, Mapper, Outcome};
 use crate::sink::Sink;
-use crate::snapshot::{self, CarriedChange, Seen, Watermark};
+use crate::snapshot::{self, Carried, Seen, Watermark};
 use crate::source::{
     self, connect_sql, Catalog, ReplicationConn, ReplicationMessage, ReplicationReader,
     ReplicationWriter, Resolver,
@@ -491,9 +491,8 @@ async fn read_loop(
     let mut relations: HashMap<u32, Relation> = HashMap::new();
     // Those of copied tables, kept with the changes recorded for the sync.
     let mut copied_relations: HashMap<u32, Arc<Relation>> = HashMap::new();
-    // The current transaction's id and its changes to copied tables.
-    let mut xid = 0u32;
-    let mut carried: Vec<CarriedChange> = Vec::new();
+    // The current transaction's changes to copied tables.
+    let mut carried = Carried::default();
     // Whether a sync chunk is between its watermarks. Only this loop opens
     // and closes the window, so it knows without taking the lock per change.
     let mut window_open = false;
@@ -616,14 +615,8 @@ async fn read_loop(
                             seen,
                         );
                         if let Some(rel) = copied_relations.get(&relation) {
-                            carried.push(CarriedChange {
-                                relation: rel.clone(),
-                                old: old
-                                    .as_ref()
-                                    .map(|(OldTuple::Key(t) | OldTuple::Full(t))| t.clone()),
-                                new: new.clone(),
-                                seen,
-                            });
+                            let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
+                            carried.push(rel, old, new.as_ref(), seen);
                         }
                         for c in cache_changes.drain(..) {
                             resolver.apply(c);
@@ -641,13 +634,8 @@ async fn read_loop(
                         continue;
                     }
                     Err(message) => match message {
-                        PgOutput::Begin {
-                            final_lsn,
-                            xid: begun,
-                            ..
-                        } => {
-                            xid = begun;
-                            carried.clear();
+                        PgOutput::Begin { final_lsn, xid, .. } => {
+                            carried.begin(xid);
                             at = Progress {
                                 commit_lsn: final_lsn,
                                 change: 0,
@@ -661,7 +649,7 @@ async fn read_loop(
                         } => {
                             if !carried.is_empty() {
                                 if let Ok(mut w) = sync.window.lock() {
-                                    w.carried(xid, std::mem::take(&mut carried));
+                                    w.carried(&mut carried);
                                 }
                             }
                             catching_up = sent_at.saturating_sub(commit_time) > CATCH_UP_LAG_US;
