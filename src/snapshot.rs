@@ -22,8 +22,8 @@
 //!   whose visibility (`pg_current_snapshot()`) goes with the rows, the
 //!   reader records the id and changes of every transaction it carries on
 //!   a copied table until a snapshot of the copy's sees it, and at the high
-//!   watermark also drops (or reads again) the rows those the chunk's
-//!   snapshot did not see changed.
+//!   watermark treats a change by a transaction the chunk's snapshot did
+//!   not see as one made between the watermarks.
 //!
 //! Progress (table, last key, rows) is recorded after a chunk's rows are
 //! acknowledged, so a crash resends at most the chunks in flight.
