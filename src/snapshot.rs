@@ -505,6 +505,9 @@ pub(crate) struct Window {
     /// Keys of the last chunk to read again: the stream changed them
     /// between its watermarks without carrying their whole state.
     redo: Vec<Key>,
+    /// The whole last chunk is to be read again: a transaction too large
+    /// to keep row by row changed its table unseen by its snapshot.
+    unsure: bool,
     /// Transactions the stream carried with changes to copied tables that
     /// no snapshot of the copy's has yet been seen to include (see
     /// [`Window::carried`]).
@@ -861,6 +864,7 @@ impl Window {
             // Changed or not by a transaction too large to keep row by
             // row: read again.
             if whole || open.partial.contains(&key) {
+                self.unsure |= whole;
                 self.redo.push(key);
                 continue;
             }
@@ -869,9 +873,13 @@ impl Window {
         Some((actions, chunk.done))
     }
 
-    /// Keys the last chunk left to read again.
-    fn take_redo(&mut self) -> Vec<Key> {
-        std::mem::take(&mut self.redo)
+    /// Keys the last chunk left to read again, and whether that is every
+    /// key of it (see [`Window::unsure`]).
+    fn take_redo(&mut self) -> (Vec<Key>, bool) {
+        (
+            std::mem::take(&mut self.redo),
+            std::mem::take(&mut self.unsure),
+        )
     }
 }
 
@@ -879,6 +887,12 @@ impl Window {
 /// in part are read again before they are sent as read: a row rewritten
 /// that often gets its full state from the stream soon anyway.
 const REDO_ROUNDS: usize = 3;
+
+/// The pause before a chunk is read again whole because a large
+/// transaction its snapshot did not see changed its table: such a commit
+/// turns visible within moments (longer only while a synchronous standby
+/// holds it back).
+const UNSURE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Copies pending tables (a resume, a table new to the mapping, a resync)
 /// alongside the stream, one watermarked chunk at a time; then waits for
@@ -989,14 +1003,15 @@ struct WatermarkedChunks<'a> {
 impl WatermarkedChunks<'_> {
     /// One chunk: the low watermark, `read`, the high watermark; waits until
     /// the rows the stream did not supersede are delivered. Returns what was
-    /// read and the keys to read again, or None on a stop.
+    /// read and the keys to read again (and whether those are all of them
+    /// for want of knowing which), or None on a stop.
     async fn chunk<F, Fut>(
         &mut self,
         table: &TableName,
         key_columns: &[String],
         read: F,
         shutdown: &mut Shutdown,
-    ) -> Result<Option<(Vec<Key>, Vec<Key>)>, Error>
+    ) -> Result<Option<(Vec<Key>, (Vec<Key>, bool))>, Error>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Vec<(Key, Vec<Action>)>, Error>>,
@@ -1008,6 +1023,7 @@ impl WatermarkedChunks<'_> {
             w.open = None;
             w.rows = None;
             w.redo.clear();
+            w.unsure = false;
         }
         emit(self.client, &format!("lw:{}:{id}", self.slot)).await?;
         // One snapshot for the rows and their lookups, whose visibility the
@@ -1089,14 +1105,26 @@ async fn copy_table(
                 .await?;
             map_rows(rows).await
         };
-        let Some((keys, mut redo)) = chunks.chunk(&t.table, &key_columns, read, shutdown).await?
+        let Some((keys, (mut redo, mut unsure))) =
+            chunks.chunk(&t.table, &key_columns, read, shutdown).await?
         else {
             return Ok(Settled::Stopped);
         };
         let full = keys.len() == cx.settings.sync_chunk_rows;
-        for round in 1..=REDO_ROUNDS {
-            if redo.is_empty() {
+        let mut round = 0;
+        while !redo.is_empty() {
+            if unsure {
+                // Not a row's own churn: wait for the transaction to turn
+                // visible, however many rounds that takes.
+                tokio::select! {
+                    _ = tokio::time::sleep(UNSURE_PAUSE) => {}
+                    _ = shutdown.wait() => return Ok(Settled::Stopped),
+                }
+            } else if round == REDO_ROUNDS {
+                tracing::warn!(table = %t.table, rows = redo.len(), "sync: rows the stream keeps changing in part were not copied in full; their next full change brings them up to date");
                 break;
+            } else {
+                round += 1;
             }
             let again = std::mem::take(&mut redo);
             let read = || async {
@@ -1107,10 +1135,7 @@ async fn copy_table(
             else {
                 return Ok(Settled::Stopped);
             };
-            redo = left;
-            if round == REDO_ROUNDS && !redo.is_empty() {
-                tracing::warn!(table = %t.table, rows = redo.len(), "sync: rows the stream keeps changing in part were not copied in full; their next full change brings them up to date");
-            }
+            (redo, unsure) = left;
         }
         rows_copied += keys.len() as i64;
         if let Some(key) = keys.last() {
@@ -1310,7 +1335,8 @@ mod tests {
         });
         let (actions, _) = w.high("c-1").unwrap();
         let sent = actions.into_iter().map(|a| a.contact).collect();
-        let redo = w.take_redo();
+        let (redo, unsure) = w.take_redo();
+        assert!(!unsure);
         (sent, redo, w)
     }
 
@@ -1392,7 +1418,7 @@ mod tests {
         });
         let (actions, _) = w.high("c-1").unwrap();
         assert!(actions.is_empty());
-        assert_eq!(w.take_redo(), vec![vec![Some("1".to_owned())]]);
+        assert_eq!(w.take_redo(), (vec![vec![Some("1".to_owned())]], true));
         assert_eq!(w.unseen.len(), 1);
     }
 
