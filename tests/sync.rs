@@ -2,7 +2,8 @@
 //! receiver exactly once on the first run, with their latest values when
 //! they change during the copy; a killed copy resumes from its last
 //! acknowledged chunk; track tables are copied only when they opt in; a
-//! resync alongside a writer ends with the final values.
+//! resync alongside a writer ends with the final values, also when a
+//! streamed commit was not yet visible to the chunk that read its row.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
