@@ -15,7 +15,15 @@
 //!   chunk every row the stream changed between the two watermarks (the
 //!   stream's value is newer) and hands the rest over at the high
 //!   watermark's place in the stream, so a row's later changes always come
-//!   after its copy.
+//!   after its copy. Positions alone are not enough: a commit is in the WAL
+//!   (and may be streamed and sent) a moment before new snapshots see it,
+//!   so a chunk read after the low watermark can still miss a change the
+//!   stream sent before it. Each chunk is therefore read in one snapshot
+//!   whose visibility (`pg_current_snapshot()`) goes with the rows, the
+//!   reader records the id and changes of every transaction it carries on
+//!   a copied table until a snapshot of the copy's sees it, and at the high
+//!   watermark treats a change by a transaction the chunk's snapshot did
+//!   not see as one made between the watermarks.
 //!
 //! Progress (table, last key, rows) is recorded after a chunk's rows are
 //! acknowledged, so a crash resends at most the chunks in flight.
@@ -497,6 +505,132 @@ pub(crate) struct Window {
     /// Keys of the last chunk to read again: the stream changed them
     /// between its watermarks without carrying their whole state.
     redo: Vec<Key>,
+    /// The whole last chunk is to be read again: a transaction too large
+    /// to keep row by row changed its table unseen by its snapshot.
+    unsure: bool,
+    /// Transactions the stream carried with changes to copied tables that
+    /// no snapshot of the copy's has yet been seen to include (see
+    /// [`Window::carried`]).
+    unseen: VecDeque<Carried>,
+    /// Changes held in `unseen`, at most [`CARRIED_CHANGES`].
+    unseen_changes: usize,
+}
+
+/// Changes of carried transactions kept row by row, in one transaction and
+/// in all: beyond, the oldest keep only which tables they changed, and a
+/// chunk of such a table whose snapshot does not see them is read again
+/// whole. Bounds memory under a large transaction or a long idle spell.
+const CARRIED_CHANGES: usize = 8192;
+
+/// A transaction the stream carried, with its changes to copied tables.
+#[derive(Default)]
+pub(crate) struct Carried {
+    xid: u32,
+    /// Its changes, unless `whole`.
+    changes: Vec<CarriedChange>,
+    /// The tables it changed, by relation.
+    tables: Vec<Arc<Relation>>,
+    /// Its changes were too many to keep: any row of `tables` may be one.
+    whole: bool,
+}
+
+/// One row change of a [`Carried`] transaction.
+struct CarriedChange {
+    relation: Arc<Relation>,
+    old: Option<Tuple>,
+    new: Option<Tuple>,
+    seen: Seen,
+}
+
+impl Carried {
+    /// A transaction begins.
+    pub(crate) fn begin(&mut self, xid: u32) {
+        self.xid = xid;
+        self.changes.clear();
+        self.tables.clear();
+        self.whole = false;
+    }
+
+    /// Notes a change to a copied table, as [`Window::saw`] takes it.
+    pub(crate) fn push(
+        &mut self,
+        relation: &Arc<Relation>,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+        seen: Seen,
+    ) {
+        if !self.tables.iter().any(|r| Arc::ptr_eq(r, relation)) {
+            self.tables.push(relation.clone());
+        }
+        if self.whole {
+            return;
+        }
+        if self.changes.len() >= CARRIED_CHANGES {
+            self.forget_rows();
+            return;
+        }
+        self.changes.push(CarriedChange {
+            relation: relation.clone(),
+            old: old.cloned(),
+            new: new.cloned(),
+            seen,
+        });
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    fn forget_rows(&mut self) {
+        self.whole = true;
+        self.changes = Vec::new();
+    }
+
+    /// Whether it changed `table`.
+    fn changed(&self, table: &TableName) -> bool {
+        self.tables
+            .iter()
+            .any(|r| r.namespace == table.schema && r.name == table.name)
+    }
+}
+
+/// Which transactions a snapshot sees, as `pg_current_snapshot()` tells:
+/// every one before `xmin`, and those before `xmax` not in `xip` (64-bit
+/// transaction ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Visibility {
+    xmin: u64,
+    xmax: u64,
+    xip: Vec<u64>,
+}
+
+impl Visibility {
+    /// Parses `pg_current_snapshot()`'s text form, `xmin:xmax:xip,...`.
+    pub(crate) fn parse(text: &str) -> Option<Visibility> {
+        let mut parts = text.trim().splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = parts
+            .next()?
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().ok())
+            .collect::<Option<Vec<u64>>>()?;
+        Some(Visibility { xmin, xmax, xip })
+    }
+
+    /// Whether the snapshot sees the committed transaction `xid` (the
+    /// 32-bit id pgoutput sends, taken in the epoch nearest `xmax`).
+    pub(crate) fn sees(&self, xid: u32) -> bool {
+        const EPOCH: u64 = 1 << 32;
+        let mut full = (self.xmax & !(EPOCH - 1)) | u64::from(xid);
+        if full > self.xmax.saturating_add(EPOCH / 2) && full >= EPOCH {
+            full -= EPOCH;
+        } else if full.saturating_add(EPOCH / 2) < self.xmax {
+            full += EPOCH;
+        }
+        full < self.xmin || (full < self.xmax && !self.xip.contains(&full))
+    }
 }
 
 struct OpenWindow {
@@ -514,9 +648,90 @@ struct OpenWindow {
     indexes: HashMap<u32, Option<Vec<usize>>>,
 }
 
+impl OpenWindow {
+    /// Notes a change to the chunk's table the stream carried while the
+    /// window is open: `new` (absent for a delete) as `seen` says; an `old`
+    /// row under another key (a delete, or an update of the key) is gone,
+    /// so superseded.
+    fn note(&mut self, relation: &Relation, old: Option<&Tuple>, new: Option<&Tuple>, seen: Seen) {
+        if relation.namespace != self.table.schema || relation.name != self.table.name {
+            return;
+        }
+        let key_columns = &self.key_columns;
+        let indexes = self
+            .indexes
+            .entry(relation.id)
+            .or_insert_with(|| key_indexes(key_columns, relation));
+        if let Some(indexes) = indexes {
+            note_keys(
+                &mut self.superseded,
+                &mut self.partial,
+                indexes,
+                old,
+                new,
+                seen,
+            );
+        }
+    }
+
+    /// Notes a change carried earlier, under the relation as it was then.
+    fn note_carried(&mut self, c: &CarriedChange) {
+        let relation = &c.relation;
+        if relation.namespace != self.table.schema || relation.name != self.table.name {
+            return;
+        }
+        if let Some(indexes) = key_indexes(&self.key_columns, relation) {
+            let (old, new) = (c.old.as_ref(), c.new.as_ref());
+            note_keys(
+                &mut self.superseded,
+                &mut self.partial,
+                &indexes,
+                old,
+                new,
+                c.seen,
+            );
+        }
+    }
+}
+
+/// Where the key columns are in `relation`'s tuples (None when one is
+/// missing).
+fn key_indexes(key_columns: &[String], relation: &Relation) -> Option<Vec<usize>> {
+    key_columns
+        .iter()
+        .map(|k| relation.columns.iter().position(|c| c.name == *k))
+        .collect()
+}
+
+/// Notes one change's keys; see [`OpenWindow::note`].
+fn note_keys(
+    superseded: &mut HashSet<Key>,
+    partial: &mut HashSet<Key>,
+    indexes: &[usize],
+    old: Option<&Tuple>,
+    new: Option<&Tuple>,
+    seen: Seen,
+) {
+    let new_key = new.map(|t| key_at(t, indexes));
+    if let Some(old_key) = old.map(|t| key_at(t, indexes)) {
+        if new_key.as_ref() != Some(&old_key) {
+            superseded.insert(old_key);
+        }
+    }
+    if let Some(key) = new_key {
+        match seen {
+            Seen::Superseded => superseded.insert(key),
+            Seen::Partial => partial.insert(key),
+            Seen::Unchanged => false,
+        };
+    }
+}
+
 /// A chunk's rows, mapped, with the marker to fire once delivered.
 pub(crate) struct Chunk {
     rows: Vec<(Key, Vec<Action>)>,
+    /// The snapshot the rows were read in.
+    snapshot: Visibility,
     done: oneshot::Sender<()>,
 }
 
@@ -583,9 +798,7 @@ impl Window {
         self.open.is_some()
     }
 
-    /// Notes a change the stream carried while the window is open: `new`
-    /// (absent for a delete) as `seen` says; an `old` row under another key
-    /// (a delete, or an update of the key) is gone, so superseded.
+    /// Notes a change the stream carried while the window is open.
     pub(crate) fn saw(
         &mut self,
         relation: &Relation,
@@ -593,46 +806,65 @@ impl Window {
         new: Option<&Tuple>,
         seen: Seen,
     ) {
-        let Some(open) = &mut self.open else { return };
-        if relation.namespace != open.table.schema || relation.name != open.table.name {
-            return;
-        }
-        let indexes = open.indexes.entry(relation.id).or_insert_with(|| {
-            open.key_columns
-                .iter()
-                .map(|k| relation.columns.iter().position(|c| c.name == *k))
-                .collect()
-        });
-        let Some(indexes) = indexes else { return };
-        let new_key = new.map(|t| key_at(t, indexes));
-        if let Some(old_key) = old.map(|t| key_at(t, indexes)) {
-            if new_key.as_ref() != Some(&old_key) {
-                open.superseded.insert(old_key);
-            }
-        }
-        if let Some(key) = new_key {
-            match seen {
-                Seen::Superseded => open.superseded.insert(key),
-                Seen::Partial => open.partial.insert(key),
-                Seen::Unchanged => false,
-            };
+        if let Some(open) = &mut self.open {
+            open.note(relation, old, new, seen);
         }
     }
 
+    /// Records a transaction the stream carried with changes to copied
+    /// tables, for every chunk whose snapshot turns out not to include it.
+    /// Its commit is in the WAL (and so in the stream) a moment before new
+    /// snapshots see it: a chunk read in that moment, even after the low
+    /// watermark, holds the older row although the stream already sent the
+    /// newer one before the window opened.
+    pub(crate) fn carried(&mut self, transaction: &mut Carried) {
+        let t = std::mem::take(transaction);
+        self.unseen_changes += t.changes.len();
+        self.unseen.push_back(t);
+        for t in self.unseen.iter_mut() {
+            if self.unseen_changes <= CARRIED_CHANGES {
+                break;
+            }
+            self.unseen_changes -= t.changes.len();
+            t.forget_rows();
+        }
+    }
+
+    /// Forgets the carried transactions `snapshot` sees: every snapshot
+    /// taken after it sees them too.
+    pub(crate) fn settle(&mut self, snapshot: &Visibility) {
+        self.unseen.retain(|t| !snapshot.sees(t.xid));
+        self.unseen_changes = self.unseen.iter().map(|t| t.changes.len()).sum();
+    }
+
     /// The high watermark `id` was read: the chunk's rows the stream did
-    /// not change since the low one, and the marker for when they are
-    /// delivered. Rows the stream changed in part are left for the copy to
-    /// read again ([`Window::take_redo`]).
+    /// not change since the low one, nor in a transaction the chunk's
+    /// snapshot does not see, and the marker for when they are delivered.
+    /// Rows the stream changed in part are left for the copy to read again
+    /// ([`Window::take_redo`]).
     pub(crate) fn high(&mut self, id: &str) -> Option<(Vec<Action>, oneshot::Sender<()>)> {
-        let open = self.open.take_if(|o| o.id == id)?;
+        let mut open = self.open.take_if(|o| o.id == id)?;
         let chunk = self.rows.take()?;
         self.expected = None;
+        // Everything the stream carried so far came before this place, so
+        // a change the snapshot does not see is newer than the copy.
+        let mut whole = false;
+        for t in self.unseen.iter().filter(|t| !chunk.snapshot.sees(t.xid)) {
+            whole |= t.whole && t.changed(&open.table);
+            for c in &t.changes {
+                open.note_carried(c);
+            }
+        }
+        self.settle(&chunk.snapshot);
         let mut actions = Vec::new();
         for (key, row) in chunk.rows {
             if open.superseded.contains(&key) {
                 continue;
             }
-            if open.partial.contains(&key) {
+            // Changed or not by a transaction too large to keep row by
+            // row: read again.
+            if whole || open.partial.contains(&key) {
+                self.unsure |= whole;
                 self.redo.push(key);
                 continue;
             }
@@ -641,9 +873,13 @@ impl Window {
         Some((actions, chunk.done))
     }
 
-    /// Keys the last chunk left to read again.
-    fn take_redo(&mut self) -> Vec<Key> {
-        std::mem::take(&mut self.redo)
+    /// Keys the last chunk left to read again, and whether that is every
+    /// key of it (see [`Window::unsure`]).
+    fn take_redo(&mut self) -> (Vec<Key>, bool) {
+        (
+            std::mem::take(&mut self.redo),
+            std::mem::take(&mut self.unsure),
+        )
     }
 }
 
@@ -651,6 +887,12 @@ impl Window {
 /// in part are read again before they are sent as read: a row rewritten
 /// that often gets its full state from the stream soon anyway.
 const REDO_ROUNDS: usize = 3;
+
+/// The pause before a chunk is read again whole because a large
+/// transaction its snapshot did not see changed its table: such a commit
+/// turns visible within moments (longer only while a synchronous standby
+/// holds it back).
+const UNSURE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Copies pending tables (a resume, a table new to the mapping, a resync)
 /// alongside the stream, one watermarked chunk at a time; then waits for
@@ -685,6 +927,12 @@ pub(crate) async fn copy_alongside(
             .collect();
         metrics.snapshot_tables_remaining.set(pending.len() as i64);
         let Some((t, row)) = pending.first() else {
+            // Transactions the stream carried that a snapshot taken now
+            // sees need no longer be kept for a chunk's check.
+            let now = current_snapshot(&client).await?;
+            if let Ok(mut w) = window.lock() {
+                w.settle(&now);
+            }
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
@@ -755,14 +1003,15 @@ struct WatermarkedChunks<'a> {
 impl WatermarkedChunks<'_> {
     /// One chunk: the low watermark, `read`, the high watermark; waits until
     /// the rows the stream did not supersede are delivered. Returns what was
-    /// read and the keys to read again, or None on a stop.
+    /// read and the keys to read again (and whether those are all of them
+    /// for want of knowing which), or None on a stop.
     async fn chunk<F, Fut>(
         &mut self,
         table: &TableName,
         key_columns: &[String],
         read: F,
         shutdown: &mut Shutdown,
-    ) -> Result<Option<(Vec<Key>, Vec<Key>)>, Error>
+    ) -> Result<Option<(Vec<Key>, (Vec<Key>, bool))>, Error>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Vec<(Key, Vec<Action>)>, Error>>,
@@ -770,17 +1019,35 @@ impl WatermarkedChunks<'_> {
         self.count += 1;
         let id = format!("{}-{}", self.nonce, self.count);
         if let Ok(mut w) = self.window.lock() {
-            *w = Window {
-                expected: Some((id.clone(), table.clone(), key_columns.to_vec())),
-                ..Window::default()
-            };
+            w.expected = Some((id.clone(), table.clone(), key_columns.to_vec()));
+            w.open = None;
+            w.rows = None;
+            w.redo.clear();
+            w.unsure = false;
         }
         emit(self.client, &format!("lw:{}:{id}", self.slot)).await?;
-        let rows = read().await?;
+        // One snapshot for the rows and their lookups, whose visibility the
+        // reader checks the stream's transactions against.
+        let snapshot = begin_snapshot(self.client).await?;
+        let rows = match read().await {
+            Ok(rows) => rows,
+            Err(e) => {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| SourceError::from_sql("ending a sync chunk's read", e))?;
         let keys: Vec<Key> = rows.iter().map(|(k, _)| k.clone()).collect();
         let (done, delivered) = oneshot::channel();
         if let Ok(mut w) = self.window.lock() {
-            w.rows = Some(Chunk { rows, done });
+            w.rows = Some(Chunk {
+                rows,
+                snapshot,
+                done,
+            });
         }
         emit(self.client, &format!("hw:{}:{id}", self.slot)).await?;
         tokio::select! {
@@ -838,14 +1105,26 @@ async fn copy_table(
                 .await?;
             map_rows(rows).await
         };
-        let Some((keys, mut redo)) = chunks.chunk(&t.table, &key_columns, read, shutdown).await?
+        let Some((keys, (mut redo, mut unsure))) =
+            chunks.chunk(&t.table, &key_columns, read, shutdown).await?
         else {
             return Ok(Settled::Stopped);
         };
         let full = keys.len() == cx.settings.sync_chunk_rows;
-        for round in 1..=REDO_ROUNDS {
-            if redo.is_empty() {
+        let mut round = 0;
+        while !redo.is_empty() {
+            if unsure {
+                // Not a row's own churn: wait for the transaction to turn
+                // visible, however many rounds that takes.
+                tokio::select! {
+                    _ = tokio::time::sleep(UNSURE_PAUSE) => {}
+                    _ = shutdown.wait() => return Ok(Settled::Stopped),
+                }
+            } else if round == REDO_ROUNDS {
+                tracing::warn!(table = %t.table, rows = redo.len(), "sync: rows the stream keeps changing in part were not copied in full; their next full change brings them up to date");
                 break;
+            } else {
+                round += 1;
             }
             let again = std::mem::take(&mut redo);
             let read = || async {
@@ -856,10 +1135,7 @@ async fn copy_table(
             else {
                 return Ok(Settled::Stopped);
             };
-            redo = left;
-            if round == REDO_ROUNDS && !redo.is_empty() {
-                tracing::warn!(table = %t.table, rows = redo.len(), "sync: rows the stream keeps changing in part were not copied in full; their next full change brings them up to date");
-            }
+            (redo, unsure) = left;
         }
         rows_copied += keys.len() as i64;
         if let Some(key) = keys.last() {
@@ -877,6 +1153,41 @@ async fn copy_table(
             return Ok(Settled::Recorded);
         }
     }
+}
+
+/// Starts a read-only repeatable-read transaction and returns what its
+/// snapshot sees.
+async fn begin_snapshot(client: &Client) -> Result<Visibility, SourceError> {
+    let rows = client
+        .simple_query(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()::text",
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("starting a sync chunk's read", e))?;
+    snapshot_of(rows)
+}
+
+/// What a snapshot taken now sees.
+async fn current_snapshot(client: &Client) -> Result<Visibility, SourceError> {
+    let rows = client
+        .simple_query("SELECT pg_current_snapshot()::text")
+        .await
+        .map_err(|e| SourceError::from_sql("reading the current snapshot", e))?;
+    snapshot_of(rows)
+}
+
+fn snapshot_of(rows: Vec<tokio_postgres::SimpleQueryMessage>) -> Result<Visibility, SourceError> {
+    let text = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    text.as_deref()
+        .and_then(Visibility::parse)
+        .ok_or_else(|| {
+            SourceError::config(format!(
+                "pg_current_snapshot() returned {text:?}, not xmin:xmax:xip; is the server PostgreSQL 13 or later?"
+            ))
+        })
 }
 
 /// Writes one of the connector's messages into the WAL, outside any
@@ -924,4 +1235,207 @@ pub async fn request_resync(settings: &Settings, table: &str) -> Result<TableNam
             ))
         })?;
     Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::decode::{Column, Datum};
+    use crate::mapping::{ActionBody, Fields};
+
+    #[test]
+    fn a_snapshot_sees_what_ended_before_it() {
+        let s = Visibility::parse("10:20:12,15").unwrap();
+        assert!(s.sees(9));
+        assert!(!s.sees(12));
+        assert!(s.sees(13));
+        assert!(!s.sees(15));
+        assert!(s.sees(19));
+        assert!(!s.sees(20));
+        assert!(!s.sees(25));
+        assert_eq!(Visibility::parse("7:7:").unwrap().xip, Vec::<u64>::new());
+        assert!(Visibility::parse("7:x:").is_none());
+        assert!(Visibility::parse("").is_none());
+    }
+
+    #[test]
+    fn a_32_bit_id_is_taken_in_the_epoch_nearest_the_snapshot() {
+        let epoch = 1u64 << 32;
+        let s = Visibility::parse(&format!("{}:{}:{}", epoch - 5, epoch + 5, epoch + 2)).unwrap();
+        assert!(s.sees(0xFFFF_FFF0), "the previous epoch's id is long done");
+        assert!(s.sees(0xFFFF_FFFC), "before xmin's wrap");
+        assert!(!s.sees(2), "in progress across the wrap");
+        assert!(s.sees(3));
+        assert!(!s.sees(7), "after xmax");
+    }
+
+    fn relation() -> Arc<Relation> {
+        let column = |name: &str| Column {
+            key: name == "id",
+            name: name.into(),
+            type_oid: 25,
+            type_modifier: -1,
+        };
+        Arc::new(Relation {
+            id: 42,
+            namespace: "public".into(),
+            name: "employees".into(),
+            replica_identity: b'd',
+            columns: vec![column("id"), column("email")],
+        })
+    }
+
+    fn row(id: &str) -> Tuple {
+        Tuple(vec![
+            Datum::Text(Bytes::from(id.to_owned())),
+            Datum::Text(Bytes::from(format!("e{id}@acme.test"))),
+        ])
+    }
+
+    fn action(id: &str) -> Action {
+        Action {
+            table: "public.employees".into(),
+            lsn: Lsn::ZERO,
+            contact: format!("e{id}@acme.test"),
+            body: ActionBody::Identify {
+                traits: Fields::default(),
+            },
+        }
+    }
+
+    /// A chunk of rows 1..=3 read in `snapshot`, after the stream carried
+    /// `carried` (xid, row id, how) before its low watermark.
+    fn chunk_after(
+        carried: &[(u32, &str, Seen)],
+        snapshot: &str,
+    ) -> (Vec<String>, Vec<Key>, Window) {
+        let mut w = Window::default();
+        for (xid, id, seen) in carried {
+            let mut t = Carried::default();
+            t.begin(*xid);
+            t.push(&relation(), None, Some(&row(id)), *seen);
+            w.carried(&mut t);
+        }
+        w.expected = Some((
+            "c-1".into(),
+            TableName::parse("public.employees").unwrap(),
+            vec!["id".into()],
+        ));
+        w.low("c-1");
+        let (done, _) = oneshot::channel();
+        w.rows = Some(Chunk {
+            rows: ["1", "2", "3"]
+                .iter()
+                .map(|id| (vec![Some(id.to_string())], vec![action(id)]))
+                .collect(),
+            snapshot: Visibility::parse(snapshot).unwrap(),
+            done,
+        });
+        let (actions, _) = w.high("c-1").unwrap();
+        let sent = actions.into_iter().map(|a| a.contact).collect();
+        let (redo, unsure) = w.take_redo();
+        assert!(!unsure);
+        (sent, redo, w)
+    }
+
+    #[test]
+    fn a_change_streamed_before_the_window_that_the_chunk_did_not_see_wins() {
+        // 100 committed and streamed, but the chunk's snapshot still had it
+        // in progress; 90 the chunk saw.
+        let (sent, redo, w) = chunk_after(
+            &[
+                (90, "1", Seen::Superseded),
+                (100, "2", Seen::Superseded),
+                (101, "3", Seen::Partial),
+            ],
+            "95:102:100,101",
+        );
+        assert_eq!(sent, vec!["e1@acme.test".to_owned()]);
+        assert_eq!(redo, vec![vec![Some("3".to_owned())]]);
+        // What the chunk's snapshot saw is forgotten; the rest is kept for
+        // the next chunk.
+        let kept: Vec<u32> = w.unseen.iter().map(|t| t.xid).collect();
+        assert_eq!(kept, vec![100, 101]);
+        assert_eq!(w.unseen_changes, 2);
+    }
+
+    #[test]
+    fn changes_the_chunk_saw_leave_it_whole_and_are_forgotten() {
+        let (sent, redo, w) = chunk_after(
+            &[(90, "1", Seen::Superseded), (91, "2", Seen::Partial)],
+            "95:102:",
+        );
+        assert_eq!(sent.len(), 3);
+        assert!(redo.is_empty());
+        assert!(w.unseen.is_empty());
+    }
+
+    #[test]
+    fn a_transaction_too_large_to_keep_row_by_row_has_the_whole_chunk_read_again() {
+        let mut w = Window::default();
+        let mut t = Carried::default();
+        t.begin(100);
+        for i in 0..CARRIED_CHANGES + 5 {
+            t.push(
+                &relation(),
+                None,
+                Some(&row(&(1000 + i).to_string())),
+                Seen::Superseded,
+            );
+        }
+        assert!(t.whole && t.changes.is_empty());
+        w.carried(&mut t);
+        // Later small transactions push the oldest kept rows out instead.
+        for xid in 101..111 {
+            let mut t = Carried::default();
+            t.begin(xid);
+            for i in 0..CARRIED_CHANGES / 4 {
+                t.push(
+                    &relation(),
+                    None,
+                    Some(&row(&i.to_string())),
+                    Seen::Superseded,
+                );
+            }
+            w.carried(&mut t);
+        }
+        assert!(w.unseen_changes <= CARRIED_CHANGES);
+        assert_eq!(w.unseen.len(), 11);
+        assert!(w.unseen.iter().take(7).all(|t| t.whole));
+        w.expected = Some((
+            "c-1".into(),
+            TableName::parse("public.employees").unwrap(),
+            vec!["id".into()],
+        ));
+        w.low("c-1");
+        let (done, _) = oneshot::channel();
+        w.rows = Some(Chunk {
+            rows: vec![(vec![Some("1".to_owned())], vec![action("1")])],
+            snapshot: Visibility::parse("100:200:100").unwrap(),
+            done,
+        });
+        let (actions, _) = w.high("c-1").unwrap();
+        assert!(actions.is_empty());
+        assert_eq!(w.take_redo(), (vec![vec![Some("1".to_owned())]], true));
+        assert_eq!(w.unseen.len(), 1);
+    }
+
+    #[test]
+    fn settling_forgets_what_a_later_snapshot_sees() {
+        let mut w = Window::default();
+        for xid in [100, 105] {
+            let mut t = Carried::default();
+            t.begin(xid);
+            t.push(&relation(), None, Some(&row("1")), Seen::Superseded);
+            w.carried(&mut t);
+        }
+        w.settle(&Visibility::parse("100:110:100").unwrap());
+        assert_eq!(
+            w.unseen.iter().map(|t| t.xid).collect::<Vec<_>>(),
+            vec![100]
+        );
+        assert_eq!(w.unseen_changes, 1);
+    }
 }

@@ -2,7 +2,8 @@
 //! receiver exactly once on the first run, with their latest values when
 //! they change during the copy; a killed copy resumes from its last
 //! acknowledged chunk; track tables are copied only when they opt in; a
-//! resync alongside a writer ends with the final values.
+//! resync alongside a writer ends with the final values, also when a
+//! streamed commit was not yet visible to the chunk that read its row.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -514,5 +515,147 @@ tables:
         "contacts without their tags:\n{}",
         wrong.join("\n")
     );
+    conn.stop().await;
+}
+
+/// Sets server-wide settings on a private cluster and waits until a new
+/// session sees them.
+async fn reconfigure(cluster: &crate::support::pg::Cluster, settings: &[(&str, Option<&str>)]) {
+    let admin = cluster.admin().await;
+    for (name, value) in settings {
+        let sql = match value {
+            Some(v) => format!("ALTER SYSTEM SET {name} = '{v}'"),
+            None => format!("ALTER SYSTEM RESET {name}"),
+        };
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'wait: loop {
+        let fresh = cluster.admin().await;
+        for (name, value) in settings {
+            let now: String = fresh
+                .query_one(&format!("SELECT current_setting('{name}')"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            let reset = value.is_none() && (now.is_empty() || now == "on");
+            if Some(now.as_str()) != *value && !reset {
+                assert!(Instant::now() < deadline, "{name} stayed {now}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue 'wait;
+            }
+        }
+        return;
+    }
+}
+
+/// A commit is in the WAL, and so in the stream, a moment before new
+/// snapshots see it (on a busy server, for microseconds; here for as long
+/// as the test likes: the commit waits for a synchronous standby that never
+/// answers, after its record is written and before it turns visible). A
+/// resync reading the row meanwhile reads the older value; the streamed
+/// change, sent before the copy, must still be the value ConveYour ends
+/// with.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resync_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_the_streamed_value()
+{
+    let cluster = tokio::task::spawn_blocking(crate::support::pg::private_cluster)
+        .await
+        .unwrap();
+    let w = crate::support::setup::world_on(cluster, "sync_invisible", SCHEMA_SQL).await;
+    let n = 1_000;
+    seed_employees(&w, n).await;
+    let mut config = w.config(TABLES, "  batch_size: 200");
+    config.push_str("sync:\n  chunk_rows: 300\n");
+    let conn = Connector::run(&config, &[]);
+    wait_synced(&w, "public.employees", Duration::from_secs(120), &conn).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
+    let after_first = w.rx.identify_count();
+    assert_eq!(after_first, n);
+
+    // Commits wait for an absent synchronous standby, unless their session
+    // opts out, as every session but the writer's does by default.
+    reconfigure(
+        cluster,
+        &[
+            ("synchronous_commit", Some("local")),
+            (
+                "synchronous_standby_names",
+                Some("conveyour_cdc_test_absent"),
+            ),
+        ],
+    )
+    .await;
+    let contact = "e500@acme.test";
+    let writer = {
+        let client = crate::support::pg::connect(&w.db.url()).await.unwrap();
+        client
+            .batch_execute("SET synchronous_commit = on")
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            client
+                .execute(
+                    "UPDATE employees SET level = level + 1, region = 'moved' || (level + 1) WHERE id = 500",
+                    &[],
+                )
+                .await
+                .unwrap()
+        })
+    };
+    // The commit is streamed and sent while it is not yet visible.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.rx.contact(contact).and_then(|c| c.get("level").cloned()) != Some(json!(1)) {
+        assert!(
+            Instant::now() < deadline,
+            "the update was not streamed: {:?}\n{}",
+            w.rx.contact(contact),
+            conn.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let invisible =
+        w.db.client()
+            .await
+            .query_one("SELECT level FROM employees WHERE id = 500", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0);
+    assert_eq!(invisible, 0, "the update turned visible too early");
+
+    // A resync copies every row meanwhile (the request itself commits
+    // locally, like every session but the writer's).
+    let (status, out, err) = run_cli(
+        &["resync", "--config", CONFIG, "--table", "employees"],
+        &config,
+        &[],
+    );
+    assert!(status.success(), "resync failed: {out}{err}");
+    wait_synced(&w, "public.employees", Duration::from_secs(120), &conn).await;
+    assert!(
+        w.rx.identify_count() >= after_first + n - 1,
+        "the resync did not send the table again: {}",
+        w.rx.summary()
+    );
+
+    // The standby is given up on: the commit turns visible.
+    reconfigure(cluster, &[("synchronous_standby_names", None)]).await;
+    let updated = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the writer's commit stayed waiting")
+        .unwrap();
+    assert_eq!(updated, 1);
+    wait_caught_up(&w).await;
+    assert_eq!(
+        w.rx.contact(contact).and_then(|c| c.get("level").cloned()),
+        Some(json!(1)),
+        "the copy's older value won over the streamed change"
+    );
+    assert_receiver_matches_db(&w).await;
+    reconfigure(cluster, &[("synchronous_commit", None)]).await;
     conn.stop().await;
 }

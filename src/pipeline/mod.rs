@@ -8,7 +8,7 @@
 //! and all transactions before it; when nothing is pending it follows the
 //! server's keepalives, so an idle slot holds no WAL.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{ContactRef, Mapper, Outcome};
 use crate::sink::Sink;
-use crate::snapshot::{self, Seen, Watermark};
+use crate::snapshot::{self, Carried, Seen, Watermark};
 use crate::source::{
     self, connect_sql, Catalog, ReplicationConn, ReplicationMessage, ReplicationReader,
     ReplicationWriter, Resolver,
@@ -309,6 +309,14 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             window: window.clone(),
             wake: wake.clone(),
             slot: settings.slot.clone(),
+            // Only a copy alongside the stream checks (and forgets) them.
+            copied: match (&state, messages) {
+                (Some(_), true) => snapshot::copied_tables(settings)
+                    .iter()
+                    .map(|t| (t.table.schema.clone(), t.table.name.clone()))
+                    .collect(),
+                _ => HashSet::new(),
+            },
         },
         events_tx.clone(),
         reply_now,
@@ -412,6 +420,10 @@ struct Sync {
     wake: Arc<Notify>,
     /// Watermarks name the slot they are for.
     slot: String,
+    /// Tables a copy alongside the stream may read (schema, name): the
+    /// transactions changing them are recorded for its chunks
+    /// ([`snapshot::Window::carried`]). Empty when no copy can run.
+    copied: HashSet<(String, String)>,
 }
 
 /// How often the slot's retained WAL and health are read while streaming.
@@ -477,6 +489,10 @@ async fn read_loop(
     } = rows;
     // Relations as last announced, for the sync window's keys.
     let mut relations: HashMap<u32, Relation> = HashMap::new();
+    // Those of copied tables, kept with the changes recorded for the sync.
+    let mut copied_relations: HashMap<u32, Arc<Relation>> = HashMap::new();
+    // The current transaction's changes to copied tables.
+    let mut carried = Carried::default();
     // Whether a sync chunk is between its watermarks. Only this loop opens
     // and closes the window, so it knows without taking the lock per change.
     let mut window_open = false;
@@ -598,6 +614,10 @@ async fn read_loop(
                             new.as_ref(),
                             seen,
                         );
+                        if let Some(rel) = copied_relations.get(&relation) {
+                            let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
+                            carried.push(rel, old, new.as_ref(), seen);
+                        }
                         for c in cache_changes.drain(..) {
                             resolver.apply(c);
                         }
@@ -614,7 +634,8 @@ async fn read_loop(
                         continue;
                     }
                     Err(message) => match message {
-                        PgOutput::Begin { final_lsn, .. } => {
+                        PgOutput::Begin { final_lsn, xid, .. } => {
+                            carried.begin(xid);
                             at = Progress {
                                 commit_lsn: final_lsn,
                                 change: 0,
@@ -626,6 +647,11 @@ async fn read_loop(
                             commit_time,
                             ..
                         } => {
+                            if !carried.is_empty() {
+                                if let Ok(mut w) = sync.window.lock() {
+                                    w.carried(&mut carried);
+                                }
+                            }
                             catching_up = sent_at.saturating_sub(commit_time) > CATCH_UP_LAG_US;
                             reader.set_catching_up(catching_up);
                             Event::Commit {
@@ -635,6 +661,14 @@ async fn read_loop(
                         }
                         PgOutput::Relation(rel) => {
                             mapper.relation(&rel, wal_start)?;
+                            if sync
+                                .copied
+                                .contains(&(rel.namespace.clone(), rel.name.clone()))
+                            {
+                                copied_relations.insert(rel.id, Arc::new(rel.clone()));
+                            } else {
+                                copied_relations.remove(&rel.id);
+                            }
                             relations.insert(rel.id, rel.clone());
                             // The relation id may now stand for another table.
                             counters.forget(rel.id);
