@@ -103,6 +103,43 @@ async fn check_names_each_problem_and_its_fix() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_port_says_the_connection_was_refused() {
+    let w = world("wrong_port", ROSTER_SQL).await;
+    // A port nothing listens on: bound once, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{}", w.db.name());
+    let (status, out, err) = run_cli(
+        &["check", "--config", CONFIG],
+        &w.config_with_url(&url, ROSTER_TABLES, ""),
+        &[],
+    );
+    assert!(!status.success(), "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "FAIL server reachable: cannot connect to 127.0.0.1:{port}: connection refused; is the server running, and is postgres.url's port right?"
+        )),
+        "{out}"
+    );
+    // `status` opens its session the same way, and says the same.
+    let (status, _, err) = run_cli(
+        &["status", "--config", CONFIG],
+        &w.config_with_url(&url, ROSTER_TABLES, ""),
+        &[],
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!(
+            "cannot connect to 127.0.0.1:{port}: connection refused"
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn run_refuses_a_publication_that_lacks_a_mapped_table() {
     let w = world("pub_lacks", ROSTER_SQL).await;
     w.db.exec(&format!(

@@ -17,13 +17,12 @@ use crate::mapping::{LookupTarget, Schema};
 /// connection. The connection's driver runs on its own task.
 pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceError> {
     let config = params.sql_config();
-    let context = format!("connecting to {params}");
     let client = match tls::client_config(params).map_err(SourceError::config)? {
         None => {
             let (client, conn) = config
                 .connect(NoTls)
                 .await
-                .map_err(|e| SourceError::from_sql(&context, e))?;
+                .map_err(|e| SourceError::from_connect(params, e))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -33,7 +32,7 @@ pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceErr
             let (client, conn) = config
                 .connect(MakeRustls(tls))
                 .await
-                .map_err(|e| SourceError::from_sql(&context, e))?;
+                .map_err(|e| SourceError::from_connect(params, e))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
