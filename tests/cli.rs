@@ -219,6 +219,38 @@ fn bad_configs_are_refused_before_connecting_with_the_key_named() {
 }
 
 #[test]
+fn a_missing_config_file_or_bad_yaml_gets_its_own_hint() {
+    // No file at the path given.
+    let (status, out, err) = run_cli(&["check", "--config", "no-such.yaml"], "", &[]);
+    assert!(!status.success());
+    assert!(
+        err.starts_with("error: no config file at no-such.yaml (relative to "),
+        "{err}"
+    );
+    assert!(
+        err.contains("(hint: pass the config file's path with --config"),
+        "{err}"
+    );
+    assert!(!err.contains("config key"), "{err}");
+    assert!(!out.contains("server reachable"), "{out}");
+
+    // A YAML syntax error: an unclosed flow mapping on line 3.
+    let yaml = "postgres:\n  url: postgres://cdc@127.0.0.1:1/app\n  slot: {a: b\nconveyour:\n  url: http://127.0.0.1:1\n";
+    let (status, _, err) = run_cli(&["check", "--config", CONFIG], yaml, &[]);
+    assert!(!status.success());
+    assert!(
+        err.contains(": line ") && err.contains("not valid YAML"),
+        "{err}"
+    );
+    assert!(
+        err.contains("(hint: fix the YAML at the line and column named above"),
+        "{err}"
+    );
+    assert!(!err.contains("config key"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
 fn every_subcommand_has_help() {
     for args in [
         vec!["--help"],
