@@ -303,7 +303,7 @@ impl ConfigError {
     pub fn hint(&self) -> &'static str {
         match self.kind {
             ConfigErrorKind::Key => "fix the config key named above; nothing was connected",
-            ConfigErrorKind::File => "pass the config file's path with --config (a relative path starts at the current directory); nothing was connected",
+            ConfigErrorKind::File => "pass the config file's path with --config; nothing was connected",
             ConfigErrorKind::Syntax => "fix the YAML at the line and column named above (indentation, a missing colon, an unclosed quote or bracket); nothing was connected",
         }
     }
