@@ -708,13 +708,15 @@ fn check_lookups(tables: &[TableMapping]) -> Result<(), ConfigError> {
         };
         match (&target.kind, &target.contact) {
             (MappingKind::Identify, ContactSource::Column(id)) if *id != l.column => {
+                // Either name may be the misspelled one (this runs before
+                // the catalog is read), so neither is offered as the fix.
                 return Err(err(
                     format!("{field}.column"),
                     format!(
-                        "is `{}`, but {} ({}) identifies contacts by `{id}`; ConveYour matches events to contacts by the identify id, so use column: {id}",
-                        l.column, target.key, target.table
+                        "is `{}`, but {}.{}.id is `{id}`; both must name the same column of {} (ConveYour files events under the contact whose identify id they carry): correct whichever of the two is not the column holding the contact id",
+                        l.column, target.key, target.section(), target.table
                     ),
-                ))
+                ));
             }
             _ => {}
         }
@@ -755,6 +757,21 @@ tables:
 
     fn validate(yaml: &str) -> Result<Settings, ConfigError> {
         Config::from_yaml(yaml)?.validate(&no_env)
+    }
+
+    #[test]
+    fn a_lookup_disagreeing_with_the_identify_id_names_both_keys_and_copies_neither() {
+        let yaml = GOOD.replace("id: email", "id: e_mail").replace(
+            "id: employee_email",
+            "id: {from: public.employees, key: employee_id, column: email}",
+        );
+        let e = validate(&yaml).unwrap_err();
+        assert_eq!(e.field, "tables[1].track.id.column");
+        assert_eq!(
+            e.problem,
+            "is `email`, but tables[0].identify.id is `e_mail`; both must name the same column of public.employees (ConveYour files events under the contact whose identify id they carry): correct whichever of the two is not the column holding the contact id"
+        );
+        assert!(!e.problem.contains("use column: e_mail"), "{e}");
     }
 
     #[test]
