@@ -140,6 +140,36 @@ async fn a_wrong_port_says_the_connection_was_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_misspelled_table_is_said_not_to_exist_not_to_be_added() {
+    let w = world("table_typo", ROSTER_SQL).await;
+    w.db.exec(&format!(
+        "CREATE PUBLICATION pub_{} FOR TABLE employees, sales;",
+        w.slot
+    ))
+    .await;
+    let config = w.config(
+        &ROSTER_TABLES.replace("table: public.employees", "table: public.employes"),
+        "",
+    );
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("FAIL tables and columns: tables[0].table: table public.employes does not exist (or this role cannot see it); did you mean public.employees?"),
+        "{out}"
+    );
+    let publication = out
+        .lines()
+        .find(|l| l.starts_with("FAIL publication"))
+        .unwrap_or_else(|| panic!("no FAIL publication line:\n{out}"));
+    assert!(
+        publication.contains("public.employes does not exist")
+            && publication.contains("fix the table name in the config"),
+        "{publication}"
+    );
+    assert!(!publication.contains("ALTER PUBLICATION"), "{publication}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn run_refuses_a_publication_that_lacks_a_mapped_table() {
     let w = world("pub_lacks", ROSTER_SQL).await;
     w.db.exec(&format!(
