@@ -208,23 +208,39 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
                         "{publication} holds every mapped table and every table a lookup reads"
                     ),
                 )),
-                Ok(missing) => out.push(fail(
-                    "publication",
-                    format!(
-                        "{publication} lacks {}; run ALTER PUBLICATION {} ADD TABLE {};",
-                        missing
-                            .iter()
-                            .map(|t| t.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        quote_ident(publication),
-                        missing
-                            .iter()
-                            .map(|t| t.quoted())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )),
+                Ok(missing) => {
+                    // A table that does not exist cannot be added: its name
+                    // in the config is wrong ("tables and columns" says so).
+                    let (missing, absent) = split_absent(&client, missing).await;
+                    let mut problems = Vec::new();
+                    if !missing.is_empty() {
+                        problems.push(format!(
+                            "{publication} lacks {}; run ALTER PUBLICATION {} ADD TABLE {};",
+                            missing
+                                .iter()
+                                .map(|t| t.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            quote_ident(publication),
+                            missing
+                                .iter()
+                                .map(|t| t.quoted())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                    if !absent.is_empty() {
+                        problems.push(format!(
+                            "{} does not exist, so {publication} cannot hold it; fix the table name in the config (see tables and columns)",
+                            absent
+                                .iter()
+                                .map(|t| t.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                    out.push(fail("publication", problems.join("; ")));
+                }
                 Err(e) => out.push(fail("publication", e.to_string())),
             }
         }
@@ -290,6 +306,29 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         Err(e) => out.push(fail("replication slot", e.to_string())),
     }
     out
+}
+
+/// Splits `tables` into those that exist and those that do not. A table
+/// whose existence cannot be read counts as existing.
+async fn split_absent<'a>(
+    client: &tokio_postgres::Client,
+    tables: Vec<&'a TableName>,
+) -> (Vec<&'a TableName>, Vec<&'a TableName>) {
+    let mut exist = Vec::new();
+    let mut absent = Vec::new();
+    for t in tables {
+        let found = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted()])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(true);
+        if found {
+            exist.push(t);
+        } else {
+            absent.push(t);
+        }
+    }
+    (exist, absent)
 }
 
 /// The connector's own schema: dead letters and row-grain progress live

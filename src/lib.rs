@@ -42,7 +42,7 @@ impl Error {
     /// A hint for the operator, shown after the error.
     pub fn hint(&self) -> &'static str {
         match self {
-            Error::Config(_) => "fix the config key named above; nothing was connected",
+            Error::Config(e) => e.hint(),
             Error::Source(e) => e.hint(),
             Error::Decode(_) => "this is a bug or an unsupported server; report it with the LSN, the position was not advanced",
             Error::Map(_) => "fix the row or the mapping, then restart; the position was not advanced, so nothing is lost",

@@ -32,6 +32,10 @@ pub struct SyncTable {
     /// Rows in the table when its copy started.
     pub rows_total: Option<i64>,
     pub finished_at: Option<String>,
+    /// False for a table recorded under an earlier config that the
+    /// current one no longer maps: its record stays in the connector's
+    /// schema, but its figures say nothing about this config.
+    pub in_config: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -178,6 +182,7 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
                         rows_copied: r.get(2),
                         rows_total: r.get(3),
                         finished_at: r.get(4),
+                        in_config: mapped.iter().any(|t| t.to_string() == r.get::<_, String>(0)),
                     })
                     .collect(),
             ),
@@ -243,6 +248,14 @@ impl Status {
             Some(tables) => {
                 let _ = writeln!(out, "initial sync:");
                 for t in tables {
+                    if !t.in_config {
+                        let _ = writeln!(
+                            out,
+                            "  {}: not in the config (recorded earlier: {})",
+                            t.table, t.status
+                        );
+                        continue;
+                    }
                     let _ = writeln!(
                         out,
                         "  {}: {}, {} of {} rows{}",

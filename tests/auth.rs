@@ -137,3 +137,30 @@ async fn tls_modes_follow_libpq_rules() {
     );
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_password_says_where_to_put_it() {
+    let w = world("no_password", ROSTER_SQL).await;
+    let port = w.db.cluster().port();
+    let url = format!(
+        "postgres://scram_user@127.0.0.1:{port}/{}?sslmode=disable",
+        w.db.name()
+    );
+    let (status, out, err) = run_cli(
+        &["check", "--config", CONFIG],
+        &w.config_with_url(&url, ROSTER_TABLES, ""),
+        &[],
+    );
+    assert!(!status.success(), "{out}\n{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("FAIL server reachable"))
+        .unwrap_or_else(|| panic!("no FAIL server reachable line:\n{out}"));
+    assert!(
+        line.contains("the server asked for a password and none was given")
+            && line.contains("put it in postgres.url")
+            && line.contains("set PGPASSWORD"),
+        "{line}"
+    );
+    assert!(!line.contains("invalid configuration"), "{line}");
+}

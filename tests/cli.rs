@@ -103,6 +103,73 @@ async fn check_names_each_problem_and_its_fix() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_port_says_the_connection_was_refused() {
+    let w = world("wrong_port", ROSTER_SQL).await;
+    // A port nothing listens on: bound once, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{}", w.db.name());
+    let (status, out, err) = run_cli(
+        &["check", "--config", CONFIG],
+        &w.config_with_url(&url, ROSTER_TABLES, ""),
+        &[],
+    );
+    assert!(!status.success(), "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "FAIL server reachable: cannot connect to 127.0.0.1:{port}: connection refused; is the server running, and is postgres.url's port right?"
+        )),
+        "{out}"
+    );
+    // `status` opens its session the same way, and says the same.
+    let (status, _, err) = run_cli(
+        &["status", "--config", CONFIG],
+        &w.config_with_url(&url, ROSTER_TABLES, ""),
+        &[],
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!(
+            "cannot connect to 127.0.0.1:{port}: connection refused"
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_misspelled_table_is_said_not_to_exist_not_to_be_added() {
+    let w = world("table_typo", ROSTER_SQL).await;
+    w.db.exec(&format!(
+        "CREATE PUBLICATION pub_{} FOR TABLE employees, sales;",
+        w.slot
+    ))
+    .await;
+    let config = w.config(
+        &ROSTER_TABLES.replace("table: public.employees", "table: public.employes"),
+        "",
+    );
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("FAIL tables and columns: tables[0].table: table public.employes does not exist (or this role cannot see it); did you mean public.employees?"),
+        "{out}"
+    );
+    let publication = out
+        .lines()
+        .find(|l| l.starts_with("FAIL publication"))
+        .unwrap_or_else(|| panic!("no FAIL publication line:\n{out}"));
+    assert!(
+        publication.contains("public.employes does not exist")
+            && publication.contains("fix the table name in the config"),
+        "{publication}"
+    );
+    assert!(!publication.contains("ALTER PUBLICATION"), "{publication}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn run_refuses_a_publication_that_lacks_a_mapped_table() {
     let w = world("pub_lacks", ROSTER_SQL).await;
     w.db.exec(&format!(
@@ -179,6 +246,38 @@ fn bad_configs_are_refused_before_connecting_with_the_key_named() {
     }
     let (status, out, _) = run_cli(&["check", "--config", CONFIG, "--config-only"], &base, &[]);
     assert!(status.success(), "{out}");
+}
+
+#[test]
+fn a_missing_config_file_or_bad_yaml_gets_its_own_hint() {
+    // No file at the path given.
+    let (status, out, err) = run_cli(&["check", "--config", "no-such.yaml"], "", &[]);
+    assert!(!status.success());
+    assert!(
+        err.starts_with("error: no config file at no-such.yaml (relative to "),
+        "{err}"
+    );
+    assert!(
+        err.contains("(hint: pass the config file's path with --config"),
+        "{err}"
+    );
+    assert!(!err.contains("config key"), "{err}");
+    assert!(!out.contains("server reachable"), "{out}");
+
+    // A YAML syntax error: an unclosed flow mapping on line 3.
+    let yaml = "postgres:\n  url: postgres://cdc@127.0.0.1:1/app\n  slot: {a: b\nconveyour:\n  url: http://127.0.0.1:1\n";
+    let (status, _, err) = run_cli(&["check", "--config", CONFIG], yaml, &[]);
+    assert!(!status.success());
+    assert!(
+        err.contains(": line ") && err.contains("not valid YAML"),
+        "{err}"
+    );
+    assert!(
+        err.contains("(hint: fix the YAML at the line and column named above"),
+        "{err}"
+    );
+    assert!(!err.contains("config key"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]

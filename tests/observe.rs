@@ -297,3 +297,49 @@ async fn status_reports_the_slot_and_publication_as_text_and_json() {
     assert_eq!(v["publication"]["missing"], serde_json::json!([]));
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_marks_a_synced_table_no_longer_in_the_config() {
+    use crate::support::connector::{run_cli, CONFIG_PLACEHOLDER as CONFIG};
+    use crate::support::setup::ROSTER_TABLES;
+    let w = world("status_unmapped", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let done = format!(
+        "SELECT status FROM conveyour_cdc.snapshot_progress WHERE slot = '{}' AND source_table = 'public.employees'",
+        w.slot
+    );
+    while w.db.query_opt_string(&done).await.as_deref() != Some("done") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the initial sync of public.employees did not finish\n{}",
+            conn.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(conn);
+
+    // The same database, with public.employees no longer mapped.
+    let only_sales = ROSTER_TABLES.replace(
+        "  - table: public.employees\n    identify:\n      id: email\n      traits: {first_name: first_name, last_name: last_name, career_sales: career_sales}\n",
+        "",
+    );
+    assert_ne!(only_sales, ROSTER_TABLES);
+    let config = w.config(&only_sales, "");
+    let (status, out, err) = run_cli(&["status", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("  public.employees: not in the config (recorded earlier: done)\n"),
+        "{out}"
+    );
+    assert!(!out.contains("public.employees: done"), "{out}");
+    let (status, out, _) = run_cli(&["status", "--config", CONFIG, "--json"], &config, &[]);
+    assert!(status.success());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = v["sync"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["table"] == "public.employees"))
+        .unwrap_or_else(|| panic!("no sync row for public.employees: {out}"));
+    assert_eq!(row["in_config"], false, "{out}");
+}

@@ -284,11 +284,38 @@ pub struct ConfigError {
     /// that are not about one key.
     pub field: String,
     pub problem: String,
+    pub kind: ConfigErrorKind,
+}
+
+/// What is wrong with the config, which decides the operator's hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigErrorKind {
+    /// A key's value (or a key itself) is wrong; `field` names it.
+    Key,
+    /// The file is not there or cannot be read; `field` is its path.
+    File,
+    /// The file is not valid YAML; `problem` names the line and column.
+    Syntax,
+}
+
+impl ConfigError {
+    /// What the operator should do.
+    pub fn hint(&self) -> &'static str {
+        match self.kind {
+            ConfigErrorKind::Key => "fix the config key named above; nothing was connected",
+            ConfigErrorKind::File => "pass the config file's path with --config; nothing was connected",
+            ConfigErrorKind::Syntax => "fix the YAML at the line and column named above (indentation, a missing colon, an unclosed quote or bracket); nothing was connected",
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "config {}: {}", self.field, self.problem)
+        match self.kind {
+            // The problem names the file itself.
+            ConfigErrorKind::File => f.write_str(&self.problem),
+            _ => write!(f, "config {}: {}", self.field, self.problem),
+        }
     }
 }
 
@@ -298,6 +325,7 @@ fn err(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.into(),
         problem: problem.into(),
+        kind: ConfigErrorKind::Key,
     }
 }
 
@@ -402,8 +430,21 @@ impl Config {
     /// Reads and parses a config file; unknown keys and type errors name the
     /// key and the line.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: path.display().to_string(),
+            problem: match e.kind() {
+                std::io::ErrorKind::NotFound => match std::env::current_dir() {
+                    Ok(dir) if path.is_relative() => format!(
+                        "no config file at {} (relative to {})",
+                        path.display(),
+                        dir.display()
+                    ),
+                    _ => format!("no config file at {}", path.display()),
+                },
+                _ => format!("cannot read config file {}: {e}", path.display()),
+            },
+            kind: ConfigErrorKind::File,
+        })?;
         Config::from_yaml(&text).map_err(|mut e| {
             if e.field.is_empty() {
                 e.field = path.display().to_string();
@@ -414,6 +455,19 @@ impl Config {
 
     /// Parses YAML text.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        // Text that is not YAML at all fails here, before any key is
+        // looked at, so its error is not mistaken for a key's.
+        if let Err(e) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text) {
+            let at = e
+                .location()
+                .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            return Err(ConfigError {
+                field: String::new(),
+                problem: format!("{at}not valid YAML ({e})"),
+                kind: ConfigErrorKind::Syntax,
+            });
+        }
         serde_yaml_ng::from_str(text).map_err(|e| {
             // serde_yaml_ng puts the key path first ("tables[0].track: ...").
             let message = e.to_string();
@@ -654,13 +708,15 @@ fn check_lookups(tables: &[TableMapping]) -> Result<(), ConfigError> {
         };
         match (&target.kind, &target.contact) {
             (MappingKind::Identify, ContactSource::Column(id)) if *id != l.column => {
+                // Either name may be the misspelled one (this runs before
+                // the catalog is read), so neither is offered as the fix.
                 return Err(err(
                     format!("{field}.column"),
                     format!(
-                        "is `{}`, but {} ({}) identifies contacts by `{id}`; ConveYour matches events to contacts by the identify id, so use column: {id}",
-                        l.column, target.key, target.table
+                        "is `{}`, but {}.{}.id is `{id}`; both must name the same column of {} (ConveYour files events under the contact whose identify id they carry): correct whichever of the two is not the column holding the contact id",
+                        l.column, target.key, target.section(), target.table
                     ),
-                ))
+                ));
             }
             _ => {}
         }
@@ -701,6 +757,45 @@ tables:
 
     fn validate(yaml: &str) -> Result<Settings, ConfigError> {
         Config::from_yaml(yaml)?.validate(&no_env)
+    }
+
+    #[test]
+    fn a_lookup_disagreeing_with_the_identify_id_names_both_keys_and_copies_neither() {
+        let yaml = GOOD.replace("id: email", "id: e_mail").replace(
+            "id: employee_email",
+            "id: {from: public.employees, key: employee_id, column: email}",
+        );
+        let e = validate(&yaml).unwrap_err();
+        assert_eq!(e.field, "tables[1].track.id.column");
+        assert_eq!(
+            e.problem,
+            "is `email`, but tables[0].identify.id is `e_mail`; both must name the same column of public.employees (ConveYour files events under the contact whose identify id they carry): correct whichever of the two is not the column holding the contact id"
+        );
+        assert!(!e.problem.contains("use column: e_mail"), "{e}");
+    }
+
+    #[test]
+    fn yaml_syntax_errors_are_not_key_errors() {
+        let e = Config::from_yaml("postgres:\n  url: x\n  slot: [a\n").unwrap_err();
+        assert_eq!(e.kind, ConfigErrorKind::Syntax);
+        assert!(e.problem.starts_with("line "), "{e}");
+        assert!(e.hint().contains("fix the YAML"), "{}", e.hint());
+        // A wrong key is still a key error.
+        let e = Config::from_yaml("postgres: {url: x, colour: blue}\n").unwrap_err();
+        assert_eq!(e.kind, ConfigErrorKind::Key);
+        assert!(e.hint().contains("config key"));
+    }
+
+    #[test]
+    fn a_missing_file_names_its_path() {
+        let path = Path::new("/nonexistent-dir/conveyour.yaml");
+        let e = Config::from_file(path).unwrap_err();
+        assert_eq!(e.kind, ConfigErrorKind::File);
+        assert_eq!(
+            e.to_string(),
+            "no config file at /nonexistent-dir/conveyour.yaml"
+        );
+        assert!(e.hint().contains("--config"));
     }
 
     #[test]

@@ -17,13 +17,12 @@ use crate::mapping::{LookupTarget, Schema};
 /// connection. The connection's driver runs on its own task.
 pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceError> {
     let config = params.sql_config();
-    let context = format!("connecting to {params}");
     let client = match tls::client_config(params).map_err(SourceError::config)? {
         None => {
             let (client, conn) = config
                 .connect(NoTls)
                 .await
-                .map_err(|e| SourceError::from_sql(&context, e))?;
+                .map_err(|e| SourceError::from_connect(params, e))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -33,7 +32,7 @@ pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceErr
             let (client, conn) = config
                 .connect(MakeRustls(tls))
                 .await
-                .map_err(|e| SourceError::from_sql(&context, e))?;
+                .map_err(|e| SourceError::from_connect(params, e))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -204,8 +203,12 @@ async fn table_columns(
         .await
         .map_err(|e| SourceError::from_sql(&format!("looking up {table}"), e))?;
     if rows.is_empty() {
+        let suggestion = match close_table(client, table).await {
+            Some(close) => format!("; did you mean {close}?"),
+            None => String::new(),
+        };
         return Err(SourceError::config(format!(
-            "{key}: table {table} does not exist (or this role cannot see it)"
+            "{key}: table {table} does not exist (or this role cannot see it){suggestion}"
         )));
     }
     Ok(rows
@@ -221,6 +224,51 @@ async fn table_columns(
             ))
         })
         .collect())
+}
+
+/// The table whose `schema.name` is nearest to `table`'s, when one is
+/// near enough to be a likely misspelling (at most a third of the name's
+/// characters differ, and no more than three). None when the catalog
+/// cannot be read.
+async fn close_table(client: &Client, table: &TableName) -> Option<String> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND n.nspname !~ '^pg_'",
+            &[],
+        )
+        .await
+        .ok()?;
+    let wanted = table.to_string();
+    let limit = (wanted.chars().count() / 3).clamp(1, 3);
+    rows.iter()
+        .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+        .map(|name| (edit_distance(&wanted, &name), name))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, name)| name)
+}
+
+/// Levenshtein distance: single-character insertions, deletions and
+/// substitutions to turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// Resolves a configured lookup against the catalog: the referenced column
@@ -398,4 +446,18 @@ pub(crate) async fn slot_confirmed(client: &Client, slot: &str) -> Result<Lsn, S
         .ok_or_else(|| SourceError::config(format!("postgres.slot: slot {slot} disappeared")))?;
     let text: Option<String> = row.get(0);
     Ok(text.and_then(|t| t.parse().ok()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::edit_distance;
+
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("public.employes", "public.employees"), 1);
+        assert_eq!(edit_distance("public.sales", "public.sale"), 1);
+        assert_eq!(edit_distance("public.emps", "public.employees"), 5);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
 }

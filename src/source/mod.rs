@@ -111,8 +111,64 @@ impl SourceError {
                 Self::from_sqlstate(db.code().code(), text)
             }
             None if e.is_closed() => Self::transient(format!("{context}: the connection closed")),
-            None => Self::transient(format!("{context}: {e}")),
+            None => Self::transient(format!("{context}: {}", with_causes(&e))),
         }
+    }
+
+    /// A failed attempt to open an SQL session to `params`. Names the
+    /// cause (refused, no password, …) instead of tokio-postgres's bare
+    /// "error connecting to server".
+    pub(crate) fn from_connect(params: &ConnParams, e: tokio_postgres::Error) -> Self {
+        use std::error::Error as _;
+        if e.as_db_error().is_none() {
+            // tokio-postgres reports a password the server asked for but
+            // was not given as a configuration error, "password missing".
+            if e.source()
+                .is_some_and(|c| c.to_string() == "password missing")
+            {
+                return Self::password_missing(params);
+            }
+            // Kind::Connect: the socket could not be opened. Other kinds
+            // (TLS, protocol) keep their own wording, with causes.
+            let mut cause = e
+                .source()
+                .filter(|_| e.to_string() == "error connecting to server");
+            while let Some(c) = cause {
+                if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                    return Self::unreachable(params, io);
+                }
+                cause = c.source();
+            }
+        }
+        Self::from_sql(&format!("connecting to {params}"), e)
+    }
+
+    /// The server asked for a password and the config gave none.
+    pub(crate) fn password_missing(params: &ConnParams) -> Self {
+        Self::config(format!(
+            "{params}: the server asked for a password and none was given; put it in postgres.url (postgres://{}:PASSWORD@…) or set PGPASSWORD",
+            params.user
+        ))
+    }
+
+    /// The server's address could not be reached. Transient: a restarting
+    /// server refuses connections for a moment.
+    pub(crate) fn unreachable(params: &ConnParams, e: &std::io::Error) -> Self {
+        let at = match &params.host {
+            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", params.port),
+            Host::Tcp(h) => format!("{h}:{}", params.port),
+            Host::Socket(dir) => format!("{}/.s.PGSQL.{}", dir.display(), params.port),
+        };
+        let advice = match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                "; is the server running, and is postgres.url's port right?"
+            }
+            std::io::ErrorKind::NotFound if matches!(params.host, Host::Socket(_)) => {
+                "; is the server running, and are postgres.url's host directory and port right?"
+            }
+            _ => "",
+        };
+        Self::transient(format!("cannot connect to {at}: {}{advice}", io_reason(e)))
     }
 
     pub fn kind(&self) -> SourceErrorKind {
@@ -141,6 +197,32 @@ impl SourceError {
             SourceErrorKind::Setup => "run `conveyour-cdc check --config FILE` to see what the database is missing",
             SourceErrorKind::SlotBusy => "another connector holds the slot; this one takes over when it stops",
         }
+    }
+}
+
+/// An error and each of its causes, `: `-separated: tokio-postgres keeps
+/// the reason (e.g. the I/O error) in `source()`, not in its `Display`.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+/// An I/O error's reason in lower case, without Rust's "(os error N)".
+fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
     }
 }
 

@@ -103,18 +103,15 @@ impl ReplicationConn {
         let (io, binding): (Box<dyn Io>, Option<Vec<u8>>) = match &params.host {
             Host::Socket(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", params.port));
-                let s = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
-                    SourceError::transient(format!(
-                        "cannot reach {params} at {}: {e}",
-                        path.display()
-                    ))
-                })?;
+                let s = tokio::net::UnixStream::connect(&path)
+                    .await
+                    .map_err(|e| SourceError::unreachable(params, &e))?;
                 (Box::new(s), None)
             }
             Host::Tcp(host) => {
                 let mut s = TcpStream::connect((host.as_str(), params.port))
                     .await
-                    .map_err(|e| SourceError::transient(format!("cannot reach {params}: {e}")))?;
+                    .map_err(|e| SourceError::unreachable(params, &e))?;
                 let _ = s.set_nodelay(true);
                 tcp = Some(s.as_raw_fd());
                 match tls::client_config(params).map_err(SourceError::config)? {
@@ -193,11 +190,7 @@ impl ReplicationConn {
                 .password
                 .as_ref()
                 .map(|p| p.expose().as_bytes())
-                .ok_or_else(|| {
-                    SourceError::config(format!(
-                        "{params} asks for a password: put it in postgres.url or PGPASSWORD"
-                    ))
-                })
+                .ok_or_else(|| SourceError::password_missing(params))
         };
         loop {
             match self.read_message().await? {
