@@ -35,6 +35,17 @@ pub struct Action {
     /// The ConveYour contact id.
     pub contact: String,
     pub body: ActionBody,
+    /// The row's primary key, for an identify table's insert or update:
+    /// a dead letter stores it, so a retry can read the row's current
+    /// values. None for events and deletes (re-sent as stored).
+    pub key: Option<RowKey>,
+}
+
+/// A row's primary key in text form, with its columns' names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowKey {
+    pub columns: Arc<[String]>,
+    pub values: Vec<Option<String>>,
 }
 
 /// What the action says about the contact.
@@ -54,6 +65,33 @@ pub struct MapError {
     pub column: Option<String>,
     pub lsn: Lsn,
     pub problem: String,
+    pub fault: MapFault,
+}
+
+/// Whose fault a [`MapError`] is, which decides whether the stream may go
+/// on past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapFault {
+    /// This row's values: a NULL or empty contact id, a value that does
+    /// not convert. Other rows map; the row may be set aside.
+    Row,
+    /// The table or the stream no longer fits the mapping (a mapped
+    /// column dropped or retyped, a contact id missing from the WAL, a
+    /// row shorter than its relation): every later row would fail or be
+    /// sent wrong, so the connector stops.
+    Shape,
+}
+
+impl MapError {
+    /// Whether the fault lies in one row's values, not in the table.
+    pub fn is_row_fault(&self) -> bool {
+        self.fault == MapFault::Row
+    }
+
+    fn shape(mut self) -> MapError {
+        self.fault = MapFault::Shape;
+        self
+    }
 }
 
 impl fmt::Display for MapError {
@@ -102,6 +140,8 @@ pub struct Schema {
     pub columns: HashMap<TableName, HashMap<String, u32>>,
     /// One per distinct lookup; [`ContactRef::Lookup`] indexes this.
     pub lookups: Vec<LookupTarget>,
+    /// Primary-key columns, in key order, per mapped table that has one.
+    pub keys: HashMap<TableName, Vec<String>>,
 }
 
 impl Schema {
@@ -130,6 +170,8 @@ pub struct Mapped {
     pub contact: ContactRef,
     pub first: ActionBody,
     pub then: Option<ActionBody>,
+    /// The row's key, where its actions carry one (see [`Action::key`]).
+    pub key: Option<RowKey>,
     /// Whether the bodies carry the row's whole mapped state, as an insert
     /// does; false for an update whose list traits send only what changed
     /// or whose large values were left out (unchanged TOAST). A sync chunk
@@ -141,18 +183,20 @@ impl Mapped {
     /// The actions, once the contact is known.
     pub fn into_actions(self, contact: String, lsn: Lsn) -> impl Iterator<Item = Action> {
         let table = self.table;
-        let first = Action {
+        let then = self.then.map(|body| Action {
             table: table.clone(),
+            lsn,
+            contact: contact.clone(),
+            body,
+            key: self.key.clone(),
+        });
+        let first = Action {
+            table,
             lsn,
             contact,
             body: self.first,
+            key: self.key,
         };
-        let then = self.then.map(|body| Action {
-            table,
-            lsn,
-            contact: first.contact.clone(),
-            body,
-        });
         std::iter::once(first).chain(then)
     }
 }
@@ -262,9 +306,27 @@ struct Watch {
 #[derive(Debug, Clone)]
 struct Plan {
     table: Arc<str>,
+    /// Where the primary key's columns are, if the table has one and the
+    /// relation carries every key column.
+    key: Option<KeyPlan>,
     /// None for a table that only feeds lookups.
     act: Option<ActPlan>,
     watches: Vec<Watch>,
+}
+
+#[derive(Debug, Clone)]
+struct KeyPlan {
+    columns: Arc<[String]>,
+    indexes: Vec<usize>,
+}
+
+impl KeyPlan {
+    fn of(&self, t: &Tuple) -> RowKey {
+        RowKey {
+            columns: self.columns.clone(),
+            values: self.indexes.iter().map(|i| text_at(t, *i)).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -355,6 +417,7 @@ impl Mapper {
                 column: Some(column.to_owned()),
                 lsn,
                 problem,
+                fault: MapFault::Shape,
             };
             let index = rel.columns.iter().position(|c| c.name == column).ok_or_else(|| {
                 error(format!(
@@ -391,10 +454,21 @@ impl Mapper {
             None => None,
             Some(m) => Some(plan_for(m, &self.schema, &mut find)?),
         };
+        let key = self.schema.keys.get(&name).and_then(|columns| {
+            let indexes = columns
+                .iter()
+                .map(|k| rel.columns.iter().position(|c| c.name == *k))
+                .collect::<Option<Vec<usize>>>()?;
+            Some(KeyPlan {
+                columns: columns.iter().cloned().collect(),
+                indexes,
+            })
+        });
         self.plans.insert(
             rel.id,
             Some(Plan {
                 table,
+                key,
                 act,
                 watches,
             }),
@@ -407,6 +481,12 @@ impl Mapper {
         self.plans.get(&relation)?.as_ref().map(|p| &p.table)
     }
 
+    /// A row's primary key, when its table has one the relation carries.
+    pub fn key_of(&self, relation: u32, tuple: &Tuple) -> Option<RowKey> {
+        let plan = self.plans.get(&relation)?.as_ref()?;
+        plan.key.as_ref().map(|k| k.of(tuple))
+    }
+
     fn plan(&self, relation: u32, lsn: Lsn) -> Result<Option<&Plan>, MapError> {
         match self.plans.get(&relation) {
             Some(p) => Ok(p.as_ref()),
@@ -416,6 +496,7 @@ impl Mapper {
                 lsn,
                 problem: "row for a relation the stream never described (no Relation message)"
                     .into(),
+                fault: MapFault::Shape,
             }),
         }
     }
@@ -584,6 +665,7 @@ impl Mapper {
             contact,
             first,
             then: None,
+            key: None,
             complete: true,
         }))
     }
@@ -650,6 +732,7 @@ fn error_at(plan: &Plan, lsn: Lsn) -> impl Fn(&str, String) -> MapError + '_ {
         column: Some(column.to_owned()),
         lsn,
         problem,
+        fault: MapFault::Row,
     }
 }
 
@@ -679,6 +762,7 @@ fn plan_for(
                     "{base}.id: the lookup into {} was not resolved at startup",
                     l.from
                 ),
+                fault: MapFault::Shape,
             })?,
             index: find(&l.key, &format!("{base}.id.key"))?.0,
             column: l.key.clone(),
@@ -778,6 +862,7 @@ fn field_plans(
                             problem: format!(
                                 "{key}: a list trait needs an array column, or a delimiter for a text column"
                             ),
+                            fault: MapFault::Shape,
                         })
                     }
                 };
@@ -839,12 +924,14 @@ fn contact_of(
                 column,
                 "the contact id was not sent (unchanged TOAST value); use REPLICA IDENTITY FULL"
                     .into(),
-            )),
+            )
+            .shape()),
             None => {
                 return Err(error(
                     column,
                     "the row has fewer columns than its relation".into(),
-                ))
+                )
+                .shape())
             }
         };
     Ok(Ok(match lookup {
@@ -898,7 +985,8 @@ fn write_field(
                 None => Err(error(
                     column,
                     "the row has fewer columns than its relation".into(),
-                )),
+                )
+                .shape()),
             };
         }
         FieldPlan::Const(v) => {
@@ -949,7 +1037,8 @@ fn list_change(
             None => Err(error(
                 column,
                 "the row has fewer columns than its relation".into(),
-            )),
+            )
+            .shape()),
         }
     };
     let Some(new_values) = list(new)? else {
@@ -1057,6 +1146,7 @@ fn build(
             contact,
             first: ActionBody::Identify { traits: values },
             then: None,
+            key: plan.key.as_ref().map(|k| k.of(new)),
             complete,
         }));
     };
@@ -1129,6 +1219,7 @@ fn build(
         contact,
         first,
         then,
+        key: None,
         complete: true,
     }))
 }
