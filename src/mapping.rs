@@ -487,6 +487,18 @@ impl Mapper {
         plan.key.as_ref().map(|k| k.of(tuple))
     }
 
+    /// Whether a relation's rows become track events (else identifies).
+    pub fn is_track(&self, relation: u32) -> bool {
+        matches!(self.plans.get(&relation), Some(Some(Plan { act: Some(a), .. })) if a.event.is_some())
+    }
+
+    /// The text in a row's contact id column (or lookup key), if any: to
+    /// name a row the mapping could not send.
+    pub fn contact_text(&self, relation: u32, tuple: &Tuple) -> Option<String> {
+        let act = self.plans.get(&relation)?.as_ref()?.act.as_ref()?;
+        text_at(tuple, act.contact.index())
+    }
+
     fn plan(&self, relation: u32, lsn: Lsn) -> Result<Option<&Plan>, MapError> {
         match self.plans.get(&relation) {
             Some(p) => Ok(p.as_ref()),
@@ -903,37 +915,34 @@ fn contact_of(
             column,
         } => (*index, column, Some(*lookup)),
     };
-    let text =
-        match tuple.0.get(index) {
-            Some(Datum::Text(bytes)) => std::str::from_utf8(bytes)
-                .map_err(|_| error(column, "the contact id is not valid UTF-8".into()))?,
-            Some(Datum::Null) if lookup.is_some() => {
-                return Ok(Err(Outcome::Skip {
-                    table: table.clone(),
-                    column: column.clone(),
-                    reason: "the foreign key is NULL, so the row belongs to no contact".into(),
-                }))
-            }
-            Some(Datum::Null) => {
-                return Err(error(
-                    column,
-                    "the contact id is NULL, so ConveYour cannot tell which contact this is".into(),
-                ))
-            }
-            Some(Datum::UnchangedToast) => return Err(error(
+    let text = match tuple.0.get(index) {
+        Some(Datum::Text(bytes)) => std::str::from_utf8(bytes)
+            .map_err(|_| error(column, "the contact id is not valid UTF-8".into()))?,
+        Some(Datum::Null) if lookup.is_some() => {
+            return Ok(Err(Outcome::Skip {
+                table: table.clone(),
+                column: column.clone(),
+                reason: "the foreign key is NULL, so the row belongs to no contact".into(),
+            }))
+        }
+        Some(Datum::Null) => {
+            return Err(error(
+                column,
+                "the contact id is NULL, so ConveYour cannot tell which contact this is".into(),
+            ))
+        }
+        Some(Datum::UnchangedToast) => {
+            return Err(error(
                 column,
                 "the contact id was not sent (unchanged TOAST value); use REPLICA IDENTITY FULL"
                     .into(),
             )
-            .shape()),
-            None => {
-                return Err(error(
-                    column,
-                    "the row has fewer columns than its relation".into(),
-                )
-                .shape())
-            }
-        };
+            .shape())
+        }
+        None => {
+            return Err(error(column, "the row has fewer columns than its relation".into()).shape())
+        }
+    };
     Ok(Ok(match lookup {
         Some(lookup) => ContactRef::Lookup {
             lookup,
@@ -982,11 +991,9 @@ fn write_field(
                 // Unchanged large value: leave it out rather than send it
                 // as null or empty, which would erase it in ConveYour.
                 Some(Datum::UnchangedToast) => Ok(false),
-                None => Err(error(
-                    column,
-                    "the row has fewer columns than its relation".into(),
-                )
-                .shape()),
+                None => {
+                    Err(error(column, "the row has fewer columns than its relation".into()).shape())
+                }
             };
         }
         FieldPlan::Const(v) => {
@@ -1034,11 +1041,9 @@ fn list_change(
             }
             Some(Datum::Null) => Ok(Some(Vec::new())),
             Some(Datum::UnchangedToast) => Ok(None),
-            None => Err(error(
-                column,
-                "the row has fewer columns than its relation".into(),
-            )
-            .shape()),
+            None => {
+                Err(error(column, "the row has fewer columns than its relation".into()).shape())
+            }
         }
     };
     let Some(new_values) = list(new)? else {

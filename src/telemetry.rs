@@ -70,6 +70,9 @@ pub(crate) struct Metrics {
     pub slot_retained_wal_bytes: Gauge,
     pub connected: IntGauge,
     pub dead_letters: IntCounter,
+    /// Dead letters stored for this slot now (rejected and unmappable),
+    /// read from the table after each store and retry pass.
+    pub dead_letters_stored: IntGauge,
     /// The server's WAL end as last reported, for lag in bytes.
     server_wal_end: AtomicU64,
     confirmed: AtomicU64,
@@ -209,6 +212,10 @@ impl Metrics {
             slot_retained_wal_bytes: gauge("slot_retained_wal_bytes", "WAL the server keeps for the slot"),
             connected: int_gauge("connected", "1 while the replication stream is connected"),
             dead_letters: counter("dead_letters_total", "Entries stored as dead letters"),
+            dead_letters_stored: int_gauge(
+                "dead_letters_stored",
+                "Dead letters stored for this slot now; 0 once every one was retried or purged",
+            ),
             registry,
             server_wal_end: AtomicU64::new(0),
             confirmed: AtomicU64::new(0),
