@@ -10,7 +10,7 @@ use crate::support::receiver::Fault;
 use crate::support::setup::{world, ROSTER_SQL, TOKEN};
 
 /// The metrics address the connector logged at startup.
-async fn metrics_addr(conn: &Connector) -> String {
+pub(crate) async fn metrics_addr(conn: &Connector) -> String {
     conn.wait_for_log(
         "metrics and health checks listening",
         Duration::from_secs(60),
@@ -29,7 +29,7 @@ async fn metrics_addr(conn: &Connector) -> String {
         .to_owned()
 }
 
-async fn get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: &str, path: &str) -> (u16, String) {
     let resp = reqwest::get(format!("http://{addr}{path}"))
         .await
         .expect("GET");
@@ -37,7 +37,7 @@ async fn get(addr: &str, path: &str) -> (u16, String) {
 }
 
 /// Samples as `name{labels}` → value.
-fn parse(text: &str) -> HashMap<String, f64> {
+pub(crate) fn parse(text: &str) -> HashMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| {
