@@ -497,3 +497,39 @@ async fn with_on_unmappable_stop_a_row_without_a_contact_id_stops_the_connector(
             .await;
     assert_eq!(n, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_table_of_an_earlier_version_is_upgraded_in_place_and_its_entries_retried() {
+    let w = world("dead_letter_upgrade", ROSTER_SQL).await;
+    // The table as earlier versions created it, with one entry (no key).
+    w.db.exec(&format!(
+        "CREATE SCHEMA conveyour_cdc;
+         CREATE TABLE conveyour_cdc.dead_letters (
+             id bigserial PRIMARY KEY, slot text NOT NULL, endpoint text NOT NULL,
+             source_table text NOT NULL, contact text NOT NULL, lsn pg_lsn NOT NULL,
+             payload jsonb NOT NULL, status int NOT NULL, message text NOT NULL,
+             attempts int NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO conveyour_cdc.dead_letters (slot, endpoint, source_table, contact, lsn, payload, status, message, attempts)
+         VALUES ('{}', 'track', 'public.sales', 'old@x.test', '0/1',
+                 '{{\"id\": \"old@x.test\", \"events\": [{{\"event\": \"made_sale\", \"properties\": {{\"amount\": 5}}}}]}}',
+                 400, 'refused', 1);",
+        w.slot
+    ))
+    .await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    let (status, out, _) = run_cli(&["dead-letters", "list", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains(" rejected ") && out.contains("old@x.test"),
+        "{out}"
+    );
+    let (status, out, err) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("delivered 1, rejected again 0"), "{out}");
+    assert_eq!(w.rx.track_count(), 1, "{}", w.rx.summary());
+    wait_dead_letters(&w, 0).await;
+    drop(conn);
+}

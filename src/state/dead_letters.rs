@@ -42,13 +42,39 @@ impl Reason {
 /// before: each `ADD COLUMN IF NOT EXISTS`, so an existing table upgrades
 /// in place and a new one gets them too. Rows stored before have no key
 /// (NULL) and reason `rejected` (the only reason there was).
-pub(super) const UPGRADE: &str = "
+const UPGRADE: &str = "
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS reason text NOT NULL DEFAULT 'rejected';
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS key_columns text[];
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS key_values text[];
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS retries int NOT NULL DEFAULT 0;
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS retry_requested boolean NOT NULL DEFAULT false;
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();";
+
+/// How many of [`UPGRADE`]'s columns there are.
+const UPGRADE_COLUMNS: i64 = 6;
+
+/// Adds the columns of [`UPGRADE`] the table lacks. Looked up first: an
+/// ALTER TABLE locks the table even when it changes nothing, and a standby
+/// connector opens the schema every few seconds.
+pub(super) async fn upgrade(client: &Client) -> Result<(), tokio_postgres::Error> {
+    let present: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pg_attribute
+                  WHERE attrelid = '{SCHEMA}.dead_letters'::regclass AND NOT attisdropped
+                    AND attname IN ('reason', 'key_columns', 'key_values', 'retries', 'retry_requested', 'updated_at')"
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    if present == UPGRADE_COLUMNS {
+        return Ok(());
+    }
+    client
+        .batch_execute(&UPGRADE.replace("{SCHEMA}", SCHEMA))
+        .await
+}
 
 /// One row to store.
 struct NewLetter<'a> {

@@ -118,11 +118,7 @@ impl State {
             ))
             .await;
         let tables = match tables {
-            Ok(()) => {
-                client
-                    .batch_execute(&dead_letters::UPGRADE.replace("{SCHEMA}", SCHEMA))
-                    .await
-            }
+            Ok(()) => dead_letters::upgrade(&client).await,
             Err(e) => Err(e),
         };
         match tables {
