@@ -492,11 +492,14 @@ impl Mapper {
         matches!(self.plans.get(&relation), Some(Some(Plan { act: Some(a), .. })) if a.event.is_some())
     }
 
-    /// The text in a row's contact id column (or lookup key), if any: to
-    /// name a row the mapping could not send.
+    /// The contact id in a row, if its own column holds one (not a
+    /// lookup): to name a row the mapping could not send.
     pub fn contact_text(&self, relation: u32, tuple: &Tuple) -> Option<String> {
         let act = self.plans.get(&relation)?.as_ref()?.act.as_ref()?;
-        text_at(tuple, act.contact.index())
+        match act.contact {
+            ContactPlan::Column { index, .. } => text_at(tuple, index),
+            ContactPlan::Lookup { .. } => None,
+        }
     }
 
     fn plan(&self, relation: u32, lsn: Lsn) -> Result<Option<&Plan>, MapError> {
@@ -1761,5 +1764,63 @@ tables:
         added.push(("note", TEXT, false));
         m.relation(&relation(1, "employees", &added), Lsn(0xC0))
             .unwrap();
+    }
+
+    #[test]
+    fn a_rows_values_are_a_row_fault_and_the_tables_shape_is_not() {
+        let tables = "tables:\n  - table: employees\n    identify:\n      id: email\n      traits: {first_name: first_name}\n";
+        let schema = Schema {
+            keys: [(
+                TableName::parse("employees").unwrap(),
+                vec!["id".to_owned()],
+            )]
+            .into(),
+            ..Schema::default()
+        };
+        let mut m = Mapper::new(&mappings(tables), schema);
+        m.relation(&relation(1, "employees", EMPLOYEES), Lsn(1))
+            .unwrap();
+        let fields = |email: Option<&str>| row(&[Some("7"), email, Some("Ada"), None, None, None]);
+        for email in [None, Some("")] {
+            let e = m.insert(1, &fields(email), Lsn(2)).unwrap_err();
+            assert!(e.is_row_fault(), "{e}");
+            assert_eq!(e.column.as_deref(), Some("email"));
+        }
+        // The key goes with the row: on an identify action, and for a row
+        // set aside.
+        assert_eq!(
+            m.key_of(1, &fields(None)),
+            Some(RowKey {
+                columns: Arc::from(vec!["id".to_owned()]),
+                values: vec![Some("7".to_owned())]
+            })
+        );
+        let Outcome::Send(mapped) = m.insert(1, &fields(Some("a@x.test")), Lsn(3)).unwrap() else {
+            panic!("sent");
+        };
+        let action = mapped
+            .into_actions("a@x.test".into(), Lsn(3))
+            .next()
+            .unwrap();
+        assert_eq!(action.key.unwrap().values, vec![Some("7".to_owned())]);
+        // A contact id missing from the WAL, or a row shorter than its
+        // relation, is the table's setup, not the row.
+        let toast = row(&[Some("7"), Some("\u{0}"), Some("Ada")]);
+        assert!(!m
+            .update(1, None, &toast, Lsn(4))
+            .unwrap_err()
+            .is_row_fault());
+        let short = row(&[Some("7"), Some("a@x.test")]);
+        assert!(!m.insert(1, &short, Lsn(5)).unwrap_err().is_row_fault());
+        // A mapped column dropped: the shape.
+        let dropped: Vec<_> = EMPLOYEES
+            .iter()
+            .copied()
+            .filter(|(n, _, _)| *n != "first_name")
+            .collect();
+        let e = m
+            .relation(&relation(1, "employees", &dropped), Lsn(6))
+            .unwrap_err();
+        assert!(!e.is_row_fault(), "{e}");
     }
 }

@@ -449,3 +449,89 @@ impl Redeliver<'_> {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn settings() -> Settings {
+        Config::from_yaml(
+            "postgres:\n  url: postgres://u:p@127.0.0.1:5432/app\n\
+             conveyour:\n  url: https://acme.conveyour.com\n  appkey: a\n  token: t\n\
+             tables:\n  - table: employees\n    identify: {id: email, traits: {first_name: first_name}}\n\
+             \x20 - table: sales\n    track: {id: employee_email, event: made_sale}\n",
+        )
+        .unwrap()
+        .validate(&|_| None)
+        .unwrap()
+    }
+
+    fn letter(reason: Reason, endpoint: &str, table: &str, keyed: bool) -> DeadLetter {
+        DeadLetter {
+            id: 1,
+            reason: reason.code().into(),
+            endpoint: endpoint.into(),
+            table: table.into(),
+            contact: "a@x.test".into(),
+            lsn: "0/1".into(),
+            key: keyed.then(|| vec![("id".into(), Some("7".into()))]),
+            status: 400,
+            message: "refused".into(),
+            attempts: 1,
+            retries: 0,
+            created_at: String::new(),
+            payload: "null".into(),
+        }
+    }
+
+    #[test]
+    fn identify_rows_are_read_again_and_events_sent_as_stored() {
+        let s = settings();
+        let route = |l: DeadLetter| match route(&s, &l) {
+            Route::Reread(m) => format!("reread {}", m.table),
+            Route::Stored(e) => format!("stored {}", e.name()),
+            Route::Stuck(_) => "stuck".into(),
+        };
+        let (rejected, unmappable) = (Reason::Rejected, Reason::Unmappable);
+        let employees = "public.employees";
+        let sales = "public.sales";
+        assert_eq!(
+            route(letter(rejected, "identify", employees, true)),
+            "reread public.employees"
+        );
+        // Stored before keys were kept: sent as stored.
+        assert_eq!(
+            route(letter(rejected, "identify", employees, false)),
+            "stored identify"
+        );
+        // Events and counters do not go stale.
+        assert_eq!(
+            route(letter(rejected, "track", sales, false)),
+            "stored track"
+        );
+        assert_eq!(
+            route(letter(rejected, "identify", sales, false)),
+            "stored identify"
+        );
+        // An unmappable row is read again whatever its table's kind, and
+        // cannot be sent without its key.
+        assert_eq!(
+            route(letter(unmappable, "track", sales, true)),
+            "reread public.sales"
+        );
+        assert_eq!(
+            route(letter(unmappable, "identify", employees, false)),
+            "stuck"
+        );
+        assert_eq!(
+            route(letter(rejected, "identify", "public.gone", true)),
+            "stored identify"
+        );
+        // Codes are stable: dead-letters list and scripts read them.
+        assert_eq!(
+            (rejected.code(), unmappable.code()),
+            ("rejected", "unmappable")
+        );
+    }
+}
