@@ -533,3 +533,83 @@ async fn a_dead_letter_table_of_an_earlier_version_is_upgraded_in_place_and_its_
     wait_dead_letters(&w, 0).await;
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_while_a_writer_updates_the_same_rows_ends_with_the_databases_values() {
+    let w = world("dead_letter_race", ROSTER_SQL).await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "  max_in_flight: 2\n  batch_size: 4\n");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec(
+        "INSERT INTO employees (email, first_name)
+         SELECT 'r' || g || '@x.test', 'start' FROM generate_series(1, 20) g;",
+    )
+    .await;
+    w.rx.wait_until("every contact", Duration::from_secs(60), |r| {
+        r.contact_count() == 20
+    })
+    .await;
+    // Every row's next update is rejected and stored.
+    w.rx.set_fault(Fault::Status(400));
+    w.db.exec("UPDATE employees SET first_name = 'POISON';")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    w.rx.clear_fault();
+    wait_dead_letters(&w, 20).await;
+
+    // A writer keeps changing half of the rows while the retry runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let client = w.db.client().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .execute(
+                        "UPDATE employees SET first_name = 'v' || $1::int8 WHERE id = 1 + $1::int8 % 10",
+                        &[&(i as i64)],
+                    )
+                    .await
+                    .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            i
+        })
+    };
+    let cli_config = config.clone();
+    let (status, out, err) = tokio::task::spawn_blocking(move || {
+        run_cli(
+            &["dead-letters", "retry", "--config", CONFIG],
+            &cli_config,
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(status.success(), "{out}{err}\n{}", conn.log());
+    assert!(out.contains("delivered 20, rejected again 0"), "{out}");
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+
+    let client = w.db.client().await;
+    let rows = client
+        .query("SELECT email, first_name FROM employees ORDER BY id", &[])
+        .await
+        .unwrap();
+    for row in rows {
+        let email: String = row.get(0);
+        let first: String = row.get(1);
+        assert_eq!(
+            trait_of(&w, &email, "first_name").as_deref(),
+            Some(first.as_str()),
+            "{email} after {writes} writes"
+        );
+    }
+    drop(conn);
+}
