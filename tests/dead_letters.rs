@@ -558,6 +558,16 @@ async fn a_retry_while_a_writer_updates_the_same_rows_ends_with_the_databases_va
     w.wait_confirmed(end, Duration::from_secs(60)).await;
     w.rx.clear_fault();
     wait_dead_letters(&w, 20).await;
+    // Then every row changes again, delivered: the stored entries are
+    // stale.
+    w.db.exec("UPDATE employees SET first_name = 'fixed';")
+        .await;
+    w.rx.wait_until("the newer values", Duration::from_secs(60), |r| {
+        r.contacts()
+            .values()
+            .all(|c| c.get("first_name") == Some(&serde_json::json!("fixed")))
+    })
+    .await;
 
     // A writer keeps changing half of the rows while the retry runs.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
