@@ -275,16 +275,31 @@ fn dead_letters(action: DeadLetterAction, threads: u16) -> Result<ExitCode, Erro
                 println!("no dead letters for slot {}", settings.slot);
             } else {
                 for l in &letters {
+                    let key = match &l.key {
+                        Some(k) => {
+                            let pairs: Vec<String> = k
+                                .iter()
+                                .map(|(c, v)| format!("{c}={}", v.as_deref().unwrap_or("NULL")))
+                                .collect();
+                            format!(" key=({})", pairs.join(", "))
+                        }
+                        None => String::new(),
+                    };
+                    let status = match l.status {
+                        0 => String::new(),
+                        s => format!(" HTTP {s}"),
+                    };
                     println!(
-                        "{:>6}  {}  {} {} id={} lsn={} HTTP {} attempts={}: {}",
+                        "{:>6}  {}  {:<10}  {} {} id={}{key} lsn={}{status} attempts={} retries={}: {}",
                         l.id,
                         l.created_at,
+                        l.reason,
                         l.endpoint,
                         l.table,
                         l.contact,
                         l.lsn,
-                        l.status,
                         l.attempts,
+                        l.retries,
                         l.message
                     );
                 }
@@ -293,11 +308,18 @@ fn dead_letters(action: DeadLetterAction, threads: u16) -> Result<ExitCode, Erro
         }
         DeadLetterAction::Retry { config, id } => {
             let settings = config::load(&config)?;
-            let outcome = runtime(threads)?.block_on(state::retry_dead_letters(&settings, id))?;
+            let outcome =
+                runtime(threads)?.block_on(pipeline::retry_dead_letters(&settings, id))?;
             println!(
                 "delivered {}, rejected again {}",
                 outcome.delivered, outcome.rejected
             );
+            if outcome.waiting > 0 {
+                println!(
+                    "{} dead letter(s) of rows to read again are left for the connector: no connector is streaming slot {}, and only a streaming one re-reads rows without racing newer changes; they are retried when it starts",
+                    outcome.waiting, settings.slot
+                );
+            }
             if outcome.rejected > 0 {
                 eprintln!(
                     "error: {} dead letter(s) rejected again; see `dead-letters list`",

@@ -35,6 +35,17 @@ pub struct Action {
     /// The ConveYour contact id.
     pub contact: String,
     pub body: ActionBody,
+    /// The row's primary key, for an identify table's insert or update:
+    /// a dead letter stores it, so a retry can read the row's current
+    /// values. None for events and deletes (re-sent as stored).
+    pub key: Option<RowKey>,
+}
+
+/// A row's primary key in text form, with its columns' names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowKey {
+    pub columns: Arc<[String]>,
+    pub values: Vec<Option<String>>,
 }
 
 /// What the action says about the contact.
@@ -54,6 +65,33 @@ pub struct MapError {
     pub column: Option<String>,
     pub lsn: Lsn,
     pub problem: String,
+    pub fault: MapFault,
+}
+
+/// Whose fault a [`MapError`] is, which decides whether the stream may go
+/// on past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapFault {
+    /// This row's values: a NULL or empty contact id, a value that does
+    /// not convert. Other rows map; the row may be set aside.
+    Row,
+    /// The table or the stream no longer fits the mapping (a mapped
+    /// column dropped or retyped, a contact id missing from the WAL, a
+    /// row shorter than its relation): every later row would fail or be
+    /// sent wrong, so the connector stops.
+    Shape,
+}
+
+impl MapError {
+    /// Whether the fault lies in one row's values, not in the table.
+    pub fn is_row_fault(&self) -> bool {
+        self.fault == MapFault::Row
+    }
+
+    fn shape(mut self) -> MapError {
+        self.fault = MapFault::Shape;
+        self
+    }
 }
 
 impl fmt::Display for MapError {
@@ -102,6 +140,8 @@ pub struct Schema {
     pub columns: HashMap<TableName, HashMap<String, u32>>,
     /// One per distinct lookup; [`ContactRef::Lookup`] indexes this.
     pub lookups: Vec<LookupTarget>,
+    /// Primary-key columns, in key order, per mapped table that has one.
+    pub keys: HashMap<TableName, Vec<String>>,
 }
 
 impl Schema {
@@ -130,6 +170,8 @@ pub struct Mapped {
     pub contact: ContactRef,
     pub first: ActionBody,
     pub then: Option<ActionBody>,
+    /// The row's key, where its actions carry one (see [`Action::key`]).
+    pub key: Option<RowKey>,
     /// Whether the bodies carry the row's whole mapped state, as an insert
     /// does; false for an update whose list traits send only what changed
     /// or whose large values were left out (unchanged TOAST). A sync chunk
@@ -141,18 +183,20 @@ impl Mapped {
     /// The actions, once the contact is known.
     pub fn into_actions(self, contact: String, lsn: Lsn) -> impl Iterator<Item = Action> {
         let table = self.table;
-        let first = Action {
+        let then = self.then.map(|body| Action {
             table: table.clone(),
+            lsn,
+            contact: contact.clone(),
+            body,
+            key: self.key.clone(),
+        });
+        let first = Action {
+            table,
             lsn,
             contact,
             body: self.first,
+            key: self.key,
         };
-        let then = self.then.map(|body| Action {
-            table,
-            lsn,
-            contact: first.contact.clone(),
-            body,
-        });
         std::iter::once(first).chain(then)
     }
 }
@@ -262,9 +306,27 @@ struct Watch {
 #[derive(Debug, Clone)]
 struct Plan {
     table: Arc<str>,
+    /// Where the primary key's columns are, if the table has one and the
+    /// relation carries every key column.
+    key: Option<KeyPlan>,
     /// None for a table that only feeds lookups.
     act: Option<ActPlan>,
     watches: Vec<Watch>,
+}
+
+#[derive(Debug, Clone)]
+struct KeyPlan {
+    columns: Arc<[String]>,
+    indexes: Vec<usize>,
+}
+
+impl KeyPlan {
+    fn of(&self, t: &Tuple) -> RowKey {
+        RowKey {
+            columns: self.columns.clone(),
+            values: self.indexes.iter().map(|i| text_at(t, *i)).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -355,6 +417,7 @@ impl Mapper {
                 column: Some(column.to_owned()),
                 lsn,
                 problem,
+                fault: MapFault::Shape,
             };
             let index = rel.columns.iter().position(|c| c.name == column).ok_or_else(|| {
                 error(format!(
@@ -391,10 +454,21 @@ impl Mapper {
             None => None,
             Some(m) => Some(plan_for(m, &self.schema, &mut find)?),
         };
+        let key = self.schema.keys.get(&name).and_then(|columns| {
+            let indexes = columns
+                .iter()
+                .map(|k| rel.columns.iter().position(|c| c.name == *k))
+                .collect::<Option<Vec<usize>>>()?;
+            Some(KeyPlan {
+                columns: columns.iter().cloned().collect(),
+                indexes,
+            })
+        });
         self.plans.insert(
             rel.id,
             Some(Plan {
                 table,
+                key,
                 act,
                 watches,
             }),
@@ -407,6 +481,27 @@ impl Mapper {
         self.plans.get(&relation)?.as_ref().map(|p| &p.table)
     }
 
+    /// A row's primary key, when its table has one the relation carries.
+    pub fn key_of(&self, relation: u32, tuple: &Tuple) -> Option<RowKey> {
+        let plan = self.plans.get(&relation)?.as_ref()?;
+        plan.key.as_ref().map(|k| k.of(tuple))
+    }
+
+    /// Whether a relation's rows become track events (else identifies).
+    pub fn is_track(&self, relation: u32) -> bool {
+        matches!(self.plans.get(&relation), Some(Some(Plan { act: Some(a), .. })) if a.event.is_some())
+    }
+
+    /// The contact id in a row, if its own column holds one (not a
+    /// lookup): to name a row the mapping could not send.
+    pub fn contact_text(&self, relation: u32, tuple: &Tuple) -> Option<String> {
+        let act = self.plans.get(&relation)?.as_ref()?.act.as_ref()?;
+        match act.contact {
+            ContactPlan::Column { index, .. } => text_at(tuple, index),
+            ContactPlan::Lookup { .. } => None,
+        }
+    }
+
     fn plan(&self, relation: u32, lsn: Lsn) -> Result<Option<&Plan>, MapError> {
         match self.plans.get(&relation) {
             Some(p) => Ok(p.as_ref()),
@@ -416,6 +511,7 @@ impl Mapper {
                 lsn,
                 problem: "row for a relation the stream never described (no Relation message)"
                     .into(),
+                fault: MapFault::Shape,
             }),
         }
     }
@@ -584,6 +680,7 @@ impl Mapper {
             contact,
             first,
             then: None,
+            key: None,
             complete: true,
         }))
     }
@@ -650,6 +747,7 @@ fn error_at(plan: &Plan, lsn: Lsn) -> impl Fn(&str, String) -> MapError + '_ {
         column: Some(column.to_owned()),
         lsn,
         problem,
+        fault: MapFault::Row,
     }
 }
 
@@ -679,6 +777,7 @@ fn plan_for(
                     "{base}.id: the lookup into {} was not resolved at startup",
                     l.from
                 ),
+                fault: MapFault::Shape,
             })?,
             index: find(&l.key, &format!("{base}.id.key"))?.0,
             column: l.key.clone(),
@@ -778,6 +877,7 @@ fn field_plans(
                             problem: format!(
                                 "{key}: a list trait needs an array column, or a delimiter for a text column"
                             ),
+                            fault: MapFault::Shape,
                         })
                     }
                 };
@@ -818,35 +918,34 @@ fn contact_of(
             column,
         } => (*index, column, Some(*lookup)),
     };
-    let text =
-        match tuple.0.get(index) {
-            Some(Datum::Text(bytes)) => std::str::from_utf8(bytes)
-                .map_err(|_| error(column, "the contact id is not valid UTF-8".into()))?,
-            Some(Datum::Null) if lookup.is_some() => {
-                return Ok(Err(Outcome::Skip {
-                    table: table.clone(),
-                    column: column.clone(),
-                    reason: "the foreign key is NULL, so the row belongs to no contact".into(),
-                }))
-            }
-            Some(Datum::Null) => {
-                return Err(error(
-                    column,
-                    "the contact id is NULL, so ConveYour cannot tell which contact this is".into(),
-                ))
-            }
-            Some(Datum::UnchangedToast) => return Err(error(
+    let text = match tuple.0.get(index) {
+        Some(Datum::Text(bytes)) => std::str::from_utf8(bytes)
+            .map_err(|_| error(column, "the contact id is not valid UTF-8".into()))?,
+        Some(Datum::Null) if lookup.is_some() => {
+            return Ok(Err(Outcome::Skip {
+                table: table.clone(),
+                column: column.clone(),
+                reason: "the foreign key is NULL, so the row belongs to no contact".into(),
+            }))
+        }
+        Some(Datum::Null) => {
+            return Err(error(
+                column,
+                "the contact id is NULL, so ConveYour cannot tell which contact this is".into(),
+            ))
+        }
+        Some(Datum::UnchangedToast) => {
+            return Err(error(
                 column,
                 "the contact id was not sent (unchanged TOAST value); use REPLICA IDENTITY FULL"
                     .into(),
-            )),
-            None => {
-                return Err(error(
-                    column,
-                    "the row has fewer columns than its relation".into(),
-                ))
-            }
-        };
+            )
+            .shape())
+        }
+        None => {
+            return Err(error(column, "the row has fewer columns than its relation".into()).shape())
+        }
+    };
     Ok(Ok(match lookup {
         Some(lookup) => ContactRef::Lookup {
             lookup,
@@ -895,10 +994,9 @@ fn write_field(
                 // Unchanged large value: leave it out rather than send it
                 // as null or empty, which would erase it in ConveYour.
                 Some(Datum::UnchangedToast) => Ok(false),
-                None => Err(error(
-                    column,
-                    "the row has fewer columns than its relation".into(),
-                )),
+                None => {
+                    Err(error(column, "the row has fewer columns than its relation".into()).shape())
+                }
             };
         }
         FieldPlan::Const(v) => {
@@ -946,10 +1044,9 @@ fn list_change(
             }
             Some(Datum::Null) => Ok(Some(Vec::new())),
             Some(Datum::UnchangedToast) => Ok(None),
-            None => Err(error(
-                column,
-                "the row has fewer columns than its relation".into(),
-            )),
+            None => {
+                Err(error(column, "the row has fewer columns than its relation".into()).shape())
+            }
         }
     };
     let Some(new_values) = list(new)? else {
@@ -1057,6 +1154,7 @@ fn build(
             contact,
             first: ActionBody::Identify { traits: values },
             then: None,
+            key: plan.key.as_ref().map(|k| k.of(new)),
             complete,
         }));
     };
@@ -1129,6 +1227,7 @@ fn build(
         contact,
         first,
         then,
+        key: None,
         complete: true,
     }))
 }
@@ -1665,5 +1764,63 @@ tables:
         added.push(("note", TEXT, false));
         m.relation(&relation(1, "employees", &added), Lsn(0xC0))
             .unwrap();
+    }
+
+    #[test]
+    fn a_rows_values_are_a_row_fault_and_the_tables_shape_is_not() {
+        let tables = "tables:\n  - table: employees\n    identify:\n      id: email\n      traits: {first_name: first_name}\n";
+        let schema = Schema {
+            keys: [(
+                TableName::parse("employees").unwrap(),
+                vec!["id".to_owned()],
+            )]
+            .into(),
+            ..Schema::default()
+        };
+        let mut m = Mapper::new(&mappings(tables), schema);
+        m.relation(&relation(1, "employees", EMPLOYEES), Lsn(1))
+            .unwrap();
+        let fields = |email: Option<&str>| row(&[Some("7"), email, Some("Ada"), None, None, None]);
+        for email in [None, Some("")] {
+            let e = m.insert(1, &fields(email), Lsn(2)).unwrap_err();
+            assert!(e.is_row_fault(), "{e}");
+            assert_eq!(e.column.as_deref(), Some("email"));
+        }
+        // The key goes with the row: on an identify action, and for a row
+        // set aside.
+        assert_eq!(
+            m.key_of(1, &fields(None)),
+            Some(RowKey {
+                columns: Arc::from(vec!["id".to_owned()]),
+                values: vec![Some("7".to_owned())]
+            })
+        );
+        let Outcome::Send(mapped) = m.insert(1, &fields(Some("a@x.test")), Lsn(3)).unwrap() else {
+            panic!("sent");
+        };
+        let action = mapped
+            .into_actions("a@x.test".into(), Lsn(3))
+            .next()
+            .unwrap();
+        assert_eq!(action.key.unwrap().values, vec![Some("7".to_owned())]);
+        // A contact id missing from the WAL, or a row shorter than its
+        // relation, is the table's setup, not the row.
+        let toast = row(&[Some("7"), Some("\u{0}"), Some("Ada")]);
+        assert!(!m
+            .update(1, None, &toast, Lsn(4))
+            .unwrap_err()
+            .is_row_fault());
+        let short = row(&[Some("7"), Some("a@x.test")]);
+        assert!(!m.insert(1, &short, Lsn(5)).unwrap_err().is_row_fault());
+        // A mapped column dropped: the shape.
+        let dropped: Vec<_> = EMPLOYEES
+            .iter()
+            .copied()
+            .filter(|(n, _, _)| *n != "first_name")
+            .collect();
+        let e = m
+            .relation(&relation(1, "employees", &dropped), Lsn(6))
+            .unwrap_err();
+        assert!(!e.is_row_fault(), "{e}");
     }
 }

@@ -333,6 +333,7 @@ mod tests {
             column: Some("email".into()),
             lsn: Lsn::ZERO,
             problem: "the contact id is NULL".into(),
+            fault: crate::mapping::MapFault::Row,
         };
         assert_eq!(row_problem(&e), "column email: the contact id is NULL");
         assert_eq!(

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_postgres::Client;
 
-use crate::config::{Settings, SnapshotPolicy, TableMapping, TableName};
+use crate::config::{OnUnmappable, Settings, SnapshotPolicy, TableMapping, TableName};
 use crate::decode::{Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{Action, Mapped, Mapper, Outcome, Schema};
@@ -56,20 +56,28 @@ const DRAW_EVERY: Duration = Duration::from_millis(250);
 
 /// The actions one copied row becomes, through the same mapping as a
 /// streamed insert. A row that cannot be sent is logged and counted, as in
-/// the stream.
-async fn row_actions(
+/// the stream. With `set_aside` (`on_unmappable: dead_letter`), a row whose
+/// values the mapping cannot send is stored as a dead letter.
+pub(crate) async fn row_actions(
     mapper: &Mapper,
     resolver: &mut Resolver,
     relation: u32,
     tuple: &Tuple,
     lsn: Lsn,
+    set_aside: Option<&State>,
 ) -> Result<Vec<Action>, Error> {
     let outcome = match mapper.insert(relation, tuple, lsn) {
         Ok(outcome) => outcome,
+        Err(e) if e.is_row_fault() && set_aside.is_some() => {
+            if let Some(state) = set_aside {
+                crate::pipeline::set_aside(state, mapper, relation, tuple, &e).await?;
+            }
+            return Ok(Vec::new());
+        }
         // An existing row the mapping cannot send (a NULL contact id, a
-        // value that does not convert): a copy goes on without it rather
-        // than stop at it on every start; the stream stops at such a row
-        // because it is news, this one is not.
+        // value that does not convert) with `on_unmappable: stop`: a copy
+        // goes on without it rather than stop at it on every start; the
+        // stream stops at such a row because it is news, this one is not.
         Err(e) => {
             tracing::warn!("row not copied: {e}");
             telemetry::metrics()
@@ -224,6 +232,14 @@ pub(crate) struct CopyContext<'a> {
     pub chunks_in_flight: usize,
 }
 
+impl CopyContext<'_> {
+    /// Where unmappable rows go: the dead letters, unless
+    /// `on_unmappable: stop` (then a copy skips them).
+    fn set_aside(&self) -> Option<&State> {
+        (self.settings.conveyour.on_unmappable == OnUnmappable::DeadLetter).then_some(self.state)
+    }
+}
+
 /// Where one table's copy is recorded: its row in `snapshot_progress`, at
 /// the generation the copy started with, and the progress shown.
 struct Ledger<'a> {
@@ -376,7 +392,7 @@ pub(crate) async fn copy_exported(
                 let mut events = Vec::with_capacity(rows.len() + 3);
                 events.push(Event::Begin);
                 for (_, tuple) in &rows {
-                    let actions = row_actions(&mapper, &mut resolver, reader.relation().id, tuple, consistent_point).await?;
+                    let actions = row_actions(&mapper, &mut resolver, reader.relation().id, tuple, consistent_point, cx.set_aside()).await?;
                     for action in actions {
                         ordinal += 1;
                         events.push(Event::Action {
@@ -470,7 +486,7 @@ async fn skip_keyless(state: &State, t: &TableMapping, generation: i64) -> Resul
 }
 
 /// A mapper for one table's copied rows, planned on the table as it is.
-fn table_mapper(
+pub(crate) fn table_mapper(
     t: &TableMapping,
     schema: &Schema,
     relation: &Relation,
@@ -523,7 +539,7 @@ pub(crate) struct Window {
 const CARRIED_CHANGES: usize = 8192;
 
 /// A transaction the stream carried, with its changes to copied tables.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Carried {
     xid: u32,
     /// Its changes, unless `whole`.
@@ -535,6 +551,7 @@ pub(crate) struct Carried {
 }
 
 /// One row change of a [`Carried`] transaction.
+#[derive(Clone)]
 struct CarriedChange {
     relation: Arc<Relation>,
     old: Option<Tuple>,
@@ -753,6 +770,8 @@ pub(crate) enum Watermark {
     Low(String),
     High(String),
     Resync,
+    /// `dead-letters retry` asked the running connector for a retry.
+    RetryDeadLetters,
 }
 
 /// Parses one of the connector's messages for this slot.
@@ -770,6 +789,7 @@ pub(crate) fn watermark(prefix: &str, content: &[u8], slot: &str) -> Option<Wate
         "lw" => Some(Watermark::Low(id.to_owned())),
         "hw" => Some(Watermark::High(id.to_owned())),
         "resync" => Some(Watermark::Resync),
+        "retry" => Some(Watermark::RetryDeadLetters),
         _ => None,
     }
 }
@@ -892,7 +912,7 @@ const REDO_ROUNDS: usize = 3;
 /// transaction its snapshot did not see changed its table: such a commit
 /// turns visible within moments (longer only while a synchronous standby
 /// holds it back).
-const UNSURE_PAUSE: Duration = Duration::from_millis(100);
+pub(crate) const UNSURE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Copies pending tables (a resume, a table new to the mapping, a resync)
 /// alongside the stream, one watermarked chunk at a time; then waits for
@@ -904,13 +924,7 @@ pub(crate) async fn copy_alongside(
     wake: Arc<Notify>,
     mut shutdown: Shutdown,
 ) -> Result<(), Error> {
-    let mut chunks = WatermarkedChunks {
-        client: &client,
-        window: &window,
-        slot: &cx.settings.slot,
-        nonce: format!("{:x}", pg_now()),
-        count: 0,
-    };
+    let mut chunks = WatermarkedChunks::new(&client, &window, &cx.settings.slot, "");
     let metrics = telemetry::metrics();
     loop {
         let rows = cx.state.sync_rows().await?;
@@ -989,8 +1003,11 @@ pub(crate) async fn copy_alongside(
     }
 }
 
-/// Reads chunks between watermarks and hands them to the reader.
-struct WatermarkedChunks<'a> {
+/// Reads chunks between watermarks and hands them to the reader: a chunk's
+/// rows are delivered at the high watermark's place in the stream, less
+/// those the stream changed in full between the watermarks, so no row is
+/// sent with values older than a change already sent.
+pub(crate) struct WatermarkedChunks<'a> {
     client: &'a Arc<Client>,
     window: &'a Mutex<Window>,
     slot: &'a str,
@@ -1000,12 +1017,29 @@ struct WatermarkedChunks<'a> {
     count: u64,
 }
 
-impl WatermarkedChunks<'_> {
+impl<'a> WatermarkedChunks<'a> {
+    /// Chunks through `window` (one the reader watches); `tag` tells this
+    /// user's watermarks from another's sharing the stream.
+    pub(crate) fn new(
+        client: &'a Arc<Client>,
+        window: &'a Mutex<Window>,
+        slot: &'a str,
+        tag: &str,
+    ) -> WatermarkedChunks<'a> {
+        WatermarkedChunks {
+            client,
+            window,
+            slot,
+            nonce: format!("{tag}{:x}", pg_now()),
+            count: 0,
+        }
+    }
+
     /// One chunk: the low watermark, `read`, the high watermark; waits until
     /// the rows the stream did not supersede are delivered. Returns what was
     /// read and the keys to read again (and whether those are all of them
     /// for want of knowing which), or None on a stop.
-    async fn chunk<F, Fut>(
+    pub(crate) async fn chunk<F, Fut>(
         &mut self,
         table: &TableName,
         key_columns: &[String],
@@ -1091,6 +1125,7 @@ async fn copy_table(
                 reader.relation().id,
                 &tuple,
                 Lsn::ZERO,
+                cx.set_aside(),
             )
             .await?;
             mapped.push((key, actions));
@@ -1168,7 +1203,7 @@ async fn begin_snapshot(client: &Client) -> Result<Visibility, SourceError> {
 }
 
 /// What a snapshot taken now sees.
-async fn current_snapshot(client: &Client) -> Result<Visibility, SourceError> {
+pub(crate) async fn current_snapshot(client: &Client) -> Result<Visibility, SourceError> {
     let rows = client
         .simple_query("SELECT pg_current_snapshot()::text")
         .await
@@ -1299,6 +1334,7 @@ mod tests {
             table: "public.employees".into(),
             lsn: Lsn::ZERO,
             contact: format!("e{id}@acme.test"),
+            key: None,
             body: ActionBody::Identify {
                 traits: Fields::default(),
             },

@@ -72,6 +72,9 @@ pub(crate) struct Metrics {
     pub dead_letters: IntCounter,
     /// 1 while ConveYour refuses every request alike and the lanes hold.
     pub outage: IntGauge,
+    /// Dead letters stored for this slot now (rejected and unmappable),
+    /// read from the table after each store and retry pass.
+    pub dead_letters_stored: IntGauge,
     /// The server's WAL end as last reported, for lag in bytes.
     server_wal_end: AtomicU64,
     confirmed: AtomicU64,
@@ -214,6 +217,10 @@ impl Metrics {
             outage: int_gauge(
                 "outage",
                 "1 while ConveYour refuses every request alike (no entry blamed) and delivery holds the position",
+            ),
+            dead_letters_stored: int_gauge(
+                "dead_letters_stored",
+                "Dead letters stored for this slot now; 0 once every one was retried or purged",
             ),
             registry,
             server_wal_end: AtomicU64::new(0),

@@ -230,3 +230,396 @@ async fn progress_recorded_on_another_cluster_is_ignored() {
     assert_eq!(left, 0, "foreign progress is tidied once the slot is held");
     drop(conn);
 }
+
+/// Waits until the dead-letter table holds `n` entries for the slot.
+async fn wait_dead_letters(w: &crate::support::setup::World, n: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored =
+            w.db.query_i64("SELECT count(*) FROM conveyour_cdc.dead_letters")
+                .await;
+        if stored == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stored} dead letters, waiting for {n}\nreceiver: {}",
+            w.rx.summary()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn trait_of(w: &crate::support::setup::World, contact: &str, name: &str) -> Option<String> {
+    w.rx.contact(contact)?
+        .get(name)?
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_sends_the_rows_current_values_never_the_stale_rejected_ones() {
+    let w = world("dead_letter_stale", ROSTER_SQL).await;
+    // Automatic retries off: only the CLI retries here.
+    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "  max_in_flight: 2\n");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec(
+        "INSERT INTO employees (email, first_name, last_name) VALUES
+            ('ada@x.test', 'Ada', 'South'), ('bob@x.test', 'Bob', 'West');",
+    )
+    .await;
+    w.rx.wait_until("both contacts", Duration::from_secs(60), |r| {
+        r.contact_count() == 2
+    })
+    .await;
+
+    // An update of each is rejected and stored.
+    for who in ["ada", "bob"] {
+        w.rx.set_fault(Fault::RejectId(format!("{who}@x.test")));
+        w.db.exec(&format!(
+            "UPDATE employees SET first_name = 'POISON', last_name = 'East' WHERE email = '{who}@x.test';"
+        ))
+        .await;
+        let end = w.db.wal_lsn().await;
+        w.wait_confirmed(end, Duration::from_secs(60)).await;
+    }
+    w.rx.clear_fault();
+    wait_dead_letters(&w, 2).await;
+    let keys =
+        w.db.query_opt_string(
+            "SELECT string_agg(array_to_string(key_columns, ',') || '=' || array_to_string(key_values, ','), ' ' ORDER BY id)
+               FROM conveyour_cdc.dead_letters",
+        )
+        .await;
+    assert_eq!(
+        keys.as_deref(),
+        Some("id=1 id=2"),
+        "each entry keeps its row's key"
+    );
+
+    // Then Ada's row changes again, delivered; Bob's row is deleted.
+    w.db.exec(
+        "UPDATE employees SET first_name = 'Ada', last_name = 'North' WHERE email = 'ada@x.test';
+         DELETE FROM employees WHERE email = 'bob@x.test';",
+    )
+    .await;
+    w.rx.wait_until("Ada's newer values", Duration::from_secs(60), |r| {
+        r.contact("ada@x.test")
+            .is_some_and(|c| c.get("last_name") == Some(&serde_json::json!("North")))
+    })
+    .await;
+
+    let (_, out, _) = run_cli(&["dead-letters", "list", "--config", CONFIG], &config, &[]);
+    assert_eq!(
+        out.matches(" rejected ").count(),
+        2,
+        "reason code per entry: {out}"
+    );
+
+    let (status, out, err) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{out}{err}\n{}", conn.log());
+    assert!(out.contains("delivered 2, rejected again 0"), "{out}");
+    // ConveYour ends with what the database says: the stale rejected
+    // values never overwrite the newer ones, and a deleted row sends
+    // nothing.
+    assert_eq!(
+        trait_of(&w, "ada@x.test", "first_name").as_deref(),
+        Some("Ada")
+    );
+    assert_eq!(
+        trait_of(&w, "ada@x.test", "last_name").as_deref(),
+        Some("North")
+    );
+    assert_eq!(
+        trait_of(&w, "bob@x.test", "first_name").as_deref(),
+        Some("Bob")
+    );
+    assert_eq!(
+        trait_of(&w, "bob@x.test", "last_name").as_deref(),
+        Some("West")
+    );
+    wait_dead_letters(&w, 0).await;
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_running_connector_retries_dead_letters_on_its_own_and_the_depth_gauge_follows() {
+    let w = world("dead_letter_auto", ROSTER_SQL).await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 300\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "");
+    let conn = Connector::run(&config, &[]);
+    let addr = crate::observe::metrics_addr(&conn).await;
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.rx.set_fault(Fault::RejectId("late@x.test".into()));
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('late@x.test', 'Late');")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    wait_dead_letters(&w, 1).await;
+    let gauge = |text: &str| {
+        crate::observe::parse(text)
+            .get("conveyour_cdc_dead_letters_stored")
+            .copied()
+    };
+    let (_, text) = crate::observe::get(&addr, "/metrics").await;
+    assert_eq!(gauge(&text), Some(1.0), "{text}");
+
+    // The cause goes away; no one runs the CLI.
+    w.rx.clear_fault();
+    w.rx.wait_until("the retried entry", Duration::from_secs(60), |r| {
+        r.contact("late@x.test").is_some()
+    })
+    .await;
+    wait_dead_letters(&w, 0).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = crate::observe::get(&addr, "/metrics").await;
+        if gauge(&text) == Some(0.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        trait_of(&w, "late@x.test", "first_name").as_deref(),
+        Some("Late")
+    );
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_without_a_contact_id_is_dead_lettered_and_the_stream_goes_on() {
+    let w = world("dead_letter_unmappable", ROSTER_SQL).await;
+    // One such row exists before the first start: the initial copy sets
+    // it aside too.
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES (NULL, 'Copied');")
+        .await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec(
+        "INSERT INTO employees (email, first_name) VALUES (NULL, 'Nul');
+         INSERT INTO employees (email, first_name) VALUES ('', 'Empty');
+         INSERT INTO employees (email, first_name) VALUES ('ok@x.test', 'Ok');",
+    )
+    .await;
+    let end = w.db.wal_lsn().await;
+    w.rx.wait_until("the row after them", Duration::from_secs(60), |r| {
+        r.contact("ok@x.test").is_some()
+    })
+    .await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    assert!(conn.is_running(), "{}", conn.log());
+    assert_eq!(w.rx.contact_count(), 1, "{}", w.rx.summary());
+
+    let client = w.db.client().await;
+    let rows = client
+        .query(
+            "SELECT reason, source_table, lsn::text, key_columns, key_values, message, status
+               FROM conveyour_cdc.dead_letters ORDER BY (key_values[1])::int",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3, "one entry per unmappable row");
+    for (row, id) in rows.iter().zip(["1", "2", "3"]) {
+        assert_eq!(row.get::<_, String>(0), "unmappable");
+        assert_eq!(row.get::<_, String>(1), "public.employees");
+        assert_eq!(row.get::<_, Vec<String>>(3), vec!["id".to_owned()]);
+        assert_eq!(row.get::<_, Vec<String>>(4), vec![id.to_owned()]);
+        let message: String = row.get(5);
+        assert!(
+            message.contains("table public.employees, column email, at LSN"),
+            "{message}"
+        );
+        assert_eq!(row.get::<_, i32>(6), 0);
+    }
+    // Streamed rows carry their change's LSN.
+    assert_ne!(rows[1].get::<_, String>(2), "0/0");
+    assert!(rows[1].get::<_, String>(5).contains("NULL"));
+    assert!(rows[2].get::<_, String>(5).contains("empty"));
+
+    let (status, out, _) = run_cli(&["dead-letters", "list", "--config", CONFIG], &config, &[]);
+    assert!(status.success());
+    assert_eq!(out.matches(" unmappable ").count(), 3, "{out}");
+    assert!(out.contains("key=(id=2)"), "{out}");
+
+    // One row is fixed: a retry reads it again and sends it; the others
+    // still do not map and are kept with the new message.
+    w.db.exec("UPDATE employees SET email = 'nul@x.test', first_name = 'Fixed' WHERE id = 2;")
+        .await;
+    w.rx.wait_until("the fixed row", Duration::from_secs(60), |r| {
+        r.contact("nul@x.test").is_some()
+    })
+    .await;
+    let (status, out, _) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "two rows still do not map: {out}");
+    assert!(out.contains("delivered 1, rejected again 2"), "{out}");
+    let left =
+        w.db.query_opt_string(
+            "SELECT string_agg(key_values[1], ',' ORDER BY id) FROM conveyour_cdc.dead_letters WHERE reason = 'unmappable'",
+        )
+        .await;
+    assert_eq!(left.as_deref(), Some("1,3"));
+    assert_eq!(
+        trait_of(&w, "nul@x.test", "first_name").as_deref(),
+        Some("Fixed")
+    );
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_on_unmappable_stop_a_row_without_a_contact_id_stops_the_connector() {
+    let w = world("unmappable_stop", ROSTER_SQL).await;
+    let config = w.config(ROSTER_TABLES, "  on_unmappable: stop\n");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    let before_row = w.db.wal_lsn().await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES (NULL, 'Nul');")
+        .await;
+    let status = conn.wait(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let log = conn.log();
+    assert!(
+        log.contains("table public.employees, column email, at LSN")
+            && log.contains("the contact id is NULL"),
+        "{log}"
+    );
+    assert!(
+        w.confirmed().await <= before_row,
+        "the position stays before the row"
+    );
+    let n =
+        w.db.query_i64("SELECT count(*) FROM conveyour_cdc.dead_letters")
+            .await;
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_table_of_an_earlier_version_is_upgraded_in_place_and_its_entries_retried() {
+    let w = world("dead_letter_upgrade", ROSTER_SQL).await;
+    // The table as earlier versions created it, with one entry (no key).
+    w.db.exec(&format!(
+        "CREATE SCHEMA conveyour_cdc;
+         CREATE TABLE conveyour_cdc.dead_letters (
+             id bigserial PRIMARY KEY, slot text NOT NULL, endpoint text NOT NULL,
+             source_table text NOT NULL, contact text NOT NULL, lsn pg_lsn NOT NULL,
+             payload jsonb NOT NULL, status int NOT NULL, message text NOT NULL,
+             attempts int NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO conveyour_cdc.dead_letters (slot, endpoint, source_table, contact, lsn, payload, status, message, attempts)
+         VALUES ('{}', 'track', 'public.sales', 'old@x.test', '0/1',
+                 '{{\"id\": \"old@x.test\", \"events\": [{{\"event\": \"made_sale\", \"properties\": {{\"amount\": 5}}}}]}}',
+                 400, 'refused', 1);",
+        w.slot
+    ))
+    .await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    let (status, out, _) = run_cli(&["dead-letters", "list", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains(" rejected ") && out.contains("old@x.test"),
+        "{out}"
+    );
+    let (status, out, err) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("delivered 1, rejected again 0"), "{out}");
+    assert_eq!(w.rx.track_count(), 1, "{}", w.rx.summary());
+    wait_dead_letters(&w, 0).await;
+    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_while_a_writer_updates_the_same_rows_ends_with_the_databases_values() {
+    let w = world("dead_letter_race", ROSTER_SQL).await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "  max_in_flight: 2\n  batch_size: 4\n");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec(
+        "INSERT INTO employees (email, first_name)
+         SELECT 'r' || g || '@x.test', 'start' FROM generate_series(1, 20) g;",
+    )
+    .await;
+    w.rx.wait_until("every contact", Duration::from_secs(60), |r| {
+        r.contact_count() == 20
+    })
+    .await;
+    // Every row's next update is rejected and stored.
+    w.rx.set_fault(Fault::Status(400));
+    w.db.exec("UPDATE employees SET first_name = 'POISON';")
+        .await;
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    w.rx.clear_fault();
+    wait_dead_letters(&w, 20).await;
+    // Then every row changes again, delivered: the stored entries are
+    // stale.
+    w.db.exec("UPDATE employees SET first_name = 'fixed';")
+        .await;
+    w.rx.wait_until("the newer values", Duration::from_secs(60), |r| {
+        r.contacts()
+            .values()
+            .all(|c| c.get("first_name") == Some(&serde_json::json!("fixed")))
+    })
+    .await;
+
+    // A writer keeps changing half of the rows while the retry runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let client = w.db.client().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .execute(
+                        "UPDATE employees SET first_name = 'v' || $1::int8 WHERE id = 1 + $1::int8 % 10",
+                        &[&(i as i64)],
+                    )
+                    .await
+                    .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            i
+        })
+    };
+    let cli_config = config.clone();
+    let (status, out, err) = tokio::task::spawn_blocking(move || {
+        run_cli(
+            &["dead-letters", "retry", "--config", CONFIG],
+            &cli_config,
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(status.success(), "{out}{err}\n{}", conn.log());
+    assert!(out.contains("delivered 20, rejected again 0"), "{out}");
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+
+    let client = w.db.client().await;
+    let rows = client
+        .query("SELECT email, first_name FROM employees ORDER BY id", &[])
+        .await
+        .unwrap();
+    for row in rows {
+        let email: String = row.get(0);
+        let first: String = row.get(1);
+        assert_eq!(
+            trait_of(&w, &email, "first_name").as_deref(),
+            Some(first.as_str()),
+            "{email} after {writes} writes"
+        );
+    }
+    drop(conn);
+}

@@ -111,6 +111,40 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub sync: SyncConfig,
+    #[serde(default)]
+    pub dead_letters: DeadLettersConfig,
+}
+
+/// How often the running connector retries stored dead letters at first:
+/// five minutes lets a fixed cause (a ConveYour field's type, a row's
+/// missing email) heal without an operator, while an entry that keeps
+/// failing costs one request per retry, and the wait doubles per failure
+/// up to [`DEAD_LETTER_RETRY_MAX_MS`].
+pub const DEFAULT_DEAD_LETTER_RETRY_EVERY_MS: u64 = 300_000;
+/// The longest wait between automatic retries of one dead letter: an entry
+/// failing for days is tried four times a day, not every few minutes.
+pub const DEAD_LETTER_RETRY_MAX_MS: u64 = 6 * 3_600_000;
+
+/// `dead_letters:` — automatic retries of stored dead letters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    /// First wait before an entry is retried (doubling per failed retry);
+    /// 0 turns automatic retries off (`dead-letters retry` still works).
+    #[serde(default = "default_dead_letter_retry_every_ms")]
+    pub retry_every_ms: u64,
+}
+
+impl Default for DeadLettersConfig {
+    fn default() -> Self {
+        DeadLettersConfig {
+            retry_every_ms: DEFAULT_DEAD_LETTER_RETRY_EVERY_MS,
+        }
+    }
+}
+
+fn default_dead_letter_retry_every_ms() -> u64 {
+    DEFAULT_DEAD_LETTER_RETRY_EVERY_MS
 }
 
 /// Rows read per chunk of the initial sync or a resync. 2,000 rows make
@@ -224,6 +258,9 @@ pub struct ConveyourConfig {
     pub max_requests_per_second: Option<f64>,
     #[serde(default)]
     pub on_reject: OnReject,
+    /// What to do with a row the mapping cannot turn into an entry.
+    #[serde(default)]
+    pub on_unmappable: OnUnmappable,
     /// Fold a contact's identifies within one batch into one entry.
     #[serde(default)]
     pub coalesce: bool,
@@ -237,6 +274,21 @@ pub enum OnReject {
     #[default]
     DeadLetter,
     /// Stop the connector without advancing past them.
+    Stop,
+}
+
+/// What to do with a row the mapping cannot send: its contact id is NULL
+/// or empty, or a value does not convert. A table whose shape no longer
+/// fits the mapping (a mapped column dropped or retyped) stops the
+/// connector whatever this says: that is no row's fault.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnmappable {
+    /// Store the row's key as a dead letter (reason `unmappable`) and go
+    /// on; a retry reads the row again.
+    #[default]
+    DeadLetter,
+    /// Stop the connector at the row without advancing past it.
     Stop,
 }
 
@@ -388,6 +440,9 @@ pub struct Settings {
     pub metrics_listen: String,
     /// Rows per chunk of the initial sync and resyncs.
     pub sync_chunk_rows: usize,
+    /// First wait before the running connector retries a dead letter
+    /// (doubling per failure); None when automatic retries are off.
+    pub dead_letter_retry_every: Option<Duration>,
 }
 
 impl Settings {
@@ -423,6 +478,7 @@ pub struct SinkSettings {
     pub max_in_flight: usize,
     pub max_requests_per_second: Option<f64>,
     pub on_reject: OnReject,
+    pub on_unmappable: OnUnmappable,
     pub coalesce: bool,
 }
 
@@ -570,6 +626,12 @@ impl Config {
         if self.sync.chunk_rows == 0 || self.sync.chunk_rows > 100_000 {
             return Err(err("sync.chunk_rows", "must be between 1 and 100000"));
         }
+        if self.dead_letters.retry_every_ms > DEAD_LETTER_RETRY_MAX_MS {
+            return Err(err(
+                "dead_letters.retry_every_ms",
+                "must be at most 21600000 (six hours); 0 turns automatic retries off",
+            ));
+        }
         if self.tables.is_empty() {
             return Err(err("tables", "map at least one table"));
         }
@@ -612,11 +674,14 @@ impl Config {
                 max_in_flight: cy.max_in_flight,
                 max_requests_per_second: cy.max_requests_per_second,
                 on_reject: cy.on_reject,
+                on_unmappable: cy.on_unmappable,
                 coalesce: cy.coalesce,
             },
             tables,
             metrics_listen: self.metrics.listen.clone(),
             sync_chunk_rows: self.sync.chunk_rows,
+            dead_letter_retry_every: (self.dead_letters.retry_every_ms > 0)
+                .then(|| Duration::from_millis(self.dead_letters.retry_every_ms)),
         })
     }
 }

@@ -560,6 +560,9 @@ impl Lane {
             state.dead_letter(&request, &fault).await?;
             let m = telemetry::metrics();
             m.dead_letters.inc();
+            if let Ok(n) = state.dead_letter_count().await {
+                m.dead_letters_stored.set(n);
+            }
             m.requests
                 .with_label_values(&[request.endpoint.name(), "dead_lettered"])
                 .inc();

@@ -14,12 +14,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+mod dead_letters;
 mod delivery;
 
+pub(crate) use dead_letters::set_aside;
+pub use dead_letters::{retry_dead_letters, RetryOutcome};
 pub(crate) use delivery::Event;
 use delivery::{Coordinator, Replay};
 
-use crate::config::{OnReject, Settings};
+use crate::config::{OnReject, OnUnmappable, Settings};
 use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{ContactRef, Mapper, Outcome};
@@ -179,6 +182,9 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     if let Some(state) = &mut state {
         state.set_system(&system.system_id);
     }
+    if state.is_none() && settings.conveyour.on_unmappable == OnUnmappable::DeadLetter {
+        tracing::warn!("a row the mapping cannot send stops the connector, as with conveyour.on_unmappable: stop: dead letters need the connector's schema, which is unavailable");
+    }
     let copied: Vec<String> = snapshot::copied_tables(settings)
         .iter()
         .map(|t| t.table.to_string())
@@ -296,6 +302,8 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     ));
     let window = Arc::new(Mutex::new(snapshot::Window::default()));
     let wake = Arc::new(Notify::new());
+    let retry_window = Arc::new(Mutex::new(snapshot::Window::default()));
+    let retry_wake = Arc::new(Notify::new());
     let resolver = Resolver::new(client.clone(), schema.lookups.clone());
     let mapper = Mapper::new(&settings.tables, schema.clone());
     let reader = tokio::spawn(read_loop(
@@ -304,10 +312,14 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             mapper,
             resolver,
             replay,
+            set_aside: state
+                .clone()
+                .filter(|_| settings.conveyour.on_unmappable == OnUnmappable::DeadLetter),
         },
         Sync {
-            window: window.clone(),
+            windows: [window.clone(), retry_window.clone()],
             wake: wake.clone(),
+            retry_wake: retry_wake.clone(),
             slot: settings.slot.clone(),
             // Only a copy alongside the stream checks (and forgets) them.
             copied: match (&state, messages) {
@@ -346,6 +358,24 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         // Done (a stop was asked for): delivery decides when to end.
         std::future::pending::<Result<(), Error>>().await
     });
+    // Dead letters due for a retry are sent again alongside too, through
+    // their own watermarks.
+    let mut redeliver = Box::pin(async {
+        if let Some(state) = &state {
+            dead_letters::Redeliver {
+                settings,
+                schema: &schema,
+                state,
+                sink,
+                window: retry_window,
+                wake: retry_wake,
+                messages,
+            }
+            .run(shutdown.clone())
+            .await?;
+        }
+        std::future::pending::<Result<(), Error>>().await
+    });
     let mut reader = reader;
     let mut reader_done = false;
     let mut delivery_done = false;
@@ -357,6 +387,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             }
             e = watch_slot(&client, &settings.slot, settings.retained_wal_warn_bytes) => break Err(e),
             r = &mut alongside => break r,
+            r = &mut redeliver => break r,
             r = &mut reader, if !reader_done => {
                 reader_done = true;
                 match r {
@@ -371,6 +402,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     // Whatever ended the session, delivery gets its grace period to send
     // what it holds once nothing more can come in.
     drop(alongside);
+    drop(redeliver);
     reader.abort();
     drop(events_tx);
     let delivered = if delivery_done {
@@ -411,13 +443,19 @@ struct Rows {
     mapper: Mapper,
     resolver: Resolver,
     replay: Option<Replay>,
+    /// Where a row the mapping cannot send is stored (`on_unmappable:
+    /// dead_letter` with the connector's schema); None stops at it.
+    set_aside: Option<State>,
 }
 
 /// What the reader shares with a copy running alongside the stream.
 struct Sync {
-    window: Arc<Mutex<snapshot::Window>>,
+    /// The copy's window, and the dead-letter retries'.
+    windows: [Arc<Mutex<snapshot::Window>>; 2],
     /// Woken by a resync request read from the stream.
     wake: Arc<Notify>,
+    /// Woken by a dead-letter retry request read from the stream.
+    retry_wake: Arc<Notify>,
     /// Watermarks name the slot they are for.
     slot: String,
     /// Tables a copy alongside the stream may read (schema, name): the
@@ -486,6 +524,7 @@ async fn read_loop(
         mut mapper,
         mut resolver,
         replay,
+        set_aside,
     } = rows;
     // Relations as last announced, for the sync window's keys.
     let mut relations: HashMap<u32, Relation> = HashMap::new();
@@ -506,9 +545,14 @@ async fn read_loop(
         if !window_open {
             return;
         }
-        if let (Ok(mut w), Some(rel)) = (sync.window.lock(), relations.get(&relation)) {
-            let old = old.map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
-            w.saw(rel, old, new, seen);
+        let Some(rel) = relations.get(&relation) else {
+            return;
+        };
+        let old = old.map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
+        for window in &sync.windows {
+            if let Ok(mut w) = window.lock() {
+                w.saw(rel, old, new, seen);
+            }
         }
     };
     // Where the reader is: the transaction (by its commit LSN) and the
@@ -593,18 +637,37 @@ async fn read_loop(
                         mapper.observe(relation, old.as_ref(), new.as_ref(), &mut cache_changes);
                         let outcome = match (&old, &new) {
                             (_, Some(new)) if op == "insert" => {
-                                mapper.insert(relation, new, wal_start)?
+                                mapper.insert(relation, new, wal_start)
                             }
-                            (_, Some(new)) => {
-                                mapper.update(relation, old.as_ref(), new, wal_start)?
-                            }
-                            (Some(old), None) => mapper.delete(relation, Some(old), wal_start)?,
-                            (None, None) => Outcome::Nothing,
+                            (_, Some(new)) => mapper.update(relation, old.as_ref(), new, wal_start),
+                            (Some(old), None) => mapper.delete(relation, Some(old), wal_start),
+                            (None, None) => Ok(Outcome::Nothing),
                         };
-                        // A delete supersedes a chunk's copy whatever it sends.
+                        // A row whose values cannot be sent is stored as a
+                        // dead letter and the stream goes on; a table that
+                        // no longer fits the mapping stops it.
+                        let (outcome, set_aside_row) = match outcome {
+                            Ok(outcome) => (outcome, false),
+                            Err(e) => match (&set_aside, e.is_row_fault()) {
+                                (Some(state), true) => {
+                                    let row = new.as_ref().or(old
+                                        .as_ref()
+                                        .map(|(OldTuple::Key(t) | OldTuple::Full(t))| t));
+                                    if let Some(row) = row {
+                                        dead_letters::set_aside(state, &mapper, relation, row, &e)
+                                            .await?;
+                                    }
+                                    (Outcome::Nothing, true)
+                                }
+                                _ => return Err(e.into()),
+                            },
+                        };
+                        // A delete supersedes a chunk's copy whatever it
+                        // sends, and so does a row set aside (the copy is
+                        // older than the row's news).
                         let seen = match new {
-                            Some(_) => seen_by(&outcome),
-                            None => Seen::Superseded,
+                            Some(_) if !set_aside_row => seen_by(&outcome),
+                            _ => Seen::Superseded,
                         };
                         saw(
                             window_open,
@@ -648,7 +711,13 @@ async fn read_loop(
                             ..
                         } => {
                             if !carried.is_empty() {
-                                if let Ok(mut w) = sync.window.lock() {
+                                // Each window checks its own chunks against
+                                // it, and forgets it on its own snapshots.
+                                let [copy, retry] = &sync.windows;
+                                if let Ok(mut w) = retry.lock() {
+                                    w.carried(&mut carried.clone());
+                                }
+                                if let Ok(mut w) = copy.lock() {
                                     w.carried(&mut carried);
                                 }
                             }
@@ -695,17 +764,25 @@ async fn read_loop(
                         } => {
                             match snapshot::watermark(&prefix, &content, &sync.slot) {
                                 Some(Watermark::Low(id)) => {
-                                    if let Ok(mut w) = sync.window.lock() {
-                                        w.low(&id);
-                                        window_open = w.is_open();
+                                    window_open = false;
+                                    for window in &sync.windows {
+                                        if let Ok(mut w) = window.lock() {
+                                            w.low(&id);
+                                            window_open |= w.is_open();
+                                        }
                                     }
                                 }
                                 Some(Watermark::High(id)) => {
-                                    let copied = sync.window.lock().ok().and_then(|mut w| {
-                                        let copied = w.high(&id);
-                                        window_open = w.is_open();
-                                        copied
-                                    });
+                                    let mut copied = None;
+                                    window_open = false;
+                                    for window in &sync.windows {
+                                        if let Ok(mut w) = window.lock() {
+                                            if copied.is_none() {
+                                                copied = w.high(&id);
+                                            }
+                                            window_open |= w.is_open();
+                                        }
+                                    }
                                     if let Some((actions, done)) = copied {
                                         // The chunk's rows take the high
                                         // watermark's place in the stream.
@@ -725,6 +802,7 @@ async fn read_loop(
                                     }
                                 }
                                 Some(Watermark::Resync) => sync.wake.notify_one(),
+                                Some(Watermark::RetryDeadLetters) => sync.retry_wake.notify_one(),
                                 None => {}
                             }
                             continue;

@@ -536,6 +536,7 @@ mod tests {
             body: ActionBody::Identify {
                 traits: Fields::from_map(traits.as_object().unwrap()),
             },
+            key: None,
         }
     }
 
@@ -548,6 +549,7 @@ mod tests {
                 event: Arc::from("made_sale"),
                 properties: Fields::from_map(json!({ "amount": amount }).as_object().unwrap()),
             },
+            key: None,
         }
     }
 
@@ -706,6 +708,7 @@ mod tests {
             body: ActionBody::Identify {
                 traits: Fields::from_map(&traits(json!({"sales_count": {"$inc": n}}))),
             },
+            key: None,
         };
         b.push(1, inc(1));
         b.push(2, inc(1));

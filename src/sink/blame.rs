@@ -169,6 +169,7 @@ mod tests {
                 table: Arc::from("public.t"),
                 lsn: Lsn(1),
                 contact: contact.into(),
+                key: None,
                 body,
             },
         )

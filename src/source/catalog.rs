@@ -42,6 +42,27 @@ pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceErr
     Ok(client)
 }
 
+/// A table's primary key: each column's name and SQL type, in key order
+/// (empty when it has none).
+pub(crate) async fn primary_key(
+    client: &Client,
+    table: &TableName,
+) -> Result<Vec<(String, String)>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+              ORDER BY k.ord",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql(&format!("looking up {table}'s primary key"), e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Resolves column types to JSON conversions, caching by type OID.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Catalog {
@@ -94,6 +115,14 @@ impl Catalog {
                 m.table.clone(),
                 columns.iter().map(|(n, c)| (n.clone(), c.oid)).collect(),
             );
+            let key: Vec<String> = primary_key(client, &m.table)
+                .await?
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
+            if !key.is_empty() {
+                schema.keys.insert(m.table.clone(), key);
+            }
             if let ContactSource::Lookup(l) = &m.contact {
                 let key = format!("{}.{}.id", m.key, m.section());
                 if schema.lookup_index(l).is_some() {

@@ -42,22 +42,9 @@ impl TableReader {
         m: &TableMapping,
         schema: &Schema,
     ) -> Result<TableReader, SourceError> {
-        let primary_key = client
-            .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
-                   FROM pg_index i
-                   CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                  WHERE i.indrelid = $1::text::regclass AND i.indisprimary
-                  ORDER BY k.ord",
-                &[&m.table.quoted()],
-            )
-            .await
-            .map_err(|e| {
-                SourceError::from_sql(&format!("looking up {}'s primary key", m.table), e)
-            })?;
-        let key_names: Vec<String> = primary_key.iter().map(|r| r.get(0)).collect();
-        let key_types: Vec<String> = primary_key.iter().map(|r| r.get(1)).collect();
+        let primary_key = super::catalog::primary_key(client, &m.table).await?;
+        let key_names: Vec<String> = primary_key.iter().map(|(n, _)| n.clone()).collect();
+        let key_types: Vec<String> = primary_key.into_iter().map(|(_, t)| t).collect();
         let mut names = key_names.clone();
         let used = m.columns().into_iter().map(|u| u.column);
         let watched = schema

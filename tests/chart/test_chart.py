@@ -401,6 +401,9 @@ def test_the_rendered_config_is_accepted_by_the_binary(values_file, tmp_path):
     if values.get("config", {}).get("sync"):
         expected_keys.add("sync")
         assert config["sync"] == values["config"]["sync"]
+    if values.get("config", {}).get("dead_letters"):
+        expected_keys.add("dead_letters")
+        assert config["dead_letters"] == values["config"]["dead_letters"]
     assert set(config) == expected_keys
     assert config["metrics"] == {"listen": f"0.0.0.0:{METRICS_PORT}"}
     assert "appkey" not in config["conveyour"] and "token" not in config["conveyour"]

@@ -120,6 +120,9 @@ in it: they come from the Secret through the environment.
 {{- with .Values.config.sync }}
 {{- $_ := set $config "sync" . }}
 {{- end }}
+{{- with .Values.config.dead_letters }}
+{{- $_ := set $config "dead_letters" . }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 

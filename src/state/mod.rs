@@ -1,7 +1,8 @@
 //! The connector's own schema in the source database: acknowledged progress
 //! at row grain, per delivery lane (so a restart resends only what was in
-//! flight, not everything after the slot's position), and dead letters
-//! (entries ConveYour rejected for good).
+//! flight, not everything after the slot's position), the initial sync's
+//! progress, and dead letters (`dead_letters.rs`: entries ConveYour
+//! rejected for good, rows the mapping could not send).
 //!
 //! Writes are autocommitted, so what is recorded survives a crash of the
 //! connector the moment the call returns.
@@ -11,8 +12,15 @@ use std::sync::Arc;
 use tokio_postgres::{Client, Statement};
 
 use crate::lsn::Lsn;
-use crate::sink::{Endpoint, Request, SinkError};
 use crate::source::SourceError;
+
+mod dead_letters;
+
+pub(crate) use dead_letters::{
+    count_dead_letters, db_now, due_dead_letters, note_retry_failure, note_retry_skipped,
+    request_retry, retried, settle_reread,
+};
+pub use dead_letters::{list_dead_letters, purge_dead_letters, DeadLetter, Reason};
 
 /// The schema's name. `sql/setup.sql` creates it owned by the connector's
 /// role; the connector creates it itself when it may.
@@ -109,6 +117,10 @@ impl State {
                  );"
             ))
             .await;
+        let tables = match tables {
+            Ok(()) => dead_letters::upgrade(&client).await,
+            Err(e) => Err(e),
+        };
         match tables {
             Ok(()) => {}
             // Two connectors creating the same table at once: the loser's
@@ -205,39 +217,6 @@ impl State {
             )
             .await
             .map_err(|e| SourceError::from_sql("recording progress", e))?;
-        Ok(())
-    }
-
-    /// Stores one rejected entry (a single-entry request) durably.
-    pub(crate) async fn dead_letter(
-        &self,
-        req: &Request,
-        err: &SinkError,
-    ) -> Result<(), SourceError> {
-        let Some(first) = req.first() else {
-            return Ok(());
-        };
-        let payload = std::str::from_utf8(&req.body).unwrap_or("null");
-        self.client
-            .execute(
-                &format!(
-                    "INSERT INTO {SCHEMA}.dead_letters (slot, endpoint, source_table, contact, lsn, payload, status, message, attempts)
-                     VALUES ($1, $2, $3, $4, $5::text::pg_lsn, $6::text::jsonb, $7, $8, $9)"
-                ),
-                &[
-                    &self.slot,
-                    &req.endpoint.name(),
-                    &first.table.as_ref(),
-                    &first.contact,
-                    &first.lsn.to_string(),
-                    &payload,
-                    &i32::from(err.status()),
-                    &err.message(),
-                    &(err.attempts() as i32),
-                ],
-            )
-            .await
-            .map_err(|e| SourceError::from_sql("storing a dead letter", e))?;
         Ok(())
     }
 }
@@ -390,138 +369,3 @@ pub async fn request_resync(client: &Client, slot: &str, table: &str) -> Result<
 /// The prefix of the connector's own logical decoding messages (sync
 /// watermarks, resync requests); others' messages are ignored.
 pub(crate) const WATERMARK_PREFIX: &str = "conveyour_cdc";
-
-/// One stored dead letter, as `dead-letters list` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub endpoint: String,
-    pub table: String,
-    pub contact: String,
-    pub lsn: String,
-    pub status: i32,
-    pub message: String,
-    pub attempts: i32,
-    pub created_at: String,
-    #[serde(skip)]
-    pub payload: String,
-}
-
-/// The slot's dead letters, oldest first (`id` limits to one).
-pub async fn list_dead_letters(
-    client: &Client,
-    slot: &str,
-    id: Option<i64>,
-) -> Result<Vec<DeadLetter>, SourceError> {
-    let rows = client
-        .query(
-            &format!(
-                "SELECT id, endpoint, source_table, contact, lsn::text, status, message, attempts,
-                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), payload::text
-                   FROM {SCHEMA}.dead_letters WHERE slot = $1 AND ($2::int8 IS NULL OR id = $2) ORDER BY id"
-            ),
-            &[&slot, &id],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("reading dead letters", e))?;
-    Ok(rows
-        .iter()
-        .map(|r| DeadLetter {
-            id: r.get(0),
-            endpoint: r.get(1),
-            table: r.get(2),
-            contact: r.get(3),
-            lsn: r.get(4),
-            status: r.get(5),
-            message: r.get(6),
-            attempts: r.get(7),
-            created_at: r.get(8),
-            payload: r.get(9),
-        })
-        .collect())
-}
-
-/// Deletes dead letters (`id` limits to one); returns how many.
-pub async fn purge_dead_letters(
-    client: &Client,
-    slot: &str,
-    id: Option<i64>,
-) -> Result<u64, SourceError> {
-    client
-        .execute(
-            &format!("DELETE FROM {SCHEMA}.dead_letters WHERE slot = $1 AND ($2::int8 IS NULL OR id = $2)"),
-            &[&slot, &id],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("purging dead letters", e))
-}
-
-/// Outcome of `dead-letters retry`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct RetryOutcome {
-    /// Acknowledged by ConveYour and removed from the table.
-    pub delivered: usize,
-    /// Rejected again; kept, with ConveYour's new message.
-    pub rejected: usize,
-}
-
-/// Sends stored dead letters again (all, or one by `id`), oldest first.
-/// Each acknowledged entry is removed; each rejected again stays with the
-/// new message. Gives up on an entry that gets no answer within `limit`
-/// (ConveYour unreachable) and stops there.
-pub async fn retry_dead_letters(
-    settings: &crate::config::Settings,
-    id: Option<i64>,
-) -> Result<RetryOutcome, crate::Error> {
-    let client = crate::source::connect_sql(&settings.postgres).await?;
-    let sink = crate::sink::Sink::new(&settings.conveyour).map_err(crate::Error::Setup)?;
-    let limit = settings.conveyour.request_timeout * 3;
-    let mut outcome = RetryOutcome::default();
-    for letter in list_dead_letters(&client, &settings.slot, id).await? {
-        let endpoint = endpoint_of(&letter.endpoint).ok_or_else(|| {
-            crate::Error::Setup(format!(
-                "dead letter {}: unknown endpoint {}",
-                letter.id, letter.endpoint
-            ))
-        })?;
-        let request = Request::stored(endpoint, bytes::Bytes::from(letter.payload.clone()));
-        match tokio::time::timeout(limit, sink.deliver(&request)).await {
-            Ok(Ok(())) => {
-                purge_dead_letters(&client, &settings.slot, Some(letter.id)).await?;
-                outcome.delivered += 1;
-            }
-            Ok(Err(e)) => {
-                note_retry_failure(&client, letter.id, &e).await?;
-                outcome.rejected += 1;
-            }
-            Err(_) => {
-                return Err(crate::Error::Setup(format!(
-                    "dead letter {}: ConveYour did not acknowledge it within {limit:?}; is it reachable?",
-                    letter.id
-                )))
-            }
-        }
-    }
-    Ok(outcome)
-}
-
-/// Records a failed retry of a dead letter.
-async fn note_retry_failure(client: &Client, id: i64, err: &SinkError) -> Result<(), SourceError> {
-    client
-        .execute(
-            &format!("UPDATE {SCHEMA}.dead_letters SET attempts = attempts + $2, status = $3, message = $4 WHERE id = $1"),
-            &[&id, &(err.attempts() as i32), &i32::from(err.status()), &err.message()],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("updating a dead letter", e))?;
-    Ok(())
-}
-
-/// The endpoint a stored dead letter goes back to.
-fn endpoint_of(name: &str) -> Option<Endpoint> {
-    match name {
-        "identify" => Some(Endpoint::Identify),
-        "track" => Some(Endpoint::Track),
-        _ => None,
-    }
-}
