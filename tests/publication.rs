@@ -438,3 +438,210 @@ async fn check_reports_replica_identity_lookups_and_filters_with_fixes() {
         "check created a publication"
     );
 }
+
+/// An event log without a primary key, like pgbench's `pgbench_history`:
+/// the application inserts, and now and then updates or deletes.
+const HISTORY_SQL: &str = "
+    CREATE TABLE history (tid int, bid int, aid int, delta int, mtime timestamp, filler char(22));
+";
+
+/// `history` as a track table: insert-only, the default for track.
+const HISTORY_TRACKED: &str = "
+tables:
+  - table: public.history
+    track:
+      id: aid
+      event: balance_changed
+      properties: {delta: delta}
+";
+
+/// Runs `sql` as the application, returning Postgres's error if it refuses.
+async fn app_write(w: &World, sql: &str) -> Result<(), String> {
+    w.db.client()
+        .await
+        .batch_execute(sql)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => db.message().to_owned(),
+            None => e.to_string(),
+        })
+}
+
+/// `schema.table` names a publication holds, sorted.
+async fn held_by(w: &World, publication: &str) -> Option<String> {
+    w.db.query_opt_string(&format!(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{publication}'"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_only_table_without_a_primary_key_is_tracked_and_keeps_taking_updates_and_deletes(
+) {
+    let w = world("pub_keyless", HISTORY_SQL).await;
+    let config = w.config(HISTORY_TRACKED, "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+
+    // The application goes on as before, the connector running.
+    app_write(
+        &w,
+        "INSERT INTO history VALUES (1, 1, 7, 5, now(), 'a'), (1, 1, 8, -3, now(), 'b');",
+    )
+    .await
+    .unwrap();
+    app_write(&w, "UPDATE history SET delta = delta + 1 WHERE aid = 7;")
+        .await
+        .unwrap_or_else(|e| panic!("the application's UPDATE was refused: {e}"));
+    app_write(&w, "DELETE FROM history WHERE aid = 8;")
+        .await
+        .unwrap_or_else(|e| panic!("the application's DELETE was refused: {e}"));
+    app_write(&w, "INSERT INTO history VALUES (2, 1, 9, 4, now(), 'c');")
+        .await
+        .unwrap();
+    w.rx.wait_until("three track events", Duration::from_secs(60), |r| {
+        r.track_count() >= 3
+    })
+    .await;
+    wait_caught_up(&w).await;
+    let mut sent: Vec<(String, serde_json::Value)> =
+        w.rx.tracks()
+            .into_iter()
+            .map(|(id, e)| (id, e["properties"].clone()))
+            .collect();
+    sent.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        sent,
+        vec![
+            ("7".to_owned(), json!({"delta": 5})),
+            ("8".to_owned(), json!({"delta": -3})),
+            ("9".to_owned(), json!({"delta": 4})),
+        ]
+    );
+    conn.stop().await;
+
+    // It went through the insert-only publication, not the main one.
+    assert_eq!(held_by(&w, &format!("pub_{}", w.slot)).await, None);
+    assert_eq!(
+        held_by(&w, &format!("pub_{}_inserts", w.slot))
+            .await
+            .as_deref(),
+        Some("history")
+    );
+    // A restart streams from both again, and the writes still work.
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(
+        &w,
+        "INSERT INTO history VALUES (3, 1, 10, 1, now(), 'd'); UPDATE history SET filler = 'x'; DELETE FROM history WHERE aid = 7;",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the application's writes were refused after a restart: {e}"));
+    w.rx.wait_until("a fourth track event", Duration::from_secs(60), |r| {
+        r.track_count() >= 4
+    })
+    .await;
+    conn.stop().await;
+
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "ok   replica identity public.history: tables[0] acts on inserts only, so the table goes through the insert-only publication pub_{}_inserts (publish = 'insert'), and Postgres keeps taking the application's UPDATEs and DELETEs on it whatever its replica identity",
+                w.slot
+            )),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "ok   insert-only publication: pub_{}_inserts holds public.history",
+                w.slot
+            )),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_without_a_primary_key_mapped_with_updates_is_refused_before_any_publication_changes(
+) {
+    let w = world("pub_keyless_updates", HISTORY_SQL).await;
+    let fix = "run ALTER TABLE \"public\".\"history\" REPLICA IDENTITY FULL; or add a primary key, or make the mapping insert-only (tables[0].operations: [insert])";
+    for tables in [
+        HISTORY_TRACKED.replace(
+            "properties: {delta: delta}\n",
+            "properties: {delta: delta}\n    operations: [insert, update]\n",
+        ),
+        "
+tables:
+  - table: public.history
+    identify:
+      id: aid
+      traits: {delta: delta}
+"
+        .to_owned(),
+    ] {
+        let config = w.config(&tables, "");
+        let (status, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+        assert!(!status.success(), "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("FAIL replica identity public.history: "))
+            .unwrap_or_else(|| panic!("no FAIL line for history:\n{out}"));
+        assert!(line.contains(fix), "{line}");
+
+        let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+        assert!(!status.success(), "{err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{err}");
+        assert!(
+            errors[0].contains("tables[0]: the replica identity of public.history is DEFAULT, but the table has no primary key")
+                && errors[0].contains(fix)
+                && errors[0].contains("No publication was created or changed"),
+            "{err}"
+        );
+        assert_eq!(
+            publication_count(&w).await,
+            0,
+            "the publication was created"
+        );
+        assert_eq!(
+            w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+            0,
+            "a publication was created"
+        );
+        app_write(
+            &w,
+            "INSERT INTO history VALUES (1, 1, 7, 5, now(), 'a'); UPDATE history SET delta = 6; DELETE FROM history;",
+        )
+        .await
+        .unwrap();
+    }
+
+    // An existing publication is left as it is, and does not gain the table.
+    w.db.exec(&format!("CREATE PUBLICATION pub_{} ;", w.slot))
+        .await;
+    let config = w.config(
+        &HISTORY_TRACKED.replace(
+            "properties: {delta: delta}\n",
+            "properties: {delta: delta}\n    operations: [insert, delete]\n",
+        ),
+        "",
+    );
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains(fix), "{err}");
+    assert_eq!(held_by(&w, &format!("pub_{}", w.slot)).await, None);
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        1,
+        "the insert-only publication was created"
+    );
+    app_write(
+        &w,
+        "INSERT INTO history VALUES (1, 1, 7, 5, now(), 'a'); UPDATE history SET delta = 6; DELETE FROM history;",
+    )
+    .await
+    .unwrap();
+}
