@@ -331,7 +331,7 @@ async fn publications(
                 plan.owner_sql()
             ),
         )),
-        Some(_) if !moves.is_empty() && !(owns_tables && owns_publications) => out.push(fail(
+        Some(_) if !moves.is_empty() && (!owns_tables || !owns_publications) => out.push(fail(
             NAME,
             format!(
                 "tables must move between {publication} and {inserts} to go through the right one, and role {user} may not alter them; as their owner run {}",

@@ -249,8 +249,10 @@ pub(crate) async fn ensure_publication(
     }
     let main_tables = plan.routed(Route::Main);
     let insert_tables = plan.routed(Route::Inserts);
+    // Nothing needs it: it is streamed from a later start, without a
+    // reconnect now.
     let waiting_for = match (&plan.inserts_now, listed) {
-        (Some(_), false) => {
+        (Some(_), false) if !insert_tables.is_empty() => {
             let held: Vec<String> = insert_tables
                 .iter()
                 .filter(|t| {
