@@ -645,3 +645,124 @@ tables:
     .await
     .unwrap();
 }
+
+/// Upgrades: a keyless table an existing publication holds (so the
+/// application's UPDATEs already fail) moves to the insert-only
+/// publication; when its mapping gains updates (and the table a full
+/// replica identity) it moves back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_moves_between_the_publications_when_its_mapping_changes() {
+    let w = world("pub_moves", HISTORY_SQL).await;
+    let main = format!("pub_{}", w.slot);
+    let inserts = format!("pub_{}_inserts", w.slot);
+    w.db.exec(&format!("CREATE PUBLICATION {main} FOR TABLE history;"))
+        .await;
+    assert!(app_write(
+        &w,
+        "INSERT INTO history (aid) VALUES (1); DELETE FROM history;"
+    )
+    .await
+    .is_err_and(|e| e.contains("does not have a replica identity")));
+
+    let conn = Connector::run(&w.config(HISTORY_TRACKED, ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(held_by(&w, &main).await, None);
+    assert_eq!(held_by(&w, &inserts).await.as_deref(), Some("history"));
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (2, 1); UPDATE history SET delta = 2; DELETE FROM history WHERE aid = 1;",
+    )
+    .await
+    .unwrap();
+    w.rx.wait_until("one track event", Duration::from_secs(60), |r| {
+        r.track_count() >= 1
+    })
+    .await;
+    conn.stop().await;
+
+    // Updates tracked too: the table needs its updates published.
+    w.db.exec("ALTER TABLE history REPLICA IDENTITY FULL;")
+        .await;
+    let with_updates = HISTORY_TRACKED.replace(
+        "properties: {delta: delta}\n",
+        "properties: {delta: delta}\n    operations: [insert, update]\n",
+    );
+    let conn = Connector::run(&w.config(&with_updates, ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(held_by(&w, &main).await.as_deref(), Some("history"));
+    assert_eq!(held_by(&w, &inserts).await, None);
+    app_write(&w, "UPDATE history SET delta = 3 WHERE aid = 2;")
+        .await
+        .unwrap();
+    w.rx.wait_until("the update tracked", Duration::from_secs(60), |r| {
+        r.track_count() >= 2
+    })
+    .await;
+    conn.stop().await;
+}
+
+/// A slot older than the insert-only publication (an upgrade from a
+/// version without one, with changes waiting): PostgreSQL before 18 cannot
+/// decode the slot's backlog with the publication listed, so the connector
+/// streams the backlog without it, and publishes and streams the keyless
+/// table once the slot has passed the publication's creation.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_only_publication_newer_than_the_slot_is_streamed_once_the_slot_passes_it() {
+    let w = world(
+        "pub_newer",
+        &format!("{HISTORY_SQL} CREATE TABLE employees (id serial PRIMARY KEY, email text);"),
+    )
+    .await;
+    let inserts = format!("pub_{}_inserts", w.slot);
+    let employees = "
+tables:
+  - table: public.employees
+    identify: {id: email}
+";
+    let conn = Connector::run(&w.config(employees, ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    conn.stop().await;
+    // As a version without the insert-only publication would have left it,
+    // with changes waiting in the slot.
+    w.db.exec(&format!("DROP PUBLICATION {inserts};")).await;
+    w.db.exec("INSERT INTO employees (email) VALUES ('ann@acme.test');")
+        .await;
+
+    let both = format!(
+        "{employees}  - table: public.history\n    track:\n      id: aid\n      event: balance_changed\n      properties: {{delta: delta}}\n"
+    );
+    let conn = Connector::run(&w.config(&both, ""), &[]);
+    w.rx.wait_until("the waiting identify", Duration::from_secs(60), |r| {
+        r.identify_count() >= 1
+    })
+    .await;
+    // Published once the slot has passed the publication's creation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while held_by(&w, &inserts).await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history was never published; connector log:\n{}",
+            conn.log()
+        );
+        w.db.exec("INSERT INTO employees (email) VALUES ('tick@acme.test'); DELETE FROM employees WHERE email = 'tick@acme.test';")
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (5, 1); UPDATE history SET delta = 2; DELETE FROM history;",
+    )
+    .await
+    .unwrap();
+    w.rx.wait_until("the history insert", Duration::from_secs(60), |r| {
+        r.track_count() >= 1
+    })
+    .await;
+    assert!(
+        conn.log().contains("reconnecting to stream it too"),
+        "{}",
+        conn.log()
+    );
+    conn.stop().await;
+}
