@@ -24,12 +24,6 @@ use super::publication::{published_tables, replica_identity, PublishedTable, Rep
 use super::SourceError;
 use crate::config::{quote_ident, Settings, TableName, INSERT_PUBLICATION_SUFFIX};
 
-/// SQLSTATE undefined_object: pgoutput's "publication … does not exist".
-const UNDEFINED_OBJECT: &str = "42704";
-
-/// SQLSTATE object_in_use: another session holds the slot.
-const OBJECT_IN_USE: &str = "55006";
-
 /// The insert-only publication that goes with the main `publication`.
 pub(crate) fn insert_publication(publication: &str) -> String {
     format!("{publication}{INSERT_PUBLICATION_SUFFIX}")
@@ -316,7 +310,7 @@ pub(crate) async fn visible_to_slot(
         .query_one(
             "SELECT s.slot_name IS NOT NULL,
                     s.catalog_xmin IS NOT NULL AND age(p.xmin) > age(s.catalog_xmin),
-                    coalesce(s.active, false)
+                    coalesce(s.active OR s.plugin <> 'pgoutput' OR s.database <> current_database(), false)
                FROM pg_publication p
                LEFT JOIN pg_replication_slots s ON s.slot_name = $2
               WHERE p.pubname = $1",
@@ -324,12 +318,13 @@ pub(crate) async fn visible_to_slot(
         )
         .await
         .map_err(|e| SourceError::from_sql("reading the slot's catalog horizon", e))?;
-    let (slot_exists, older, active): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let (slot_exists, older, unreadable): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
     if !slot_exists || older {
         return Ok(true);
     }
-    if active {
-        // Another connector streams: this one stands by, and asks again.
+    if unreadable {
+        // Another connector streams (this one stands by and asks again),
+        // or the slot is not one the connector can use (its checks say so).
         return Ok(false);
     }
     let names = format!("{},{}", quote_ident(main), quote_ident(publication));
@@ -342,10 +337,11 @@ pub(crate) async fn visible_to_slot(
         .await
     {
         Ok(_) => Ok(true),
-        Err(e)
-            if e.as_db_error()
-                .is_some_and(|db| matches!(db.code().code(), UNDEFINED_OBJECT | OBJECT_IN_USE)) =>
-        {
+        // "publication … does not exist" (SQLSTATE 42704) as of the slot's
+        // next change; or the slot became busy, or something else is wrong
+        // with it, which the slot checks report.
+        Err(e) if e.as_db_error().is_some() => {
+            tracing::debug!(slot, publication, "the slot could not be read ahead: {e}");
             Ok(false)
         }
         Err(e) => Err(SourceError::from_sql(
