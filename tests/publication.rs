@@ -766,3 +766,70 @@ tables:
     );
     conn.stop().await;
 }
+
+/// A role that does not own the keyless table may not put it in the
+/// insert-only publication: `check` and `run` print the statements for an
+/// owner, and once an owner ran them the role streams the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_that_may_not_publish_the_table_gets_the_statements_to_run() {
+    let w = world("pub_inserts_not_owner", HISTORY_SQL).await;
+    let role = format!("r_{}", w.db.name());
+    w.db.exec(&format!(
+        "CREATE ROLE \"{role}\" LOGIN REPLICATION;
+         GRANT SELECT ON history TO \"{role}\";
+         GRANT CREATE ON DATABASE \"{db}\" TO \"{role}\";",
+        db = w.db.name(),
+    ))
+    .await;
+    let url = w.db.url().replacen("postgres@", &format!("{role}@"), 1);
+    let config = w.config_with_url(&url, HISTORY_TRACKED, "");
+    let statements = format!(
+        "ALTER PUBLICATION \"pub_{}_inserts\" ADD TABLE \"public\".\"history\"; COMMIT;",
+        w.slot
+    );
+
+    let (status, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL insert-only publication: ")
+            && l.ends_with(&format!(
+                "as a table owner run BEGIN; CREATE PUBLICATION \"pub_{}_inserts\" WITH (publish = 'insert'); {statements}",
+                w.slot
+            ))),
+        "{out}"
+    );
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains(&format!("run: BEGIN; {statements}")), "{err}");
+    assert_eq!(held_by(&w, &format!("pub_{}", w.slot)).await, None);
+    app_write(
+        &w,
+        "INSERT INTO history (aid) VALUES (1); UPDATE history SET delta = 1; DELETE FROM history;",
+    )
+    .await
+    .unwrap();
+
+    // The owner runs them; the role streams the table.
+    w.db.exec(&format!("BEGIN; {statements}")).await;
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(&w, "INSERT INTO history (aid, delta) VALUES (3, 1); UPDATE history SET delta = 2; DELETE FROM history;")
+        .await
+        .unwrap();
+    w.rx.wait_until("the history insert", Duration::from_secs(60), |r| {
+        r.track_count() >= 1
+    })
+    .await;
+    let (_, out, _) = run_cli(&["status", "--config", CONFIG], &config, &[]);
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "publication pub_{}_inserts (inserts only): public.history",
+                w.slot
+            )),
+        "{out}"
+    );
+    conn.stop().await;
+    w.db.exec(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\";"))
+        .await;
+}
