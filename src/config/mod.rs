@@ -805,6 +805,24 @@ tables: [{table: employees, identify: {id: email}}]
     }
 
     #[test]
+    fn a_publication_name_leaves_room_for_the_insert_only_one() {
+        let long = "p".repeat(56);
+        let yaml = GOOD.replace(
+            "publication: conveyour_cdc",
+            &format!("publication: {long}"),
+        );
+        expect_error(&yaml, "postgres.publication", "at most 55 characters");
+        let yaml = GOOD.replace(
+            "publication: conveyour_cdc",
+            &format!("publication: {}", &long[1..]),
+        );
+        assert!(Config::from_yaml(&yaml)
+            .unwrap()
+            .validate(&|_| None)
+            .is_ok());
+    }
+
+    #[test]
     fn a_table_mapped_twice_is_refused() {
         let yaml = GOOD.replace("table: public.sales", "table: employees");
         expect_error(&yaml, "tables[1].table", "already mapped at tables[0]");

@@ -1,7 +1,9 @@
-//! The publication the connector streams from: it holds every mapped table
-//! and every table a lookup reads, each mapped table filtered by its
-//! `where:` (Postgres 15+), and is brought in line with the config on
-//! every start.
+//! The publications the connector streams from: the main one holds every
+//! mapped table and every table a lookup reads, each mapped table filtered
+//! by its `where:` (Postgres 15+), except the insert-only tables without a
+//! usable replica identity, which go through `<publication>_inserts` (see
+//! [`super::placement`]). Both are brought in line with the config on every
+//! start.
 //!
 //! Postgres accepts a row filter that reads columns outside the table's
 //! replica identity, and only later refuses every UPDATE and DELETE on the
