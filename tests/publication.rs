@@ -833,3 +833,54 @@ async fn a_role_that_may_not_publish_the_table_gets_the_statements_to_run() {
     w.db.exec(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\";"))
         .await;
 }
+
+/// The insert-only publication publishes no updates or deletes, so a row
+/// filter there may read any column: the application's writes keep
+/// working, and only matching inserts are tracked. One Postgres refuses is
+/// refused naming `tables[0].where`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_filter_on_an_insert_only_table_may_read_any_column() {
+    let w = world("pub_keyless_filter", HISTORY_SQL).await;
+    let bad = w.config(
+        &format!("{HISTORY_TRACKED}    where: \"random() > 0.5\"\n"),
+        "",
+    );
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &bad, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(
+            "tables[0].where: Postgres refuses the row filter (random() > 0.5) on public.history"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        0,
+        "a publication was created"
+    );
+
+    let config = w.config(&format!("{HISTORY_TRACKED}    where: \"delta > 0\"\n"), "");
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.lines().any(|l| l
+            == format!("ok   row filter public.history: tables[0].where is accepted by Postgres; the table goes through the insert-only publication pub_{}_inserts, whose filters may read any column", w.slot)),
+        "{out}"
+    );
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (1, -1), (2, 5);
+         UPDATE history SET delta = 7 WHERE aid = 1;
+         DELETE FROM history WHERE aid = 2;
+         INSERT INTO history (aid, delta) VALUES (3, 1);",
+    )
+    .await
+    .unwrap();
+    wait_caught_up(&w).await;
+    let mut sent: Vec<String> = w.rx.tracks().into_iter().map(|(id, _)| id).collect();
+    sent.sort();
+    assert_eq!(sent, vec!["2", "3"]);
+    conn.stop().await;
+}

@@ -208,6 +208,19 @@ pub(crate) async fn ensure_publication(
             problems.join("; ")
         )));
     }
+    // Filters of tables bound for the insert-only publication are judged
+    // before anything is created (those of the main one when added to it).
+    for t in plan.routed(Route::Inserts) {
+        if let Some(filter) = t.filter {
+            if let FilterVerdict::Refused(message) = probe_filter(client, t.table, filter).await? {
+                return Err(SourceError::config(format!(
+                    "{}: Postgres refuses the row filter ({filter}) on {}: {message}",
+                    t.where_key(),
+                    t.table
+                )));
+            }
+        }
+    }
     let mut state = PublicationState::Ready;
     if plan.main_now.is_none() && create(client, publication, &plan.routed(Route::Main)).await? {
         state = PublicationState::Created;
@@ -359,10 +372,17 @@ async fn apply_moves(
                     )))
                 }
                 Err(e) => {
-                    return Err(SourceError::from_sql(
-                        &format!("moving tables between publications {} and {} ({sql})", plan.main, plan.inserts),
-                        e,
-                    ))
+                    // Adding a table with its filter: Postgres judged the filter.
+                    let filtered = plan.placements.iter().map(|p| p.table).find(|t| {
+                        t.filter.is_some() && sql.ends_with(&format!(" ADD TABLE {};", t.clause(None)))
+                    });
+                    return Err(match filtered {
+                        Some(t) if e.as_db_error().is_some() => filter_refused(&t, e),
+                        _ => SourceError::from_sql(
+                            &format!("moving tables between publications {} and {} ({sql})", plan.main, plan.inserts),
+                            e,
+                        ),
+                    });
                 }
             }
         }
