@@ -34,6 +34,19 @@
 --                         REPLICA IDENTITY FULL, so updates and deletes carry
 --                         the whole old row (needed when a mapped column is
 --                         not in the primary key, or for TOAST columns).
+--   insert_only_tables    default empty. Comma-separated tables, among
+--                         `tables`, whose mappings act on inserts only
+--                         (operations: [insert]; track tables by default) and
+--                         that no lookup reads. Those without a usable replica
+--                         identity (no primary key, and not in
+--                         full_identity_tables) go through the insert-only
+--                         publication `<publication>_inserts` instead, so the
+--                         application's UPDATEs and DELETEs on them keep
+--                         working; so do those already there.
+--
+-- The insert-only publication `<publication>_inserts` (publish = 'insert') is
+-- created even when empty: the connector's slot can stream a publication only
+-- if it existed before the slot's position, so it must predate the slot.
 --
 -- What the role gets: LOGIN and REPLICATION (to create and stream its
 -- logical slot), CONNECT on this database, USAGE on the mapped tables'
@@ -65,6 +78,10 @@ SET client_min_messages = warning;
 \else
   \set full_identity_tables ''
 \endif
+\if :{?insert_only_tables}
+\else
+  \set insert_only_tables ''
+\endif
 \if :{?tables}
 \else
   DO $$ BEGIN RAISE EXCEPTION USING
@@ -90,6 +107,19 @@ SELECT coalesce(string_agg(format('%I.%I', n.nspname, c.relname), ', '), '') AS 
   JOIN pg_class c ON c.oid = wanted.rel
   JOIN pg_namespace n ON n.oid = c.relnamespace
 \gset
+
+SELECT coalesce(string_agg(format('%I.%I', n.nspname, c.relname), ', '), '') AS cdc_insert_only_list,
+       coalesce(bool_or(format('%I.%I', n.nspname, c.relname) <> ALL (string_to_array(:'cdc_table_list', ', '))), false)
+         AS cdc_insert_only_stray
+  FROM (SELECT DISTINCT trim(t)::regclass AS rel
+          FROM unnest(string_to_array(:'insert_only_tables', ',')) AS t
+         WHERE trim(t) <> '') AS wanted
+  JOIN pg_class c ON c.oid = wanted.rel
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+\gset
+\if :cdc_insert_only_stray
+  DO $$ BEGIN RAISE EXCEPTION 'setup.sql: insert_only_tables names a table that tables does not'; END $$;
+\endif
 
 SELECT :cdc_table_count = 0 AS cdc_no_tables,
        coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = :'role'), false) AS cdc_role_is_superuser
@@ -148,25 +178,78 @@ SELECT format('REVOKE SELECT ON TABLE %I.%I FROM %I', n.nspname, c.relname, :'ro
    AND format('%I.%I', n.nspname, c.relname) <> ALL (string_to_array(:'cdc_table_list', ', '))
 \gexec
 
--- The publication: created when missing, else set to exactly these tables.
-SELECT format('CREATE PUBLICATION %I FOR TABLE %s', :'publication', :'cdc_table_list')
- WHERE NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = :'publication')
-\gexec
-SELECT format('ALTER PUBLICATION %I SET TABLE %s', :'publication', :'cdc_table_list')
-  FROM pg_publication p
- WHERE p.pubname = :'publication'
-   AND NOT p.puballtables
-   AND ((SELECT coalesce(string_agg(format('%I.%I', schemaname, tablename), ', ' ORDER BY schemaname, tablename), '')
-              FROM pg_publication_tables WHERE pubname = :'publication') <> :'cdc_table_list')
-\gexec
-
--- Full old rows in the WAL for the tables that need them.
+-- Full old rows in the WAL for the tables that need them (before the
+-- publications: a table with a full identity needs no insert-only one).
 SELECT format('ALTER TABLE %s REPLICA IDENTITY FULL', t)
   FROM unnest(string_to_array(:'cdc_full_identity_list', ', ')) AS t
   JOIN pg_class c ON c.oid = t::regclass
  WHERE c.relreplident <> 'f'
 \gexec
 
+-- Which publication each table goes through, as the connector decides it:
+-- an insert-only table without a usable replica identity (or already in the
+-- insert-only publication) goes through `<publication>_inserts`, every other
+-- table through the main one.
+SELECT :'publication' || '_inserts' AS cdc_inserts_publication
+\gset
+SELECT coalesce(string_agg(t, ', ' ORDER BY t) FILTER (WHERE NOT to_inserts), '') AS cdc_main_list,
+       coalesce(string_agg(t, ', ' ORDER BY t) FILTER (WHERE to_inserts), '') AS cdc_inserts_list,
+       coalesce(string_agg(t, ', ' ORDER BY t) FILTER (WHERE NOT to_inserts AND NOT usable), '') AS cdc_unpublishable,
+       coalesce(bool_or(NOT to_inserts AND NOT usable), false) AS cdc_has_unpublishable
+  FROM (SELECT t, usable,
+               t = ANY (string_to_array(:'cdc_insert_only_list', ', '))
+               AND (NOT usable
+                    OR EXISTS (SELECT 1 FROM pg_publication_tables pt
+                                WHERE pt.pubname = :'cdc_inserts_publication'
+                                  AND format('%I.%I', pt.schemaname, pt.tablename) = t)) AS to_inserts
+          FROM (SELECT t, c.relreplident = 'f'
+                          OR EXISTS (SELECT 1 FROM pg_index i
+                                      WHERE i.indrelid = c.oid
+                                        AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
+                                                                WHEN 'i' THEN i.indisreplident
+                                                                ELSE false END) AS usable
+                  FROM unnest(string_to_array(:'cdc_table_list', ', ')) AS t
+                  JOIN pg_class c ON c.oid = t::regclass) AS identities) AS placed
+\gset
+-- Published with their updates, these would make Postgres refuse every
+-- UPDATE and DELETE the application makes on them: refused, nothing changed.
+\if :cdc_has_unpublishable
+  SELECT format('DO %L', format('BEGIN RAISE EXCEPTION USING MESSAGE = %L, HINT = %L; END',
+                'setup.sql: ' || :'cdc_unpublishable' || ' has no primary key or replica identity, so publishing its updates and deletes would make Postgres refuse them',
+                'add a primary key, or list it in full_identity_tables (REPLICA IDENTITY FULL), or in insert_only_tables if its mapping acts on inserts only')) \gexec
+\endif
+
+-- The publications: created when missing, else set to exactly these tables
+-- (the insert-only one even when it has none, so it predates the slot).
+SELECT format('CREATE PUBLICATION %I%s', :'publication',
+              CASE WHEN :'cdc_main_list' <> '' THEN ' FOR TABLE ' || :'cdc_main_list' ELSE '' END)
+ WHERE NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = :'publication')
+\gexec
+SELECT format('CREATE PUBLICATION %I%s WITH (publish = %L)', :'cdc_inserts_publication',
+              CASE WHEN :'cdc_inserts_list' <> '' THEN ' FOR TABLE ' || :'cdc_inserts_list' ELSE '' END,
+              'insert')
+ WHERE NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = :'cdc_inserts_publication')
+\gexec
+SELECT format('ALTER PUBLICATION %I SET (publish = %L)', :'cdc_inserts_publication', 'insert')
+  FROM pg_publication
+ WHERE pubname = :'cdc_inserts_publication' AND (pubupdate OR pubdelete OR pubtruncate OR NOT pubinsert)
+\gexec
+-- Each set to exactly its tables, in this one transaction: no table is ever
+-- in both (its updates would be published) or in neither.
+SELECT CASE WHEN wanted <> ''
+            THEN format('ALTER PUBLICATION %I SET TABLE %s', pubname, wanted)
+            ELSE (SELECT string_agg(format('ALTER PUBLICATION %I DROP TABLE %I.%I', pubname, schemaname, tablename), '; ')
+                    FROM pg_publication_tables pt WHERE pt.pubname = p.pubname) END
+  FROM (SELECT p.pubname, p.puballtables,
+               CASE p.pubname WHEN :'publication' THEN :'cdc_main_list' ELSE :'cdc_inserts_list' END AS wanted,
+               (SELECT coalesce(string_agg(format('%I.%I', schemaname, tablename), ', '
+                                           ORDER BY format('%I.%I', schemaname, tablename)), '')
+                  FROM pg_publication_tables pt WHERE pt.pubname = p.pubname) AS held
+          FROM pg_publication p
+         WHERE p.pubname IN (:'publication', :'cdc_inserts_publication')) AS p
+ WHERE NOT p.puballtables AND p.held <> p.wanted
+\gexec
+
 COMMIT;
 
-\echo 'conveyour-cdc setup done: role' :'role' 'reads' :'cdc_table_list' 'through publication' :'publication'
+\echo 'conveyour-cdc setup done: role' :'role' 'reads' :'cdc_table_list' 'through publication' :'publication' 'and' :'cdc_inserts_publication' '(inserts only:' :'cdc_inserts_list' ')'

@@ -1,5 +1,5 @@
 -- conveyour-cdc: removes what the connector and sql/setup.sql left in a
--- database: the replication slot, the publication, the connector's schema
+-- database: the replication slot, the publications, the connector's schema
 -- (its state and dead-letter tables: they are deleted) and its role. Safe to
 -- run again: whatever is already gone is skipped.
 --
@@ -19,7 +19,8 @@
 --                fails and names them: run this file there too.
 --   slot         default conveyour_cdc (postgres.slot). Dropped if it exists
 --                in this database and is inactive.
---   publication  default conveyour_cdc (postgres.publication).
+--   publication  default conveyour_cdc (postgres.publication). Its
+--                insert-only companion `<publication>_inserts` goes too.
 --   schema       default conveyour_cdc. Dropped with everything in it.
 --
 -- REPLICA IDENTITY FULL set by setup.sql is left in place: it is harmless
@@ -65,7 +66,7 @@ SELECT format('DO %L', format('BEGIN PERFORM pg_drop_replication_slot(%L); END',
 
 BEGIN;
 
-SELECT format('DROP PUBLICATION IF EXISTS %I', :'publication')
+SELECT format('DROP PUBLICATION IF EXISTS %I, %I', :'publication', :'publication' || '_inserts')
 \gexec
 SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', :'schema')
 \gexec

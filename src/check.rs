@@ -7,7 +7,9 @@ use std::fmt;
 
 use crate::config::{quote_ident, ContactSource, Settings, TableMapping, TableName};
 use crate::mapping::Schema;
-use crate::source::{self, connect_sql, Catalog, FilterVerdict, ReplicaIdentity, ReplicationConn};
+use crate::source::{
+    self, connect_sql, Catalog, FilterVerdict, Plan, ReplicaIdentity, ReplicationConn, Route,
+};
 
 mod conveyour;
 
@@ -166,7 +168,12 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         }
     };
 
-    if let Some(schema) = &schema {
+    // Where each table goes, as `run` decides it; it needs the tables.
+    let plan = match &schema {
+        Some(_) => Some(source::plan(&client, settings).await),
+        None => None,
+    };
+    if let (Some(schema), Some(plan)) = (&schema, &plan) {
         for m in &settings.tables {
             let name = format!("read {}", m.table);
             match client
@@ -188,88 +195,8 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
                 Err(e) => out.push(fail(&name, e.to_string())),
             }
         }
-        out.extend(mapped_tables(&client, settings, schema).await);
-    }
-
-    let tables = settings.published_tables();
-    let publication = &settings.publication;
-    match client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[publication],
-        )
-        .await
-    {
-        Ok(Some(_)) => {
-            match source::missing_from_publication(&client, publication, &tables).await {
-                Ok(missing) if missing.is_empty() => out.push(pass(
-                    "publication",
-                    format!(
-                        "{publication} holds every mapped table and every table a lookup reads"
-                    ),
-                )),
-                Ok(missing) => {
-                    // A table that does not exist cannot be added: its name
-                    // in the config is wrong ("tables and columns" says so).
-                    let (missing, absent) = split_absent(&client, missing).await;
-                    let mut problems = Vec::new();
-                    if !missing.is_empty() {
-                        problems.push(format!(
-                            "{publication} lacks {}; run ALTER PUBLICATION {} ADD TABLE {};",
-                            missing
-                                .iter()
-                                .map(|t| t.to_string())
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                            quote_ident(publication),
-                            missing
-                                .iter()
-                                .map(|t| t.quoted())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ));
-                    }
-                    if !absent.is_empty() {
-                        problems.push(format!(
-                            "{} does not exist, so {publication} cannot hold it; fix the table name in the config (see tables and columns)",
-                            absent
-                                .iter()
-                                .map(|t| t.to_string())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ));
-                    }
-                    out.push(fail("publication", problems.join("; ")));
-                }
-                Err(e) => out.push(fail("publication", e.to_string())),
-            }
-        }
-        Ok(None) => {
-            let can_create = client
-                .query_one(
-                    "SELECT bool_and(pg_has_role(c.relowner, 'USAGE')) OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                    &[
-                        &tables.iter().map(|t| t.schema.clone()).collect::<Vec<_>>(),
-                        &tables.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
-                    ],
-                )
-                .await
-                .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
-                .unwrap_or(false);
-            let statement =
-                source::create_statement(publication, &source::published_tables(settings));
-            out.push(if can_create {
-                pass("publication", format!("{publication} does not exist yet; run will create it"))
-            } else {
-                fail(
-                    "publication",
-                    format!("{publication} does not exist and role {user} may not create it; as a table owner run {statement}"),
-                )
-            });
-        }
-        Err(e) => out.push(fail("publication", e.to_string())),
+        out.extend(mapped_tables(&client, settings, schema, plan.as_ref()).await);
+        out.extend(publications(&client, settings, plan.as_ref()).await);
     }
 
     out.push(state_schema(&client, settings).await);
@@ -331,6 +258,152 @@ async fn split_absent<'a>(
     (exist, absent)
 }
 
+/// The main publication holds every table that goes through it (or run
+/// can create it), and the insert-only one is, or can be made, as the
+/// placement wants it ([`source::plan`], the judgement `run` acts on).
+async fn publications(
+    client: &tokio_postgres::Client,
+    settings: &Settings,
+    plan: Result<&Plan<'_>, &source::SourceError>,
+) -> Vec<CheckResult> {
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(e) => return vec![fail("publication", e.to_string())],
+    };
+    let user = &settings.postgres.user;
+    let publication = &settings.publication;
+    let main_tables = plan.routed(Route::Main);
+    let insert_tables = plan.routed(Route::Inserts);
+    let all: Vec<&TableName> = plan.placements.iter().map(|p| p.table.table).collect();
+    let owns_tables = client
+        .query_one(
+            "SELECT bool_and(pg_has_role(c.relowner, 'USAGE')) OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            &[
+                &all.iter().map(|t| t.schema.clone()).collect::<Vec<_>>(),
+                &all.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+            ],
+        )
+        .await
+        .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
+        .unwrap_or(false);
+    let owns_publications = client
+        .query_one(
+            "SELECT coalesce(bool_and(pg_has_role(pubowner, 'USAGE')), true) OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+               FROM pg_publication WHERE pubname = ANY ($1)",
+            &[&vec![plan.main.clone(), plan.inserts.clone()]],
+        )
+        .await
+        .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
+        .unwrap_or(false);
+    let mut out = Vec::new();
+    match &plan.main_now {
+        Some(main) => {
+            // A table the insert-only publication holds is moved back by run.
+            let missing: Vec<&TableName> = main_tables
+                .iter()
+                .map(|t| t.table)
+                .filter(|t| {
+                    !main.tables.contains(t)
+                        && !plan
+                            .inserts_now
+                            .as_ref()
+                            .is_some_and(|p| p.tables.contains(t))
+                })
+                .collect();
+            if missing.is_empty() {
+                out.push(pass(
+                    "publication",
+                    format!("{publication} holds every mapped table and every table a lookup reads that goes through it"),
+                ));
+            } else {
+                // A table that does not exist cannot be added: its name in
+                // the config is wrong ("tables and columns" says so).
+                let (missing, absent) = split_absent(client, missing).await;
+                let mut problems = Vec::new();
+                if !missing.is_empty() {
+                    problems.push(format!(
+                        "{publication} lacks {}; run ALTER PUBLICATION {} ADD TABLE {};",
+                        missing
+                            .iter()
+                            .map(|t| t.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        quote_ident(publication),
+                        missing
+                            .iter()
+                            .map(|t| t.quoted())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                if !absent.is_empty() {
+                    problems.push(format!(
+                        "{} does not exist, so {publication} cannot hold it; fix the table name in the config (see tables and columns)",
+                        absent.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                out.push(fail("publication", problems.join("; ")));
+            }
+        }
+        None => {
+            let statement = source::create_statement(publication, &main_tables);
+            out.push(if owns_tables {
+                pass("publication", format!("{publication} does not exist yet; run will create it"))
+            } else {
+                fail(
+                    "publication",
+                    format!("{publication} does not exist and role {user} may not create it; as a table owner run {statement}"),
+                )
+            });
+        }
+    }
+    const NAME: &str = "insert-only publication";
+    let inserts = &plan.inserts;
+    let listed: Vec<String> = insert_tables.iter().map(|t| t.table.to_string()).collect();
+    let moves = plan.moves(true);
+    match &plan.inserts_now {
+        None if insert_tables.is_empty() => {}
+        None if owns_tables => out.push(pass(
+            NAME,
+            format!("{inserts} does not exist yet; run will create it (publish = 'insert') for {}", listed.join(", ")),
+        )),
+        None => out.push(fail(
+            NAME,
+            format!(
+                "{} need {inserts} (publish = 'insert'), which does not exist, and role {user} may not create it; as a table owner run {}",
+                listed.join(", "),
+                plan.owner_sql()
+            ),
+        )),
+        Some(_) if !moves.is_empty() && (!owns_tables || !owns_publications) => out.push(fail(
+            NAME,
+            format!(
+                "tables must move between {publication} and {inserts} to go through the right one, and role {user} may not alter them; as their owner run {}",
+                plan.owner_sql()
+            ),
+        )),
+        Some(_) => {
+            let visible = source::visible_to_slot(client, &settings.slot, publication, inserts).await;
+            let what = match (moves.is_empty(), listed.is_empty()) {
+                (true, true) => format!("{inserts} exists and holds no mapped table"),
+                (true, false) => format!("{inserts} holds {}", listed.join(", ")),
+                (false, _) => format!("{inserts} exists; run moves tables into place: {}", moves.join(" ")),
+            };
+            out.push(match visible {
+                Ok(true) => pass(NAME, what),
+                Ok(false) => warn(
+                    NAME,
+                    format!("{what}; it was created after slot {}'s position, so the slot cannot stream it yet (PostgreSQL before 18): run streams it, and publishes the tables waiting for it, once the slot has passed its creation; inserts into its tables until then are not sent", settings.slot),
+                ),
+                Err(e) => fail(NAME, e.to_string()),
+            });
+        }
+    }
+    out
+}
+
 /// The connector's own schema: dead letters and row-grain progress live
 /// there. It must exist and be usable by the role, or be creatable.
 async fn state_schema(client: &tokio_postgres::Client, settings: &Settings) -> CheckResult {
@@ -374,22 +447,41 @@ async fn mapped_tables(
     client: &tokio_postgres::Client,
     settings: &Settings,
     schema: &Schema,
+    plan: Result<&Plan<'_>, &source::SourceError>,
 ) -> Vec<CheckResult> {
     let mut out = Vec::new();
+    let route_of = |table: &TableName| match plan {
+        Ok(plan) => plan
+            .placements
+            .iter()
+            .find(|p| p.table.table == table)
+            .map(|p| p.route.clone()),
+        Err(e) => Some(Err(e.to_string())),
+    };
+    let inserts = source::insert_publication(&settings.publication);
     let version = source::server_version_num(client).await;
-    // What the publication filters now, to say what `run` would change.
-    let held = match &version {
-        Ok(v) if *v >= 150_000 => source::current_filters(client, &settings.publication)
-            .await
-            .unwrap_or_default(),
-        _ => HashMap::new(),
+    // What the publications filter now, to say what `run` would change.
+    let (held, held_inserts) = match &version {
+        Ok(v) if *v >= 150_000 => (
+            source::current_filters(client, &settings.publication)
+                .await
+                .unwrap_or_default(),
+            source::current_filters(client, &inserts)
+                .await
+                .unwrap_or_default(),
+        ),
+        _ => (HashMap::new(), HashMap::new()),
     };
     for m in &settings.tables {
-        let held_filter = held.get(&m.table).cloned().flatten();
+        let route = route_of(&m.table);
+        let via_inserts = route == Some(Ok(Route::Inserts));
+        let held_filter = if via_inserts { &held_inserts } else { &held }
+            .get(&m.table)
+            .cloned()
+            .flatten();
         match (&m.row_filter, &version) {
-            (Some(filter), Ok(v)) => {
-                out.push(row_filter(client, settings, m, filter, *v, held_filter).await)
-            }
+            (Some(filter), Ok(v)) => out
+                .push(row_filter(client, settings, m, filter, *v, held_filter, via_inserts).await),
             (Some(_), Err(e)) => out.push(fail(&format!("row filter {}", m.table), e.to_string())),
             (None, _) => {
                 if let Some(held) = held_filter {
@@ -413,12 +505,13 @@ async fn mapped_tables(
                 out.push(lookup(client, m, target, filtered_from).await);
             }
         }
-        out.extend(identity(client, &m.table, Some(m)).await);
+        out.extend(identity(client, &m.table, Some(m), route.as_ref(), &inserts).await);
     }
     let mapped: Vec<&TableName> = settings.tables.iter().map(|m| &m.table).collect();
     for table in settings.published_tables() {
         if !mapped.contains(&table) {
-            out.extend(identity(client, table, None).await);
+            let route = route_of(table);
+            out.extend(identity(client, table, None, route.as_ref(), &inserts).await);
         }
     }
     out
@@ -433,6 +526,7 @@ async fn row_filter(
     filter: &str,
     version: i32,
     held: Option<String>,
+    via_inserts: bool,
 ) -> CheckResult {
     let name = format!("row filter {}", m.table);
     let key = format!("{}.where", m.key);
@@ -443,6 +537,15 @@ async fn row_filter(
         );
     }
     match source::probe_filter(client, &m.table, filter).await {
+        // The insert-only publication publishes no updates or deletes, so
+        // Postgres holds its filters to no replica identity rule.
+        Ok(FilterVerdict::Accepted { .. }) if via_inserts => pass(
+            &name,
+            format!(
+                "{key} is accepted by Postgres; the table goes through the insert-only publication {}, whose filters may read any column",
+                source::insert_publication(&settings.publication)
+            ),
+        ),
         Ok(FilterVerdict::Accepted {
             identity_problem: Some(problem),
             ..
@@ -533,21 +636,43 @@ async fn lookup(
 }
 
 /// Whether the table's replica identity lets Postgres take UPDATEs and
-/// DELETEs once it is published, and gives the mapping the old rows it
-/// needs (`TableMapping::needs_full_identity`).
+/// DELETEs once it is published (the placement `run` acts on, see
+/// [`source::plan`]), and gives the mapping the old rows it needs
+/// (`TableMapping::needs_full_identity`).
 async fn identity(
     client: &tokio_postgres::Client,
     table: &TableName,
     m: Option<&TableMapping>,
+    route: Option<&Result<Route, String>>,
+    inserts: &str,
 ) -> Option<CheckResult> {
     let name = format!("replica identity {table}");
     let alter = format!("ALTER TABLE {} REPLICA IDENTITY FULL;", table.quoted());
+    match route {
+        Some(Err(problem)) => return Some(fail(&name, problem.clone())),
+        Some(Ok(Route::Inserts)) => {
+            return Some(pass(
+                &name,
+                format!(
+                    "{} acts on inserts only, so the table goes through the insert-only publication {inserts} (publish = 'insert'), and Postgres keeps taking the application's UPDATEs and DELETEs on it whatever its replica identity",
+                    m.map_or("its mapping", |m| m.key.as_str())
+                ),
+            ))
+        }
+        _ => {}
+    }
     let identity = match source::replica_identity(client, table).await {
         Ok(identity) => identity,
         Err(e) => return Some(fail(&name, e.to_string())),
     };
     let reasons = m.map(|m| m.needs_full_identity()).unwrap_or_default();
     Some(match identity {
+        // Placed in the main publication all the same: it publishes no
+        // updates or deletes.
+        ReplicaIdentity::Nothing { how } if route.is_some() => pass(
+            &name,
+            format!("is {how}, and the publication publishes no updates or deletes"),
+        ),
         ReplicaIdentity::Nothing { how } => fail(
             &name,
             format!("is {how}: once the table is published, Postgres refuses every UPDATE and DELETE on it; run {alter} (or add a primary key)"),

@@ -15,6 +15,10 @@ use crate::Error;
 pub struct Status {
     pub slot: SlotStatus,
     pub publication: PublicationStatus,
+    /// `<publication>_inserts` (publish = 'insert'), which carries
+    /// insert-only tables without a usable replica identity; None when it
+    /// does not exist.
+    pub insert_publication: Option<PublicationStatus>,
     /// Rows in the dead-letter table, when the connector's schema has one.
     pub dead_letters: Option<i64>,
     /// Each copied table's sync state, when the connector's schema holds
@@ -58,7 +62,7 @@ pub struct PublicationStatus {
     pub name: String,
     pub exists: bool,
     pub tables: Vec<String>,
-    /// Mapped tables the publication does not hold.
+    /// Mapped tables neither publication holds.
     pub missing: Vec<String>,
 }
 
@@ -104,29 +108,46 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
         },
     };
 
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&settings.publication],
-        )
-        .await
-        .map_err(sql_err("reading the publication"))?
-        .is_some();
-    let tables: Vec<String> = client
-        .query(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
-            &[&settings.publication],
-        )
-        .await
-        .map_err(sql_err("reading the publication's tables"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let read_publication = |name: String| {
+        let client = &client;
+        async move {
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+                .await
+                .map_err(sql_err("reading the publication"))?
+                .is_some();
+            let tables: Vec<String> = client
+                .query(
+                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+                    &[&name],
+                )
+                .await
+                .map_err(sql_err("reading the publication's tables"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            Ok::<_, Error>(PublicationStatus {
+                name,
+                exists,
+                tables,
+                missing: Vec::new(),
+            })
+        }
+    };
+    let mut publication = read_publication(settings.publication.clone()).await?;
+    let insert_publication =
+        Some(read_publication(source::insert_publication(&settings.publication)).await?)
+            .filter(|p| p.exists);
     let mapped: Vec<&TableName> = settings.tables.iter().map(|t| &t.table).collect();
-    let missing = mapped
+    publication.missing = mapped
         .iter()
         .map(|t| t.to_string())
-        .filter(|t| !tables.contains(t))
+        .filter(|t| {
+            !publication.tables.contains(t)
+                && !insert_publication
+                    .as_ref()
+                    .is_some_and(|p| p.tables.contains(t))
+        })
         .collect();
 
     let count = |table: &'static str| {
@@ -155,12 +176,8 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
     };
     Ok(Status {
         slot,
-        publication: PublicationStatus {
-            name: settings.publication.clone(),
-            exists,
-            tables,
-            missing,
-        },
+        publication,
+        insert_publication,
         dead_letters: count("dead_letters").await,
         sync: match count("snapshot_progress").await {
             None => None,
@@ -232,6 +249,18 @@ impl Status {
                 out,
                 "publication {}: does not exist (run creates it)",
                 p.name
+            );
+        }
+        if let Some(p) = &self.insert_publication {
+            let _ = writeln!(
+                out,
+                "publication {} (inserts only): {}",
+                p.name,
+                if p.tables.is_empty() {
+                    "no tables".to_owned()
+                } else {
+                    p.tables.join(", ")
+                }
             );
         }
         let _ = writeln!(

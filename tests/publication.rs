@@ -438,3 +438,449 @@ async fn check_reports_replica_identity_lookups_and_filters_with_fixes() {
         "check created a publication"
     );
 }
+
+/// An event log without a primary key, like pgbench's `pgbench_history`:
+/// the application inserts, and now and then updates or deletes.
+const HISTORY_SQL: &str = "
+    CREATE TABLE history (tid int, bid int, aid int, delta int, mtime timestamp, filler char(22));
+";
+
+/// `history` as a track table: insert-only, the default for track.
+const HISTORY_TRACKED: &str = "
+tables:
+  - table: public.history
+    track:
+      id: aid
+      event: balance_changed
+      properties: {delta: delta}
+";
+
+/// Runs `sql` as the application, returning Postgres's error if it refuses.
+async fn app_write(w: &World, sql: &str) -> Result<(), String> {
+    w.db.client()
+        .await
+        .batch_execute(sql)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => db.message().to_owned(),
+            None => e.to_string(),
+        })
+}
+
+/// `schema.table` names a publication holds, sorted.
+async fn held_by(w: &World, publication: &str) -> Option<String> {
+    w.db.query_opt_string(&format!(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{publication}'"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_only_table_without_a_primary_key_is_tracked_and_keeps_taking_updates_and_deletes(
+) {
+    let w = world("pub_keyless", HISTORY_SQL).await;
+    let config = w.config(HISTORY_TRACKED, "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+
+    // The application goes on as before, the connector running.
+    app_write(
+        &w,
+        "INSERT INTO history VALUES (1, 1, 7, 5, now(), 'a'), (1, 1, 8, -3, now(), 'b');",
+    )
+    .await
+    .unwrap();
+    app_write(&w, "UPDATE history SET delta = delta + 1 WHERE aid = 7;")
+        .await
+        .unwrap_or_else(|e| panic!("the application's UPDATE was refused: {e}"));
+    app_write(&w, "DELETE FROM history WHERE aid = 8;")
+        .await
+        .unwrap_or_else(|e| panic!("the application's DELETE was refused: {e}"));
+    app_write(&w, "INSERT INTO history VALUES (2, 1, 9, 4, now(), 'c');")
+        .await
+        .unwrap();
+    w.rx.wait_until("three track events", Duration::from_secs(60), |r| {
+        r.track_count() >= 3
+    })
+    .await;
+    wait_caught_up(&w).await;
+    let mut sent: Vec<(String, serde_json::Value)> =
+        w.rx.tracks()
+            .into_iter()
+            .map(|(id, e)| (id, e["properties"].clone()))
+            .collect();
+    sent.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        sent,
+        vec![
+            ("7".to_owned(), json!({"delta": 5})),
+            ("8".to_owned(), json!({"delta": -3})),
+            ("9".to_owned(), json!({"delta": 4})),
+        ]
+    );
+    conn.stop().await;
+
+    // It went through the insert-only publication, not the main one.
+    assert_eq!(held_by(&w, &format!("pub_{}", w.slot)).await, None);
+    assert_eq!(
+        held_by(&w, &format!("pub_{}_inserts", w.slot))
+            .await
+            .as_deref(),
+        Some("history")
+    );
+    // A restart streams from both again, and the writes still work.
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(
+        &w,
+        "INSERT INTO history VALUES (3, 1, 10, 1, now(), 'd'); UPDATE history SET filler = 'x'; DELETE FROM history WHERE aid = 7;",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the application's writes were refused after a restart: {e}"));
+    w.rx.wait_until("a fourth track event", Duration::from_secs(60), |r| {
+        r.track_count() >= 4
+    })
+    .await;
+    conn.stop().await;
+
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "ok   replica identity public.history: tables[0] acts on inserts only, so the table goes through the insert-only publication pub_{}_inserts (publish = 'insert'), and Postgres keeps taking the application's UPDATEs and DELETEs on it whatever its replica identity",
+                w.slot
+            )),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "ok   insert-only publication: pub_{}_inserts holds public.history",
+                w.slot
+            )),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_without_a_primary_key_mapped_with_updates_is_refused_before_any_publication_changes(
+) {
+    let w = world("pub_keyless_updates", HISTORY_SQL).await;
+    let fix = "run ALTER TABLE \"public\".\"history\" REPLICA IDENTITY FULL; or add a primary key, or make the mapping insert-only (tables[0].operations: [insert])";
+    for tables in [
+        HISTORY_TRACKED.replace(
+            "properties: {delta: delta}\n",
+            "properties: {delta: delta}\n    operations: [insert, update]\n",
+        ),
+        "
+tables:
+  - table: public.history
+    identify:
+      id: aid
+      traits: {delta: delta}
+"
+        .to_owned(),
+    ] {
+        let config = w.config(&tables, "");
+        let (status, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+        assert!(!status.success(), "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("FAIL replica identity public.history: "))
+            .unwrap_or_else(|| panic!("no FAIL line for history:\n{out}"));
+        assert!(line.contains(fix), "{line}");
+
+        let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+        assert!(!status.success(), "{err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{err}");
+        assert!(
+            errors[0].contains("tables[0]: the replica identity of public.history is DEFAULT, but the table has no primary key")
+                && errors[0].contains(fix)
+                && errors[0].contains("No publication was created or changed"),
+            "{err}"
+        );
+        assert_eq!(
+            publication_count(&w).await,
+            0,
+            "the publication was created"
+        );
+        assert_eq!(
+            w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+            0,
+            "a publication was created"
+        );
+        app_write(
+            &w,
+            "INSERT INTO history VALUES (1, 1, 7, 5, now(), 'a'); UPDATE history SET delta = 6; DELETE FROM history;",
+        )
+        .await
+        .unwrap();
+    }
+
+    // An existing publication is left as it is, and does not gain the table.
+    w.db.exec(&format!("CREATE PUBLICATION pub_{} ;", w.slot))
+        .await;
+    let config = w.config(
+        &HISTORY_TRACKED.replace(
+            "properties: {delta: delta}\n",
+            "properties: {delta: delta}\n    operations: [insert, delete]\n",
+        ),
+        "",
+    );
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains(fix), "{err}");
+    assert_eq!(held_by(&w, &format!("pub_{}", w.slot)).await, None);
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        1,
+        "the insert-only publication was created"
+    );
+    app_write(
+        &w,
+        "INSERT INTO history VALUES (1, 1, 7, 5, now(), 'a'); UPDATE history SET delta = 6; DELETE FROM history;",
+    )
+    .await
+    .unwrap();
+}
+
+/// Upgrades: a keyless table an existing publication holds (so the
+/// application's UPDATEs already fail) moves to the insert-only
+/// publication; when its mapping gains updates (and the table a full
+/// replica identity) it moves back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_moves_between_the_publications_when_its_mapping_changes() {
+    let w = world("pub_moves", HISTORY_SQL).await;
+    let main = format!("pub_{}", w.slot);
+    let inserts = format!("pub_{}_inserts", w.slot);
+    w.db.exec(&format!("CREATE PUBLICATION {main} FOR TABLE history;"))
+        .await;
+    assert!(app_write(
+        &w,
+        "INSERT INTO history (aid) VALUES (1); DELETE FROM history;"
+    )
+    .await
+    .is_err_and(|e| e.contains("does not have a replica identity")));
+
+    let conn = Connector::run(&w.config(HISTORY_TRACKED, ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(held_by(&w, &main).await, None);
+    assert_eq!(held_by(&w, &inserts).await.as_deref(), Some("history"));
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (2, 1); UPDATE history SET delta = 2; DELETE FROM history WHERE aid = 1;",
+    )
+    .await
+    .unwrap();
+    w.rx.wait_until("one track event", Duration::from_secs(60), |r| {
+        r.track_count() >= 1
+    })
+    .await;
+    conn.stop().await;
+
+    // Updates tracked too: the table needs its updates published.
+    w.db.exec("ALTER TABLE history REPLICA IDENTITY FULL;")
+        .await;
+    let with_updates = HISTORY_TRACKED.replace(
+        "properties: {delta: delta}\n",
+        "properties: {delta: delta}\n    operations: [insert, update]\n",
+    );
+    let conn = Connector::run(&w.config(&with_updates, ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(held_by(&w, &main).await.as_deref(), Some("history"));
+    assert_eq!(held_by(&w, &inserts).await, None);
+    app_write(&w, "UPDATE history SET delta = 3 WHERE aid = 2;")
+        .await
+        .unwrap();
+    w.rx.wait_until("the update tracked", Duration::from_secs(60), |r| {
+        r.track_count() >= 2
+    })
+    .await;
+    conn.stop().await;
+}
+
+/// A slot older than the insert-only publication (an upgrade from a
+/// version without one, with changes waiting): PostgreSQL before 18 cannot
+/// decode the slot's backlog with the publication listed, so the connector
+/// streams the backlog without it, and publishes and streams the keyless
+/// table once the slot has passed the publication's creation.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_only_publication_newer_than_the_slot_is_streamed_once_the_slot_passes_it() {
+    let w = world(
+        "pub_newer",
+        &format!("{HISTORY_SQL} CREATE TABLE employees (id serial PRIMARY KEY, email text);"),
+    )
+    .await;
+    let inserts = format!("pub_{}_inserts", w.slot);
+    let employees = "
+tables:
+  - table: public.employees
+    identify: {id: email}
+";
+    let conn = Connector::run(&w.config(employees, ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    conn.stop().await;
+    // As a version without the insert-only publication would have left it,
+    // with changes waiting in the slot.
+    w.db.exec(&format!("DROP PUBLICATION {inserts};")).await;
+    w.db.exec("INSERT INTO employees (email) VALUES ('ann@acme.test');")
+        .await;
+
+    let both = format!(
+        "{employees}  - table: public.history\n    track:\n      id: aid\n      event: balance_changed\n      properties: {{delta: delta}}\n"
+    );
+    let conn = Connector::run(&w.config(&both, ""), &[]);
+    w.rx.wait_until("the waiting identify", Duration::from_secs(60), |r| {
+        r.identify_count() >= 1
+    })
+    .await;
+    // Published once the slot has passed the publication's creation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while held_by(&w, &inserts).await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history was never published; connector log:\n{}",
+            conn.log()
+        );
+        w.db.exec("INSERT INTO employees (email) VALUES ('tick@acme.test'); DELETE FROM employees WHERE email = 'tick@acme.test';")
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (5, 1); UPDATE history SET delta = 2; DELETE FROM history;",
+    )
+    .await
+    .unwrap();
+    w.rx.wait_until("the history insert", Duration::from_secs(60), |r| {
+        r.track_count() >= 1
+    })
+    .await;
+    assert!(
+        conn.log().contains("reconnecting to stream it too"),
+        "{}",
+        conn.log()
+    );
+    conn.stop().await;
+}
+
+/// A role that does not own the keyless table may not put it in the
+/// insert-only publication: `check` and `run` print the statements for an
+/// owner, and once an owner ran them the role streams the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_that_may_not_publish_the_table_gets_the_statements_to_run() {
+    let w = world("pub_inserts_not_owner", HISTORY_SQL).await;
+    let role = format!("r_{}", w.db.name());
+    w.db.exec(&format!(
+        "CREATE ROLE \"{role}\" LOGIN REPLICATION;
+         GRANT SELECT ON history TO \"{role}\";
+         GRANT CREATE ON DATABASE \"{db}\" TO \"{role}\";",
+        db = w.db.name(),
+    ))
+    .await;
+    let url = w.db.url().replacen("postgres@", &format!("{role}@"), 1);
+    let config = w.config_with_url(&url, HISTORY_TRACKED, "");
+    let statements = format!(
+        "ALTER PUBLICATION \"pub_{}_inserts\" ADD TABLE \"public\".\"history\"; COMMIT;",
+        w.slot
+    );
+
+    let (status, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL insert-only publication: ")
+            && l.ends_with(&format!(
+                "as a table owner run BEGIN; CREATE PUBLICATION \"pub_{}_inserts\" WITH (publish = 'insert'); {statements}",
+                w.slot
+            ))),
+        "{out}"
+    );
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains(&format!("run: BEGIN; {statements}")), "{err}");
+    assert_eq!(held_by(&w, &format!("pub_{}", w.slot)).await, None);
+    app_write(
+        &w,
+        "INSERT INTO history (aid) VALUES (1); UPDATE history SET delta = 1; DELETE FROM history;",
+    )
+    .await
+    .unwrap();
+
+    // The owner runs them; the role streams the table.
+    w.db.exec(&format!("BEGIN; {statements}")).await;
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(&w, "INSERT INTO history (aid, delta) VALUES (3, 1); UPDATE history SET delta = 2; DELETE FROM history;")
+        .await
+        .unwrap();
+    w.rx.wait_until("the history insert", Duration::from_secs(60), |r| {
+        r.track_count() >= 1
+    })
+    .await;
+    let (_, out, _) = run_cli(&["status", "--config", CONFIG], &config, &[]);
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "publication pub_{}_inserts (inserts only): public.history",
+                w.slot
+            )),
+        "{out}"
+    );
+    conn.stop().await;
+    w.db.exec(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\";"))
+        .await;
+}
+
+/// The insert-only publication publishes no updates or deletes, so a row
+/// filter there may read any column: the application's writes keep
+/// working, and only matching inserts are tracked. One Postgres refuses is
+/// refused naming `tables[0].where`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_filter_on_an_insert_only_table_may_read_any_column() {
+    let w = world("pub_keyless_filter", HISTORY_SQL).await;
+    let bad = w.config(
+        &format!("{HISTORY_TRACKED}    where: \"random() > 0.5\"\n"),
+        "",
+    );
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &bad, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(
+            "tables[0].where: Postgres refuses the row filter (random() > 0.5) on public.history"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        0,
+        "a publication was created"
+    );
+
+    let config = w.config(&format!("{HISTORY_TRACKED}    where: \"delta > 0\"\n"), "");
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.lines().any(|l| l
+            == format!("ok   row filter public.history: tables[0].where is accepted by Postgres; the table goes through the insert-only publication pub_{}_inserts, whose filters may read any column", w.slot)),
+        "{out}"
+    );
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (1, -1), (2, 5);
+         UPDATE history SET delta = 7 WHERE aid = 1;
+         DELETE FROM history WHERE aid = 2;
+         INSERT INTO history (aid, delta) VALUES (3, 1);",
+    )
+    .await
+    .unwrap();
+    wait_caught_up(&w).await;
+    let mut sent: Vec<String> = w.rx.tracks().into_iter().map(|(id, _)| id).collect();
+    sent.sort();
+    assert_eq!(sent, vec!["2", "3"]);
+    conn.stop().await;
+}

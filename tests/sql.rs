@@ -137,7 +137,7 @@ impl Names {
         assert!(
             !exists(
                 db,
-                &format!("SELECT 1 FROM pg_publication WHERE pubname = '{publication}'")
+                &format!("SELECT 1 FROM pg_publication WHERE pubname IN ('{publication}', '{publication}_inserts')")
             )
             .await
         );
@@ -459,5 +459,131 @@ async fn the_connector_runs_as_the_setup_role_and_teardown_waits_for_it_to_stop(
             &format!("SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
         )
         .await
+    );
+}
+
+/// A table without a primary key whose mapping acts on inserts only goes
+/// through the insert-only publication setup.sql makes beside the main one:
+/// the connector, as the setup role (which may not create publications),
+/// tracks its inserts while the application keeps updating and deleting its
+/// rows. One that would be published with its updates is refused. Teardown
+/// drops both publications.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_puts_keyless_insert_only_tables_in_the_insert_only_publication() {
+    let w = world(
+        "sql_insert_only",
+        &format!(
+            "{ROSTER_SQL} CREATE TABLE history (tid int, bid int, aid int, delta int, mtime timestamp, filler char(22));"
+        ),
+    )
+    .await;
+    let role = format!("r_{}", w.db.name());
+    let publication = format!("pub_{}", w.slot);
+    let inserts = format!("{publication}_inserts");
+    let vars = |insert_only: &'static str| {
+        vec![
+            ("role", role.clone()),
+            ("password", PASSWORD.to_owned()),
+            (
+                "tables",
+                "public.employees, public.sales, public.history".to_owned(),
+            ),
+            ("publication", publication.clone()),
+            ("insert_only_tables", insert_only.to_owned()),
+        ]
+    };
+
+    // Not insert-only: refused, nothing created.
+    let refused = vars("public.sales");
+    let refused: Vec<(&str, &str)> = refused.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = psql_fails(&w.db, "setup.sql", &refused);
+    assert!(
+        out.contains("public.history has no primary key or replica identity")
+            && out.contains("insert_only_tables"),
+        "{out}"
+    );
+    assert!(
+        !exists(&w.db, "SELECT 1 FROM pg_publication").await,
+        "a refused setup created a publication"
+    );
+
+    let ok = vars("public.sales, history");
+    let ok: Vec<(&str, &str)> = ok.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    psql_ok(&w.db, "setup.sql", &ok);
+    psql_ok(&w.db, "setup.sql", &ok);
+    let held = |name: String| {
+        let db = &w.db;
+        async move {
+            db.query_opt_string(&format!(
+                "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{name}'"
+            ))
+            .await
+        }
+    };
+    assert_eq!(
+        held(publication.clone()).await.as_deref(),
+        Some("employees,sales")
+    );
+    assert_eq!(held(inserts.clone()).await.as_deref(), Some("history"));
+    assert_eq!(
+        w.db.query_i64(&format!(
+            "SELECT count(*) FROM pg_publication WHERE pubname = '{inserts}' AND pubinsert AND NOT pubupdate AND NOT pubdelete AND NOT pubtruncate"
+        ))
+        .await,
+        1
+    );
+
+    let tables = format!(
+        "{ROSTER_TABLES}  - table: public.history\n    track:\n      id: aid\n      event: balance_changed\n      properties: {{delta: delta}}\n"
+    );
+    let config = w.config_with_url(&role_url(&w.db, &role), &tables, "");
+    let (status, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(
+        status.success(),
+        "check as the setup role failed:\n{out}\n{err}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok   replica identity public.history: ")
+                && l.contains(&format!(
+                    "goes through the insert-only publication {inserts}"
+                ))),
+        "{out}"
+    );
+    let connector = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(30)).await;
+    w.db.exec(
+        "INSERT INTO history VALUES (1, 1, 7, 5, now(), 'a');
+         UPDATE history SET delta = 6;
+         DELETE FROM history;
+         INSERT INTO history VALUES (1, 1, 8, 2, now(), 'b');",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.rx.track_count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the history rows were not tracked; connector log:\n{}",
+            connector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    connector.sigterm();
+    assert!(connector.wait(Duration::from_secs(30)).await.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.db.slot_active(&w.slot).await {
+        assert!(Instant::now() < deadline, "the slot stayed active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let teardown = [
+        ("role", role.as_str()),
+        ("slot", w.slot.as_str()),
+        ("publication", publication.as_str()),
+    ];
+    psql_ok(&w.db, "teardown.sql", &teardown);
+    assert!(
+        !exists(&w.db, "SELECT 1 FROM pg_publication").await,
+        "teardown left a publication"
     );
 }

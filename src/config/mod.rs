@@ -420,6 +420,10 @@ impl fmt::Display for TableName {
     }
 }
 
+/// What the name of the insert-only publication (for insert-only tables
+/// without a usable replica identity) adds to `postgres.publication`.
+pub const INSERT_PUBLICATION_SUFFIX: &str = "_inserts";
+
 /// Quotes an identifier for SQL, doubling embedded quotes.
 pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
@@ -542,6 +546,16 @@ impl Config {
             .map_err(|problem| err("postgres.url", problem))?;
         check_name("postgres.slot", &pg.slot, true)?;
         check_name("postgres.publication", &pg.publication, false)?;
+        if pg.publication.len() + INSERT_PUBLICATION_SUFFIX.len() > 63 {
+            return Err(err(
+                "postgres.publication",
+                format!(
+                    "must be at most {} characters: the insert-only publication beside it is named `{}{INSERT_PUBLICATION_SUFFIX}`",
+                    63 - INSERT_PUBLICATION_SUFFIX.len(),
+                    pg.publication
+                ),
+            ));
+        }
         if pg.status_interval_ms == 0 || pg.status_interval_ms > 30_000 {
             return Err(err(
                 "postgres.status_interval_ms",
@@ -977,6 +991,24 @@ tables: [{table: employees, identify: {id: email}}]
             "conveyour.token",
             "CONVEYOUR_TOKEN",
         );
+    }
+
+    #[test]
+    fn a_publication_name_leaves_room_for_the_insert_only_one() {
+        let long = "p".repeat(56);
+        let yaml = GOOD.replace(
+            "publication: conveyour_cdc",
+            &format!("publication: {long}"),
+        );
+        expect_error(&yaml, "postgres.publication", "at most 55 characters");
+        let yaml = GOOD.replace(
+            "publication: conveyour_cdc",
+            &format!("publication: {}", &long[1..]),
+        );
+        assert!(Config::from_yaml(&yaml)
+            .unwrap()
+            .validate(&|_| None)
+            .is_ok());
     }
 
     #[test]

@@ -160,7 +160,8 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             tracing::warn!(table = %target.from, column = %target.references, "no index leads with the lookup's column: every uncached lookup scans the table (conveyour-cdc check says how to add one)");
         }
     }
-    if source::ensure_publication(&client, settings).await? == source::PublicationState::Created {
+    let publications = source::ensure_publication(&client, settings).await?;
+    if publications.state == source::PublicationState::Created {
         tracing::info!(publication = %settings.publication, "created the publication for the mapped tables");
     }
     let mut conn = ReplicationConn::connect(&settings.postgres).await?;
@@ -274,7 +275,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     // Postgres 14 on.
     let messages = server_version >= 140_000;
     let (reader, writer) = conn
-        .start_replication(&settings.slot, &settings.publication, Lsn::ZERO, messages)
+        .start_replication(&settings.slot, &publications.names, Lsn::ZERO, messages)
         .await?;
     // Only the slot's holder may tidy its progress: a standby with another
     // lane count must not erase what the active connector records.
@@ -386,6 +387,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
                 break joined(r);
             }
             e = watch_slot(&client, &settings.slot, settings.retained_wal_warn_bytes) => break Err(e),
+            e = await_publication(&client, &settings.slot, &settings.publication, publications.waiting_for.as_deref()) => break Err(e),
             r = &mut alongside => break r,
             r = &mut redeliver => break r,
             r = &mut reader, if !reader_done => {
@@ -462,6 +464,33 @@ struct Sync {
     /// transactions changing them are recorded for its chunks
     /// ([`snapshot::Window::carried`]). Empty when no copy can run.
     copied: HashSet<(String, String)>,
+}
+
+/// Ends the session once the slot can decode with `waiting_for`, the
+/// insert-only publication created after the slot's position, so the next
+/// session streams it too (and publishes the tables waiting for it).
+/// Pending forever when nothing waits.
+async fn await_publication(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    main: &str,
+    waiting_for: Option<&str>,
+) -> Error {
+    let Some(publication) = waiting_for else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(SLOT_CHECK_INTERVAL).await;
+        match source::visible_to_slot(client, slot, main, publication).await {
+            Ok(true) => {
+                return Error::Source(source::SourceError::transient(format!(
+                    "the slot has passed the creation of publication {publication}: reconnecting to stream it too"
+                )))
+            }
+            Ok(false) => {}
+            Err(e) => return e.into(),
+        }
+    }
 }
 
 /// How often the slot's retained WAL and health are read while streaming.

@@ -4,6 +4,7 @@
 mod catalog;
 mod lookup;
 mod params;
+mod placement;
 mod publication;
 mod replication;
 mod rows;
@@ -16,10 +17,10 @@ pub(crate) use catalog::{
 };
 pub(crate) use lookup::Resolver;
 pub use params::{ConnParams, Host, SslMode};
+pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
 pub(crate) use publication::{
-    create_statement, current_filters, ensure_publication, missing_from_publication, probe_filter,
-    published_tables, replica_identity, server_version_num, FilterVerdict, PublicationState,
-    ReplicaIdentity,
+    create_statement, current_filters, ensure_publication, probe_filter, replica_identity,
+    server_version_num, FilterVerdict, PublicationState, ReplicaIdentity,
 };
 pub(crate) use replication::{
     pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,

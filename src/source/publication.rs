@@ -1,7 +1,9 @@
-//! The publication the connector streams from: it holds every mapped table
-//! and every table a lookup reads, each mapped table filtered by its
-//! `where:` (Postgres 15+), and is brought in line with the config on
-//! every start.
+//! The publications the connector streams from: the main one holds every
+//! mapped table and every table a lookup reads, each mapped table filtered
+//! by its `where:` (Postgres 15+), except the insert-only tables without a
+//! usable replica identity, which go through `<publication>_inserts` (see
+//! [`super::placement`]). Both are brought in line with the config on every
+//! start.
 //!
 //! Postgres accepts a row filter that reads columns outside the table's
 //! replica identity, and only later refuses every UPDATE and DELETE on the
@@ -13,8 +15,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio_postgres::Client;
 
+use super::placement::{self, Route};
 use super::SourceError;
-use crate::config::{quote_ident, Settings, TableName};
+use crate::config::{quote_ident, ContactSource, Settings, TableName};
 
 /// `server_version_num` of the first release with publication row filters.
 const ROW_FILTERS_SINCE: i32 = 150_000;
@@ -38,6 +41,11 @@ pub(crate) struct PublishedTable<'a> {
     pub key: Option<&'a str>,
     /// The row filter from `where:`.
     pub filter: Option<&'a str>,
+    /// Mapped, and its mapping acts on inserts only (and no lookup reads
+    /// it): its updates and deletes need not be published.
+    pub insert_only: bool,
+    /// A lookup reads it: its updates keep the lookup cache fresh.
+    pub read_by_lookup: bool,
 }
 
 impl PublishedTable<'_> {
@@ -51,7 +59,7 @@ impl PublishedTable<'_> {
 
     /// The table as `ADD TABLE` / `FOR TABLE` take it, with its filter and
     /// (when the publication already limits them) its columns.
-    fn clause(&self, columns: Option<&[String]>) -> String {
+    pub(crate) fn clause(&self, columns: Option<&[String]>) -> String {
         let mut out = self.table.quoted();
         if let Some(columns) = columns {
             let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
@@ -72,10 +80,17 @@ pub(crate) fn published_tables(settings: &Settings) -> Vec<PublishedTable<'_>> {
         .into_iter()
         .map(|table| {
             let mapping = settings.tables.iter().find(|m| &m.table == table);
+            let read_by_lookup = settings
+                .tables
+                .iter()
+                .any(|m| matches!(&m.contact, ContactSource::Lookup(l) if &l.from == table));
             PublishedTable {
                 table,
                 key: mapping.map(|m| m.key.as_str()),
                 filter: mapping.and_then(|m| m.row_filter.as_deref()),
+                insert_only: !read_by_lookup
+                    && mapping.is_some_and(|m| !m.operations.update && !m.operations.delete),
+                read_by_lookup,
             }
         })
         .collect()
@@ -146,38 +161,83 @@ async fn publication_info(
     }))
 }
 
-/// Makes sure the publication exists, holds every table it must, and
-/// filters each mapped table as its `where:` says.
+/// The publications to stream from, once [`ensure_publication`] made them
+/// ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Publications {
+    pub state: PublicationState,
+    /// `publication_names` for START_REPLICATION: the main publication, and
+    /// the insert-only one when the slot can decode with it.
+    pub names: Vec<String>,
+    /// The insert-only publication, when it exists but the slot cannot
+    /// decode with it yet (it was created after the slot's position): the
+    /// session reconnects once the slot has passed it.
+    pub waiting_for: Option<String>,
+}
+
+/// Makes sure the publications exist, hold every table they must, and
+/// filter each mapped table as its `where:` says.
 ///
-/// Creates it when missing. When it exists but lacks a table, refuses with
-/// the statement to run, since adding tables to a publication others may
-/// use is the operator's call. Row filters are changed in one transaction
-/// that is rolled back when it would change nothing, so a restart causes
-/// no catalog churn. A filter Postgres refuses, or one that reads columns
-/// outside the table's replica identity, fails with `tables[i].where` named
-/// and the publication untouched.
+/// First every table is placed ([`placement::plan`], the same judgement
+/// `check` prints): a table Postgres would then refuse the application's
+/// UPDATEs and DELETEs on is refused, naming the table and the fix, before
+/// any publication is created or altered. Creates the main publication when
+/// missing, and the insert-only one beside it (even empty, so that it
+/// predates the slot). When the main one exists but lacks a table, refuses
+/// with the statement to run, since adding tables to a publication others
+/// may use is the operator's call; tables moving between the two
+/// publications (a mapping that became insert-only, or no longer is) are
+/// moved in one transaction, or the statements for the owner are printed.
+/// Row filters are changed in one transaction that is rolled back when it
+/// would change nothing, so a restart causes no catalog churn. A filter
+/// Postgres refuses, or one that reads columns outside the table's replica
+/// identity, fails with `tables[i].where` named and the publication
+/// untouched.
 pub(crate) async fn ensure_publication(
     client: &Client,
     settings: &Settings,
-) -> Result<PublicationState, SourceError> {
+) -> Result<Publications, SourceError> {
     let publication = settings.publication.as_str();
-    let tables = published_tables(settings);
     let version = server_version_num(client).await?;
-    require_row_filters(version, &tables)?;
-    if publication_info(client, publication).await?.is_none()
-        && create(client, publication, &tables).await?
-    {
-        return Ok(PublicationState::Created);
-    }
-    // It existed, or another connector created it just now: check it like
-    // any other.
-    let Some(info) = publication_info(client, publication).await? else {
-        return Err(SourceError::transient(format!(
-            "publication {publication} vanished while starting"
+    require_row_filters(version, &published_tables(settings))?;
+    let plan = placement::plan(client, settings).await?;
+    let problems = plan.problems();
+    if !problems.is_empty() {
+        return Err(SourceError::config(format!(
+            "{}. No publication was created or changed",
+            problems.join("; ")
         )));
-    };
-    let names: Vec<&TableName> = tables.iter().map(|t| t.table).collect();
-    let missing = missing_from_publication(client, publication, &names).await?;
+    }
+    // Filters of tables bound for the insert-only publication are judged
+    // before anything is created (those of the main one when added to it).
+    for t in plan.routed(Route::Inserts) {
+        if let Some(filter) = t.filter {
+            if let FilterVerdict::Refused(message) = probe_filter(client, t.table, filter).await? {
+                return Err(SourceError::config(format!(
+                    "{}: Postgres refuses the row filter ({filter}) on {}: {message}",
+                    t.where_key(),
+                    t.table
+                )));
+            }
+        }
+    }
+    let mut state = PublicationState::Ready;
+    if plan.main_now.is_none() && create(client, publication, &plan.routed(Route::Main)).await? {
+        state = PublicationState::Created;
+    }
+    // A table the insert-only publication holds is moved back below.
+    let wanted: Vec<&TableName> = plan
+        .routed(Route::Main)
+        .iter()
+        .map(|t| t.table)
+        .filter(|t| {
+            !plan
+                .inserts_now
+                .as_ref()
+                .is_some_and(|p| p.tables.contains(t))
+        })
+        .collect();
+    let missing = missing_from_publication(client, publication, &wanted).await?;
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|t| t.quoted()).collect();
         return Err(SourceError::config(format!(
@@ -187,15 +247,164 @@ pub(crate) async fn ensure_publication(
             list.join(", ")
         )));
     }
-    if version >= ROW_FILTERS_SINCE {
-        sync_filters(client, publication, &info, &tables).await?;
+    if plan.inserts_now.is_none() {
+        create_inserts(client, &plan).await?;
     }
-    Ok(PublicationState::Ready)
+    // Read again: the publications may have just been created.
+    let plan = placement::plan(client, settings).await?;
+    let listed = match plan.inserts_now {
+        Some(_) => {
+            placement::visible_to_slot(client, &settings.slot, publication, &plan.inserts).await?
+        }
+        None => false,
+    };
+    let moves = plan.moves(listed);
+    if !moves.is_empty() {
+        apply_moves(client, &plan, &moves).await?;
+    }
+    let main_tables = plan.routed(Route::Main);
+    let insert_tables = plan.routed(Route::Inserts);
+    // Nothing needs it: it is streamed from a later start, without a
+    // reconnect now.
+    let waiting_for = match (&plan.inserts_now, listed) {
+        (Some(_), false) if !insert_tables.is_empty() => {
+            let held: Vec<String> = insert_tables
+                .iter()
+                .filter(|t| {
+                    plan.inserts_now
+                        .as_ref()
+                        .is_some_and(|p| p.tables.contains(t.table))
+                })
+                .map(|t| t.table.to_string())
+                .collect();
+            let waiting: Vec<String> = insert_tables
+                .iter()
+                .map(|t| t.table.to_string())
+                .filter(|t| !held.contains(t))
+                .collect();
+            if !held.is_empty() {
+                tracing::warn!(publication = %plan.inserts, tables = %held.join(", "), "the slot cannot decode with this insert-only publication yet (it was created after the slot's position): these tables' inserts are not streamed until the slot passes its creation, when the connector reconnects with it");
+            }
+            if !waiting.is_empty() {
+                tracing::warn!(publication = %plan.inserts, tables = %waiting.join(", "), "these tables are published once the slot has passed the insert-only publication's creation, when the connector reconnects with it; their inserts until then are not streamed");
+            }
+            Some(plan.inserts.clone())
+        }
+        _ => None,
+    };
+    let Some(info) = publication_info(client, publication).await? else {
+        return Err(SourceError::transient(format!(
+            "publication {publication} vanished while starting"
+        )));
+    };
+    if version >= ROW_FILTERS_SINCE {
+        sync_filters(client, publication, &info, &main_tables).await?;
+        if listed {
+            if let Some(info) = publication_info(client, &plan.inserts).await? {
+                sync_filters(client, &plan.inserts, &info, &insert_tables).await?;
+            }
+        }
+    }
+    let mut names = vec![publication.to_owned()];
+    if listed {
+        names.push(plan.inserts.clone());
+    }
+    Ok(Publications {
+        state,
+        names,
+        waiting_for,
+    })
+}
+
+/// Creates the insert-only publication, empty: tables are added once the
+/// slot can decode with it. A role that may not create it is fine as long
+/// as no table needs it; otherwise it gets the statements for an owner.
+async fn create_inserts(client: &Client, plan: &placement::Plan<'_>) -> Result<(), SourceError> {
+    let sql = format!(
+        "CREATE PUBLICATION {} WITH (publish = 'insert')",
+        quote_ident(&plan.inserts)
+    );
+    match client.batch_execute(&sql).await {
+        Ok(()) => {
+            tracing::info!(publication = %plan.inserts, "created the insert-only publication");
+            Ok(())
+        }
+        Err(e) if SourceError::already_exists(&e) => Ok(()),
+        Err(e) if is_privilege(&e) && plan.routed(Route::Inserts).is_empty() => Ok(()),
+        Err(e) if is_privilege(&e) => Err(SourceError::config(format!(
+            "postgres.publication: {} need the insert-only publication {}, and this role may not create it ({}); as a table owner or superuser run: {}",
+            plan.routed(Route::Inserts)
+                .iter()
+                .map(|t| t.table.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            plan.inserts,
+            pg_message(&e),
+            plan.owner_sql()
+        ))),
+        Err(e) => Err(SourceError::from_sql(
+            &format!("creating publication {}", plan.inserts),
+            e,
+        )),
+    }
+}
+
+/// Moves tables between the two publications in one transaction: each
+/// table's changes come through one publication or the other, never
+/// neither. A role that may not alter them gets the statements to run.
+async fn apply_moves(
+    client: &Client,
+    plan: &placement::Plan<'_>,
+    moves: &[String],
+) -> Result<(), SourceError> {
+    begin(client).await?;
+    let outcome = async {
+        for sql in moves {
+            match client.batch_execute(sql).await {
+                Ok(()) => {}
+                Err(e) if is_privilege(&e) => {
+                    return Err(SourceError::config(format!(
+                        "postgres.publication: publications {} and {} must change so that every table goes through the right one ({}), and this role may not alter them; as their owner run: {}",
+                        plan.main,
+                        plan.inserts,
+                        pg_message(&e),
+                        plan.owner_sql()
+                    )))
+                }
+                Err(e) => {
+                    // Adding a table with its filter: Postgres judged the filter.
+                    let filtered = plan.placements.iter().map(|p| p.table).find(|t| {
+                        t.filter.is_some() && sql.ends_with(&format!(" ADD TABLE {};", t.clause(None)))
+                    });
+                    return Err(match filtered {
+                        Some(t) if e.as_db_error().is_some() => filter_refused(&t, e),
+                        _ => SourceError::from_sql(
+                            &format!("moving tables between publications {} and {} ({sql})", plan.main, plan.inserts),
+                            e,
+                        ),
+                    });
+                }
+            }
+        }
+        for t in plan.routed(Route::Main).iter().filter(|t| t.filter.is_some()) {
+            if let Some(problem) = identity_problem(client, &plan.main, t.table).await? {
+                return Err(SourceError::config(format!("{}: {problem}", t.where_key())));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    finish(client, outcome.map(|()| (true, ()))).await?;
+    tracing::info!(main = %plan.main, inserts = %plan.inserts, statements = %moves.join(" "), "moved tables between the publications");
+    Ok(())
 }
 
 /// The statement that creates the publication as the config wants it.
 pub(crate) fn create_statement(publication: &str, tables: &[PublishedTable<'_>]) -> String {
     let list: Vec<String> = tables.iter().map(|t| t.clause(None)).collect();
+    if list.is_empty() {
+        return format!("CREATE PUBLICATION {};", quote_ident(publication));
+    }
     format!(
         "CREATE PUBLICATION {} FOR TABLE {};",
         quote_ident(publication),
@@ -877,11 +1086,15 @@ mod tests {
                 table: &a,
                 key: Some("tables[0]"),
                 filter: None,
+                insert_only: false,
+                read_by_lookup: false,
             },
             PublishedTable {
                 table: &b,
                 key: Some("tables[1]"),
                 filter: Some("active"),
+                insert_only: false,
+                read_by_lookup: false,
             },
         ];
         let e = require_row_filters(140_011, &tables).unwrap_err();
@@ -905,11 +1118,15 @@ mod tests {
                 table: &a,
                 key: Some("tables[0]"),
                 filter: Some("active AND region = 'eu'"),
+                insert_only: false,
+                read_by_lookup: false,
             },
             PublishedTable {
                 table: &b,
                 key: None,
                 filter: None,
+                insert_only: false,
+                read_by_lookup: true,
             },
         ];
         assert_eq!(

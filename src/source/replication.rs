@@ -377,22 +377,27 @@ impl ReplicationConn {
     }
 
     /// `START_REPLICATION SLOT … LOGICAL …` with pgoutput protocol version 1
-    /// on the given publication, with logical decoding messages (the sync's
+    /// on the given publications (pgoutput sends a table's change when any
+    /// of them publishes it), with logical decoding messages (the sync's
     /// watermarks) when `messages` (Postgres 14+). `start` of `0/0` resumes
     /// from the slot's confirmed position. Returns the two halves of the
     /// stream.
     pub(crate) async fn start_replication(
         mut self,
         slot: &str,
-        publication: &str,
+        publications: &[String],
         start: Lsn,
         messages: bool,
     ) -> Result<(ReplicationReader, ReplicationWriter), SourceError> {
+        let names: Vec<String> = publications
+            .iter()
+            .map(|p| crate::config::quote_ident(p))
+            .collect();
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}{})",
             crate::config::quote_ident(slot),
             start,
-            quote_literal(&crate::config::quote_ident(publication)),
+            quote_literal(&names.join(",")),
             if messages { ", \"messages\" 'true'" } else { "" },
         );
         frontend::query(&sql, &mut self.wbuf).map_err(proto)?;
