@@ -157,16 +157,8 @@ async fn a_misspelled_table_is_said_not_to_exist_not_to_be_added() {
         out.contains("FAIL tables and columns: tables[0].table: table public.employes does not exist (or this role cannot see it); did you mean public.employees?"),
         "{out}"
     );
-    let publication = out
-        .lines()
-        .find(|l| l.starts_with("FAIL publication"))
-        .unwrap_or_else(|| panic!("no FAIL publication line:\n{out}"));
-    assert!(
-        publication.contains("public.employes does not exist")
-            && publication.contains("fix the table name in the config"),
-        "{publication}"
-    );
-    assert!(!publication.contains("ALTER PUBLICATION"), "{publication}");
+    // No line offers to add the misspelled table to the publication.
+    assert!(!out.contains("ALTER PUBLICATION"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -115,7 +115,14 @@ impl Demo {
         );
         println!("   $ {} run --config {}", bin.display(), config.display());
         for line in w.roster_config().lines().filter(|l| !l.trim().is_empty()) {
-            println!("   │ {line}");
+            // Even a local receiver's credentials are not shown: a demo
+            // transcript gets pasted around.
+            match line.split_once(':') {
+                Some((key, _)) if matches!(key.trim(), "appkey" | "token") => {
+                    println!("   │ {key}: ********")
+                }
+                _ => println!("   │ {line}"),
+            }
         }
         let mut demo = Demo {
             w,

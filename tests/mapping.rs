@@ -256,7 +256,7 @@ async fn a_lookup_into_an_identify_table_must_read_its_identify_id() {
         err.contains("tables[1].track.id.column")
             && err.contains("`first_name`")
             && err.contains("public.employees")
-            && err.contains("column: email"),
+            && err.contains("tables[0].identify.id is `email`"),
         "{err}"
     );
 }

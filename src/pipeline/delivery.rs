@@ -597,7 +597,7 @@ impl Lane {
         let mut held: u32 = 0;
         loop {
             if !trial.witnessed(self.sink.last_ack_sent()) {
-                let contact = probe_contact(self.sink.acknowledged_contact().as_deref(), request);
+                let contact = probe_contact(&self.sink.acknowledged_contacts(), request);
                 if let Some(contact) = contact {
                     self.sink.probe(&contact).await?;
                 }

@@ -77,15 +77,22 @@ impl Trial {
     }
 }
 
-/// The contact a probe identifies: the last one ConveYour acknowledged an
-/// identify of (it exists, so empty traits change nothing); before any,
-/// the request's own first identify contact, which the request itself
-/// creates or updates anyway. A track event is never the reason to
-/// identify its contact: that would create a contact the mapping never
-/// asked for. `None` when there is nothing safe to probe with.
-pub(crate) fn probe_contact(acknowledged: Option<&str>, request: &Request) -> Option<String> {
-    if let Some(contact) = acknowledged {
-        return Some(contact.to_owned());
+/// The contact a probe identifies: one ConveYour acknowledged an identify
+/// of (it exists, so empty traits change nothing), newest first, and not
+/// one of the refused request's own contacts if another is known (a
+/// contact id ConveYour refuses would fail the probe too, and look like an
+/// outage); before any, the request's own first identify contact, which
+/// the request itself creates or updates anyway. A track event is never the
+/// reason to identify its contact: that would create a contact the mapping
+/// never asked for. `None` when there is nothing safe to probe with.
+pub(crate) fn probe_contact(acknowledged: &[String], request: &Request) -> Option<String> {
+    let in_request = |c: &String| request.items.iter().any(|(_, a)| a.contact == *c);
+    if let Some(contact) = acknowledged
+        .iter()
+        .find(|c| !in_request(c))
+        .or(acknowledged.first())
+    {
+        return Some(contact.clone());
     }
     if request.endpoint != Endpoint::Identify {
         return None;
@@ -199,15 +206,27 @@ mod tests {
             )],
             Vec::new(),
         );
+        let known = ["known@x.test".to_owned()];
         assert_eq!(
-            probe_contact(Some("known@x.test"), &track).as_deref(),
+            probe_contact(&known, &track).as_deref(),
             Some("known@x.test")
         );
         assert_eq!(
-            probe_contact(Some("known@x.test"), &identify).as_deref(),
+            probe_contact(&known, &identify).as_deref(),
             Some("known@x.test")
         );
-        assert_eq!(probe_contact(None, &identify).as_deref(), Some("a@x.test"));
-        assert_eq!(probe_contact(None, &track), None);
+        assert_eq!(probe_contact(&[], &identify).as_deref(), Some("a@x.test"));
+        assert_eq!(probe_contact(&[], &track), None);
+        // The refused request's own contact is the last resort: its id may
+        // be what ConveYour refuses.
+        let both = ["a@x.test".to_owned(), "known@x.test".to_owned()];
+        assert_eq!(
+            probe_contact(&both, &identify).as_deref(),
+            Some("known@x.test")
+        );
+        assert_eq!(
+            probe_contact(&both[..1], &identify).as_deref(),
+            Some("a@x.test")
+        );
     }
 }

@@ -100,14 +100,20 @@ struct Health {
     /// When the latest acknowledged request was sent (its last attempt):
     /// a witness for [`super::blame::Trial`].
     last_ack_sent: Option<Instant>,
-    /// The contact of the last acknowledged identify entry: one ConveYour
-    /// has, for probes.
-    contact: Option<String>,
+    /// The contacts of the last few acknowledged identify entries, newest
+    /// first and distinct: ones ConveYour has, for probes. More than one,
+    /// so a probe need not use the very contact whose entries are refused.
+    contacts: std::collections::VecDeque<String>,
     /// Since when every request has been refused without a witness.
     outage_since: Option<Instant>,
     /// When the outage was last logged.
     reported: Option<Instant>,
 }
+
+/// How many acknowledged contacts are kept for probes: enough that one
+/// is not in the refused request (whose own contact may be the refused
+/// part), few enough to cost nothing.
+const PROBE_CONTACTS: usize = 4;
 
 /// How often a lasting outage is logged again.
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(60);
@@ -168,9 +174,10 @@ impl Sink {
         self.health().last_ack_sent
     }
 
-    /// The contact of the last identify entry ConveYour acknowledged.
-    pub(crate) fn acknowledged_contact(&self) -> Option<String> {
-        self.health().contact.clone()
+    /// The contacts of the last few identify entries ConveYour
+    /// acknowledged, newest first.
+    pub(crate) fn acknowledged_contacts(&self) -> Vec<String> {
+        self.health().contacts.iter().cloned().collect()
     }
 
     /// Sends one identify of `contact` with empty traits, once, to see
@@ -247,8 +254,10 @@ impl Sink {
             h.last_ack_sent = Some(sent);
         }
         if let Some(c) = contact {
-            if h.contact.as_ref() != Some(c) {
-                h.contact = Some(c.clone());
+            if h.contacts.front() != Some(c) {
+                h.contacts.retain(|known| known != c);
+                h.contacts.push_front(c.clone());
+                h.contacts.truncate(PROBE_CONTACTS);
             }
         }
         if let Some(since) = h.outage_since.take() {
