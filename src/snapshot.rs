@@ -514,6 +514,13 @@ pub(crate) struct Window {
     unseen: VecDeque<Carried>,
     /// Changes held in `unseen`, at most [`CARRIED_CHANGES`].
     unseen_changes: usize,
+    /// How many of `unseen`'s oldest transactions hold no rows: the cap
+    /// sheds rows from here on, so each transaction is visited once, not
+    /// once per commit.
+    rowless: usize,
+    /// Transactions [`Window::carried`] looked at to keep the cap.
+    #[cfg(test)]
+    shed_visits: usize,
 }
 
 /// Changes of carried transactions kept row by row, in one transaction and
@@ -821,12 +828,17 @@ impl Window {
         let t = std::mem::take(transaction);
         self.unseen_changes += t.changes.len();
         self.unseen.push_back(t);
-        for t in self.unseen.iter_mut() {
-            if self.unseen_changes <= CARRIED_CHANGES {
+        while self.unseen_changes > CARRIED_CHANGES {
+            let Some(t) = self.unseen.get_mut(self.rowless) else {
                 break;
+            };
+            #[cfg(test)]
+            {
+                self.shed_visits += 1;
             }
             self.unseen_changes -= t.changes.len();
             t.forget_rows();
+            self.rowless += 1;
         }
     }
 
@@ -835,6 +847,11 @@ impl Window {
     pub(crate) fn settle(&mut self, snapshot: &Visibility) {
         self.unseen.retain(|t| !snapshot.sees(t.xid));
         self.unseen_changes = self.unseen.iter().map(|t| t.changes.len()).sum();
+        self.rowless = self
+            .unseen
+            .iter()
+            .position(|t| !t.changes.is_empty())
+            .unwrap_or(self.unseen.len());
     }
 
     /// The high watermark `id` was read: the chunk's rows the stream did
@@ -1420,6 +1437,43 @@ mod tests {
         assert!(actions.is_empty());
         assert_eq!(w.take_redo(), (vec![vec![Some("1".to_owned())]], true));
         assert_eq!(w.unseen.len(), 1);
+    }
+
+    #[test]
+    fn many_small_transactions_past_the_cap_are_each_shed_once() {
+        // Single-change transactions well past the cap, with no snapshot
+        // settling them meanwhile (a backlog between two idle polls): each
+        // commit sheds the oldest rows without walking every transaction
+        // shed before it.
+        let mut w = Window::default();
+        let n = 4 * CARRIED_CHANGES;
+        for xid in 0..n {
+            let mut t = Carried::default();
+            t.begin(1000 + xid as u32);
+            t.push(
+                &relation(),
+                None,
+                Some(&row(&xid.to_string())),
+                Seen::Superseded,
+            );
+            w.carried(&mut t);
+        }
+        assert_eq!(w.unseen.len(), n);
+        assert_eq!(w.unseen_changes, CARRIED_CHANGES);
+        // The newest keep their rows, the oldest only their tables.
+        assert!(w.unseen.iter().take(n - CARRIED_CHANGES).all(|t| t.whole));
+        assert!(w.unseen.iter().skip(n - CARRIED_CHANGES).all(|t| !t.whole));
+        assert!(
+            w.shed_visits <= n,
+            "{} transactions looked at to shed {} rows",
+            w.shed_visits,
+            n - CARRIED_CHANGES
+        );
+        // Settling keeps the count of rowless ones right.
+        w.settle(&Visibility::parse(&format!("{0}:{0}:", 1000 + n - 10)).unwrap());
+        assert_eq!(w.unseen.len(), 10);
+        assert_eq!(w.rowless, 0);
+        assert_eq!(w.unseen_changes, 10);
     }
 
     #[test]
