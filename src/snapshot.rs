@@ -558,18 +558,20 @@ impl Carried {
         self.whole = false;
     }
 
-    /// Notes a change to a copied table, as [`Window::saw`] takes it.
+    /// Notes a change to a copied table, as [`Window::saw`] takes it. The
+    /// rows are moved in, not copied: the reader is done with them.
     pub(crate) fn push(
         &mut self,
         relation: &Arc<Relation>,
-        old: Option<&Tuple>,
-        new: Option<&Tuple>,
+        old: Option<Tuple>,
+        new: Option<Tuple>,
         seen: Seen,
     ) {
         if !self.tables.iter().any(|r| Arc::ptr_eq(r, relation)) {
             self.tables.push(relation.clone());
         }
-        if self.whole {
+        // Nothing for a chunk to drop or read again (see `note_keys`).
+        if self.whole || (seen == Seen::Unchanged && old.is_none()) {
             return;
         }
         if self.changes.len() >= CARRIED_CHANGES {
@@ -578,8 +580,8 @@ impl Carried {
         }
         self.changes.push(CarriedChange {
             relation: relation.clone(),
-            old: old.cloned(),
-            new: new.cloned(),
+            old,
+            new,
             seen,
         });
     }
@@ -1332,7 +1334,7 @@ mod tests {
         for (xid, id, seen) in carried {
             let mut t = Carried::default();
             t.begin(*xid);
-            t.push(&relation(), None, Some(&row(id)), *seen);
+            t.push(&relation(), None, Some(row(id)), *seen);
             w.carried(&mut t);
         }
         w.expected = Some((
@@ -1398,7 +1400,7 @@ mod tests {
             t.push(
                 &relation(),
                 None,
-                Some(&row(&(1000 + i).to_string())),
+                Some(row(&(1000 + i).to_string())),
                 Seen::Superseded,
             );
         }
@@ -1412,7 +1414,7 @@ mod tests {
                 t.push(
                     &relation(),
                     None,
-                    Some(&row(&i.to_string())),
+                    Some(row(&i.to_string())),
                     Seen::Superseded,
                 );
             }
@@ -1453,7 +1455,7 @@ mod tests {
             t.push(
                 &relation(),
                 None,
-                Some(&row(&xid.to_string())),
+                Some(row(&xid.to_string())),
                 Seen::Superseded,
             );
             w.carried(&mut t);
@@ -1477,12 +1479,23 @@ mod tests {
     }
 
     #[test]
+    fn a_change_that_cannot_touch_a_chunk_is_not_kept() {
+        let mut t = Carried::default();
+        t.begin(7);
+        t.push(&relation(), None, Some(row("1")), Seen::Unchanged);
+        assert!(t.changes.is_empty() && !t.is_empty());
+        // Unless its old row is under another key.
+        t.push(&relation(), Some(row("1")), Some(row("2")), Seen::Unchanged);
+        assert_eq!(t.changes.len(), 1);
+    }
+
+    #[test]
     fn settling_forgets_what_a_later_snapshot_sees() {
         let mut w = Window::default();
         for xid in [100, 105] {
             let mut t = Carried::default();
             t.begin(xid);
-            t.push(&relation(), None, Some(&row("1")), Seen::Superseded);
+            t.push(&relation(), None, Some(row("1")), Seen::Superseded);
             w.carried(&mut t);
         }
         w.settle(&Visibility::parse("100:110:100").unwrap());
