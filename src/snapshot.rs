@@ -21,7 +21,8 @@
 //!   stream sent before it. Each chunk is therefore read in one snapshot
 //!   whose visibility (`pg_current_snapshot()`) goes with the rows, the
 //!   reader records the id and changes of every transaction it carries on
-//!   a copied table until a snapshot of the copy's sees it, and at the high
+//!   a copied table (but changes that leave a row's mapped values and key
+//!   as they were) until a snapshot of the copy's sees it, and at the high
 //!   watermark treats a change by a transaction the chunk's snapshot did
 //!   not see as one made between the watermarks.
 //!
@@ -533,9 +534,9 @@ const CARRIED_CHANGES: usize = 8192;
 #[derive(Default)]
 pub(crate) struct Carried {
     xid: u32,
-    /// Its changes, unless `whole`.
+    /// Its changes a chunk may need, unless `whole`.
     changes: Vec<CarriedChange>,
-    /// The tables it changed, by relation.
+    /// Once `whole`: the tables of those changes.
     tables: Vec<Arc<Relation>>,
     /// Its changes were too many to keep: any row of `tables` may be one.
     whole: bool,
@@ -567,15 +568,17 @@ impl Carried {
         new: Option<Tuple>,
         seen: Seen,
     ) {
-        if !self.tables.iter().any(|r| Arc::ptr_eq(r, relation)) {
-            self.tables.push(relation.clone());
-        }
         // Nothing for a chunk to drop or read again (see `note_keys`).
-        if self.whole || (seen == Seen::Unchanged && old.is_none()) {
+        if seen == Seen::Unchanged && old.is_none() {
             return;
         }
-        if self.changes.len() >= CARRIED_CHANGES {
+        if !self.whole && self.changes.len() >= CARRIED_CHANGES {
             self.forget_rows();
+        }
+        if self.whole {
+            if !self.tables.iter().any(|r| Arc::ptr_eq(r, relation)) {
+                self.tables.push(relation.clone());
+            }
             return;
         }
         self.changes.push(CarriedChange {
@@ -586,16 +589,23 @@ impl Carried {
         });
     }
 
+    /// Whether it holds nothing a chunk could need: then it is not
+    /// recorded at all.
     pub(crate) fn is_empty(&self) -> bool {
-        self.tables.is_empty()
+        !self.whole && self.changes.is_empty()
     }
 
+    /// Keeps only which tables its changes were to.
     fn forget_rows(&mut self) {
+        for c in std::mem::take(&mut self.changes) {
+            if !self.tables.iter().any(|r| Arc::ptr_eq(r, &c.relation)) {
+                self.tables.push(c.relation);
+            }
+        }
         self.whole = true;
-        self.changes = Vec::new();
     }
 
-    /// Whether it changed `table`.
+    /// Whether it changed `table` (known once `whole`).
     fn changed(&self, table: &TableName) -> bool {
         self.tables
             .iter()
@@ -1483,10 +1493,12 @@ mod tests {
         let mut t = Carried::default();
         t.begin(7);
         t.push(&relation(), None, Some(row("1")), Seen::Unchanged);
-        assert!(t.changes.is_empty() && !t.is_empty());
+        // Nothing a chunk could need: not recorded (no lock, no entry).
+        assert!(t.is_empty());
         // Unless its old row is under another key.
         t.push(&relation(), Some(row("1")), Some(row("2")), Seen::Unchanged);
         assert_eq!(t.changes.len(), 1);
+        assert!(!t.is_empty());
     }
 
     #[test]
