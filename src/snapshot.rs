@@ -21,7 +21,8 @@
 //!   stream sent before it. Each chunk is therefore read in one snapshot
 //!   whose visibility (`pg_current_snapshot()`) goes with the rows, the
 //!   reader records the id and changes of every transaction it carries on
-//!   a copied table until a snapshot of the copy's sees it, and at the high
+//!   a copied table (but changes that leave a row's mapped values and key
+//!   as they were) until a snapshot of the copy's sees it, and at the high
 //!   watermark treats a change by a transaction the chunk's snapshot did
 //!   not see as one made between the watermarks.
 //!
@@ -530,6 +531,13 @@ pub(crate) struct Window {
     unseen: VecDeque<Carried>,
     /// Changes held in `unseen`, at most [`CARRIED_CHANGES`].
     unseen_changes: usize,
+    /// How many of `unseen`'s oldest transactions hold no rows: the cap
+    /// sheds rows from here on, so each transaction is visited once, not
+    /// once per commit.
+    rowless: usize,
+    /// Transactions [`Window::carried`] looked at to keep the cap.
+    #[cfg(test)]
+    shed_visits: usize,
 }
 
 /// Changes of carried transactions kept row by row, in one transaction and
@@ -542,9 +550,9 @@ const CARRIED_CHANGES: usize = 8192;
 #[derive(Default, Clone)]
 pub(crate) struct Carried {
     xid: u32,
-    /// Its changes, unless `whole`.
+    /// Its changes a chunk may need, unless `whole`.
     changes: Vec<CarriedChange>,
-    /// The tables it changed, by relation.
+    /// Once `whole`: the tables of those changes.
     tables: Vec<Arc<Relation>>,
     /// Its changes were too many to keep: any row of `tables` may be one.
     whole: bool,
@@ -568,42 +576,53 @@ impl Carried {
         self.whole = false;
     }
 
-    /// Notes a change to a copied table, as [`Window::saw`] takes it.
+    /// Notes a change to a copied table, as [`Window::saw`] takes it. The
+    /// rows are moved in, not copied: the reader is done with them.
     pub(crate) fn push(
         &mut self,
         relation: &Arc<Relation>,
-        old: Option<&Tuple>,
-        new: Option<&Tuple>,
+        old: Option<Tuple>,
+        new: Option<Tuple>,
         seen: Seen,
     ) {
-        if !self.tables.iter().any(|r| Arc::ptr_eq(r, relation)) {
-            self.tables.push(relation.clone());
-        }
-        if self.whole {
+        // Nothing for a chunk to drop or read again (see `note_keys`).
+        if seen == Seen::Unchanged && old.is_none() {
             return;
         }
-        if self.changes.len() >= CARRIED_CHANGES {
+        if !self.whole && self.changes.len() >= CARRIED_CHANGES {
             self.forget_rows();
+        }
+        if self.whole {
+            if !self.tables.iter().any(|r| Arc::ptr_eq(r, relation)) {
+                self.tables.push(relation.clone());
+            }
             return;
         }
         self.changes.push(CarriedChange {
             relation: relation.clone(),
-            old: old.cloned(),
-            new: new.cloned(),
+            old,
+            new,
             seen,
         });
     }
 
+    /// Whether it holds nothing a chunk could need: then it is not
+    /// recorded at all.
     pub(crate) fn is_empty(&self) -> bool {
-        self.tables.is_empty()
+        !self.whole && self.changes.is_empty()
     }
 
+    /// Keeps only which tables its changes were to.
     fn forget_rows(&mut self) {
+        for c in std::mem::take(&mut self.changes) {
+            if !self.tables.iter().any(|r| Arc::ptr_eq(r, &c.relation)) {
+                self.tables.push(c.relation);
+            }
+        }
         self.whole = true;
-        self.changes = Vec::new();
     }
 
-    /// Whether it changed `table`.
+    /// Whether it changed `table` (known once `whole`).
     fn changed(&self, table: &TableName) -> bool {
         self.tables
             .iter()
@@ -841,12 +860,17 @@ impl Window {
         let t = std::mem::take(transaction);
         self.unseen_changes += t.changes.len();
         self.unseen.push_back(t);
-        for t in self.unseen.iter_mut() {
-            if self.unseen_changes <= CARRIED_CHANGES {
+        while self.unseen_changes > CARRIED_CHANGES {
+            let Some(t) = self.unseen.get_mut(self.rowless) else {
                 break;
+            };
+            #[cfg(test)]
+            {
+                self.shed_visits += 1;
             }
             self.unseen_changes -= t.changes.len();
             t.forget_rows();
+            self.rowless += 1;
         }
     }
 
@@ -855,6 +879,11 @@ impl Window {
     pub(crate) fn settle(&mut self, snapshot: &Visibility) {
         self.unseen.retain(|t| !snapshot.sees(t.xid));
         self.unseen_changes = self.unseen.iter().map(|t| t.changes.len()).sum();
+        self.rowless = self
+            .unseen
+            .iter()
+            .position(|t| !t.changes.is_empty())
+            .unwrap_or(self.unseen.len());
     }
 
     /// The high watermark `id` was read: the chunk's rows the stream did
@@ -1351,7 +1380,7 @@ mod tests {
         for (xid, id, seen) in carried {
             let mut t = Carried::default();
             t.begin(*xid);
-            t.push(&relation(), None, Some(&row(id)), *seen);
+            t.push(&relation(), None, Some(row(id)), *seen);
             w.carried(&mut t);
         }
         w.expected = Some((
@@ -1417,7 +1446,7 @@ mod tests {
             t.push(
                 &relation(),
                 None,
-                Some(&row(&(1000 + i).to_string())),
+                Some(row(&(1000 + i).to_string())),
                 Seen::Superseded,
             );
         }
@@ -1431,7 +1460,7 @@ mod tests {
                 t.push(
                     &relation(),
                     None,
-                    Some(&row(&i.to_string())),
+                    Some(row(&i.to_string())),
                     Seen::Superseded,
                 );
             }
@@ -1459,12 +1488,62 @@ mod tests {
     }
 
     #[test]
+    fn many_small_transactions_past_the_cap_are_each_shed_once() {
+        // Single-change transactions well past the cap, with no snapshot
+        // settling them meanwhile (a backlog between two idle polls): each
+        // commit sheds the oldest rows without walking every transaction
+        // shed before it.
+        let mut w = Window::default();
+        let n = 4 * CARRIED_CHANGES;
+        for xid in 0..n {
+            let mut t = Carried::default();
+            t.begin(1000 + xid as u32);
+            t.push(
+                &relation(),
+                None,
+                Some(row(&xid.to_string())),
+                Seen::Superseded,
+            );
+            w.carried(&mut t);
+        }
+        assert_eq!(w.unseen.len(), n);
+        assert_eq!(w.unseen_changes, CARRIED_CHANGES);
+        // The newest keep their rows, the oldest only their tables.
+        assert!(w.unseen.iter().take(n - CARRIED_CHANGES).all(|t| t.whole));
+        assert!(w.unseen.iter().skip(n - CARRIED_CHANGES).all(|t| !t.whole));
+        assert!(
+            w.shed_visits <= n,
+            "{} transactions looked at to shed {} rows",
+            w.shed_visits,
+            n - CARRIED_CHANGES
+        );
+        // Settling keeps the count of rowless ones right.
+        w.settle(&Visibility::parse(&format!("{0}:{0}:", 1000 + n - 10)).unwrap());
+        assert_eq!(w.unseen.len(), 10);
+        assert_eq!(w.rowless, 0);
+        assert_eq!(w.unseen_changes, 10);
+    }
+
+    #[test]
+    fn a_change_that_cannot_touch_a_chunk_is_not_kept() {
+        let mut t = Carried::default();
+        t.begin(7);
+        t.push(&relation(), None, Some(row("1")), Seen::Unchanged);
+        // Nothing a chunk could need: not recorded (no lock, no entry).
+        assert!(t.is_empty());
+        // Unless its old row is under another key.
+        t.push(&relation(), Some(row("1")), Some(row("2")), Seen::Unchanged);
+        assert_eq!(t.changes.len(), 1);
+        assert!(!t.is_empty());
+    }
+
+    #[test]
     fn settling_forgets_what_a_later_snapshot_sees() {
         let mut w = Window::default();
         for xid in [100, 105] {
             let mut t = Carried::default();
             t.begin(xid);
-            t.push(&relation(), None, Some(&row("1")), Seen::Superseded);
+            t.push(&relation(), None, Some(row("1")), Seen::Superseded);
             w.carried(&mut t);
         }
         w.settle(&Visibility::parse("100:110:100").unwrap());

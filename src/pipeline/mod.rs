@@ -706,9 +706,11 @@ async fn read_loop(
                             new.as_ref(),
                             seen,
                         );
+                        // The rows are not needed past here: moved, not
+                        // copied: no copy of the row per change.
                         if let Some(rel) = copied_relations.get(&relation) {
-                            let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
-                            carried.push(rel, old, new.as_ref(), seen);
+                            let old = old.map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
+                            carried.push(rel, old, new, seen);
                         }
                         for c in cache_changes.drain(..) {
                             resolver.apply(c);

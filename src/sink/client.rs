@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 
 use super::batch::Request;
-use super::retry::{backoff, classify, Verdict};
+use super::retry::{backoff, classify, retry_wait, Verdict};
 use super::throttle::Throttle;
 use super::Endpoint;
 use crate::config::SinkSettings;
@@ -320,7 +320,7 @@ impl Sink {
                     reason,
                     after,
                 } => {
-                    let wait = after.unwrap_or_else(|| self.backoff(attempts));
+                    let wait = retry_wait(after, self.backoff(attempts));
                     if after.is_some() || status == Some(429) {
                         // ConveYour is throttling: every lane waits.
                         self.throttle.pause(wait);

@@ -95,6 +95,14 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
+/// The wait before trying again: the backoff, or longer when the server
+/// asked for longer. A Retry-After of 0 (or a date already past) does not
+/// drop the backoff: a server that keeps saying "now" would otherwise be
+/// sent to in a loop with no pause at all.
+pub(crate) fn retry_wait(after: Option<Duration>, backoff: Duration) -> Duration {
+    after.map_or(backoff, |after| after.max(backoff))
+}
+
 /// Capped exponential backoff with jitter: attempt n waits between half and
 /// all of `min * 2^n`, capped at `max`, so many connectors retrying at once
 /// spread out.
@@ -209,6 +217,25 @@ mod tests {
                 "{s}"
             );
         }
+    }
+
+    #[test]
+    fn a_retry_after_of_now_still_backs_off() {
+        let backoff = Duration::from_millis(400);
+        assert_eq!(retry_wait(Some(Duration::ZERO), backoff), backoff);
+        assert_eq!(
+            retry_wait(
+                parse_retry_after(&httpdate::fmt_http_date(SystemTime::UNIX_EPOCH)),
+                backoff
+            ),
+            backoff
+        );
+        assert_eq!(retry_wait(None, backoff), backoff);
+        // A longer wait asked for is honoured.
+        assert_eq!(
+            retry_wait(Some(Duration::from_secs(7)), backoff),
+            Duration::from_secs(7)
+        );
     }
 
     #[test]
