@@ -598,10 +598,13 @@ impl Carried {
             }
             return;
         }
+        // Detached: kept until a snapshot sees the transaction, and a
+        // slice of the read buffer would keep the whole buffer (64 KiB per
+        // change at worst, where the cap counts changes).
         self.changes.push(CarriedChange {
             relation: relation.clone(),
-            old,
-            new,
+            old: old.map(|t| t.detached()),
+            new: new.map(|t| t.detached()),
             seen,
         });
     }
