@@ -272,12 +272,7 @@ fn broken_links_are_found() {
         .collect();
     assert_eq!(
         targets,
-        [
-            "docs/b.md",
-            "docs/a.md#nope",
-            "#nothing",
-            "../outside.md"
-        ],
+        ["docs/b.md", "docs/a.md#nope", "#nothing", "../outside.md"],
         "{broken:#?}"
     );
 }
