@@ -30,7 +30,7 @@ pub const ROSTER_SQL: &str = "
     );
 ";
 
-/// The mapping for [`ROSTER_SQL`], as in the README.
+/// The mapping for [`ROSTER_SQL`], as in docs/configuration.md's example.
 pub const ROSTER_TABLES: &str = "
 tables:
   - table: public.employees
