@@ -1129,6 +1129,36 @@ impl<'a> WatermarkedChunks<'a> {
     }
 }
 
+/// Rows read for a chunk, mapped as if inserted, through a fresh lookup
+/// cache (the stream keeps only the reader's cache current). A row the
+/// mapping cannot send is set aside in `set_aside` when given, else it is
+/// skipped or stops the copy as [`row_actions`] says.
+pub(crate) async fn map_rows(
+    t: &TableMapping,
+    schema: &Schema,
+    reader: &TableReader,
+    client: &Arc<Client>,
+    rows: Vec<(Key, Tuple)>,
+    set_aside: Option<&State>,
+) -> Result<Vec<(Key, Vec<Action>)>, Error> {
+    let mapper = table_mapper(t, schema, reader.relation(), Lsn::ZERO)?;
+    let mut resolver = Resolver::new(client.clone(), schema.lookups.clone());
+    let mut mapped = Vec::with_capacity(rows.len());
+    for (key, tuple) in rows {
+        let actions = row_actions(
+            &mapper,
+            &mut resolver,
+            reader.relation().id,
+            &tuple,
+            Lsn::ZERO,
+            set_aside,
+        )
+        .await?;
+        mapped.push((key, actions));
+    }
+    Ok(mapped)
+}
+
 /// Copies one table from `last` on, chunk by chunk alongside the stream;
 /// rows the stream changed in part during their chunk are read again.
 #[allow(clippy::too_many_arguments)]
@@ -1144,33 +1174,14 @@ async fn copy_table(
 ) -> Result<Settled, Error> {
     let key_columns: Vec<String> = reader.key_columns().map(|(_, c)| c.name.clone()).collect();
     let client = chunks.client;
-    // Rows mapped as they are read, through a fresh lookup cache per
-    // chunk: the stream keeps only the reader's cache current.
-    let map_rows = |rows: Vec<(Key, Tuple)>| async move {
-        let mapper = table_mapper(t, cx.schema, reader.relation(), Lsn::ZERO)?;
-        let mut resolver = Resolver::new(client.clone(), cx.schema.lookups.clone());
-        let mut mapped = Vec::with_capacity(rows.len());
-        for (key, tuple) in rows {
-            let actions = row_actions(
-                &mapper,
-                &mut resolver,
-                reader.relation().id,
-                &tuple,
-                Lsn::ZERO,
-                cx.set_aside(),
-            )
-            .await?;
-            mapped.push((key, actions));
-        }
-        Ok::<_, Error>(mapped)
-    };
+    let map = |rows| map_rows(t, cx.schema, reader, client, rows, cx.set_aside());
     loop {
         let after = last.clone();
         let read = || async {
             let rows = reader
                 .read(client, after.as_ref(), cx.settings.sync_chunk_rows)
                 .await?;
-            map_rows(rows).await
+            map(rows).await
         };
         let Some((keys, (mut redo, mut unsure))) =
             chunks.chunk(&t.table, &key_columns, read, shutdown).await?
@@ -1196,7 +1207,7 @@ async fn copy_table(
             let again = std::mem::take(&mut redo);
             let read = || async {
                 let rows = reader.read_keys(client, &again).await?;
-                map_rows(rows).await
+                map(rows).await
             };
             let Some((_, left)) = chunks.chunk(&t.table, &key_columns, read, shutdown).await?
             else {

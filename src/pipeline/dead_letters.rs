@@ -32,11 +32,10 @@ use tokio_postgres::Client;
 use super::Shutdown;
 use crate::config::{MappingKind, Settings, TableMapping, DEAD_LETTER_RETRY_MAX_MS};
 use crate::decode::Tuple;
-use crate::lsn::Lsn;
 use crate::mapping::{MapError, Mapper, Schema};
 use crate::sink::{Endpoint, Request, Sink};
-use crate::snapshot::{self, row_actions, table_mapper, WatermarkedChunks, Window};
-use crate::source::{connect_sql, Key, Resolver, SourceError, TableReader};
+use crate::snapshot::{self, WatermarkedChunks, Window};
+use crate::source::{connect_sql, Key, SourceError, TableReader};
 use crate::state::{self, DeadLetter, Reason, State, WATERMARK_PREFIX};
 use crate::{telemetry, Error};
 
@@ -416,25 +415,10 @@ impl Redeliver<'_> {
         todo.dedup();
         let mut round = 0;
         loop {
+            // A row still unmappable is stored again, so kept.
             let read = || async {
                 let rows = reader.read_keys(client, &todo).await?;
-                let mapper = table_mapper(m, self.schema, reader.relation(), Lsn::ZERO)?;
-                let mut resolver = Resolver::new(client.clone(), self.schema.lookups.clone());
-                let mut mapped = Vec::with_capacity(rows.len());
-                for (key, tuple) in rows {
-                    // Still unmappable: stored again, so kept.
-                    let actions = row_actions(
-                        &mapper,
-                        &mut resolver,
-                        reader.relation().id,
-                        &tuple,
-                        Lsn::ZERO,
-                        Some(self.state),
-                    )
-                    .await?;
-                    mapped.push((key, actions));
-                }
-                Ok::<_, Error>(mapped)
+                snapshot::map_rows(m, self.schema, &reader, client, rows, Some(self.state)).await
             };
             let Some((_, (redo, unsure))) =
                 chunks.chunk(&m.table, &key_columns, read, shutdown).await?
