@@ -60,6 +60,7 @@ METRICS = {
     "connected",
     "dead_letters_total",
     "outage",
+    "dead_letters_stored",
     "build_info",
 }
 
