@@ -884,3 +884,111 @@ async fn a_row_filter_on_an_insert_only_table_may_read_any_column() {
     assert_eq!(sent, vec!["2", "3"]);
     conn.stop().await;
 }
+
+/// A partitioned table: Postgres checks each partition's own replica
+/// identity when the application updates a row, and `ALTER TABLE …
+/// REPLICA IDENTITY FULL` on the parent (the fix run suggests for a
+/// keyless table) does not reach the partitions. Publishing the parent
+/// would make Postgres refuse the application's UPDATEs and DELETEs on
+/// every keyless partition; run refuses the table before any publication
+/// exists, and says what to map instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_table_is_refused_before_any_publication_changes() {
+    let w = world(
+        "pub_partitioned",
+        "CREATE TABLE staff (email text NOT NULL, region text NOT NULL, first_name text)
+             PARTITION BY LIST (region);
+         CREATE TABLE staff_eu PARTITION OF staff FOR VALUES IN ('eu');
+         CREATE TABLE staff_us PARTITION OF staff FOR VALUES IN ('us');
+         ALTER TABLE staff REPLICA IDENTITY FULL;
+         INSERT INTO staff VALUES ('ann@acme.test', 'eu', 'Ann');",
+    )
+    .await;
+    let config = w.config(
+        "
+tables:
+  - table: public.staff
+    identify:
+      id: email
+      traits: {first_name: first_name}
+",
+        "",
+    );
+    // Run first: the old run created the publication, then failed.
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    app_write(
+        &w,
+        "UPDATE staff SET first_name = 'Annie'; DELETE FROM staff;",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the application's writes were refused: {e}\n{err}"));
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        0,
+        "a publication was created"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("tables[0]: public.staff is a partitioned table")
+            && errors[0].contains("public.staff_eu, public.staff_us")
+            && errors[0].contains("No publication was created or changed"),
+        "{err}"
+    );
+    let (status, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with(
+            "FAIL replica identity public.staff: tables[0]: public.staff is a partitioned table"
+        )),
+        "{out}"
+    );
+}
+
+/// An `<publication>_inserts` someone made without `WITH (publish =
+/// 'insert')` publishes updates and deletes: a keyless table put there
+/// would have the application's UPDATEs and DELETEs refused. run refuses,
+/// naming the publication and the statement that fixes it, and adds
+/// nothing to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_only_publication_that_publishes_updates_is_not_used() {
+    let w = world("pub_inserts_updates", HISTORY_SQL).await;
+    let inserts = format!("pub_{}_inserts", w.slot);
+    w.db.exec(&format!("CREATE PUBLICATION {inserts};")).await;
+    let config = w.config(HISTORY_TRACKED, "");
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "tables[0]: the replica identity of public.history is DEFAULT, but the table has no primary key, and publication {inserts} publishes updates or deletes"
+        )) && err.contains(&format!("ALTER PUBLICATION \"{inserts}\" SET (publish = 'insert');")),
+        "{err}"
+    );
+    assert_eq!(held_by(&w, &inserts).await, None);
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (1, 1); UPDATE history SET delta = 2; DELETE FROM history;",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the application's writes were refused: {e}"));
+
+    // Fixed as the error says, the table is streamed.
+    w.db.exec(&format!(
+        "ALTER PUBLICATION {inserts} SET (publish = 'insert');"
+    ))
+    .await;
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (3, 1); UPDATE history SET delta = 2; DELETE FROM history;",
+    )
+    .await
+    .unwrap();
+    w.rx.wait_until("the history insert", Duration::from_secs(60), |r| {
+        r.track_count() >= 1
+    })
+    .await;
+    conn.stop().await;
+}

@@ -222,11 +222,26 @@ pub(crate) async fn plan<'a>(
     let inserts_now = existing(client, &inserts).await?;
     let mut placements = Vec::new();
     for table in published_tables(settings) {
+        let partitions = partitions(client, table.table).await?;
+        if !partitions.is_empty() {
+            placements.push(Placement {
+                table,
+                route: Err(partitioned(&table, &partitions)),
+            });
+            continue;
+        }
         let identity = replica_identity(client, table.table).await?;
         let held = inserts_now
             .as_ref()
             .is_some_and(|p| p.tables.contains(table.table));
-        let route = route(&table, &identity, held, &main, main_now.as_ref());
+        let route = route(
+            &table,
+            &identity,
+            held,
+            &main,
+            main_now.as_ref(),
+            (&inserts, inserts_now.as_ref()),
+        );
         placements.push(Placement { table, route });
     }
     Ok(Plan {
@@ -236,6 +251,39 @@ pub(crate) async fn plan<'a>(
         inserts_now,
         placements,
     })
+}
+
+/// The leaf partitions of `table` when it is a partitioned table (an
+/// empty one has none but is still partitioned: `["(none yet)"]`); empty
+/// for any other table.
+async fn partitions(client: &Client, table: &TableName) -> Result<Vec<String>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT coalesce(n.nspname || '.' || l.relname, '(none yet)')
+               FROM pg_class c
+               LEFT JOIN pg_partition_tree(c.oid) t ON t.isleaf
+               LEFT JOIN pg_class l ON l.oid = t.relid
+               LEFT JOIN pg_namespace n ON n.oid = l.relnamespace
+              WHERE c.oid = $1::text::regclass AND c.relkind = 'p'
+              ORDER BY 1",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql(&format!("looking up the partitions of {table}"), e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Why a partitioned table cannot be published: Postgres judges each
+/// partition's own replica identity when the application writes to it
+/// (`ALTER TABLE … REPLICA IDENTITY` on the parent does not reach them),
+/// and their changes reach the stream under each partition's name.
+fn partitioned(t: &PublishedTable<'_>, partitions: &[String]) -> String {
+    let prefix = t.key.map(|k| format!("{k}: ")).unwrap_or_default();
+    format!(
+        "{prefix}{} is a partitioned table: Postgres sends its changes under each partition's name ({}) and judges each partition's own replica identity when the application updates or deletes a row, so publishing it could make Postgres refuse those writes; map each partition as a table of its own instead",
+        t.table,
+        partitions.join(", ")
+    )
 }
 
 /// The rule: a table whose updates and deletes must be published needs a
@@ -248,6 +296,7 @@ fn route(
     in_inserts: bool,
     main: &str,
     main_now: Option<&Existing>,
+    (inserts, inserts_now): (&str, Option<&Existing>),
 ) -> Result<Route, String> {
     let unusable = match identity {
         ReplicaIdentity::Nothing { how } => Some(*how),
@@ -286,6 +335,16 @@ fn route(
                 "{}: the replica identity of {} is {how}, and publication {main} is FOR ALL TABLES, so it publishes the table's updates and deletes and Postgres refuses every UPDATE and DELETE on it; give the connector a publication of its own (postgres.publication), or run {alter} or add a primary key",
                 t.key.unwrap_or("postgres.publication"),
                 t.table
+            ));
+        }
+    }
+    if let (Some(how), Some(p)) = (unusable, inserts_now) {
+        if p.changes_rows {
+            return Err(format!(
+                "{}: the replica identity of {} is {how}, and publication {inserts} publishes updates or deletes (it was not created WITH (publish = 'insert')), so Postgres would refuse every UPDATE and DELETE the application makes on the table once it is there; as its owner run ALTER PUBLICATION {} SET (publish = 'insert'); or run {alter} or add a primary key",
+                t.key.unwrap_or("postgres.publication"),
+                t.table,
+                quote_ident(inserts)
             ));
         }
     }
@@ -373,16 +432,39 @@ mod tests {
     fn a_keyless_table_goes_through_the_insert_only_publication_only_when_insert_only() {
         let h = TableName::parse("public.history").unwrap();
         assert_eq!(
-            route(&table(&h, true, false), &NO_PK, false, "p", None),
+            route(
+                &table(&h, true, false),
+                &NO_PK,
+                false,
+                "p",
+                None,
+                ("p_inserts", None)
+            ),
             Ok(Route::Inserts)
         );
-        let e = route(&table(&h, false, false), &NO_PK, false, "p", None).unwrap_err();
+        let e = route(
+            &table(&h, false, false),
+            &NO_PK,
+            false,
+            "p",
+            None,
+            ("p_inserts", None),
+        )
+        .unwrap_err();
         assert!(
             e.starts_with("tables[0]: the replica identity of public.history is DEFAULT, but the table has no primary key and tables[0].operations include update or delete")
                 && e.contains("run ALTER TABLE \"public\".\"history\" REPLICA IDENTITY FULL; or add a primary key, or make the mapping insert-only (tables[0].operations: [insert])"),
             "{e}"
         );
-        let e = route(&table(&h, false, true), &NO_PK, false, "p", None).unwrap_err();
+        let e = route(
+            &table(&h, false, true),
+            &NO_PK,
+            false,
+            "p",
+            None,
+            ("p_inserts", None),
+        )
+        .unwrap_err();
         assert!(
             e.contains("a lookup reads it") && !e.contains("insert-only"),
             "{e}"
@@ -394,15 +476,36 @@ mod tests {
             columns: vec!["id".into()],
         };
         assert_eq!(
-            route(&table(&h, true, false), &pk, false, "p", None),
+            route(
+                &table(&h, true, false),
+                &pk,
+                false,
+                "p",
+                None,
+                ("p_inserts", None)
+            ),
             Ok(Route::Main)
         );
         assert_eq!(
-            route(&table(&h, true, false), &pk, true, "p", None),
+            route(
+                &table(&h, true, false),
+                &pk,
+                true,
+                "p",
+                None,
+                ("p_inserts", None)
+            ),
             Ok(Route::Inserts)
         );
         assert_eq!(
-            route(&table(&h, false, false), &pk, true, "p", None),
+            route(
+                &table(&h, false, false),
+                &pk,
+                true,
+                "p",
+                None,
+                ("p_inserts", None)
+            ),
             Ok(Route::Main)
         );
         // A main publication FOR ALL TABLES publishes it anyway.
@@ -411,8 +514,48 @@ mod tests {
             changes_rows: true,
             tables: HashSet::from([h.clone()]),
         };
-        let e = route(&table(&h, true, false), &NO_PK, false, "p", Some(&all)).unwrap_err();
+        let e = route(
+            &table(&h, true, false),
+            &NO_PK,
+            false,
+            "p",
+            Some(&all),
+            ("p_inserts", None),
+        )
+        .unwrap_err();
         assert!(e.contains("publication p is FOR ALL TABLES"), "{e}");
+        // An insert-only publication that publishes updates takes no
+        // keyless table (one with a key is fine there).
+        let changes = Existing {
+            all_tables: false,
+            changes_rows: true,
+            tables: HashSet::new(),
+        };
+        let e = route(
+            &table(&h, true, false),
+            &NO_PK,
+            false,
+            "p",
+            None,
+            ("p_inserts", Some(&changes)),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("publication p_inserts publishes updates or deletes")
+                && e.contains(r#"ALTER PUBLICATION "p_inserts" SET (publish = 'insert');"#),
+            "{e}"
+        );
+        assert_eq!(
+            route(
+                &table(&h, true, false),
+                &pk,
+                true,
+                "p",
+                None,
+                ("p_inserts", Some(&changes))
+            ),
+            Ok(Route::Inserts)
+        );
     }
 
     #[test]
