@@ -205,6 +205,8 @@ SELECT coalesce(string_agg(t, ', ' ORDER BY t) FILTER (WHERE NOT to_inserts), ''
           FROM (SELECT t, c.relreplident = 'f'
                           OR EXISTS (SELECT 1 FROM pg_index i
                                       WHERE i.indrelid = c.oid
+                                        -- a deferrable key is none to Postgres
+                                        AND i.indimmediate AND i.indisvalid
                                         AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
                                                                 WHEN 'i' THEN i.indisreplident
                                                                 ELSE false END) AS usable

@@ -992,3 +992,50 @@ async fn an_insert_only_publication_that_publishes_updates_is_not_used() {
     .await;
     conn.stop().await;
 }
+
+/// A DEFERRABLE primary key is no replica identity to Postgres (it looks
+/// only at immediate ones), so a table whose updates are published needs
+/// REPLICA IDENTITY FULL all the same: run refuses before the publication
+/// exists instead of breaking the application's UPDATEs and DELETEs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferrable_primary_key_is_no_replica_identity() {
+    let w = world(
+        "pub_deferrable",
+        "CREATE TABLE employees (
+             id int PRIMARY KEY DEFERRABLE INITIALLY IMMEDIATE,
+             email text NOT NULL,
+             first_name text
+         );
+         INSERT INTO employees VALUES (1, 'ann@acme.test', 'Ann');",
+    )
+    .await;
+    let config = w.config(
+        "
+tables:
+  - table: public.employees
+    identify:
+      id: email
+      traits: {first_name: first_name}
+",
+        "",
+    );
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    app_write(
+        &w,
+        "UPDATE employees SET first_name = 'Annie'; DELETE FROM employees WHERE id = 2;",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the application's writes were refused: {e}\n{err}"));
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("tables[0]: the replica identity of public.employees is DEFAULT, but the primary key is DEFERRABLE")
+            && err.contains("ALTER TABLE \"public\".\"employees\" REPLICA IDENTITY FULL;")
+            && err.contains("No publication was created or changed"),
+        "{err}"
+    );
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        0,
+        "a publication was created"
+    );
+}
