@@ -618,3 +618,37 @@ async fn setup_refuses_a_table_whose_only_key_is_deferrable() {
         "a refused setup created a publication"
     );
 }
+
+/// A partitioned table: setup refuses it before changing anything, since
+/// REPLICA IDENTITY FULL on the parent does not reach its partitions and
+/// publishing it would make Postgres refuse the application's UPDATEs and
+/// DELETEs on them.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_refuses_a_partitioned_table() {
+    let w = world(
+        "sql_partitioned",
+        "CREATE TABLE staff (email text, region text) PARTITION BY LIST (region);
+         CREATE TABLE staff_eu PARTITION OF staff FOR VALUES IN ('eu');
+         INSERT INTO staff VALUES ('ann@acme.test', 'eu');",
+    )
+    .await;
+    let role = format!("r_{}", w.db.name());
+    let publication = format!("pub_{}", w.slot);
+    let out = psql_fails(
+        &w.db,
+        "setup.sql",
+        &[
+            ("role", role.as_str()),
+            ("tables", "public.staff"),
+            ("full_identity_tables", "public.staff"),
+            ("publication", publication.as_str()),
+        ],
+    );
+    assert!(out.contains("public.staff is a partitioned table"), "{out}");
+    assert!(
+        !exists(&w.db, "SELECT 1 FROM pg_publication").await,
+        "a refused setup created a publication"
+    );
+    w.db.exec("UPDATE staff SET email = 'annie@acme.test'; DELETE FROM staff;")
+        .await;
+}
