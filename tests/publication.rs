@@ -1039,3 +1039,33 @@ tables:
         "a publication was created"
     );
 }
+
+/// A main publication `FOR TABLES IN SCHEMA` publishes a keyless table's
+/// updates whatever run does (it cannot be dropped from it alone): run
+/// says so, naming the publication and the fixes, and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyless_table_the_main_publication_holds_through_its_schema_is_refused() {
+    let w = world("pub_schema", HISTORY_SQL).await;
+    let main = format!("pub_{}", w.slot);
+    w.db.exec(&format!(
+        "CREATE PUBLICATION {main} FOR TABLES IN SCHEMA public;"
+    ))
+    .await;
+    let (status, _, err) = run_cli(
+        &["run", "--config", CONFIG],
+        &w.config(HISTORY_TRACKED, ""),
+        &[],
+    );
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "tables[0]: the replica identity of public.history is DEFAULT, but the table has no primary key, and publication {main} holds it through FOR TABLES IN SCHEMA \"public\""
+        )) && err.contains("No publication was created or changed"),
+        "{err}"
+    );
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        1,
+        "a publication was created"
+    );
+}

@@ -56,6 +56,9 @@ pub(crate) struct Existing {
     pub changes_rows: bool,
     /// The tables it holds (by name or through their schema).
     pub tables: HashSet<TableName>,
+    /// Those among `tables` it holds only through `FOR TABLES IN SCHEMA`
+    /// (or `FOR ALL TABLES`): they cannot be dropped from it one by one.
+    pub through_schema: HashSet<TableName>,
 }
 
 /// The connector's publications: what the catalog holds, and where each
@@ -97,9 +100,9 @@ impl<'a> Plan<'a> {
     /// Whether the main publication holds `table` now, in a way it can be
     /// dropped from (not `FOR ALL TABLES`).
     fn in_main(&self, table: &TableName) -> bool {
-        self.main_now
-            .as_ref()
-            .is_some_and(|p| !p.all_tables && p.tables.contains(table))
+        self.main_now.as_ref().is_some_and(|p| {
+            !p.all_tables && p.tables.contains(table) && !p.through_schema.contains(table)
+        })
     }
 
     /// The statements that move each table into the publication it goes
@@ -188,25 +191,37 @@ pub(crate) async fn existing(
     else {
         return Ok(None);
     };
-    let tables = client
+    let rows = client
         .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            "SELECT pt.schemaname::text, pt.tablename::text,
+                    NOT EXISTS (SELECT 1 FROM pg_publication_rel pr
+                                  JOIN pg_publication p ON p.oid = pr.prpubid
+                                 WHERE p.pubname = pt.pubname
+                                   AND pr.prrelid = format('%I.%I', pt.schemaname, pt.tablename)::regclass)
+               FROM pg_publication_tables pt WHERE pt.pubname = $1",
             &[&publication],
         )
         .await
         .map_err(|e| {
             SourceError::from_sql(&format!("reading the tables of publication {publication}"), e)
-        })?
-        .iter()
-        .map(|r| TableName {
+        })?;
+    let mut tables = HashSet::new();
+    let mut through_schema = HashSet::new();
+    for r in &rows {
+        let table = TableName {
             schema: r.get(0),
             name: r.get(1),
-        })
-        .collect();
+        };
+        if r.get::<_, bool>(2) {
+            through_schema.insert(table.clone());
+        }
+        tables.insert(table);
+    }
     Ok(Some(Existing {
         all_tables: row.get(0),
         changes_rows: row.get(1),
         tables,
+        through_schema,
     }))
 }
 
@@ -330,6 +345,14 @@ fn route(
         return Ok(Route::Main);
     }
     if let (Some(how), Some(p)) = (unusable, main_now) {
+        if p.changes_rows && !p.all_tables && p.through_schema.contains(t.table) {
+            return Err(format!(
+                "{}: the replica identity of {} is {how}, and publication {main} holds it through FOR TABLES IN SCHEMA {}, so it publishes the table's updates and deletes and Postgres refuses every UPDATE and DELETE on it; give the connector a publication of its own (postgres.publication), or run {alter} or add a primary key",
+                t.key.unwrap_or("postgres.publication"),
+                t.table,
+                quote_ident(&t.table.schema)
+            ));
+        }
         if p.all_tables && p.changes_rows {
             return Err(format!(
                 "{}: the replica identity of {} is {how}, and publication {main} is FOR ALL TABLES, so it publishes the table's updates and deletes and Postgres refuses every UPDATE and DELETE on it; give the connector a publication of its own (postgres.publication), or run {alter} or add a primary key",
@@ -513,6 +536,7 @@ mod tests {
             all_tables: true,
             changes_rows: true,
             tables: HashSet::from([h.clone()]),
+            through_schema: HashSet::from([h.clone()]),
         };
         let e = route(
             &table(&h, true, false),
@@ -530,6 +554,7 @@ mod tests {
             all_tables: false,
             changes_rows: true,
             tables: HashSet::new(),
+            through_schema: HashSet::new(),
         };
         let e = route(
             &table(&h, true, false),
@@ -570,11 +595,13 @@ mod tests {
                     all_tables: false,
                     changes_rows: true,
                     tables: main_holds.iter().map(|t| (*t).clone()).collect(),
+                    through_schema: HashSet::new(),
                 }),
                 inserts_now: Some(Existing {
                     all_tables: false,
                     changes_rows: false,
                     tables: inserts_holds.iter().map(|t| (*t).clone()).collect(),
+                    through_schema: HashSet::new(),
                 }),
                 placements: vec![
                     Placement {
