@@ -891,7 +891,7 @@ async fn a_row_filter_on_an_insert_only_table_may_read_any_column() {
 /// keyless table) does not reach the partitions. Publishing the parent
 /// would make Postgres refuse the application's UPDATEs and DELETEs on
 /// every keyless partition; run refuses the table before any publication
-/// exists, and says what to map instead.
+/// exists, naming the partitions and the fixes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partitioned_table_is_refused_before_any_publication_changes() {
     let w = world(
@@ -931,8 +931,8 @@ tables:
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{err}");
     assert!(
-        errors[0].contains("tables[0]: public.staff is a partitioned table")
-            && errors[0].contains("public.staff_eu, public.staff_us")
+        errors[0].contains("tables[0]: public.staff is a partitioned table whose partitions public.staff_eu, public.staff_us have no usable replica identity of their own")
+            && errors[0].contains("or make the mapping insert-only (tables[0].operations: [insert])")
             && errors[0].contains("No publication was created or changed"),
         "{err}"
     );

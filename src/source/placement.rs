@@ -237,15 +237,22 @@ pub(crate) async fn plan<'a>(
     let inserts_now = existing(client, &inserts).await?;
     let mut placements = Vec::new();
     for table in published_tables(settings) {
-        let partitions = partitions(client, table.table).await?;
-        if !partitions.is_empty() {
+        let bare = bare_partitions(client, table.table).await?;
+        if !bare.is_empty() && !table.insert_only {
             placements.push(Placement {
                 table,
-                route: Err(partitioned(&table, &partitions)),
+                route: Err(partitioned(&table, &bare)),
             });
             continue;
         }
-        let identity = replica_identity(client, table.table).await?;
+        let identity = if bare.is_empty() {
+            replica_identity(client, table.table).await?
+        } else {
+            // Published for its inserts only, whatever the parent's.
+            ReplicaIdentity::Nothing {
+                how: "partitioned, and some of its partitions have no replica identity",
+            }
+        };
         let held = inserts_now
             .as_ref()
             .is_some_and(|p| p.tables.contains(table.table));
@@ -268,18 +275,26 @@ pub(crate) async fn plan<'a>(
     })
 }
 
-/// The leaf partitions of `table` when it is a partitioned table (an
-/// empty one has none but is still partitioned: `["(none yet)"]`); empty
-/// for any other table.
-async fn partitions(client: &Client, table: &TableName) -> Result<Vec<String>, SourceError> {
+/// The partitions of `table`, when it is a partitioned table, that have
+/// no usable replica identity of their own: Postgres judges each
+/// partition's own when the application writes to it, and `ALTER TABLE …
+/// REPLICA IDENTITY` on the parent does not reach them. Empty for any
+/// other table.
+async fn bare_partitions(client: &Client, table: &TableName) -> Result<Vec<String>, SourceError> {
     let rows = client
         .query(
-            "SELECT coalesce(n.nspname || '.' || l.relname, '(none yet)')
+            "SELECT n.nspname || '.' || l.relname
                FROM pg_class c
-               LEFT JOIN pg_partition_tree(c.oid) t ON t.isleaf
-               LEFT JOIN pg_class l ON l.oid = t.relid
-               LEFT JOIN pg_namespace n ON n.oid = l.relnamespace
-              WHERE c.oid = $1::text::regclass AND c.relkind = 'p'
+               CROSS JOIN LATERAL pg_partition_tree(c.oid) t
+               JOIN pg_class l ON l.oid = t.relid
+               JOIN pg_namespace n ON n.oid = l.relnamespace
+              WHERE c.oid = $1::text::regclass AND c.relkind = 'p' AND t.isleaf
+                AND l.relreplident <> 'f'
+                AND NOT EXISTS (SELECT 1 FROM pg_index i
+                                 WHERE i.indrelid = l.oid AND i.indimmediate AND i.indisvalid
+                                   AND CASE l.relreplident WHEN 'd' THEN i.indisprimary
+                                                           WHEN 'i' THEN i.indisreplident
+                                                           ELSE false END)
               ORDER BY 1",
             &[&table.quoted()],
         )
@@ -288,16 +303,21 @@ async fn partitions(client: &Client, table: &TableName) -> Result<Vec<String>, S
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Why a partitioned table cannot be published: Postgres judges each
-/// partition's own replica identity when the application writes to it
-/// (`ALTER TABLE … REPLICA IDENTITY` on the parent does not reach them),
-/// and their changes reach the stream under each partition's name.
-fn partitioned(t: &PublishedTable<'_>, partitions: &[String]) -> String {
+/// Why a partitioned table whose updates must be published cannot be,
+/// while some of its partitions have no usable replica identity.
+fn partitioned(t: &PublishedTable<'_>, bare: &[String]) -> String {
     let prefix = t.key.map(|k| format!("{k}: ")).unwrap_or_default();
+    let insert_only = match (t.key, t.read_by_lookup) {
+        (Some(key), false) => {
+            format!(", or make the mapping insert-only ({key}.operations: [insert])")
+        }
+        _ => String::new(),
+    };
     format!(
-        "{prefix}{} is a partitioned table: Postgres sends its changes under each partition's name ({}) and judges each partition's own replica identity when the application updates or deletes a row, so publishing it could make Postgres refuse those writes; map each partition as a table of its own instead",
+        "{prefix}{} is a partitioned table whose partitions {} have no usable replica identity of their own (Postgres judges each partition's, and REPLICA IDENTITY on the parent does not reach them), and its updates and deletes must be published, so Postgres would refuse every UPDATE and DELETE the application makes on them; run ALTER TABLE … REPLICA IDENTITY FULL on each of them, or add a primary key to {}{insert_only}",
         t.table,
-        partitions.join(", ")
+        bare.join(", "),
+        t.table
     )
 }
 
