@@ -127,6 +127,20 @@ SELECT :cdc_table_count = 0 AS cdc_no_tables,
 \if :cdc_no_tables
   DO $$ BEGIN RAISE EXCEPTION 'setup.sql: the tables variable names no table'; END $$;
 \endif
+-- A partitioned table: Postgres judges each partition's own replica
+-- identity when the application writes to it (REPLICA IDENTITY on the
+-- parent does not reach them), and sends changes under the partitions'
+-- names, which the connector does not map: refused, nothing changed.
+SELECT coalesce(string_agg(t, ', '), '') AS cdc_partitioned, count(*) > 0 AS cdc_has_partitioned
+  FROM unnest(string_to_array(:'cdc_table_list', ', ')) AS t
+  JOIN pg_class c ON c.oid = t::regclass
+ WHERE c.relkind = 'p'
+\gset
+\if :cdc_has_partitioned
+  SELECT format('DO %L', format('BEGIN RAISE EXCEPTION USING MESSAGE = %L, HINT = %L; END',
+                'setup.sql: ' || :'cdc_partitioned' || ' is a partitioned table, which the connector does not publish',
+                'list (and map) each partition as a table of its own')) \gexec
+\endif
 \if :cdc_role_is_superuser
   SELECT format('DO %L', format('BEGIN RAISE EXCEPTION USING MESSAGE = %L, HINT = %L; END',
                 'setup.sql: role ' || :'role' || ' is a superuser',
@@ -205,6 +219,8 @@ SELECT coalesce(string_agg(t, ', ' ORDER BY t) FILTER (WHERE NOT to_inserts), ''
           FROM (SELECT t, c.relreplident = 'f'
                           OR EXISTS (SELECT 1 FROM pg_index i
                                       WHERE i.indrelid = c.oid
+                                        -- a deferrable key is none to Postgres
+                                        AND i.indimmediate AND i.indisvalid
                                         AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
                                                                 WHEN 'i' THEN i.indisreplident
                                                                 ELSE false END) AS usable

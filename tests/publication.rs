@@ -884,3 +884,188 @@ async fn a_row_filter_on_an_insert_only_table_may_read_any_column() {
     assert_eq!(sent, vec!["2", "3"]);
     conn.stop().await;
 }
+
+/// A partitioned table: Postgres checks each partition's own replica
+/// identity when the application updates a row, and `ALTER TABLE …
+/// REPLICA IDENTITY FULL` on the parent (the fix run suggests for a
+/// keyless table) does not reach the partitions. Publishing the parent
+/// would make Postgres refuse the application's UPDATEs and DELETEs on
+/// every keyless partition; run refuses the table before any publication
+/// exists, naming the partitions and the fixes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_table_is_refused_before_any_publication_changes() {
+    let w = world(
+        "pub_partitioned",
+        "CREATE TABLE staff (email text NOT NULL, region text NOT NULL, first_name text)
+             PARTITION BY LIST (region);
+         CREATE TABLE staff_eu PARTITION OF staff FOR VALUES IN ('eu');
+         CREATE TABLE staff_us PARTITION OF staff FOR VALUES IN ('us');
+         ALTER TABLE staff REPLICA IDENTITY FULL;
+         INSERT INTO staff VALUES ('ann@acme.test', 'eu', 'Ann');",
+    )
+    .await;
+    let config = w.config(
+        "
+tables:
+  - table: public.staff
+    identify:
+      id: email
+      traits: {first_name: first_name}
+",
+        "",
+    );
+    // Run first: the old run created the publication, then failed.
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    app_write(
+        &w,
+        "UPDATE staff SET first_name = 'Annie'; DELETE FROM staff;",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the application's writes were refused: {e}\n{err}"));
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        0,
+        "a publication was created"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("tables[0]: public.staff is a partitioned table whose partitions public.staff_eu, public.staff_us have no usable replica identity of their own")
+            && errors[0].contains("or make the mapping insert-only (tables[0].operations: [insert])")
+            && errors[0].contains("No publication was created or changed"),
+        "{err}"
+    );
+    let (status, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with(
+            "FAIL replica identity public.staff: tables[0]: public.staff is a partitioned table"
+        )),
+        "{out}"
+    );
+}
+
+/// An `<publication>_inserts` someone made without `WITH (publish =
+/// 'insert')` publishes updates and deletes: a keyless table put there
+/// would have the application's UPDATEs and DELETEs refused. run refuses,
+/// naming the publication and the statement that fixes it, and adds
+/// nothing to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_only_publication_that_publishes_updates_is_not_used() {
+    let w = world("pub_inserts_updates", HISTORY_SQL).await;
+    let inserts = format!("pub_{}_inserts", w.slot);
+    w.db.exec(&format!("CREATE PUBLICATION {inserts};")).await;
+    let config = w.config(HISTORY_TRACKED, "");
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "tables[0]: the replica identity of public.history is DEFAULT, but the table has no primary key, and publication {inserts} publishes updates or deletes"
+        )) && err.contains(&format!("ALTER PUBLICATION \"{inserts}\" SET (publish = 'insert');")),
+        "{err}"
+    );
+    assert_eq!(held_by(&w, &inserts).await, None);
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (1, 1); UPDATE history SET delta = 2; DELETE FROM history;",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the application's writes were refused: {e}"));
+
+    // Fixed as the error says, the table is streamed.
+    w.db.exec(&format!(
+        "ALTER PUBLICATION {inserts} SET (publish = 'insert');"
+    ))
+    .await;
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    app_write(
+        &w,
+        "INSERT INTO history (aid, delta) VALUES (3, 1); UPDATE history SET delta = 2; DELETE FROM history;",
+    )
+    .await
+    .unwrap();
+    w.rx.wait_until("the history insert", Duration::from_secs(60), |r| {
+        r.track_count() >= 1
+    })
+    .await;
+    conn.stop().await;
+}
+
+/// A DEFERRABLE primary key is no replica identity to Postgres (it looks
+/// only at immediate ones), so a table whose updates are published needs
+/// REPLICA IDENTITY FULL all the same: run refuses before the publication
+/// exists instead of breaking the application's UPDATEs and DELETEs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferrable_primary_key_is_no_replica_identity() {
+    let w = world(
+        "pub_deferrable",
+        "CREATE TABLE employees (
+             id int PRIMARY KEY DEFERRABLE INITIALLY IMMEDIATE,
+             email text NOT NULL,
+             first_name text
+         );
+         INSERT INTO employees VALUES (1, 'ann@acme.test', 'Ann');",
+    )
+    .await;
+    let config = w.config(
+        "
+tables:
+  - table: public.employees
+    identify:
+      id: email
+      traits: {first_name: first_name}
+",
+        "",
+    );
+    let (status, _, err) = run_cli(&["run", "--config", CONFIG], &config, &[]);
+    app_write(
+        &w,
+        "UPDATE employees SET first_name = 'Annie'; DELETE FROM employees WHERE id = 2;",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the application's writes were refused: {e}\n{err}"));
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("tables[0]: the replica identity of public.employees is DEFAULT, but the primary key is DEFERRABLE")
+            && err.contains("ALTER TABLE \"public\".\"employees\" REPLICA IDENTITY FULL;")
+            && err.contains("No publication was created or changed"),
+        "{err}"
+    );
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        0,
+        "a publication was created"
+    );
+}
+
+/// A main publication `FOR TABLES IN SCHEMA` publishes a keyless table's
+/// updates whatever run does (it cannot be dropped from it alone): run
+/// says so, naming the publication and the fixes, and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyless_table_the_main_publication_holds_through_its_schema_is_refused() {
+    let w = world("pub_schema", HISTORY_SQL).await;
+    let main = format!("pub_{}", w.slot);
+    w.db.exec(&format!(
+        "CREATE PUBLICATION {main} FOR TABLES IN SCHEMA public;"
+    ))
+    .await;
+    let (status, _, err) = run_cli(
+        &["run", "--config", CONFIG],
+        &w.config(HISTORY_TRACKED, ""),
+        &[],
+    );
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "tables[0]: the replica identity of public.history is DEFAULT, but the table has no primary key, and publication {main} holds it through FOR TABLES IN SCHEMA \"public\""
+        )) && err.contains("No publication was created or changed"),
+        "{err}"
+    );
+    assert_eq!(
+        w.db.query_i64("SELECT count(*) FROM pg_publication").await,
+        1,
+        "a publication was created"
+    );
+}

@@ -587,3 +587,68 @@ async fn setup_puts_keyless_insert_only_tables_in_the_insert_only_publication() 
         "teardown left a publication"
     );
 }
+
+/// A DEFERRABLE primary key is no replica identity to Postgres: setup
+/// refuses to publish such a table with its updates, as for a keyless one,
+/// and creates nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_refuses_a_table_whose_only_key_is_deferrable() {
+    let w = world(
+        "sql_deferrable",
+        "CREATE TABLE employees (id int PRIMARY KEY DEFERRABLE, email text);",
+    )
+    .await;
+    let role = format!("r_{}", w.db.name());
+    let publication = format!("pub_{}", w.slot);
+    let out = psql_fails(
+        &w.db,
+        "setup.sql",
+        &[
+            ("role", role.as_str()),
+            ("tables", "public.employees"),
+            ("publication", publication.as_str()),
+        ],
+    );
+    assert!(
+        out.contains("public.employees has no primary key or replica identity"),
+        "{out}"
+    );
+    assert!(
+        !exists(&w.db, "SELECT 1 FROM pg_publication").await,
+        "a refused setup created a publication"
+    );
+}
+
+/// A partitioned table: setup refuses it before changing anything, since
+/// REPLICA IDENTITY FULL on the parent does not reach its partitions and
+/// publishing it would make Postgres refuse the application's UPDATEs and
+/// DELETEs on them.
+#[tokio::test(flavor = "multi_thread")]
+async fn setup_refuses_a_partitioned_table() {
+    let w = world(
+        "sql_partitioned",
+        "CREATE TABLE staff (email text, region text) PARTITION BY LIST (region);
+         CREATE TABLE staff_eu PARTITION OF staff FOR VALUES IN ('eu');
+         INSERT INTO staff VALUES ('ann@acme.test', 'eu');",
+    )
+    .await;
+    let role = format!("r_{}", w.db.name());
+    let publication = format!("pub_{}", w.slot);
+    let out = psql_fails(
+        &w.db,
+        "setup.sql",
+        &[
+            ("role", role.as_str()),
+            ("tables", "public.staff"),
+            ("full_identity_tables", "public.staff"),
+            ("publication", publication.as_str()),
+        ],
+    );
+    assert!(out.contains("public.staff is a partitioned table"), "{out}");
+    assert!(
+        !exists(&w.db, "SELECT 1 FROM pg_publication").await,
+        "a refused setup created a publication"
+    );
+    w.db.exec("UPDATE staff SET email = 'annie@acme.test'; DELETE FROM staff;")
+        .await;
+}

@@ -56,6 +56,9 @@ pub(crate) struct Existing {
     pub changes_rows: bool,
     /// The tables it holds (by name or through their schema).
     pub tables: HashSet<TableName>,
+    /// Those among `tables` it holds only through `FOR TABLES IN SCHEMA`
+    /// (or `FOR ALL TABLES`): they cannot be dropped from it one by one.
+    pub through_schema: HashSet<TableName>,
 }
 
 /// The connector's publications: what the catalog holds, and where each
@@ -97,9 +100,9 @@ impl<'a> Plan<'a> {
     /// Whether the main publication holds `table` now, in a way it can be
     /// dropped from (not `FOR ALL TABLES`).
     fn in_main(&self, table: &TableName) -> bool {
-        self.main_now
-            .as_ref()
-            .is_some_and(|p| !p.all_tables && p.tables.contains(table))
+        self.main_now.as_ref().is_some_and(|p| {
+            !p.all_tables && p.tables.contains(table) && !p.through_schema.contains(table)
+        })
     }
 
     /// The statements that move each table into the publication it goes
@@ -188,25 +191,37 @@ pub(crate) async fn existing(
     else {
         return Ok(None);
     };
-    let tables = client
+    let rows = client
         .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            "SELECT pt.schemaname::text, pt.tablename::text,
+                    NOT EXISTS (SELECT 1 FROM pg_publication_rel pr
+                                  JOIN pg_publication p ON p.oid = pr.prpubid
+                                 WHERE p.pubname = pt.pubname
+                                   AND pr.prrelid = format('%I.%I', pt.schemaname, pt.tablename)::regclass)
+               FROM pg_publication_tables pt WHERE pt.pubname = $1",
             &[&publication],
         )
         .await
         .map_err(|e| {
             SourceError::from_sql(&format!("reading the tables of publication {publication}"), e)
-        })?
-        .iter()
-        .map(|r| TableName {
+        })?;
+    let mut tables = HashSet::new();
+    let mut through_schema = HashSet::new();
+    for r in &rows {
+        let table = TableName {
             schema: r.get(0),
             name: r.get(1),
-        })
-        .collect();
+        };
+        if r.get::<_, bool>(2) {
+            through_schema.insert(table.clone());
+        }
+        tables.insert(table);
+    }
     Ok(Some(Existing {
         all_tables: row.get(0),
         changes_rows: row.get(1),
         tables,
+        through_schema,
     }))
 }
 
@@ -222,11 +237,33 @@ pub(crate) async fn plan<'a>(
     let inserts_now = existing(client, &inserts).await?;
     let mut placements = Vec::new();
     for table in published_tables(settings) {
-        let identity = replica_identity(client, table.table).await?;
+        let bare = bare_partitions(client, table.table).await?;
+        if !bare.is_empty() && !table.insert_only {
+            placements.push(Placement {
+                table,
+                route: Err(partitioned(&table, &bare)),
+            });
+            continue;
+        }
+        let identity = if bare.is_empty() {
+            replica_identity(client, table.table).await?
+        } else {
+            // Published for its inserts only, whatever the parent's.
+            ReplicaIdentity::Nothing {
+                how: "partitioned, and some of its partitions have no replica identity",
+            }
+        };
         let held = inserts_now
             .as_ref()
             .is_some_and(|p| p.tables.contains(table.table));
-        let route = route(&table, &identity, held, &main, main_now.as_ref());
+        let route = route(
+            &table,
+            &identity,
+            held,
+            &main,
+            main_now.as_ref(),
+            (&inserts, inserts_now.as_ref()),
+        );
         placements.push(Placement { table, route });
     }
     Ok(Plan {
@@ -236,6 +273,52 @@ pub(crate) async fn plan<'a>(
         inserts_now,
         placements,
     })
+}
+
+/// The partitions of `table`, when it is a partitioned table, that have
+/// no usable replica identity of their own: Postgres judges each
+/// partition's own when the application writes to it, and `ALTER TABLE …
+/// REPLICA IDENTITY` on the parent does not reach them. Empty for any
+/// other table.
+async fn bare_partitions(client: &Client, table: &TableName) -> Result<Vec<String>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || l.relname
+               FROM pg_class c
+               CROSS JOIN LATERAL pg_partition_tree(c.oid) t
+               JOIN pg_class l ON l.oid = t.relid
+               JOIN pg_namespace n ON n.oid = l.relnamespace
+              WHERE c.oid = $1::text::regclass AND c.relkind = 'p' AND t.isleaf
+                AND l.relreplident <> 'f'
+                AND NOT EXISTS (SELECT 1 FROM pg_index i
+                                 WHERE i.indrelid = l.oid AND i.indimmediate AND i.indisvalid
+                                   AND CASE l.relreplident WHEN 'd' THEN i.indisprimary
+                                                           WHEN 'i' THEN i.indisreplident
+                                                           ELSE false END)
+              ORDER BY 1",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql(&format!("looking up the partitions of {table}"), e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Why a partitioned table whose updates must be published cannot be,
+/// while some of its partitions have no usable replica identity.
+fn partitioned(t: &PublishedTable<'_>, bare: &[String]) -> String {
+    let prefix = t.key.map(|k| format!("{k}: ")).unwrap_or_default();
+    let insert_only = match (t.key, t.read_by_lookup) {
+        (Some(key), false) => {
+            format!(", or make the mapping insert-only ({key}.operations: [insert])")
+        }
+        _ => String::new(),
+    };
+    format!(
+        "{prefix}{} is a partitioned table whose partitions {} have no usable replica identity of their own (Postgres judges each partition's, and REPLICA IDENTITY on the parent does not reach them), and its updates and deletes must be published, so Postgres would refuse every UPDATE and DELETE the application makes on them; run ALTER TABLE … REPLICA IDENTITY FULL on each of them, or add a primary key to {}{insert_only}",
+        t.table,
+        bare.join(", "),
+        t.table
+    )
 }
 
 /// The rule: a table whose updates and deletes must be published needs a
@@ -248,6 +331,7 @@ fn route(
     in_inserts: bool,
     main: &str,
     main_now: Option<&Existing>,
+    (inserts, inserts_now): (&str, Option<&Existing>),
 ) -> Result<Route, String> {
     let unusable = match identity {
         ReplicaIdentity::Nothing { how } => Some(*how),
@@ -281,11 +365,29 @@ fn route(
         return Ok(Route::Main);
     }
     if let (Some(how), Some(p)) = (unusable, main_now) {
+        if p.changes_rows && !p.all_tables && p.through_schema.contains(t.table) {
+            return Err(format!(
+                "{}: the replica identity of {} is {how}, and publication {main} holds it through FOR TABLES IN SCHEMA {}, so it publishes the table's updates and deletes and Postgres refuses every UPDATE and DELETE on it; give the connector a publication of its own (postgres.publication), or run {alter} or add a primary key",
+                t.key.unwrap_or("postgres.publication"),
+                t.table,
+                quote_ident(&t.table.schema)
+            ));
+        }
         if p.all_tables && p.changes_rows {
             return Err(format!(
                 "{}: the replica identity of {} is {how}, and publication {main} is FOR ALL TABLES, so it publishes the table's updates and deletes and Postgres refuses every UPDATE and DELETE on it; give the connector a publication of its own (postgres.publication), or run {alter} or add a primary key",
                 t.key.unwrap_or("postgres.publication"),
                 t.table
+            ));
+        }
+    }
+    if let (Some(how), Some(p)) = (unusable, inserts_now) {
+        if p.changes_rows {
+            return Err(format!(
+                "{}: the replica identity of {} is {how}, and publication {inserts} publishes updates or deletes (it was not created WITH (publish = 'insert')), so Postgres would refuse every UPDATE and DELETE the application makes on the table once it is there; as its owner run ALTER PUBLICATION {} SET (publish = 'insert'); or run {alter} or add a primary key",
+                t.key.unwrap_or("postgres.publication"),
+                t.table,
+                quote_ident(inserts)
             ));
         }
     }
@@ -373,16 +475,39 @@ mod tests {
     fn a_keyless_table_goes_through_the_insert_only_publication_only_when_insert_only() {
         let h = TableName::parse("public.history").unwrap();
         assert_eq!(
-            route(&table(&h, true, false), &NO_PK, false, "p", None),
+            route(
+                &table(&h, true, false),
+                &NO_PK,
+                false,
+                "p",
+                None,
+                ("p_inserts", None)
+            ),
             Ok(Route::Inserts)
         );
-        let e = route(&table(&h, false, false), &NO_PK, false, "p", None).unwrap_err();
+        let e = route(
+            &table(&h, false, false),
+            &NO_PK,
+            false,
+            "p",
+            None,
+            ("p_inserts", None),
+        )
+        .unwrap_err();
         assert!(
             e.starts_with("tables[0]: the replica identity of public.history is DEFAULT, but the table has no primary key and tables[0].operations include update or delete")
                 && e.contains("run ALTER TABLE \"public\".\"history\" REPLICA IDENTITY FULL; or add a primary key, or make the mapping insert-only (tables[0].operations: [insert])"),
             "{e}"
         );
-        let e = route(&table(&h, false, true), &NO_PK, false, "p", None).unwrap_err();
+        let e = route(
+            &table(&h, false, true),
+            &NO_PK,
+            false,
+            "p",
+            None,
+            ("p_inserts", None),
+        )
+        .unwrap_err();
         assert!(
             e.contains("a lookup reads it") && !e.contains("insert-only"),
             "{e}"
@@ -394,15 +519,36 @@ mod tests {
             columns: vec!["id".into()],
         };
         assert_eq!(
-            route(&table(&h, true, false), &pk, false, "p", None),
+            route(
+                &table(&h, true, false),
+                &pk,
+                false,
+                "p",
+                None,
+                ("p_inserts", None)
+            ),
             Ok(Route::Main)
         );
         assert_eq!(
-            route(&table(&h, true, false), &pk, true, "p", None),
+            route(
+                &table(&h, true, false),
+                &pk,
+                true,
+                "p",
+                None,
+                ("p_inserts", None)
+            ),
             Ok(Route::Inserts)
         );
         assert_eq!(
-            route(&table(&h, false, false), &pk, true, "p", None),
+            route(
+                &table(&h, false, false),
+                &pk,
+                true,
+                "p",
+                None,
+                ("p_inserts", None)
+            ),
             Ok(Route::Main)
         );
         // A main publication FOR ALL TABLES publishes it anyway.
@@ -410,9 +556,51 @@ mod tests {
             all_tables: true,
             changes_rows: true,
             tables: HashSet::from([h.clone()]),
+            through_schema: HashSet::from([h.clone()]),
         };
-        let e = route(&table(&h, true, false), &NO_PK, false, "p", Some(&all)).unwrap_err();
+        let e = route(
+            &table(&h, true, false),
+            &NO_PK,
+            false,
+            "p",
+            Some(&all),
+            ("p_inserts", None),
+        )
+        .unwrap_err();
         assert!(e.contains("publication p is FOR ALL TABLES"), "{e}");
+        // An insert-only publication that publishes updates takes no
+        // keyless table (one with a key is fine there).
+        let changes = Existing {
+            all_tables: false,
+            changes_rows: true,
+            tables: HashSet::new(),
+            through_schema: HashSet::new(),
+        };
+        let e = route(
+            &table(&h, true, false),
+            &NO_PK,
+            false,
+            "p",
+            None,
+            ("p_inserts", Some(&changes)),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("publication p_inserts publishes updates or deletes")
+                && e.contains(r#"ALTER PUBLICATION "p_inserts" SET (publish = 'insert');"#),
+            "{e}"
+        );
+        assert_eq!(
+            route(
+                &table(&h, true, false),
+                &pk,
+                true,
+                "p",
+                None,
+                ("p_inserts", Some(&changes))
+            ),
+            Ok(Route::Inserts)
+        );
     }
 
     #[test]
@@ -427,11 +615,13 @@ mod tests {
                     all_tables: false,
                     changes_rows: true,
                     tables: main_holds.iter().map(|t| (*t).clone()).collect(),
+                    through_schema: HashSet::new(),
                 }),
                 inserts_now: Some(Existing {
                     all_tables: false,
                     changes_rows: false,
                     tables: inserts_holds.iter().map(|t| (*t).clone()).collect(),
+                    through_schema: HashSet::new(),
                 }),
                 placements: vec![
                     Placement {

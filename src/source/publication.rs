@@ -777,15 +777,18 @@ pub(crate) async fn replica_identity(
 ) -> Result<ReplicaIdentity, SourceError> {
     let row = client
         .query_one(
+            // Postgres passes over a deferrable (or invalid) primary key
+            // when it looks for the replica identity, as if there were none.
             "SELECT c.relreplident::text,
                     ARRAY(SELECT a.attname::text
                             FROM pg_index i
                             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                           WHERE i.indrelid = c.oid
+                           WHERE i.indrelid = c.oid AND i.indimmediate AND i.indisvalid
                              AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
                                                      WHEN 'i' THEN i.indisreplident
                                                      ELSE false END
-                           ORDER BY a.attnum)
+                           ORDER BY a.attnum),
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
                FROM pg_class c WHERE c.oid = $1::text::regclass",
             &[&table.quoted()],
         )
@@ -793,9 +796,13 @@ pub(crate) async fn replica_identity(
         .map_err(|e| SourceError::from_sql(&format!("reading the replica identity of {table}"), e))?;
     let kind: String = row.get(0);
     let columns: Vec<String> = row.get(1);
+    let has_primary_key: bool = row.get(2);
     Ok(match (kind.as_str(), columns.is_empty()) {
         ("f", _) => ReplicaIdentity::Full,
         ("n", _) => ReplicaIdentity::Nothing { how: "NOTHING" },
+        ("d", true) if has_primary_key => ReplicaIdentity::Nothing {
+            how: "DEFAULT, but the primary key is DEFERRABLE (or not valid), which Postgres does not use as a replica identity",
+        },
         ("d", true) => ReplicaIdentity::Nothing {
             how: "DEFAULT, but the table has no primary key",
         },
