@@ -628,3 +628,61 @@ async fn a_retry_while_a_writer_updates_the_same_rows_ends_with_the_databases_va
     }
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_unmappable_rows_are_stored_by_key_through_an_index() {
+    let w = world("dead_letter_many", ROSTER_SQL).await;
+    // An initial copy of a table where many rows lack a contact id: each
+    // is stored by its key, looked up first (one entry per row), so that
+    // look-up must not read the whole table per row.
+    const ROWS: i64 = 5000;
+    w.db.exec(&format!(
+        "INSERT INTO employees (email, first_name) SELECT NULL, 'N' || g FROM generate_series(1, {ROWS}) g;"
+    ))
+    .await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "");
+    let conn = Connector::run(&config, &[]);
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let client = w.db.client().await;
+    loop {
+        // The connector creates the table as it starts.
+        let stored: i64 = client
+            .query_one("SELECT count(*) FROM conveyour_cdc.dead_letters", &[])
+            .await
+            .map_or(0, |r| r.get(0));
+        if stored == ROWS {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stored} dead letters\n{}",
+            conn.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("{ROWS} unmappable rows stored in {:?}", started.elapsed());
+    client
+        .batch_execute("ANALYZE conveyour_cdc.dead_letters")
+        .await
+        .unwrap();
+    // The statement storing a row looks its earlier entry up by key.
+    let plan: String = client
+        .query(
+            &format!(
+                "EXPLAIN UPDATE conveyour_cdc.dead_letters SET message = 'x'
+                  WHERE slot = '{}' AND source_table = 'public.employees'
+                    AND key_columns = ARRAY['id'] AND key_values = ARRAY['17']",
+                w.slot
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0) + "\n")
+        .collect();
+    assert!(plan.contains("Index"), "{plan}");
+    drop(conn);
+}

@@ -70,7 +70,7 @@ pub(crate) async fn set_aside(
     };
     let contact = mapper.contact_text(relation, tuple).unwrap_or_default();
     let key = mapper.key_of(relation, tuple);
-    state
+    let added = state
         .dead_letter_row(
             endpoint.name(),
             &e.table,
@@ -82,8 +82,10 @@ pub(crate) async fn set_aside(
         .await?;
     let m = telemetry::metrics();
     m.dead_letters.inc();
-    if let Ok(n) = state.dead_letter_count().await {
-        m.dead_letters_stored.set(n);
+    // Not counted per row (a table scan each, for every row of a copy full
+    // of them): the retry task sets the exact depth on every pass.
+    if added {
+        m.dead_letters_stored.inc();
     }
     tracing::warn!(table = %e.table, lsn = %e.lsn, "stored an unmappable row as a dead letter (see dead-letters list): {e}");
     Ok(())

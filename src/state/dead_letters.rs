@@ -48,27 +48,32 @@ const UPGRADE: &str = "
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS key_values text[];
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS retries int NOT NULL DEFAULT 0;
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS retry_requested boolean NOT NULL DEFAULT false;
-    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();";
+    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();
+    CREATE INDEX IF NOT EXISTS dead_letters_row ON {SCHEMA}.dead_letters (slot, source_table, key_values);";
 
-/// How many of [`UPGRADE`]'s columns there are.
-const UPGRADE_COLUMNS: i64 = 6;
+/// How many of [`UPGRADE`]'s columns there are, plus its index.
+const UPGRADE_OBJECTS: i64 = 7;
 
-/// Adds the columns of [`UPGRADE`] the table lacks. Looked up first: an
-/// ALTER TABLE locks the table even when it changes nothing, and a standby
-/// connector opens the schema every few seconds.
+/// Adds the columns and the index of [`UPGRADE`] the table lacks. Looked
+/// up first: an ALTER TABLE locks the table even when it changes nothing,
+/// and a standby connector opens the schema every few seconds. The index
+/// finds a row's entry when it is stored again: without it, storing each
+/// of many unmappable rows reads the whole table.
 pub(super) async fn upgrade(client: &Client) -> Result<(), tokio_postgres::Error> {
     let present: i64 = client
         .query_one(
             &format!(
-                "SELECT count(*) FROM pg_attribute
-                  WHERE attrelid = '{SCHEMA}.dead_letters'::regclass AND NOT attisdropped
-                    AND attname IN ('reason', 'key_columns', 'key_values', 'retries', 'retry_requested', 'updated_at')"
+                "SELECT (SELECT count(*) FROM pg_attribute
+                          WHERE attrelid = '{SCHEMA}.dead_letters'::regclass AND NOT attisdropped
+                            AND attname IN ('reason', 'key_columns', 'key_values', 'retries', 'retry_requested', 'updated_at'))
+                      + (SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                          WHERE i.indrelid = '{SCHEMA}.dead_letters'::regclass AND c.relname = 'dead_letters_row')"
             ),
             &[],
         )
         .await?
         .get(0);
-    if present == UPGRADE_COLUMNS {
+    if present == UPGRADE_OBJECTS {
         return Ok(());
     }
     client
@@ -93,14 +98,15 @@ struct NewLetter<'a> {
 impl State {
     /// Stores one rejected entry (a single-entry request) durably. An
     /// identify entry carries its row's key, and replaces the row's
-    /// earlier entry if there is one.
+    /// earlier entry if there is one. True when an entry was added (not
+    /// replaced).
     pub(crate) async fn dead_letter(
         &self,
         req: &Request,
         err: &SinkError,
-    ) -> Result<(), SourceError> {
+    ) -> Result<bool, SourceError> {
         let Some(first) = req.first() else {
-            return Ok(());
+            return Ok(false);
         };
         let payload = std::str::from_utf8(&req.body).unwrap_or("null");
         store(
@@ -124,7 +130,7 @@ impl State {
 
     /// Stores a row the mapping could not send, by its key (nothing to
     /// send is stored: a retry reads the row again). Durable when it
-    /// returns.
+    /// returns; true when an entry was added (not replaced).
     pub(crate) async fn dead_letter_row(
         &self,
         endpoint: &str,
@@ -133,7 +139,7 @@ impl State {
         lsn: crate::lsn::Lsn,
         key: Option<&RowKey>,
         message: &str,
-    ) -> Result<(), SourceError> {
+    ) -> Result<bool, SourceError> {
         store(
             &self.client,
             &self.slot,
@@ -152,16 +158,12 @@ impl State {
         )
         .await
     }
-
-    /// How many dead letters the slot has.
-    pub(crate) async fn dead_letter_count(&self) -> Result<i64, SourceError> {
-        count_dead_letters(&self.client, &self.slot).await
-    }
 }
 
 /// Inserts an entry, or for a row already stored, replaces that entry's
-/// content (its id, creation time and retry count stay).
-async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<(), SourceError> {
+/// content (its id, creation time and retry count stay). True when an
+/// entry was inserted.
+async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<bool, SourceError> {
     let (columns, values) = match l.key {
         Some(k) => (Some(k.columns.to_vec()), Some(k.values.clone())),
         None => (None, None),
@@ -195,7 +197,7 @@ async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<(), Sour
             .await
             .map_err(|e| SourceError::from_sql("storing a dead letter", e))?;
         if replaced > 0 {
-            return Ok(());
+            return Ok(false);
         }
     }
     client
@@ -209,7 +211,7 @@ async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<(), Sour
         )
         .await
         .map_err(|e| SourceError::from_sql("storing a dead letter", e))?;
-    Ok(())
+    Ok(true)
 }
 
 /// One stored dead letter, as `dead-letters list` shows it.
