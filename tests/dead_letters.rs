@@ -686,3 +686,35 @@ async fn many_unmappable_rows_are_stored_by_key_through_an_index() {
     assert!(plan.contains("Index"), "{plan}");
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_reads_rows_again_a_chunk_at_a_time() {
+    let w = world("dead_letter_chunked", ROSTER_SQL).await;
+    let tables =
+        format!("dead_letters:\n  retry_every_ms: 0\nsync:\n  chunk_rows: 2\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.db.exec(
+        "INSERT INTO employees (email, first_name) SELECT NULL, 'N' || g FROM generate_series(1, 5) g;",
+    )
+    .await;
+    wait_dead_letters(&w, 5).await;
+    let (status, out, err) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "the rows still do not map: {out}{err}");
+    assert!(out.contains("rejected again 5"), "{out}{err}");
+    // The rows were read (and held until their high watermark) two at a
+    // time, as a copy reads them, not all in one chunk.
+    let log = conn.log();
+    let batches: Vec<usize> = log
+        .lines()
+        .filter(|l| l.contains("rows read again and sent"))
+        .filter_map(|l| {
+            let n = l.split("retried=").nth(1)?;
+            n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(batches.iter().sum::<usize>(), 5, "{log}");
+    assert!(batches.iter().all(|&n| n <= 2), "{batches:?}\n{log}");
+    drop(conn);
+}

@@ -49,6 +49,11 @@ const DEPTH_REFRESH: Duration = Duration::from_secs(30);
 /// part between its watermarks, before leaving them for the next retry.
 const REREAD_ROUNDS: usize = 3;
 
+/// At most this many due entries are taken per pass, so a table of
+/// millions of them is retried a slice at a time, not loaded whole; a
+/// full slice is followed by the next at once.
+const DUE_PER_PASS: i64 = 10_000;
+
 /// How long `dead-letters retry` waits for the running connector beyond
 /// three request timeouts: its retry waits for what is queued ahead of it
 /// in the stream.
@@ -310,14 +315,17 @@ impl Redeliver<'_> {
             .dead_letter_retry_every
             .map_or(DEPTH_REFRESH, |every| every.min(DEPTH_REFRESH));
         loop {
-            if !self.pass(&client, &mut chunks, &mut shutdown).await? {
+            let Some(full) = self.pass(&client, &mut chunks, &mut shutdown).await? else {
                 return Ok(());
-            }
+            };
             // Transactions the stream carried that a snapshot taken now
             // sees need no longer be kept for this window's chunks.
             let now = snapshot::current_snapshot(&client).await?;
             if let Ok(mut w) = self.window.lock() {
                 w.settle(&now);
+            }
+            if full {
+                continue;
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -327,21 +335,24 @@ impl Redeliver<'_> {
         }
     }
 
-    /// Retries every entry due; false on a stop.
+    /// Retries up to [`DUE_PER_PASS`] entries due; whether it took that
+    /// many (more may be due), or None on a stop.
     async fn pass(
         &self,
         client: &Arc<Client>,
         chunks: &mut WatermarkedChunks<'_>,
         shutdown: &mut Shutdown,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<bool>, Error> {
         let settings = self.settings;
         let due = state::due_dead_letters(
             client,
             &settings.slot,
             settings.dead_letter_retry_every,
             Duration::from_millis(DEAD_LETTER_RETRY_MAX_MS),
+            DUE_PER_PASS,
         )
         .await?;
+        let full = due.len() as i64 == DUE_PER_PASS;
         let limit = settings.conveyour.request_timeout * 3;
         let mut rereads: BTreeMap<String, (&TableMapping, Vec<DeadLetter>)> = BTreeMap::new();
         let mut reachable = true;
@@ -363,14 +374,20 @@ impl Redeliver<'_> {
                 Route::Stored(_) => state::note_retry_skipped(client, l.id, &l.message).await?,
             }
         }
-        for (m, letters) in rereads.into_values() {
-            if !self.reread(client, chunks, m, letters, shutdown).await? {
-                return Ok(false);
+        for (m, mut letters) in rereads.into_values() {
+            // A chunk's rows wait in memory for the high watermark: read
+            // as many at a time as a copy's chunk.
+            while !letters.is_empty() {
+                let rest = letters.split_off(letters.len().min(settings.sync_chunk_rows.max(1)));
+                if !self.reread(client, chunks, m, letters, shutdown).await? {
+                    return Ok(None);
+                }
+                letters = rest;
             }
         }
         let n = state::count_dead_letters(client, &settings.slot).await?;
         telemetry::metrics().dead_letters_stored.set(n);
-        Ok(true)
+        Ok(Some(full))
     }
 
     /// Reads one table's rows of `letters` again between watermarks and

@@ -291,15 +291,16 @@ pub async fn list_dead_letters(
     Ok(rows.iter().map(letter).collect())
 }
 
-/// Entries due for a retry, oldest first: those `dead-letters retry`
-/// asked for, and with `every` set, those whose wait is over. The wait
-/// after the entry's last failure is `every` doubled per failed retry, up
-/// to `max`.
+/// Entries due for a retry, oldest first, at most `limit`: those
+/// `dead-letters retry` asked for, and with `every` set, those whose wait
+/// is over. The wait after the entry's last failure is `every` doubled per
+/// failed retry, up to `max`.
 pub(crate) async fn due_dead_letters(
     client: &Client,
     slot: &str,
     every: Option<Duration>,
     max: Duration,
+    limit: i64,
 ) -> Result<Vec<DeadLetter>, SourceError> {
     let every_ms = every.map(|d| d.as_millis() as f64);
     let max_ms = max.as_millis() as f64;
@@ -311,9 +312,9 @@ pub(crate) async fn due_dead_letters(
                     AND (retry_requested
                          OR ($2::float8 IS NOT NULL
                              AND updated_at + least($2 * power(2, least(retries, 30)), $3) * interval '1 millisecond' <= now()))
-                  ORDER BY id"
+                  ORDER BY id LIMIT $4"
             ),
-            &[&slot, &every_ms, &max_ms],
+            &[&slot, &every_ms, &max_ms, &limit],
         )
         .await
         .map_err(|e| SourceError::from_sql("reading dead letters due for a retry", e))?;
