@@ -480,7 +480,6 @@ async fn with_on_unmappable_stop_a_row_without_a_contact_id_stops_the_connector(
     let config = w.config(ROSTER_TABLES, "  on_unmappable: stop\n");
     let conn = Connector::run(&config, &[]);
     w.wait_streaming(Duration::from_secs(60)).await;
-    let before_row = w.db.wal_lsn().await;
     w.db.exec("INSERT INTO employees (email, first_name) VALUES (NULL, 'Nul');")
         .await;
     let status = conn.wait(Duration::from_secs(60)).await;
@@ -491,14 +490,18 @@ async fn with_on_unmappable_stop_a_row_without_a_contact_id_stops_the_connector(
             && log.contains("the contact id is NULL"),
         "{log}"
     );
-    assert!(
-        w.confirmed().await <= before_row,
-        "the position stays before the row"
-    );
     let n =
         w.db.query_i64("SELECT count(*) FROM conveyour_cdc.dead_letters")
             .await;
     assert_eq!(n, 0);
+    // The position stayed before the row: a restart that sets such rows
+    // aside gets it again from the slot. (Comparing the confirmed position
+    // with the WAL position before the insert is not that: keepalives may
+    // confirm other databases' WAL written in between.)
+    let config = w.config(ROSTER_TABLES, "");
+    let conn = Connector::run(&config, &[]);
+    wait_dead_letters(&w, 1).await;
+    drop(conn);
 }
 
 #[tokio::test(flavor = "multi_thread")]
