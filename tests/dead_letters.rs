@@ -721,3 +721,57 @@ async fn a_retry_reads_rows_again_a_chunk_at_a_time() {
     assert!(batches.iter().all(|&n| n <= 2), "{batches:?}\n{log}");
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_unmappable_sale_bumps_its_counters_once_with_its_event() {
+    let w = world(
+        "dead_letter_counter",
+        "CREATE TABLE employees (id serial PRIMARY KEY, email text, first_name text);
+         CREATE TABLE sales (id serial PRIMARY KEY, employee_email text, amount numeric);",
+    )
+    .await;
+    let tables = "dead_letters:\n  retry_every_ms: 0\ntables:
+  - table: public.employees
+    identify: {id: email, traits: {first_name: first_name}}
+  - table: public.sales
+    track:
+      id: employee_email
+      event: made_sale
+      properties: {amount: amount}
+      increment: {sales_count: 1, career_sales: amount}
+";
+    let config = w.config(tables, "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    // The sale is inserted without its rep: nothing of it was sent, not
+    // its event and not its counters.
+    w.db.exec("INSERT INTO sales (employee_email, amount) VALUES (NULL, 40);")
+        .await;
+    wait_dead_letters(&w, 1).await;
+    // Given its rep (an update, which a track table does not stream).
+    w.db.exec("UPDATE sales SET employee_email = 'j@x.test';")
+        .await;
+    // A first retry while the row still fails keeps the entry as the
+    // insert it stands for.
+    w.db.exec("UPDATE sales SET employee_email = NULL;").await;
+    let (status, out, err) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(!status.success(), "{out}{err}");
+    w.db.exec("UPDATE sales SET employee_email = 'j@x.test';")
+        .await;
+    let (status, out, err) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("delivered 1"), "{out}");
+    assert_eq!(w.rx.track_count(), 1, "{}", w.rx.summary());
+    let rep = w.rx.contact("j@x.test").expect("the rep's counters");
+    assert_eq!(
+        rep.get("sales_count"),
+        Some(&serde_json::json!(1)),
+        "{rep:?}"
+    );
+    assert_eq!(
+        rep.get("career_sales"),
+        Some(&serde_json::json!(40)),
+        "{rep:?}"
+    );
+    drop(conn);
+}

@@ -106,6 +106,19 @@ enum Route<'a> {
     Stuck(String),
 }
 
+/// Whether an entry stands for an insert that never reached ConveYour, so
+/// a retry sends the row's counters with its event: an unmappable row the
+/// stream (not a copy, LSN 0/0) set aside from a track table that maps
+/// inserts only. (With updates mapped too, the entry does not tell an
+/// insert from an update: only the event goes, as for a copied row.)
+fn never_sent_insert(m: &TableMapping, l: &DeadLetter) -> bool {
+    l.reason == Reason::Unmappable.code()
+        && l.lsn != "0/0"
+        && matches!(m.kind, MappingKind::Track { .. })
+        && m.operations.insert
+        && !m.operations.update
+}
+
 fn route<'a>(settings: &'a Settings, l: &DeadLetter) -> Route<'a> {
     let mapping = settings
         .tables
@@ -354,12 +367,13 @@ impl Redeliver<'_> {
         .await?;
         let full = due.len() as i64 == DUE_PER_PASS;
         let limit = settings.conveyour.request_timeout * 3;
-        let mut rereads: BTreeMap<String, (&TableMapping, Vec<DeadLetter>)> = BTreeMap::new();
+        let mut rereads: BTreeMap<(String, bool), (&TableMapping, Vec<DeadLetter>)> =
+            BTreeMap::new();
         let mut reachable = true;
         for l in due {
             match route(settings, &l) {
                 Route::Reread(m) => rereads
-                    .entry(l.table.clone())
+                    .entry((l.table.clone(), never_sent_insert(m, &l)))
                     .or_insert_with(|| (m, Vec::new()))
                     .1
                     .push(l),
@@ -374,12 +388,15 @@ impl Redeliver<'_> {
                 Route::Stored(_) => state::note_retry_skipped(client, l.id, &l.message).await?,
             }
         }
-        for (m, mut letters) in rereads.into_values() {
+        for ((_, new_rows), (m, mut letters)) in rereads {
             // A chunk's rows wait in memory for the high watermark: read
             // as many at a time as a copy's chunk.
             while !letters.is_empty() {
                 let rest = letters.split_off(letters.len().min(settings.sync_chunk_rows.max(1)));
-                if !self.reread(client, chunks, m, letters, shutdown).await? {
+                if !self
+                    .reread(client, chunks, m, letters, new_rows, shutdown)
+                    .await?
+                {
                     return Ok(None);
                 }
                 letters = rest;
@@ -391,7 +408,8 @@ impl Redeliver<'_> {
     }
 
     /// Reads one table's rows of `letters` again between watermarks and
-    /// hands what they map to to the lanes; then removes the entries not
+    /// hands what they map to to the lanes (with their counters for
+    /// `new_rows`, see [`never_sent_insert`]); then removes the entries not
     /// stored again meanwhile. False on a stop.
     async fn reread(
         &self,
@@ -399,6 +417,7 @@ impl Redeliver<'_> {
         chunks: &mut WatermarkedChunks<'_>,
         m: &TableMapping,
         letters: Vec<DeadLetter>,
+        new_rows: bool,
         shutdown: &mut Shutdown,
     ) -> Result<bool, Error> {
         if !self.messages {
@@ -437,7 +456,16 @@ impl Redeliver<'_> {
             // A row still unmappable is stored again, so kept.
             let read = || async {
                 let rows = reader.read_keys(client, &todo).await?;
-                snapshot::map_rows(m, self.schema, &reader, client, rows, Some(self.state)).await
+                snapshot::map_rows(
+                    m,
+                    self.schema,
+                    &reader,
+                    client,
+                    rows,
+                    Some(self.state),
+                    new_rows,
+                )
+                .await
             };
             let Some((_, (redo, unsure))) =
                 chunks.chunk(&m.table, &key_columns, read, shutdown).await?

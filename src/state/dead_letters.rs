@@ -161,8 +161,10 @@ impl State {
 }
 
 /// Inserts an entry, or for a row already stored, replaces that entry's
-/// content (its id, creation time and retry count stay). True when an
-/// entry was inserted.
+/// content (its id, creation time and retry count stay; so does its LSN
+/// when the row was read, not streamed, this time: a retry that still
+/// cannot map the row keeps the change it stands for). True when an entry
+/// was inserted.
 async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<bool, SourceError> {
     let (columns, values) = match l.key {
         Some(k) => (Some(k.columns.to_vec()), Some(k.values.clone())),
@@ -187,7 +189,9 @@ async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<bool, So
             .execute(
                 &format!(
                     "UPDATE {SCHEMA}.dead_letters
-                        SET endpoint = $2, contact = $4, lsn = $5::text::pg_lsn, payload = $6::text::jsonb,
+                        SET endpoint = $2, contact = $4,
+                            lsn = CASE WHEN $5::text::pg_lsn = '0/0' THEN lsn ELSE $5::text::pg_lsn END,
+                            payload = $6::text::jsonb,
                             status = $7, message = $8, attempts = attempts + $9, reason = $10,
                             updated_at = now()
                       WHERE slot = $1 AND source_table = $3 AND key_columns = $11 AND key_values = $12"
