@@ -81,6 +81,26 @@ pub(super) async fn upgrade(client: &Client) -> Result<(), tokio_postgres::Error
         .await
 }
 
+/// Why [`upgrade`] failed, with the fix: a table another role owns (made
+/// by an earlier version run as that role) takes new columns only from its
+/// owner.
+pub(super) async fn upgrade_error(client: &Client, e: tokio_postgres::Error) -> SourceError {
+    let context = format!("adding this version's columns and index to {SCHEMA}.dead_letters");
+    if e.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        return SourceError::from_sql(&context, e);
+    }
+    let role: String = match client.query_one("SELECT current_user::text", &[]).await {
+        Ok(r) => r.get(0),
+        Err(_) => "<the connector's role>".into(),
+    };
+    SourceError::from_sql(
+        &format!(
+            "{context} (another role owns the table; as that role or a superuser run ALTER TABLE {SCHEMA}.dead_letters OWNER TO \"{role}\", then restart)"
+        ),
+        e,
+    )
+}
+
 /// One row to store.
 struct NewLetter<'a> {
     endpoint: &'a str,
