@@ -775,3 +775,88 @@ async fn a_retried_unmappable_sale_bumps_its_counters_once_with_its_event() {
     );
     drop(conn);
 }
+
+/// As a resync's chunk must (see sync's invisible-commit test), a retry's
+/// read of a row must not win over a streamed commit it does not see yet,
+/// also for an identify table the sync never copies (`snapshot: never`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_the_streamed_value() {
+    let cluster = tokio::task::spawn_blocking(crate::support::pg::private_cluster)
+        .await
+        .unwrap();
+    let w = crate::support::setup::world_on(cluster, "dead_letter_invisible", ROSTER_SQL).await;
+    let tables = "dead_letters:\n  retry_every_ms: 0\ntables:
+  - table: public.employees
+    snapshot: never
+    identify: {id: email, traits: {first_name: first_name}}
+";
+    let config = w.config(tables, "");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    w.rx.set_fault(Fault::RejectValue("Old".into()));
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('r@x.test', 'Old');")
+        .await;
+    wait_dead_letters(&w, 1).await;
+    w.rx.clear_fault();
+
+    // Commits wait for an absent synchronous standby, unless their session
+    // opts out, as every session but the writer's does by default.
+    crate::sync::reconfigure(
+        cluster,
+        &[
+            ("synchronous_commit", Some("local")),
+            (
+                "synchronous_standby_names",
+                Some("conveyour_cdc_test_absent"),
+            ),
+        ],
+    )
+    .await;
+    let writer = {
+        let client = crate::support::pg::connect(&w.db.url()).await.unwrap();
+        client
+            .batch_execute("SET synchronous_commit = on")
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            client
+                .execute("UPDATE employees SET first_name = 'New'", &[])
+                .await
+                .unwrap()
+        })
+    };
+    // The commit is streamed and sent while it is not yet visible.
+    w.rx.wait_until("the streamed update", Duration::from_secs(60), |r| {
+        r.contact("r@x.test")
+            .is_some_and(|c| c.get("first_name") == Some(&serde_json::json!("New")))
+    })
+    .await;
+    let invisible =
+        w.db.query_opt_string("SELECT first_name FROM employees")
+            .await;
+    assert_eq!(
+        invisible.as_deref(),
+        Some("Old"),
+        "turned visible too early"
+    );
+
+    let (status, out, err) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(status.success(), "{out}{err}");
+
+    crate::sync::reconfigure(cluster, &[("synchronous_standby_names", None)]).await;
+    let updated = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the writer's commit stayed waiting")
+        .unwrap();
+    assert_eq!(updated, 1);
+    let end = w.db.wal_lsn().await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    assert_eq!(
+        trait_of(&w, "r@x.test", "first_name").as_deref(),
+        Some("New"),
+        "the retry's older read won over the streamed change\n{}",
+        w.rx.summary()
+    );
+    crate::sync::reconfigure(cluster, &[("synchronous_commit", None)]).await;
+    drop(conn);
+}
