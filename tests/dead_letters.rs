@@ -860,3 +860,35 @@ async fn a_retry_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_th
     crate::sync::reconfigure(cluster, &[("synchronous_commit", None)]).await;
     drop(conn);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_that_cannot_be_retried_keeps_one_note_however_often_it_is_tried() {
+    let w = world("dead_letter_note", ROSTER_SQL).await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "");
+    // The connector makes its tables, then stops.
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    conn.stop().await;
+    // An unmappable row of a table no longer mapped: it cannot be read
+    // again, and every retry says so.
+    w.db.exec(&format!(
+        "INSERT INTO conveyour_cdc.dead_letters
+             (slot, endpoint, source_table, contact, lsn, payload, status, message, attempts, reason)
+         VALUES ('{}', 'identify', 'public.gone', '', '0/1', 'null', 0, 'the contact id is NULL', 0, 'unmappable');",
+        w.slot
+    ))
+    .await;
+    let message = || {
+        w.db.query_opt_string("SELECT message FROM conveyour_cdc.dead_letters")
+    };
+    let (status, _, _) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+    assert!(!status.success());
+    let once = message().await.unwrap();
+    assert!(once.starts_with("the contact id is NULL ("), "{once}");
+    for _ in 0..3 {
+        let (status, _, _) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
+        assert!(!status.success());
+    }
+    assert_eq!(message().await.unwrap(), once);
+}

@@ -96,6 +96,14 @@ pub(crate) async fn set_aside(
     Ok(())
 }
 
+/// An entry's message with why its retry was not made: the failure it was
+/// stored for, and only the latest such note (each retry would otherwise
+/// add one, without end).
+fn noted(message: &str, note: &str) -> String {
+    let stored = message.split(" (retry: ").next().unwrap_or(message);
+    format!("{stored} (retry: {note})")
+}
+
 /// How an entry is sent again.
 enum Route<'a> {
     /// Read the row by its key and send it as it is now.
@@ -132,9 +140,9 @@ fn route<'a>(settings: &'a Settings, l: &DeadLetter) -> Route<'a> {
         _ => {}
     }
     if unmappable {
-        return Route::Stuck(format!(
-            "{} (cannot be read again: the table has no primary key or is no longer mapped; fix the row, then purge this entry)",
-            l.message
+        return Route::Stuck(noted(
+            &l.message,
+            "cannot be read again: the table has no primary key or is no longer mapped; fix the row, then purge this entry",
         ));
     }
     let endpoint = match l.endpoint.as_str() {
@@ -182,16 +190,16 @@ async fn send_stored(
             Ok(Sent::Rejected)
         }
         Ok(Err(e)) => {
-            state::note_retry_skipped(client, l.id, &format!("{} (retry: {e})", l.message)).await?;
+            state::note_retry_skipped(client, l.id, &noted(&l.message, &e.to_string())).await?;
             Ok(Sent::Unreachable)
         }
         Err(_) => {
             state::note_retry_skipped(
                 client,
                 l.id,
-                &format!(
-                    "{} (retry: ConveYour did not acknowledge within {limit:?})",
-                    l.message
+                &noted(
+                    &l.message,
+                    &format!("ConveYour did not acknowledge within {limit:?}"),
                 ),
             )
             .await?;
@@ -422,7 +430,7 @@ impl Redeliver<'_> {
     ) -> Result<bool, Error> {
         if !self.messages {
             for l in &letters {
-                state::note_retry_skipped(client, l.id, &format!("{} (a retry reads the row again between watermarks, which needs PostgreSQL 14 or later)", l.message)).await?;
+                state::note_retry_skipped(client, l.id, &noted(&l.message, "a retry reads the row again between watermarks, which needs PostgreSQL 14 or later")).await?;
             }
             return Ok(true);
         }
@@ -441,7 +449,7 @@ impl Redeliver<'_> {
                     keys.push((l.id, values));
                 }
                 _ => {
-                    state::note_retry_skipped(client, l.id, &format!("{} (the table's primary key is not the one stored with the entry: fix the row, then purge this entry)", l.message)).await?;
+                    state::note_retry_skipped(client, l.id, &noted(&l.message, "the table's primary key is not the one stored with the entry: fix the row, then purge this entry")).await?;
                 }
             }
         }
