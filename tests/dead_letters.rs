@@ -892,3 +892,44 @@ async fn an_entry_that_cannot_be_retried_keeps_one_note_however_often_it_is_trie
     }
     assert_eq!(message().await.unwrap(), once);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_event_is_sent_once_when_a_connector_starts_while_the_cli_sends_it() {
+    let w = world("dead_letter_claim", ROSTER_SQL).await;
+    let tables = format!("dead_letters:\n  retry_every_ms: 100\n{ROSTER_TABLES}");
+    let config = w.config(&tables, "");
+    // The connector makes its tables, then stops.
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    conn.stop().await;
+    // A refused event, due for its automatic retry.
+    w.db.exec(&format!(
+        "INSERT INTO conveyour_cdc.dead_letters
+             (slot, endpoint, source_table, contact, lsn, payload, status, message, attempts, reason, updated_at)
+         VALUES ('{}', 'track', 'public.sales', 's@x.test', '0/1',
+                 '{{\"id\": \"s@x.test\", \"events\": [{{\"event\": \"made_sale\", \"properties\": {{\"amount\": 5}}}}]}}',
+                 400, 'refused', 1, 'rejected', now() - interval '1 hour');",
+        w.slot
+    ))
+    .await;
+    // ConveYour answers slowly: the CLI, with no connector streaming,
+    // is still sending it when a connector starts and retries it too.
+    w.rx.set_fault(Fault::Slow(Duration::from_secs(8)));
+    let cli = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[])
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    let (status, out, err) = cli.await.unwrap();
+    assert!(status.success(), "{out}{err}");
+    w.rx.clear_fault();
+    wait_dead_letters(&w, 0).await;
+    // Long enough for a second send to have landed.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(w.rx.track_count(), 1, "{}", w.rx.summary());
+    drop(conn);
+}

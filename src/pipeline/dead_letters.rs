@@ -167,10 +167,14 @@ enum Sent {
     /// No answer in time, or an answer no entry is to blame for
     /// (credentials, URL): later entries would fare no better.
     Unreachable,
+    /// Being sent by another process (or gone meanwhile): left to it.
+    Elsewhere,
 }
 
 /// Sends an entry's stored payload; removes it once acknowledged, records
-/// a rejection on it.
+/// a rejection on it. The entry is locked while it is sent: a connector
+/// starting while `dead-letters retry` sends it (or the reverse) skips it
+/// rather than send it twice (an event or a counter twice).
 async fn send_stored(
     sink: &Sink,
     client: &Client,
@@ -179,6 +183,43 @@ async fn send_stored(
     endpoint: Endpoint,
     limit: Duration,
 ) -> Result<Sent, Error> {
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| SourceError::from_sql("claiming a dead letter", e))?;
+    let sent = claimed_send(sink, client, slot, l, endpoint, limit).await;
+    let end = match sent {
+        Ok(_) => "COMMIT",
+        Err(_) => "ROLLBACK",
+    };
+    client
+        .batch_execute(end)
+        .await
+        .map_err(|e| SourceError::from_sql("ending a dead letter's retry", e))?;
+    sent
+}
+
+async fn claimed_send(
+    sink: &Sink,
+    client: &Client,
+    slot: &str,
+    l: &DeadLetter,
+    endpoint: Endpoint,
+    limit: Duration,
+) -> Result<Sent, Error> {
+    let claimed = client
+        .query_opt(
+            &format!(
+                "SELECT 1 FROM {}.dead_letters WHERE id = $1 FOR UPDATE SKIP LOCKED",
+                state::SCHEMA
+            ),
+            &[&l.id],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("claiming a dead letter", e))?;
+    if claimed.is_none() {
+        return Ok(Sent::Elsewhere);
+    }
     let request = Request::stored(endpoint, bytes::Bytes::from(l.payload.clone()));
     match tokio::time::timeout(limit, sink.deliver(&request)).await {
         Ok(Ok(())) => {
@@ -258,6 +299,7 @@ pub async fn retry_dead_letters(
                 match send_stored(&sink, &client, &settings.slot, &l, endpoint, limit).await? {
                     Sent::Delivered => outcome.delivered += 1,
                     Sent::Rejected => outcome.rejected += 1,
+                    Sent::Elsewhere => outcome.waiting += 1,
                     Sent::Unreachable => {
                         return Err(Error::Setup(format!(
                             "dead letter {}: ConveYour did not acknowledge it; is it reachable, are the credentials right?",
