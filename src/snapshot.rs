@@ -58,7 +58,9 @@ const DRAW_EVERY: Duration = Duration::from_millis(250);
 /// The actions one copied row becomes, through the same mapping as a
 /// streamed insert. A row that cannot be sent is logged and counted, as in
 /// the stream. With `set_aside` (`on_unmappable: dead_letter`), a row whose
-/// values the mapping cannot send is stored as a dead letter.
+/// values the mapping cannot send is stored as a dead letter. `new_row`:
+/// the row's insert never reached ConveYour (a retried unmappable insert),
+/// so its counters go too.
 pub(crate) async fn row_actions(
     mapper: &Mapper,
     resolver: &mut Resolver,
@@ -66,6 +68,7 @@ pub(crate) async fn row_actions(
     tuple: &Tuple,
     lsn: Lsn,
     set_aside: Option<&State>,
+    new_row: bool,
 ) -> Result<Vec<Action>, Error> {
     let outcome = match mapper.insert(relation, tuple, lsn) {
         Ok(outcome) => outcome,
@@ -117,10 +120,13 @@ pub(crate) async fn row_actions(
     };
     // A copied row is an existing row, not a new one: counters were
     // bumped when it was inserted, so only its event (or traits) go.
-    let mapped = Mapped {
-        first: mapped.then.unwrap_or(mapped.first),
-        then: None,
-        ..mapped
+    let mapped = match new_row {
+        true => mapped,
+        false => Mapped {
+            first: mapped.then.unwrap_or(mapped.first),
+            then: None,
+            ..mapped
+        },
     };
     Ok(mapped.into_actions(contact, lsn).collect())
 }
@@ -393,7 +399,7 @@ pub(crate) async fn copy_exported(
                 let mut events = Vec::with_capacity(rows.len() + 3);
                 events.push(Event::Begin);
                 for (_, tuple) in &rows {
-                    let actions = row_actions(&mapper, &mut resolver, reader.relation().id, tuple, consistent_point, cx.set_aside()).await?;
+                    let actions = row_actions(&mapper, &mut resolver, reader.relation().id, tuple, consistent_point, cx.set_aside(), false).await?;
                     for action in actions {
                         ordinal += 1;
                         events.push(Event::Action {
@@ -1132,7 +1138,7 @@ impl<'a> WatermarkedChunks<'a> {
 /// Rows read for a chunk, mapped as if inserted, through a fresh lookup
 /// cache (the stream keeps only the reader's cache current). A row the
 /// mapping cannot send is set aside in `set_aside` when given, else it is
-/// skipped or stops the copy as [`row_actions`] says.
+/// skipped or stops the copy as [`row_actions`] says (`new_rows` too).
 pub(crate) async fn map_rows(
     t: &TableMapping,
     schema: &Schema,
@@ -1140,6 +1146,7 @@ pub(crate) async fn map_rows(
     client: &Arc<Client>,
     rows: Vec<(Key, Tuple)>,
     set_aside: Option<&State>,
+    new_rows: bool,
 ) -> Result<Vec<(Key, Vec<Action>)>, Error> {
     let mapper = table_mapper(t, schema, reader.relation(), Lsn::ZERO)?;
     let mut resolver = Resolver::new(client.clone(), schema.lookups.clone());
@@ -1152,6 +1159,7 @@ pub(crate) async fn map_rows(
             &tuple,
             Lsn::ZERO,
             set_aside,
+            new_rows,
         )
         .await?;
         mapped.push((key, actions));
@@ -1174,7 +1182,7 @@ async fn copy_table(
 ) -> Result<Settled, Error> {
     let key_columns: Vec<String> = reader.key_columns().map(|(_, c)| c.name.clone()).collect();
     let client = chunks.client;
-    let map = |rows| map_rows(t, cx.schema, reader, client, rows, cx.set_aside());
+    let map = |rows| map_rows(t, cx.schema, reader, client, rows, cx.set_aside(), false);
     loop {
         let after = last.clone();
         let read = || async {

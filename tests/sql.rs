@@ -652,3 +652,41 @@ async fn setup_refuses_a_partitioned_table() {
     w.db.exec("UPDATE staff SET email = 'annie@acme.test'; DELETE FROM staff;")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_table_another_role_owns_stops_the_connector_naming_the_owner_change() {
+    let w = world("sql_dl_owner", ROSTER_SQL).await;
+    let role = format!("r_{}", w.db.name());
+    let publication = format!("pub_{}", w.slot);
+    psql_ok(
+        &w.db,
+        "setup.sql",
+        &[
+            ("role", &role),
+            ("password", PASSWORD),
+            ("tables", "public.employees, public.sales"),
+            ("publication", &publication),
+        ],
+    );
+    // The table as an earlier version made it, run as another role.
+    w.db.exec(
+        "CREATE TABLE conveyour_cdc.dead_letters (
+             id bigserial PRIMARY KEY, slot text NOT NULL, endpoint text NOT NULL,
+             source_table text NOT NULL, contact text NOT NULL, lsn pg_lsn NOT NULL,
+             payload jsonb NOT NULL, status int NOT NULL, message text NOT NULL,
+             attempts int NOT NULL, created_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .await;
+    let config = w.config_with_url(&role_url(&w.db, &role), ROSTER_TABLES, "");
+    let connector = Connector::run(&config, &[]);
+    let status = connector.wait(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let log = connector.log();
+    let fix = format!("ALTER TABLE conveyour_cdc.dead_letters OWNER TO \"{role}\"");
+    assert!(log.contains(&fix), "{log}");
+    // The fix it names lets the next start upgrade the table and stream.
+    w.db.exec(&fix).await;
+    let connector = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert!(connector.is_running(), "{}", connector.log());
+}

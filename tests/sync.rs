@@ -520,7 +520,10 @@ tables:
 
 /// Sets server-wide settings on a private cluster and waits until a new
 /// session sees them.
-async fn reconfigure(cluster: &crate::support::pg::Cluster, settings: &[(&str, Option<&str>)]) {
+pub(crate) async fn reconfigure(
+    cluster: &crate::support::pg::Cluster,
+    settings: &[(&str, Option<&str>)],
+) {
     let admin = cluster.admin().await;
     for (name, value) in settings {
         let sql = match value {

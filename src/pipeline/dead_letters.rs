@@ -49,6 +49,11 @@ const DEPTH_REFRESH: Duration = Duration::from_secs(30);
 /// part between its watermarks, before leaving them for the next retry.
 const REREAD_ROUNDS: usize = 3;
 
+/// At most this many due entries are taken per pass, so a table of
+/// millions of them is retried a slice at a time, not loaded whole; a
+/// full slice is followed by the next at once.
+const DUE_PER_PASS: i64 = 10_000;
+
 /// How long `dead-letters retry` waits for the running connector beyond
 /// three request timeouts: its retry waits for what is queued ahead of it
 /// in the stream.
@@ -70,7 +75,7 @@ pub(crate) async fn set_aside(
     };
     let contact = mapper.contact_text(relation, tuple).unwrap_or_default();
     let key = mapper.key_of(relation, tuple);
-    state
+    let added = state
         .dead_letter_row(
             endpoint.name(),
             &e.table,
@@ -82,11 +87,21 @@ pub(crate) async fn set_aside(
         .await?;
     let m = telemetry::metrics();
     m.dead_letters.inc();
-    if let Ok(n) = state.dead_letter_count().await {
-        m.dead_letters_stored.set(n);
+    // Not counted per row (a table scan each, for every row of a copy full
+    // of them): the retry task sets the exact depth on every pass.
+    if added {
+        m.dead_letters_stored.inc();
     }
     tracing::warn!(table = %e.table, lsn = %e.lsn, "stored an unmappable row as a dead letter (see dead-letters list): {e}");
     Ok(())
+}
+
+/// An entry's message with why its retry was not made: the failure it was
+/// stored for, and only the latest such note (each retry would otherwise
+/// add one, without end).
+fn noted(message: &str, note: &str) -> String {
+    let stored = message.split(" (retry: ").next().unwrap_or(message);
+    format!("{stored} (retry: {note})")
 }
 
 /// How an entry is sent again.
@@ -97,6 +112,19 @@ enum Route<'a> {
     Stored(Endpoint),
     /// Cannot be sent: why, for the entry's message.
     Stuck(String),
+}
+
+/// Whether an entry stands for an insert that never reached ConveYour, so
+/// a retry sends the row's counters with its event: an unmappable row the
+/// stream (not a copy, LSN 0/0) set aside from a track table that maps
+/// inserts only. (With updates mapped too, the entry does not tell an
+/// insert from an update: only the event goes, as for a copied row.)
+fn never_sent_insert(m: &TableMapping, l: &DeadLetter) -> bool {
+    l.reason == Reason::Unmappable.code()
+        && l.lsn != "0/0"
+        && matches!(m.kind, MappingKind::Track { .. })
+        && m.operations.insert
+        && !m.operations.update
 }
 
 fn route<'a>(settings: &'a Settings, l: &DeadLetter) -> Route<'a> {
@@ -112,9 +140,9 @@ fn route<'a>(settings: &'a Settings, l: &DeadLetter) -> Route<'a> {
         _ => {}
     }
     if unmappable {
-        return Route::Stuck(format!(
-            "{} (cannot be read again: the table has no primary key or is no longer mapped; fix the row, then purge this entry)",
-            l.message
+        return Route::Stuck(noted(
+            &l.message,
+            "cannot be read again: the table has no primary key or is no longer mapped; fix the row, then purge this entry",
         ));
     }
     let endpoint = match l.endpoint.as_str() {
@@ -139,10 +167,14 @@ enum Sent {
     /// No answer in time, or an answer no entry is to blame for
     /// (credentials, URL): later entries would fare no better.
     Unreachable,
+    /// Being sent by another process (or gone meanwhile): left to it.
+    Elsewhere,
 }
 
 /// Sends an entry's stored payload; removes it once acknowledged, records
-/// a rejection on it.
+/// a rejection on it. The entry is locked while it is sent: a connector
+/// starting while `dead-letters retry` sends it (or the reverse) skips it
+/// rather than send it twice (an event or a counter twice).
 async fn send_stored(
     sink: &Sink,
     client: &Client,
@@ -151,6 +183,43 @@ async fn send_stored(
     endpoint: Endpoint,
     limit: Duration,
 ) -> Result<Sent, Error> {
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| SourceError::from_sql("claiming a dead letter", e))?;
+    let sent = claimed_send(sink, client, slot, l, endpoint, limit).await;
+    let end = match sent {
+        Ok(_) => "COMMIT",
+        Err(_) => "ROLLBACK",
+    };
+    client
+        .batch_execute(end)
+        .await
+        .map_err(|e| SourceError::from_sql("ending a dead letter's retry", e))?;
+    sent
+}
+
+async fn claimed_send(
+    sink: &Sink,
+    client: &Client,
+    slot: &str,
+    l: &DeadLetter,
+    endpoint: Endpoint,
+    limit: Duration,
+) -> Result<Sent, Error> {
+    let claimed = client
+        .query_opt(
+            &format!(
+                "SELECT 1 FROM {}.dead_letters WHERE id = $1 FOR UPDATE SKIP LOCKED",
+                state::SCHEMA
+            ),
+            &[&l.id],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("claiming a dead letter", e))?;
+    if claimed.is_none() {
+        return Ok(Sent::Elsewhere);
+    }
     let request = Request::stored(endpoint, bytes::Bytes::from(l.payload.clone()));
     match tokio::time::timeout(limit, sink.deliver(&request)).await {
         Ok(Ok(())) => {
@@ -162,16 +231,16 @@ async fn send_stored(
             Ok(Sent::Rejected)
         }
         Ok(Err(e)) => {
-            state::note_retry_skipped(client, l.id, &format!("{} (retry: {e})", l.message)).await?;
+            state::note_retry_skipped(client, l.id, &noted(&l.message, &e.to_string())).await?;
             Ok(Sent::Unreachable)
         }
         Err(_) => {
             state::note_retry_skipped(
                 client,
                 l.id,
-                &format!(
-                    "{} (retry: ConveYour did not acknowledge within {limit:?})",
-                    l.message
+                &noted(
+                    &l.message,
+                    &format!("ConveYour did not acknowledge within {limit:?}"),
                 ),
             )
             .await?;
@@ -230,6 +299,7 @@ pub async fn retry_dead_letters(
                 match send_stored(&sink, &client, &settings.slot, &l, endpoint, limit).await? {
                     Sent::Delivered => outcome.delivered += 1,
                     Sent::Rejected => outcome.rejected += 1,
+                    Sent::Elsewhere => outcome.waiting += 1,
                     Sent::Unreachable => {
                         return Err(Error::Setup(format!(
                             "dead letter {}: ConveYour did not acknowledge it; is it reachable, are the credentials right?",
@@ -308,14 +378,17 @@ impl Redeliver<'_> {
             .dead_letter_retry_every
             .map_or(DEPTH_REFRESH, |every| every.min(DEPTH_REFRESH));
         loop {
-            if !self.pass(&client, &mut chunks, &mut shutdown).await? {
+            let Some(full) = self.pass(&client, &mut chunks, &mut shutdown).await? else {
                 return Ok(());
-            }
+            };
             // Transactions the stream carried that a snapshot taken now
             // sees need no longer be kept for this window's chunks.
             let now = snapshot::current_snapshot(&client).await?;
             if let Ok(mut w) = self.window.lock() {
                 w.settle(&now);
+            }
+            if full {
+                continue;
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -325,28 +398,32 @@ impl Redeliver<'_> {
         }
     }
 
-    /// Retries every entry due; false on a stop.
+    /// Retries up to [`DUE_PER_PASS`] entries due; whether it took that
+    /// many (more may be due), or None on a stop.
     async fn pass(
         &self,
         client: &Arc<Client>,
         chunks: &mut WatermarkedChunks<'_>,
         shutdown: &mut Shutdown,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<bool>, Error> {
         let settings = self.settings;
         let due = state::due_dead_letters(
             client,
             &settings.slot,
             settings.dead_letter_retry_every,
             Duration::from_millis(DEAD_LETTER_RETRY_MAX_MS),
+            DUE_PER_PASS,
         )
         .await?;
+        let full = due.len() as i64 == DUE_PER_PASS;
         let limit = settings.conveyour.request_timeout * 3;
-        let mut rereads: BTreeMap<String, (&TableMapping, Vec<DeadLetter>)> = BTreeMap::new();
+        let mut rereads: BTreeMap<(String, bool), (&TableMapping, Vec<DeadLetter>)> =
+            BTreeMap::new();
         let mut reachable = true;
         for l in due {
             match route(settings, &l) {
                 Route::Reread(m) => rereads
-                    .entry(l.table.clone())
+                    .entry((l.table.clone(), never_sent_insert(m, &l)))
                     .or_insert_with(|| (m, Vec::new()))
                     .1
                     .push(l),
@@ -361,18 +438,28 @@ impl Redeliver<'_> {
                 Route::Stored(_) => state::note_retry_skipped(client, l.id, &l.message).await?,
             }
         }
-        for (m, letters) in rereads.into_values() {
-            if !self.reread(client, chunks, m, letters, shutdown).await? {
-                return Ok(false);
+        for ((_, new_rows), (m, mut letters)) in rereads {
+            // A chunk's rows wait in memory for the high watermark: read
+            // as many at a time as a copy's chunk.
+            while !letters.is_empty() {
+                let rest = letters.split_off(letters.len().min(settings.sync_chunk_rows.max(1)));
+                if !self
+                    .reread(client, chunks, m, letters, new_rows, shutdown)
+                    .await?
+                {
+                    return Ok(None);
+                }
+                letters = rest;
             }
         }
         let n = state::count_dead_letters(client, &settings.slot).await?;
         telemetry::metrics().dead_letters_stored.set(n);
-        Ok(true)
+        Ok(Some(full))
     }
 
     /// Reads one table's rows of `letters` again between watermarks and
-    /// hands what they map to to the lanes; then removes the entries not
+    /// hands what they map to to the lanes (with their counters for
+    /// `new_rows`, see [`never_sent_insert`]); then removes the entries not
     /// stored again meanwhile. False on a stop.
     async fn reread(
         &self,
@@ -380,11 +467,12 @@ impl Redeliver<'_> {
         chunks: &mut WatermarkedChunks<'_>,
         m: &TableMapping,
         letters: Vec<DeadLetter>,
+        new_rows: bool,
         shutdown: &mut Shutdown,
     ) -> Result<bool, Error> {
         if !self.messages {
             for l in &letters {
-                state::note_retry_skipped(client, l.id, &format!("{} (a retry reads the row again between watermarks, which needs PostgreSQL 14 or later)", l.message)).await?;
+                state::note_retry_skipped(client, l.id, &noted(&l.message, "a retry reads the row again between watermarks, which needs PostgreSQL 14 or later")).await?;
             }
             return Ok(true);
         }
@@ -403,7 +491,7 @@ impl Redeliver<'_> {
                     keys.push((l.id, values));
                 }
                 _ => {
-                    state::note_retry_skipped(client, l.id, &format!("{} (the table's primary key is not the one stored with the entry: fix the row, then purge this entry)", l.message)).await?;
+                    state::note_retry_skipped(client, l.id, &noted(&l.message, "the table's primary key is not the one stored with the entry: fix the row, then purge this entry")).await?;
                 }
             }
         }
@@ -418,7 +506,16 @@ impl Redeliver<'_> {
             // A row still unmappable is stored again, so kept.
             let read = || async {
                 let rows = reader.read_keys(client, &todo).await?;
-                snapshot::map_rows(m, self.schema, &reader, client, rows, Some(self.state)).await
+                snapshot::map_rows(
+                    m,
+                    self.schema,
+                    &reader,
+                    client,
+                    rows,
+                    Some(self.state),
+                    new_rows,
+                )
+                .await
             };
             let Some((_, (redo, unsure))) =
                 chunks.chunk(&m.table, &key_columns, read, shutdown).await?

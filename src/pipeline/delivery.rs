@@ -557,11 +557,13 @@ impl Lane {
             let Some(state) = store else {
                 return Err(fault.into());
             };
-            state.dead_letter(&request, &fault).await?;
+            let added = state.dead_letter(&request, &fault).await?;
             let m = telemetry::metrics();
             m.dead_letters.inc();
-            if let Ok(n) = state.dead_letter_count().await {
-                m.dead_letters_stored.set(n);
+            // Not counted per entry (a table scan each): the retry task
+            // sets the exact depth on every pass.
+            if added {
+                m.dead_letters_stored.inc();
             }
             m.requests
                 .with_label_values(&[request.endpoint.name(), "dead_lettered"])

@@ -22,7 +22,7 @@ pub use dead_letters::{retry_dead_letters, RetryOutcome};
 pub(crate) use delivery::Event;
 use delivery::{Coordinator, Replay};
 
-use crate::config::{OnReject, OnUnmappable, Settings};
+use crate::config::{MappingKind, OnReject, OnUnmappable, Settings};
 use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{ContactRef, Mapper, Outcome};
@@ -322,10 +322,19 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             wake: wake.clone(),
             retry_wake: retry_wake.clone(),
             slot: settings.slot.clone(),
-            // Only a copy alongside the stream checks (and forgets) them.
+            // Only a copy alongside the stream checks (and forgets) them,
+            // and a dead-letter retry re-reading an identify table's rows
+            // (copied or not: its read must not win over a streamed commit
+            // it does not see yet either).
             copied: match (&state, messages) {
                 (Some(_), true) => snapshot::copied_tables(settings)
-                    .iter()
+                    .into_iter()
+                    .chain(
+                        settings
+                            .tables
+                            .iter()
+                            .filter(|t| matches!(t.kind, MappingKind::Identify)),
+                    )
                     .map(|t| (t.table.schema.clone(), t.table.name.clone()))
                     .collect(),
                 _ => HashSet::new(),
@@ -460,9 +469,10 @@ struct Sync {
     retry_wake: Arc<Notify>,
     /// Watermarks name the slot they are for.
     slot: String,
-    /// Tables a copy alongside the stream may read (schema, name): the
-    /// transactions changing them are recorded for its chunks
-    /// ([`snapshot::Window::carried`]). Empty when no copy can run.
+    /// Tables a copy alongside the stream or a dead-letter retry may read
+    /// (schema, name): the transactions changing them are recorded for
+    /// their chunks ([`snapshot::Window::carried`]). Empty when neither
+    /// can run.
     copied: HashSet<(String, String)>,
 }
 

@@ -48,32 +48,57 @@ const UPGRADE: &str = "
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS key_values text[];
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS retries int NOT NULL DEFAULT 0;
     ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS retry_requested boolean NOT NULL DEFAULT false;
-    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();";
+    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();
+    CREATE INDEX IF NOT EXISTS dead_letters_row ON {SCHEMA}.dead_letters (slot, source_table, key_values);";
 
-/// How many of [`UPGRADE`]'s columns there are.
-const UPGRADE_COLUMNS: i64 = 6;
+/// How many of [`UPGRADE`]'s columns there are, plus its index.
+const UPGRADE_OBJECTS: i64 = 7;
 
-/// Adds the columns of [`UPGRADE`] the table lacks. Looked up first: an
-/// ALTER TABLE locks the table even when it changes nothing, and a standby
-/// connector opens the schema every few seconds.
+/// Adds the columns and the index of [`UPGRADE`] the table lacks. Looked
+/// up first: an ALTER TABLE locks the table even when it changes nothing,
+/// and a standby connector opens the schema every few seconds. The index
+/// finds a row's entry when it is stored again: without it, storing each
+/// of many unmappable rows reads the whole table.
 pub(super) async fn upgrade(client: &Client) -> Result<(), tokio_postgres::Error> {
     let present: i64 = client
         .query_one(
             &format!(
-                "SELECT count(*) FROM pg_attribute
-                  WHERE attrelid = '{SCHEMA}.dead_letters'::regclass AND NOT attisdropped
-                    AND attname IN ('reason', 'key_columns', 'key_values', 'retries', 'retry_requested', 'updated_at')"
+                "SELECT (SELECT count(*) FROM pg_attribute
+                          WHERE attrelid = '{SCHEMA}.dead_letters'::regclass AND NOT attisdropped
+                            AND attname IN ('reason', 'key_columns', 'key_values', 'retries', 'retry_requested', 'updated_at'))
+                      + (SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                          WHERE i.indrelid = '{SCHEMA}.dead_letters'::regclass AND c.relname = 'dead_letters_row')"
             ),
             &[],
         )
         .await?
         .get(0);
-    if present == UPGRADE_COLUMNS {
+    if present == UPGRADE_OBJECTS {
         return Ok(());
     }
     client
         .batch_execute(&UPGRADE.replace("{SCHEMA}", SCHEMA))
         .await
+}
+
+/// Why [`upgrade`] failed, with the fix: a table another role owns (made
+/// by an earlier version run as that role) takes new columns only from its
+/// owner.
+pub(super) async fn upgrade_error(client: &Client, e: tokio_postgres::Error) -> SourceError {
+    let context = format!("adding this version's columns and index to {SCHEMA}.dead_letters");
+    if e.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        return SourceError::from_sql(&context, e);
+    }
+    let role: String = match client.query_one("SELECT current_user::text", &[]).await {
+        Ok(r) => r.get(0),
+        Err(_) => "<the connector's role>".into(),
+    };
+    SourceError::from_sql(
+        &format!(
+            "{context} (another role owns the table; as that role or a superuser run ALTER TABLE {SCHEMA}.dead_letters OWNER TO \"{role}\", then restart)"
+        ),
+        e,
+    )
 }
 
 /// One row to store.
@@ -93,14 +118,15 @@ struct NewLetter<'a> {
 impl State {
     /// Stores one rejected entry (a single-entry request) durably. An
     /// identify entry carries its row's key, and replaces the row's
-    /// earlier entry if there is one.
+    /// earlier entry if there is one. True when an entry was added (not
+    /// replaced).
     pub(crate) async fn dead_letter(
         &self,
         req: &Request,
         err: &SinkError,
-    ) -> Result<(), SourceError> {
+    ) -> Result<bool, SourceError> {
         let Some(first) = req.first() else {
-            return Ok(());
+            return Ok(false);
         };
         let payload = std::str::from_utf8(&req.body).unwrap_or("null");
         store(
@@ -124,7 +150,7 @@ impl State {
 
     /// Stores a row the mapping could not send, by its key (nothing to
     /// send is stored: a retry reads the row again). Durable when it
-    /// returns.
+    /// returns; true when an entry was added (not replaced).
     pub(crate) async fn dead_letter_row(
         &self,
         endpoint: &str,
@@ -133,7 +159,7 @@ impl State {
         lsn: crate::lsn::Lsn,
         key: Option<&RowKey>,
         message: &str,
-    ) -> Result<(), SourceError> {
+    ) -> Result<bool, SourceError> {
         store(
             &self.client,
             &self.slot,
@@ -152,16 +178,14 @@ impl State {
         )
         .await
     }
-
-    /// How many dead letters the slot has.
-    pub(crate) async fn dead_letter_count(&self) -> Result<i64, SourceError> {
-        count_dead_letters(&self.client, &self.slot).await
-    }
 }
 
 /// Inserts an entry, or for a row already stored, replaces that entry's
-/// content (its id, creation time and retry count stay).
-async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<(), SourceError> {
+/// content (its id, creation time and retry count stay; so does its LSN
+/// when the row was read, not streamed, this time: a retry that still
+/// cannot map the row keeps the change it stands for). True when an entry
+/// was inserted.
+async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<bool, SourceError> {
     let (columns, values) = match l.key {
         Some(k) => (Some(k.columns.to_vec()), Some(k.values.clone())),
         None => (None, None),
@@ -185,7 +209,9 @@ async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<(), Sour
             .execute(
                 &format!(
                     "UPDATE {SCHEMA}.dead_letters
-                        SET endpoint = $2, contact = $4, lsn = $5::text::pg_lsn, payload = $6::text::jsonb,
+                        SET endpoint = $2, contact = $4,
+                            lsn = CASE WHEN $5::text::pg_lsn = '0/0' THEN lsn ELSE $5::text::pg_lsn END,
+                            payload = $6::text::jsonb,
                             status = $7, message = $8, attempts = attempts + $9, reason = $10,
                             updated_at = now()
                       WHERE slot = $1 AND source_table = $3 AND key_columns = $11 AND key_values = $12"
@@ -195,7 +221,7 @@ async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<(), Sour
             .await
             .map_err(|e| SourceError::from_sql("storing a dead letter", e))?;
         if replaced > 0 {
-            return Ok(());
+            return Ok(false);
         }
     }
     client
@@ -209,7 +235,7 @@ async fn store(client: &Client, slot: &str, l: NewLetter<'_>) -> Result<(), Sour
         )
         .await
         .map_err(|e| SourceError::from_sql("storing a dead letter", e))?;
-    Ok(())
+    Ok(true)
 }
 
 /// One stored dead letter, as `dead-letters list` shows it.
@@ -289,15 +315,16 @@ pub async fn list_dead_letters(
     Ok(rows.iter().map(letter).collect())
 }
 
-/// Entries due for a retry, oldest first: those `dead-letters retry`
-/// asked for, and with `every` set, those whose wait is over. The wait
-/// after the entry's last failure is `every` doubled per failed retry, up
-/// to `max`.
+/// Entries due for a retry, oldest first, at most `limit`: those
+/// `dead-letters retry` asked for, and with `every` set, those whose wait
+/// is over. The wait after the entry's last failure is `every` doubled per
+/// failed retry, up to `max`.
 pub(crate) async fn due_dead_letters(
     client: &Client,
     slot: &str,
     every: Option<Duration>,
     max: Duration,
+    limit: i64,
 ) -> Result<Vec<DeadLetter>, SourceError> {
     let every_ms = every.map(|d| d.as_millis() as f64);
     let max_ms = max.as_millis() as f64;
@@ -309,9 +336,9 @@ pub(crate) async fn due_dead_letters(
                     AND (retry_requested
                          OR ($2::float8 IS NOT NULL
                              AND updated_at + least($2 * power(2, least(retries, 30)), $3) * interval '1 millisecond' <= now()))
-                  ORDER BY id"
+                  ORDER BY id LIMIT $4"
             ),
-            &[&slot, &every_ms, &max_ms],
+            &[&slot, &every_ms, &max_ms, &limit],
         )
         .await
         .map_err(|e| SourceError::from_sql("reading dead letters due for a retry", e))?;

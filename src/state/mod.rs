@@ -117,10 +117,6 @@ impl State {
                  );"
             ))
             .await;
-        let tables = match tables {
-            Ok(()) => dead_letters::upgrade(&client).await,
-            Err(e) => Err(e),
-        };
         match tables {
             Ok(()) => {}
             // Two connectors creating the same table at once: the loser's
@@ -132,6 +128,11 @@ impl State {
                     e,
                 ))
             }
+        }
+        match dead_letters::upgrade(&client).await {
+            Ok(()) => {}
+            Err(e) if SourceError::already_exists(&e) => {}
+            Err(e) => return Err(dead_letters::upgrade_error(&client, e).await),
         }
         let save_progress = client
             .prepare(&format!(
