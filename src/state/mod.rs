@@ -77,9 +77,22 @@ impl State {
                 }
             }
         }
-        let tables = client
-            .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {SCHEMA}.progress (
+        // Created only when one is missing: IF NOT EXISTS on a table that
+        // exists makes the server send a NOTICE, logged on every start.
+        let present = client
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN ('progress', 'snapshot_progress', 'dead_letters')",
+                &[&SCHEMA],
+            )
+            .await
+            .map_err(|e| SourceError::from_sql("looking up the connector's tables", e))?
+            .get::<_, i64>(0);
+        let tables = if present == 3 {
+            Ok(())
+        } else {
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {SCHEMA}.progress (
                      slot text NOT NULL,
                      lane int NOT NULL,
                      lanes int NOT NULL,
@@ -115,8 +128,9 @@ impl State {
                      attempts int NOT NULL,
                      created_at timestamptz NOT NULL DEFAULT now()
                  );"
-            ))
-            .await;
+                ))
+                .await
+        };
         match tables {
             Ok(()) => {}
             // Two connectors creating the same table at once: the loser's
