@@ -1,4 +1,4 @@
-//! End-to-end throughput and latency benchmark (issue 7).
+//! End-to-end throughput and latency benchmark.
 //!
 //! ```text
 //! cargo bench --bench throughput -- [--changes N] [--quick] [--repeat R]

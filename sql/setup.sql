@@ -27,9 +27,10 @@
 --                         statement if log_statement is 'ddl' or 'all'.
 --   publication           default conveyour_cdc. Must match the connector's
 --                         postgres.publication.
---   schema                default conveyour_cdc. The connector's own schema
---                         (its state and dead-letter tables), created and
---                         owned by the role.
+--   schema                default conveyour_cdc, and it must stay that: the
+--                         connector keeps its state and dead-letter tables
+--                         in the schema of that name (created here, owned
+--                         by the role) and has no setting for another.
 --   full_identity_tables  default empty. Comma-separated tables to switch to
 --                         REPLICA IDENTITY FULL, so updates and deletes carry
 --                         the whole old row (needed when a mapped column is

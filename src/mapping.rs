@@ -3,7 +3,7 @@
 //!
 //! Pure: no I/O, so every rule is unit-tested on its own. A contact id that
 //! lives in another table comes out as [`ContactRef::Lookup`]; the caller
-//! resolves it (see `pipeline::lookup`) and keeps its cache fresh from the
+//! resolves it (`source::lookup`'s resolver) and keeps its cache fresh from the
 //! related table's own changes ([`Mapper::observe`]).
 
 use std::collections::HashMap;

@@ -1,7 +1,8 @@
 //! The integration tests, compiled as one binary so they share one throwaway
 //! PostgreSQL cluster (see `support::pg`).
 //!
-//! Test modules are added here per area (replication, delivery, config, ...).
+//! One module per area (`spine`, `faults`, `dead_letters`, `sync`, ...); each
+//! test gets a database of its own in that cluster (`support::setup::world`).
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! The initial sync and resync (issue 4): existing rows reach the strict
+//! The initial sync and resync: existing rows reach the strict
 //! receiver exactly once on the first run, with their latest values when
 //! they change during the copy; a killed copy resumes from its last
 //! acknowledged chunk; track tables are copied only when they opt in; a
