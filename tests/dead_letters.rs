@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::connector::{run_cli, Connector, CONFIG_PLACEHOLDER as CONFIG};
 use crate::support::receiver::Fault;
-use crate::support::setup::{world, ROSTER_SQL, ROSTER_TABLES};
+use crate::support::setup::{world, HeldCommit, ROSTER_SQL, ROSTER_TABLES};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poisoned_row_is_dead_lettered_and_the_rest_goes_through() {
@@ -799,32 +799,12 @@ async fn a_retry_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_th
     wait_dead_letters(&w, 1).await;
     w.rx.clear_fault();
 
-    // Commits wait for an absent synchronous standby, unless their session
-    // opts out, as every session but the writer's does by default.
-    crate::sync::reconfigure(
+    let writer = HeldCommit::start(
         cluster,
-        &[
-            ("synchronous_commit", Some("local")),
-            (
-                "synchronous_standby_names",
-                Some("conveyour_cdc_test_absent"),
-            ),
-        ],
+        &w.db.url(),
+        "UPDATE employees SET first_name = 'New'",
     )
     .await;
-    let writer = {
-        let client = crate::support::pg::connect(&w.db.url()).await.unwrap();
-        client
-            .batch_execute("SET synchronous_commit = on")
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            client
-                .execute("UPDATE employees SET first_name = 'New'", &[])
-                .await
-                .unwrap()
-        })
-    };
     // The commit is streamed and sent while it is not yet visible.
     w.rx.wait_until("the streamed update", Duration::from_secs(60), |r| {
         r.contact("r@x.test")
@@ -843,12 +823,7 @@ async fn a_retry_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_th
     let (status, out, err) = run_cli(&["dead-letters", "retry", "--config", CONFIG], &config, &[]);
     assert!(status.success(), "{out}{err}");
 
-    crate::sync::reconfigure(cluster, &[("synchronous_standby_names", None)]).await;
-    let updated = tokio::time::timeout(Duration::from_secs(30), writer)
-        .await
-        .expect("the writer's commit stayed waiting")
-        .unwrap();
-    assert_eq!(updated, 1);
+    assert_eq!(writer.release().await, 1);
     let end = w.db.wal_lsn().await;
     w.wait_confirmed(end, Duration::from_secs(60)).await;
     assert_eq!(
@@ -857,7 +832,6 @@ async fn a_retry_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_th
         "the retry's older read won over the streamed change\n{}",
         w.rx.summary()
     );
-    crate::sync::reconfigure(cluster, &[("synchronous_commit", None)]).await;
     drop(conn);
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::support::connector::{run_cli, Connector, CONFIG_PLACEHOLDER as CONFIG};
-use crate::support::setup::{world, World};
+use crate::support::setup::{world, HeldCommit, World};
 
 const SCHEMA_SQL: &str = "
     CREATE TABLE employees (
@@ -518,44 +518,6 @@ tables:
     conn.stop().await;
 }
 
-/// Sets server-wide settings on a private cluster and waits until a new
-/// session sees them.
-pub(crate) async fn reconfigure(
-    cluster: &crate::support::pg::Cluster,
-    settings: &[(&str, Option<&str>)],
-) {
-    let admin = cluster.admin().await;
-    for (name, value) in settings {
-        let sql = match value {
-            Some(v) => format!("ALTER SYSTEM SET {name} = '{v}'"),
-            None => format!("ALTER SYSTEM RESET {name}"),
-        };
-        admin.batch_execute(&sql).await.unwrap();
-    }
-    admin
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    'wait: loop {
-        let fresh = cluster.admin().await;
-        for (name, value) in settings {
-            let now: String = fresh
-                .query_one(&format!("SELECT current_setting('{name}')"), &[])
-                .await
-                .unwrap()
-                .get(0);
-            let reset = value.is_none() && (now.is_empty() || now == "on");
-            if Some(now.as_str()) != *value && !reset {
-                assert!(Instant::now() < deadline, "{name} stayed {now}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue 'wait;
-            }
-        }
-        return;
-    }
-}
-
 /// A commit is in the WAL, and so in the stream, a moment before new
 /// snapshots see it (on a busy server, for microseconds; here for as long
 /// as the test likes: the commit waits for a synchronous standby that never
@@ -580,36 +542,13 @@ async fn a_resync_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_t
     let after_first = w.rx.identify_count();
     assert_eq!(after_first, n);
 
-    // Commits wait for an absent synchronous standby, unless their session
-    // opts out, as every session but the writer's does by default.
-    reconfigure(
+    let contact = "e500@acme.test";
+    let writer = HeldCommit::start(
         cluster,
-        &[
-            ("synchronous_commit", Some("local")),
-            (
-                "synchronous_standby_names",
-                Some("conveyour_cdc_test_absent"),
-            ),
-        ],
+        &w.db.url(),
+        "UPDATE employees SET level = level + 1, region = 'moved' || (level + 1) WHERE id = 500",
     )
     .await;
-    let contact = "e500@acme.test";
-    let writer = {
-        let client = crate::support::pg::connect(&w.db.url()).await.unwrap();
-        client
-            .batch_execute("SET synchronous_commit = on")
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            client
-                .execute(
-                    "UPDATE employees SET level = level + 1, region = 'moved' || (level + 1) WHERE id = 500",
-                    &[],
-                )
-                .await
-                .unwrap()
-        })
-    };
     // The commit is streamed and sent while it is not yet visible.
     let deadline = Instant::now() + Duration::from_secs(60);
     while w.rx.contact(contact).and_then(|c| c.get("level").cloned()) != Some(json!(1)) {
@@ -646,12 +585,7 @@ async fn a_resync_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_t
     );
 
     // The standby is given up on: the commit turns visible.
-    reconfigure(cluster, &[("synchronous_standby_names", None)]).await;
-    let updated = tokio::time::timeout(Duration::from_secs(30), writer)
-        .await
-        .expect("the writer's commit stayed waiting")
-        .unwrap();
-    assert_eq!(updated, 1);
+    assert_eq!(writer.release().await, 1);
     wait_caught_up(&w).await;
     assert_eq!(
         w.rx.contact(contact).and_then(|c| c.get("level").cloned()),
@@ -659,6 +593,5 @@ async fn a_resync_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_t
         "the copy's older value won over the streamed change"
     );
     assert_receiver_matches_db(&w).await;
-    reconfigure(cluster, &[("synchronous_commit", None)]).await;
     conn.stop().await;
 }

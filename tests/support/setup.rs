@@ -138,3 +138,85 @@ impl World {
         }
     }
 }
+
+/// Sets server-wide settings on a private cluster and waits until a new
+/// session sees them.
+pub async fn reconfigure(cluster: &Cluster, settings: &[(&str, Option<&str>)]) {
+    let admin = cluster.admin().await;
+    for (name, value) in settings {
+        let sql = match value {
+            Some(v) => format!("ALTER SYSTEM SET {name} = '{v}'"),
+            None => format!("ALTER SYSTEM RESET {name}"),
+        };
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'wait: loop {
+        let fresh = cluster.admin().await;
+        for (name, value) in settings {
+            let now: String = fresh
+                .query_one(&format!("SELECT current_setting('{name}')"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            let reset = value.is_none() && (now.is_empty() || now == "on");
+            if Some(now.as_str()) != *value && !reset {
+                assert!(Instant::now() < deadline, "{name} stayed {now}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue 'wait;
+            }
+        }
+        return;
+    }
+}
+
+/// A writer's commit that is in the WAL, and so in the stream, but not yet
+/// visible to new snapshots (on a busy server that lasts microseconds; here
+/// as long as a test needs): the cluster's commits wait for an absent
+/// synchronous standby, and every session but the writer's opts out.
+pub struct HeldCommit<'a> {
+    cluster: &'a Cluster,
+    writer: tokio::task::JoinHandle<u64>,
+}
+
+impl<'a> HeldCommit<'a> {
+    /// Runs `sql` in a session of its own on `url` (a database of the
+    /// private `cluster`); its commit waits until [`HeldCommit::release`].
+    pub async fn start(cluster: &'a Cluster, url: &str, sql: &str) -> HeldCommit<'a> {
+        reconfigure(
+            cluster,
+            &[
+                ("synchronous_commit", Some("local")),
+                (
+                    "synchronous_standby_names",
+                    Some("conveyour_cdc_test_absent"),
+                ),
+            ],
+        )
+        .await;
+        let client = super::pg::connect(url).await.unwrap();
+        client
+            .batch_execute("SET synchronous_commit = on")
+            .await
+            .unwrap();
+        let sql = sql.to_owned();
+        let writer = tokio::spawn(async move { client.execute(&sql, &[]).await.unwrap() });
+        HeldCommit { cluster, writer }
+    }
+
+    /// Gives the standby up: the commit turns visible. Returns the rows
+    /// the statement changed, and puts the cluster's settings back.
+    pub async fn release(self) -> u64 {
+        reconfigure(self.cluster, &[("synchronous_standby_names", None)]).await;
+        let changed = tokio::time::timeout(Duration::from_secs(30), self.writer)
+            .await
+            .expect("the writer's commit stayed waiting")
+            .unwrap();
+        reconfigure(self.cluster, &[("synchronous_commit", None)]).await;
+        changed
+    }
+}
