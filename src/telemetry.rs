@@ -15,8 +15,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 use crate::lsn::Lsn;
@@ -28,6 +28,12 @@ const PREFIX: &str = "conveyour_cdc";
 /// hundreds of milliseconds; the tail shows timeouts.
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Commit-to-acknowledgement buckets, in seconds: well under a second when
+/// keeping up, minutes and more after an outage or a long transaction.
+const COMMIT_TO_ACK_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
 ];
 
 /// `/healthz` fails when the runtime's heartbeat is older than this: the
@@ -75,6 +81,12 @@ pub(crate) struct Metrics {
     /// Dead letters stored for this slot now (rejected and unmappable),
     /// read from the table after each store and retry pass.
     pub dead_letters_stored: IntGauge,
+    /// Requests allowed at ConveYour at once, as adaptive concurrency set it.
+    pub concurrency_limit: IntGauge,
+    /// The smoothed round trip adaptive concurrency compares against.
+    pub request_rtt_seconds: Gauge,
+    /// Commit to ConveYour's acknowledgement of a transaction's last action.
+    pub commit_to_ack: Histogram,
     /// The server's WAL end as last reported, for lag in bytes.
     server_wal_end: AtomicU64,
     confirmed: AtomicU64,
@@ -132,6 +144,17 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(request_duration.clone()))
+            .expect("unique metric");
+        let commit_to_ack = Histogram::with_opts(
+            HistogramOpts::new(
+                name("commit_to_ack_seconds"),
+                "From a transaction's commit in Postgres to ConveYour acknowledging the last of its changes",
+            )
+            .buckets(COMMIT_TO_ACK_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(commit_to_ack.clone()))
             .expect("unique metric");
         let build_info = GaugeVec::new(
             Opts::new(name("build_info"), "Always 1; the version in a label"),
@@ -222,6 +245,15 @@ impl Metrics {
                 "dead_letters_stored",
                 "Dead letters stored for this slot now; 0 once every one was retried or purged",
             ),
+            concurrency_limit: int_gauge(
+                "concurrency_limit",
+                "ConveYour requests allowed in flight at once (adaptive; at most conveyour.max_in_flight)",
+            ),
+            request_rtt_seconds: gauge(
+                "request_rtt_seconds",
+                "Smoothed round trip of acknowledged ConveYour requests, the baseline adaptive concurrency compares against",
+            ),
+            commit_to_ack,
             registry,
             server_wal_end: AtomicU64::new(0),
             confirmed: AtomicU64::new(0),
@@ -248,6 +280,14 @@ impl Metrics {
                 .store(crate::source::pg_time_unix_ms(t), Ordering::Relaxed);
         }
         self.update_lag_bytes();
+    }
+
+    /// ConveYour acknowledged the last action of a transaction committed
+    /// at `commit_time` (µs since 2000-01-01).
+    pub(crate) fn transaction_acknowledged(&self, commit_time: i64) {
+        let committed = crate::source::pg_time_unix_ms(commit_time);
+        let ms = unix_ms().saturating_sub(committed);
+        self.commit_to_ack.observe(ms as f64 / 1000.0);
     }
 
     /// A sync chunk was acknowledged: work moves though the confirmed

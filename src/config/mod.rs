@@ -56,10 +56,16 @@ pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 25_000;
 /// Standby status updates are sent at least this often. Postgres drops a
 /// walsender that is silent for `wal_sender_timeout` (60 s by default).
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
-/// Requests in flight at once. Four hides ConveYour's round trip behind
-/// batching on small hardware while keeping each contact's actions on one
-/// lane, in order.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
+/// Ceiling of requests in flight at once (adaptive concurrency finds the
+/// limit below it). Sales spread over many reps need about one track
+/// request per sale; at ConveYour's 50-150 ms round trip, 64 in flight is
+/// 400-1,300 requests/s, more than an account's rate limit is likely to
+/// allow, so the limit is found by ConveYour's answers rather than capped
+/// here; and 64 connections is little for either end. It also bounds what
+/// repeats after a crash: `max_in_flight × batch_size` actions.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// Largest `conveyour.max_in_flight` accepted.
+pub const MAX_IN_FLIGHT_CEILING: usize = 256;
 /// Warn when the slot holds more WAL than this (MiB): 1 GiB is well past a
 /// healthy backlog and well before a typical disk fills.
 pub const DEFAULT_RETAINED_WAL_WARN_MB: u64 = 1024;
@@ -253,6 +259,10 @@ pub struct ConveyourConfig {
     pub shutdown_grace_ms: u64,
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// `adaptive` (find the limit up to `max_in_flight`) or `fixed` (always
+    /// `max_in_flight`, for an API contract that names a concurrency).
+    #[serde(default)]
+    pub concurrency: Concurrency,
     /// Requests per second toward ConveYour at most; unset means no ceiling.
     #[serde(default)]
     pub max_requests_per_second: Option<f64>,
@@ -264,6 +274,18 @@ pub struct ConveyourConfig {
     /// Fold a contact's identifies within one batch into one entry.
     #[serde(default)]
     pub coalesce: bool,
+}
+
+/// How many requests go to ConveYour at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Concurrency {
+    /// Start at one and find the limit from ConveYour's answers (AIMD),
+    /// never above `max_in_flight`.
+    #[default]
+    Adaptive,
+    /// Always `max_in_flight`.
+    Fixed,
 }
 
 /// What to do with entries ConveYour rejects for good.
@@ -480,6 +502,7 @@ pub struct SinkSettings {
     pub body_error_retries: u32,
     pub shutdown_grace: Duration,
     pub max_in_flight: usize,
+    pub concurrency: Concurrency,
     pub max_requests_per_second: Option<f64>,
     pub on_reject: OnReject,
     pub on_unmappable: OnUnmappable,
@@ -617,8 +640,11 @@ impl Config {
             ));
         }
 
-        if cy.max_in_flight == 0 || cy.max_in_flight > 64 {
-            return Err(err("conveyour.max_in_flight", "must be between 1 and 64"));
+        if cy.max_in_flight == 0 || cy.max_in_flight > MAX_IN_FLIGHT_CEILING {
+            return Err(err(
+                "conveyour.max_in_flight",
+                &format!("must be between 1 and {MAX_IN_FLIGHT_CEILING}"),
+            ));
         }
         if let Some(r) = cy.max_requests_per_second {
             if !(r > 0.0 && r.is_finite()) {
@@ -686,6 +712,7 @@ impl Config {
                 body_error_retries: cy.body_error_retries,
                 shutdown_grace: Duration::from_millis(cy.shutdown_grace_ms),
                 max_in_flight: cy.max_in_flight,
+                concurrency: cy.concurrency,
                 max_requests_per_second: cy.max_requests_per_second,
                 on_reject: cy.on_reject,
                 on_unmappable: cy.on_unmappable,

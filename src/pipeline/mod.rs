@@ -1,7 +1,7 @@
 //! The running connector: one replication session after another, each a
-//! reader (stream → decode → map), delivery (lanes that batch and send,
-//! a coordinator that confirms) and a feedback loop (standby status
-//! updates).
+//! reader (stream → decode → map), delivery (a dispatcher that batches,
+//! sends in parallel per contact and confirms) and a feedback loop
+//! (standby status updates).
 //!
 //! The guarantee lives here: the position reported to Postgres moves only
 //! to the end of a transaction all of whose actions ConveYour acknowledged,
@@ -20,7 +20,7 @@ mod delivery;
 pub(crate) use dead_letters::set_aside;
 pub use dead_letters::{retry_dead_letters, RetryOutcome};
 pub(crate) use delivery::Event;
-use delivery::{Coordinator, Replay};
+use delivery::{Dispatcher, Replay};
 
 use crate::config::{MappingKind, OnReject, OnUnmappable, Settings};
 use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
@@ -53,7 +53,7 @@ const BUSY_FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 /// A commit the server sends this long (by its own clock) after it
 /// happened means the walsender is working through a backlog. Its short
 /// pauses between transactions are then decoding, not a quiet stream:
-/// delivery fills its batches instead of sending a request per lane per
+/// delivery fills its batches instead of sending a request per
 /// transaction (about a third fewer requests and progress writes in the
 /// benchmark), and the reader batches from the start of each burst. Live
 /// changes arrive within a few milliseconds of their commit, far below
@@ -213,14 +213,11 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     }
     let exported = exported.filter(|_| state.is_some());
     let start = source::slot_confirmed(&client, &settings.slot).await?;
-    // Rows the lanes recorded as delivered are skipped, so a restart
-    // resends only what was in flight, not everything after the slot's
-    // position.
+    // Rows recorded as delivered are skipped, so a restart resends only
+    // what was acknowledged past the record, not everything after the
+    // slot's position.
     let replay = match &state {
-        Some(state) => Replay::new(
-            &state.lane_progress().await?,
-            settings.conveyour.max_in_flight,
-        ),
+        Some(state) => Replay::new(&state.lane_progress().await?),
         None => None,
     };
 
@@ -228,7 +225,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     let metrics = telemetry::metrics();
     metrics.confirmed(start, None);
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHUNKS);
-    let coordinator = Coordinator::new(
+    let dispatcher = Dispatcher::new(
         sink.clone(),
         &settings.conveyour,
         state.clone(),
@@ -236,7 +233,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     );
     // Aborted if this session returns early (an error before streaming):
     // a reconnect must not leave it sending beside the next session's.
-    let mut delivery = AbortOnDrop(tokio::spawn(coordinator.run(events_rx, shutdown.clone())));
+    let mut delivery = AbortOnDrop(tokio::spawn(dispatcher.run(events_rx, shutdown.clone())));
     let joined = |r: Result<Result<(), Error>, tokio::task::JoinError>| match r {
         Ok(r) => r,
         Err(e) => Err(Error::Setup(format!("delivery failed: {e}"))),
@@ -277,12 +274,11 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     let (reader, writer) = conn
         .start_replication(&settings.slot, &publications.names, Lsn::ZERO, messages)
         .await?;
-    // Only the slot's holder may tidy its progress: a standby with another
-    // lane count must not erase what the active connector records.
+    // Only the slot's holder may tidy its progress: a standby must not
+    // erase what the active connector records. Rows of earlier versions
+    // (one per lane) were read above; from now on one mark is recorded.
     if let Some(state) = &state {
-        state
-            .forget_other_lanes(settings.conveyour.max_in_flight)
-            .await?;
+        state.forget_other_lanes(1).await?;
     }
     tracing::info!(
         slot = %settings.slot,
@@ -916,10 +912,6 @@ async fn deliver(
         }
         Outcome::Send(mapped) => mapped,
     };
-    // A looked-up contact may resolve differently after a restart (and so
-    // land in another lane): such a row counts as delivered only when every
-    // lane had passed it.
-    let looked_up = matches!(mapped.contact, ContactRef::Lookup { .. });
     // A known contact is moved into the actions, not copied.
     let contact = match std::mem::replace(&mut mapped.contact, ContactRef::Known(String::new())) {
         ContactRef::Known(c) => c,
@@ -937,11 +929,7 @@ async fn deliver(
             commit_lsn: at.commit_lsn,
             change: first + i as u64,
         };
-        let delivered = replay.is_some_and(|r| match looked_up {
-            true => r.covers_every_lane(at),
-            false => r.covers(&action.contact, at),
-        });
-        if delivered {
+        if replay.is_some_and(|r| r.covers(at)) {
             continue;
         }
         chunk.push(Event::Action { action, at });

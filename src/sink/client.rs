@@ -2,12 +2,13 @@
 //! each is acknowledged or definitely rejected.
 
 use std::fmt;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 
 use super::batch::Request;
+use super::concurrency::{Limiter, Permit, Signal};
 use super::retry::{backoff, classify, retry_wait, Verdict};
 use super::throttle::Throttle;
 use super::Endpoint;
@@ -89,6 +90,8 @@ pub(crate) struct Sink {
     urls: [reqwest::Url; 2],
     settings: SinkSettings,
     throttle: Throttle,
+    /// How many attempts may be on the wire at once.
+    limiter: Arc<Limiter>,
     /// What every lane has seen ConveYour acknowledge, and whether it is
     /// in an outage.
     health: Mutex<Health>,
@@ -160,6 +163,10 @@ impl Sink {
             urls: [url(Endpoint::Identify)?, url(Endpoint::Track)?],
             settings: settings.clone(),
             throttle: Throttle::new(settings.max_requests_per_second),
+            limiter: Limiter::new(
+                settings.max_in_flight,
+                settings.concurrency == crate::config::Concurrency::Adaptive,
+            ),
             health: Mutex::new(Health::default()),
         })
     }
@@ -197,7 +204,7 @@ impl Sink {
                 .map(|d| d.as_nanos())
                 .unwrap_or_default()
         );
-        match self.exchange(&req, &key, true).await {
+        match self.exchange(&req, &key, true, None).await {
             Ok(()) => Ok(true),
             // Status 0: a transient failure, not retried for a probe.
             Err(e) if e.status == 0 || e.is_content_rejection() => Ok(false),
@@ -245,15 +252,25 @@ impl Sink {
 
     /// Records an acknowledged attempt sent at `sent`; ends an outage.
     fn acknowledged(&self, req: &Request, sent: Instant) {
-        let contact = match req.endpoint {
-            Endpoint::Identify => req.items.last().map(|(_, a)| &a.contact),
-            Endpoint::Track => None,
-        };
+        // Two distinct contacts of the request, its last first: a probe
+        // then has one besides whichever of them a later request is
+        // refused for.
+        let mut contacts: Vec<&String> = Vec::with_capacity(2);
+        if req.endpoint == Endpoint::Identify {
+            for (_, a) in req.items.iter().rev() {
+                if !contacts.contains(&&a.contact) {
+                    contacts.push(&a.contact);
+                    if contacts.len() == 2 {
+                        break;
+                    }
+                }
+            }
+        }
         let mut h = self.health();
         if h.last_ack_sent.is_none_or(|t| t < sent) {
             h.last_ack_sent = Some(sent);
         }
-        if let Some(c) = contact {
+        for c in contacts.into_iter().rev() {
             if h.contacts.front() != Some(c) {
                 h.contacts.retain(|known| known != c);
                 h.contacts.push_front(c.clone());
@@ -279,12 +296,31 @@ impl Sink {
     /// itself blames nothing (see [`super::blame`]). Cancel by dropping the
     /// future.
     pub(crate) async fn deliver(&self, req: &Request) -> Result<(), SinkError> {
-        self.exchange(req, &req.idempotency_key(), false).await
+        self.exchange(req, &req.idempotency_key(), false, None)
+            .await
+    }
+
+    /// [`Self::deliver`], its first attempt in a slot already taken.
+    pub(crate) async fn deliver_in(&self, req: &Request, slot: Permit) -> Result<(), SinkError> {
+        self.exchange(req, &req.idempotency_key(), false, Some(slot))
+            .await
+    }
+
+    /// The concurrency limit every attempt goes through.
+    pub(crate) fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
     }
 
     /// [`Self::deliver`] with a given Idempotency-Key; `once` makes every
-    /// failure final after one attempt (a probe).
-    async fn exchange(&self, req: &Request, key: &str, once: bool) -> Result<(), SinkError> {
+    /// failure final after one attempt (a probe). `slot` is the first
+    /// attempt's, when already taken.
+    async fn exchange(
+        &self,
+        req: &Request,
+        key: &str,
+        once: bool,
+        mut slot: Option<Permit>,
+    ) -> Result<(), SinkError> {
         let mut attempts: u32 = 0;
         let mut not_ok: u32 = 0;
         let m = crate::telemetry::metrics();
@@ -293,10 +329,20 @@ impl Sink {
         loop {
             attempts += 1;
             self.throttle.acquire().await;
+            let mut permit = match slot.take() {
+                Some(p) => p,
+                None => self.limiter.acquire().await,
+            };
+            permit.start();
             m.in_flight.inc();
             let started = std::time::Instant::now();
             let verdict = self.post(req, key).await;
             m.in_flight.dec();
+            permit.finish(match &verdict {
+                Verdict::Ack => Signal::Ack(started.elapsed()),
+                Verdict::Retry { .. } => Signal::Congestion,
+                Verdict::NotOk { .. } | Verdict::Reject { .. } => Signal::Neutral,
+            });
             m.request_duration
                 .with_label_values(&[endpoint])
                 .observe(started.elapsed().as_secs_f64());
@@ -321,8 +367,10 @@ impl Sink {
                     after,
                 } => {
                     let wait = retry_wait(after, self.backoff(attempts));
-                    if after.is_some() || status == Some(429) {
-                        // ConveYour is throttling: every lane waits.
+                    // ConveYour is throttling. The limit was cut (above);
+                    // this request waits out Retry-After. Once the limit is
+                    // as low as it goes (or fixed), every request waits.
+                    if (after.is_some() || status == Some(429)) && self.limiter.at_floor() {
                         self.throttle.pause(wait);
                     }
                     (wait, reason)

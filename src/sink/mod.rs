@@ -4,6 +4,7 @@
 mod batch;
 mod blame;
 mod client;
+mod concurrency;
 mod retry;
 mod throttle;
 
@@ -11,6 +12,7 @@ pub(crate) use batch::{contact_key, single_body, Batcher, Request};
 pub(crate) use blame::{probe_contact, Blame, Trial};
 pub(crate) use client::Sink;
 pub use client::SinkError;
+pub(crate) use concurrency::{Limiter, Permit};
 pub(crate) use retry::{backoff, Verdict};
 
 /// Which ConveYour API a request goes to.
