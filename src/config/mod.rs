@@ -643,7 +643,7 @@ impl Config {
         if cy.max_in_flight == 0 || cy.max_in_flight > MAX_IN_FLIGHT_CEILING {
             return Err(err(
                 "conveyour.max_in_flight",
-                &format!("must be between 1 and {MAX_IN_FLIGHT_CEILING}"),
+                format!("must be between 1 and {MAX_IN_FLIGHT_CEILING}"),
             ));
         }
         if let Some(r) = cy.max_requests_per_second {

@@ -279,11 +279,7 @@ impl Dispatcher {
                 .deadline()
                 .max(Instant::now() + Duration::from_secs(1));
             match tokio::time::timeout_at(until, recorder).await {
-                Ok(r) => {
-                    if let Err(e) = flatten(r) {
-                        return Err(e);
-                    }
-                }
+                Ok(r) => flatten(r)?,
                 Err(_) => tracing::warn!(
                     "shutdown grace period over before the delivered position was recorded; what was delivered since the last record is sent again on the next start"
                 ),

@@ -45,12 +45,8 @@ impl Order {
             let key = contact_key(&action.contact);
             match self.claims.insert(key, id) {
                 Some(earlier) if earlier == id => continue,
-                Some(earlier) => {
-                    if !after.contains(&earlier) {
-                        after.push(earlier);
-                    }
-                }
-                None => {}
+                Some(earlier) if !after.contains(&earlier) => after.push(earlier),
+                Some(_) | None => {}
             }
             contacts.push(key);
         }
