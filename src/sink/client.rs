@@ -138,7 +138,7 @@ impl Sink {
         );
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .default_headers(headers)
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
@@ -148,7 +148,14 @@ impl Sink {
             // A redirect would carry the app key and token to wherever it
             // points, and turn the POST into a GET: treat it as the wrong
             // URL instead.
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        // Trusted besides the built-in roots, e.g. a TLS-inspecting proxy's CA.
+        for der in settings.ca_file.iter().flat_map(|ca| ca.certificates()) {
+            let cert = reqwest::Certificate::from_der(der)
+                .map_err(|e| format!("conveyour.ca_file: unusable certificate: {e}"))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
             .build()
             .map_err(|e| format!("conveyour: cannot build the HTTP client: {e}"))?;
         let url = |e: Endpoint| {
