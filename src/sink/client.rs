@@ -144,6 +144,10 @@ impl Sink {
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
+            // Connections are reused (HTTP/1.1 keep-alive, or one HTTP/2
+            // connection multiplexing every request when ConveYour offers
+            // h2 by ALPN); no more stay idle than requests can be in flight.
+            .pool_max_idle_per_host(settings.max_in_flight)
             .user_agent(concat!("conveyour-cdc/", env!("CARGO_PKG_VERSION")))
             // A redirect would carry the app key and token to wherever it
             // points, and turn the POST into a GET: treat it as the wrong
