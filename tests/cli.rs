@@ -224,6 +224,13 @@ fn bad_configs_are_refused_before_connecting_with_the_key_named() {
             ),
             "tables[1].track.properties: 16 properties",
         ),
+        (
+            base.replace(
+                "  appkey: k\n",
+                "  appkey: k\n  ca_file: /nonexistent/conveyour-ca.pem\n",
+            ),
+            "config conveyour.ca_file: cannot read /nonexistent/conveyour-ca.pem",
+        ),
     ];
     for (yaml, needle) in cases {
         let (status, out, err) = run_cli(&["check", "--config", CONFIG], &yaml, &[]);

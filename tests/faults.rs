@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::support::connector::Connector;
 use crate::support::receiver::{Fault, Receiver};
-use crate::support::setup::{world, ROSTER_SQL};
+use crate::support::setup::{world, World, APPKEY, ROSTER_SQL, ROSTER_TABLES, TOKEN};
 
 /// The position stood still while requests failed, and never reached the
 /// writes they carried. (Before the first write is received, keepalives may
@@ -627,4 +627,95 @@ async fn the_first_row_ever_refused_for_a_value_is_one_dead_letter() {
     assert!(status.success(), "{out}{err}");
     assert_eq!(w.rx.contact("first@x.test").unwrap()["first_name"], "BAD");
     drop(conn);
+}
+
+/// Streams 100 new contacts, each identified and then given three sales,
+/// through a connector already streaming (after a warm-up identify, so
+/// the client holds a connection before the burst), and waits until
+/// ConveYour has all of it and the position passed it.
+async fn many_contacts(w: &World) {
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('warmup@x.test', 'w');")
+        .await;
+    w.rx.wait_until("warm-up identify", Duration::from_secs(60), |r| {
+        r.identify_count() >= 1
+    })
+    .await;
+    for part in 0..10 {
+        let mut sql = String::new();
+        for c in part * 10..part * 10 + 10 {
+            sql.push_str(&format!(
+                "INSERT INTO employees (email, first_name) VALUES ('m{c}@x.test', 'n{c}');"
+            ));
+            for s in 0..3 {
+                sql.push_str(&format!(
+                    "INSERT INTO sales (employee_email, amount, customer) VALUES ('m{c}@x.test', {s}, 'cust');"
+                ));
+            }
+        }
+        w.db.exec(&sql).await;
+    }
+    let end = w.db.wal_lsn().await;
+    w.rx.wait_until("every contact and sale", Duration::from_secs(120), |r| {
+        r.identify_count() >= 101 && r.track_count() >= 300
+    })
+    .await;
+    w.wait_confirmed(end, Duration::from_secs(60)).await;
+    assert_eq!(w.rx.identify_count(), 101, "{}", w.rx.summary());
+    assert_eq!(w.rx.track_count(), 300, "{}", w.rx.summary());
+    assert_eq!(w.rx.rejected_count(), 0, "{}", w.rx.summary());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_https_offering_h2_every_request_is_http2_on_one_reused_connection() {
+    let mut w = world("h2", ROSTER_SQL).await;
+    w.rx = Receiver::start_tls(APPKEY, TOKEN).await;
+    let ca_file = w.rx.ca_file().unwrap();
+    // Small identify batches and one contact per track request: hundreds
+    // of requests, several in flight at once.
+    let config = w.config(
+        ROSTER_TABLES,
+        &format!("  batch_size: 10\n  ca_file: {}\n", ca_file.display()),
+    );
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    many_contacts(&w).await;
+    let requests = w.rx.requests();
+    assert!(requests.len() >= 100, "{}", w.rx.summary());
+    let versions: BTreeMap<&str, usize> = requests.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.version.as_str()).or_default() += 1;
+        m
+    });
+    assert_eq!(
+        versions.keys().copied().collect::<Vec<_>>(),
+        vec!["HTTP/2.0"],
+        "every request over HTTP/2: {versions:?}"
+    );
+    assert!(
+        w.rx.connection_count() <= 2,
+        "{} requests came over {} connections: HTTP/2 multiplexes them on one",
+        requests.len(),
+        w.rx.connection_count()
+    );
+    conn.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_plain_http_requests_reuse_keep_alive_connections() {
+    let w = world("keepalive", ROSTER_SQL).await;
+    let config = w.config(ROSTER_TABLES, "  batch_size: 10\n  max_in_flight: 4\n");
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    many_contacts(&w).await;
+    let requests = w.rx.requests();
+    assert!(requests.len() >= 100, "{}", w.rx.summary());
+    assert!(requests.iter().all(|r| r.version == "HTTP/1.1"));
+    // At most four requests at once need at most four connections; a
+    // connection per request would be a hundred.
+    assert!(
+        w.rx.connection_count() * 4 <= requests.len(),
+        "{} requests came over {} connections: keep-alive should reuse them",
+        requests.len(),
+        w.rx.connection_count()
+    );
+    conn.stop().await;
 }

@@ -605,6 +605,260 @@ async fn receiver_faults_behave() {
     assert_eq!(rx.identify_count(), 5);
 }
 
+/// POSTs `body` to `path` through `client`, with the contract's headers.
+async fn post_via(
+    client: &reqwest::Client,
+    rx: &Receiver,
+    path: &str,
+    body: &Value,
+) -> Result<reqwest::Response, reqwest::Error> {
+    client
+        .post(format!("{}{path}", rx.url()))
+        .header("x-conveyour-appkey", APPKEY)
+        .header("x-conveyour-token", TOKEN)
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_rate_limit_answers_429_above_the_rate_and_accepts_after_the_window() {
+    let rx = receiver::start(APPKEY, TOKEN).await;
+    let body = json!({"id": "r1", "traits": {"a": 1}});
+    // A burst of ten against five a second: five through, five refused.
+    // Only a burst that fits in the one-second window says so; a machine
+    // stalled past it gets another try.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        assert!(tries <= 5, "no burst of ten requests fit in a second");
+        rx.set_fault(Fault::RateLimit {
+            per_second: 5,
+            retry_after_secs: 2,
+        });
+        rx.reset_records();
+        let text = body.to_string();
+        let started = Instant::now();
+        let answers = futures_util::future::join_all(
+            (0..10).map(|_| post_with(&rx, IDENTIFY_PATH, &text, &[], &[])),
+        )
+        .await;
+        if started.elapsed() >= Duration::from_millis(900) {
+            continue;
+        }
+        let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+        let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 429).collect();
+        assert_eq!(refused.len(), 5, "{}", rx.summary());
+        assert_eq!(answers.iter().filter(|(s, _, _)| *s == 200).count(), 5);
+        for (_, headers, json) in refused {
+            assert_eq!(headers.get("retry-after").unwrap(), "2");
+            assert_eq!(json["status"], "error");
+            assert_eq!(
+                json["message"],
+                "rate limit: more than 5 requests in a second"
+            );
+        }
+        assert_eq!(rx.throttled_count(), 5);
+        assert_eq!(rx.identify_count(), 5, "a refused request is not applied");
+        break;
+    }
+    // Once the window has passed, requests go through again, up to the rate.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(post(&rx, IDENTIFY_PATH, &body).await.0, 200);
+    assert_eq!(rx.throttled_count(), 5);
+    assert_eq!(rx.identify_count(), 6);
+}
+
+/// What one request got: its status, `reset`, or another failure.
+async fn outcome(rx: &Receiver, body: &Value) -> String {
+    match post_with(rx, IDENTIFY_PATH, &body.to_string(), &[], &[]).await {
+        Ok((429, headers, _)) => format!("429 retry-after {:?}", headers.get("retry-after")),
+        Ok((status, _, _)) => status.to_string(),
+        Err(e) if is_reset(&e) => "reset".to_string(),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_chaos_is_deterministic_for_a_seed_and_injects_every_kind() {
+    let rx = receiver::start(APPKEY, TOKEN).await;
+    let body = json!({"id": "c1", "traits": {"a": 1}});
+    let chaos = |seed| Fault::Chaos {
+        seed,
+        p_500: 0.15,
+        p_503: 0.15,
+        p_429: 0.15,
+        p_reset: 0.15,
+    };
+    let mut runs = Vec::new();
+    for seed in [7, 7, 8] {
+        rx.set_fault(chaos(seed));
+        let mut outcomes = Vec::new();
+        for _ in 0..40 {
+            outcomes.push(outcome(&rx, &body).await);
+        }
+        runs.push(outcomes);
+    }
+    assert_eq!(runs[0], runs[1], "the same seed, the same answers");
+    assert_ne!(runs[0], runs[2], "another seed, other answers");
+    for kind in ["200", "500", "503", "429 retry-after Some(\"1\")", "reset"] {
+        assert!(
+            runs[0].iter().any(|o| o == kind),
+            "no {kind} in {:?}",
+            runs[0]
+        );
+    }
+    assert!(
+        runs[0].iter().all(|o| !o.starts_with("failed")),
+        "{:?}",
+        runs[0]
+    );
+    // The receiver's records agree with what the client saw.
+    let statuses: Vec<u16> = rx.requests()[..40]
+        .iter()
+        .map(|r| r.response_status)
+        .collect();
+    let seen: Vec<u16> = runs[0]
+        .iter()
+        .map(|o| match o.as_str() {
+            "reset" => 0,
+            o => o[..3].parse().unwrap(),
+        })
+        .collect();
+    assert_eq!(statuses, seen);
+    let ok = runs.iter().flatten().filter(|o| *o == "200").count();
+    assert_eq!(rx.identify_count(), ok);
+    assert_eq!(
+        rx.throttled_count(),
+        runs.iter()
+            .flatten()
+            .filter(|o| o.starts_with("429"))
+            .count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_over_tls_speaks_http2_when_offered_and_http11_otherwise() {
+    let rx = Receiver::start_tls(APPKEY, TOKEN).await;
+    assert!(rx.url().starts_with("https://127.0.0.1:"), "{}", rx.url());
+    let pem = rx.ca_pem().unwrap();
+    assert_eq!(std::fs::read_to_string(rx.ca_file().unwrap()).unwrap(), pem);
+    let ca = || reqwest::Certificate::from_pem(pem.as_bytes()).unwrap();
+    let body = json!({"id": "t1", "traits": {"a": 1}});
+
+    // Without the CA, the certificate is refused.
+    let untrusting = reqwest::Client::new();
+    let err = post_via(&untrusting, &rx, IDENTIFY_PATH, &body)
+        .await
+        .expect_err("a client without the test CA must refuse the certificate");
+    assert!(
+        format!("{err:?}").contains("UnknownIssuer"),
+        "expected an unknown-issuer certificate error: {err:?}"
+    );
+
+    // Offering h2 (reqwest's default with ALPN): HTTP/2, several requests
+    // at once on one connection.
+    let h2 = reqwest::Client::builder()
+        .add_root_certificate(ca())
+        .build()
+        .unwrap();
+    let resp = post_via(&h2, &rx, IDENTIFY_PATH, &body).await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let answers =
+        futures_util::future::join_all((0..20).map(|_| post_via(&h2, &rx, IDENTIFY_PATH, &body)))
+            .await;
+    for answer in answers {
+        let answer = answer.unwrap();
+        assert_eq!(
+            (answer.version(), answer.status().as_u16()),
+            (reqwest::Version::HTTP_2, 200)
+        );
+    }
+    let requests = rx.requests();
+    assert_eq!(requests.len(), 21, "{}", rx.summary());
+    assert!(requests
+        .iter()
+        .all(|r| r.version == "HTTP/2.0" && r.accepted));
+    let first = requests[0].connection;
+    assert!(requests.iter().all(|r| r.connection == first));
+    // The untrusting client's connection, and the h2 one.
+    assert_eq!(rx.connection_count(), 2);
+
+    // Offering only http/1.1: HTTP/1.1, kept alive.
+    let h1 = reqwest::Client::builder()
+        .add_root_certificate(ca())
+        .http1_only()
+        .build()
+        .unwrap();
+    rx.reset_records();
+    for _ in 0..3 {
+        let resp = post_via(&h1, &rx, IDENTIFY_PATH, &body).await.unwrap();
+        assert_eq!(
+            (resp.version(), resp.status().as_u16()),
+            (reqwest::Version::HTTP_11, 200)
+        );
+    }
+    let requests = rx.requests();
+    assert!(requests.iter().all(|r| r.version == "HTTP/1.1"));
+    assert_eq!(rx.connection_count(), 1, "keep-alive reuses the connection");
+    assert!(requests.iter().all(|r| r.connection > first));
+
+    // The contract and the faults hold over TLS and HTTP/2 too.
+    let wrong = h2
+        .post(format!("{}{IDENTIFY_PATH}", rx.url()))
+        .header("x-conveyour-appkey", APPKEY)
+        .header("x-conveyour-token", "wrong")
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    rx.set_fault(Fault::Status(503));
+    let resp = post_via(&h2, &rx, IDENTIFY_PATH, &body).await.unwrap();
+    assert_eq!(
+        (resp.version(), resp.status().as_u16()),
+        (reqwest::Version::HTTP_2, 503)
+    );
+    rx.set_fault(Fault::Reset);
+    post_via(&h2, &rx, IDENTIFY_PATH, &body)
+        .await
+        .expect_err("a reset connection must fail the request");
+    rx.clear_fault();
+    let resp = post_via(&h2, &rx, IDENTIFY_PATH, &body).await.unwrap();
+    assert_eq!(
+        (resp.version(), resp.status().as_u16()),
+        (reqwest::Version::HTTP_2, 200)
+    );
+    let last = rx.requests().last().cloned().unwrap();
+    assert_eq!((last.version.as_str(), last.accepted), ("HTTP/2.0", true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_counts_connections_and_keep_alive_reuses_one() {
+    let rx = receiver::start(APPKEY, TOKEN).await;
+    let body = json!({"id": "k1", "traits": {"a": 1}});
+    // A client keeping connections: one for five requests in a row.
+    let keeping = reqwest::Client::new();
+    for _ in 0..5 {
+        let resp = post_via(&keeping, &rx, IDENTIFY_PATH, &body).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(rx.connection_count(), 1);
+    // One that keeps none: a connection each.
+    for _ in 0..3 {
+        assert_eq!(post(&rx, IDENTIFY_PATH, &body).await.0, 200);
+    }
+    assert_eq!(rx.connection_count(), 4);
+    let connections: Vec<usize> = rx.requests().iter().map(|r| r.connection).collect();
+    assert_eq!(connections, vec![1, 1, 1, 1, 1, 2, 3, 4]);
+    assert!(rx.requests().iter().all(|r| r.version == "HTTP/1.1"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_light_mode_still_counts_and_merges() {
     let rx = receiver::start(APPKEY, TOKEN).await;

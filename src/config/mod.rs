@@ -7,15 +7,17 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::source::ConnParams;
 
+mod ca_file;
 mod tables;
 
+pub use ca_file::CaFile;
 pub use tables::{
     ColumnRole, ColumnUse, ContactSource, EventName, FieldMapping, FieldSource, IncrementBy,
     Lookup, MappingKind, NullPolicy, OnDelete, Operations, SnapshotPolicy, TableConfig,
@@ -274,6 +276,11 @@ pub struct ConveyourConfig {
     /// Fold a contact's identifies within one batch into one entry.
     #[serde(default)]
     pub coalesce: bool,
+    /// A PEM file of extra root certificates to trust for ConveYour (a
+    /// TLS-inspecting proxy's CA, a private endpoint's), besides the
+    /// built-in ones.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How many requests go to ConveYour at once.
@@ -507,6 +514,8 @@ pub struct SinkSettings {
     pub on_reject: OnReject,
     pub on_unmappable: OnUnmappable,
     pub coalesce: bool,
+    /// Extra root certificates from `conveyour.ca_file`, already checked.
+    pub ca_file: Option<CaFile>,
 }
 
 impl Config {
@@ -654,6 +663,12 @@ impl Config {
                 ));
             }
         }
+        let ca_file = match &cy.ca_file {
+            Some(path) => {
+                Some(CaFile::read(path).map_err(|problem| err("conveyour.ca_file", problem))?)
+            }
+            None => None,
+        };
         if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(err(
                 "metrics.listen",
@@ -717,6 +732,7 @@ impl Config {
                 on_reject: cy.on_reject,
                 on_unmappable: cy.on_unmappable,
                 coalesce: cy.coalesce,
+                ca_file,
             },
             tables,
             metrics_listen: self.metrics.listen.clone(),
@@ -1145,6 +1161,93 @@ tables: [{table: employees, identify: {id: email}}]
         ] {
             let s = validate(&GOOD.replace("https://acme.conveyour.com", fine)).unwrap();
             assert_eq!(s.conveyour.url, fine.trim_end_matches('/'));
+        }
+    }
+
+    /// A file of its own under the temporary directory, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, bytes: &[u8]) -> TempFile {
+            let path = std::env::temp_dir().join(format!(
+                "conveyour-cdc-config-{}-{name}",
+                std::process::id()
+            ));
+            std::fs::write(&path, bytes).unwrap();
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn with_ca_file(path: &Path) -> String {
+        GOOD.replace(
+            "  batch_wait_ms: 200\n",
+            &format!("  batch_wait_ms: 200\n  ca_file: {}\n", path.display()),
+        )
+    }
+
+    #[test]
+    fn a_ca_file_is_read_at_load_and_its_certificates_kept() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let file = TempFile::new("good-ca.pem", ca.pem().as_bytes());
+        let s = validate(&with_ca_file(&file.0)).unwrap();
+        let ca_file = s.conveyour.ca_file.expect("ca_file kept");
+        assert_eq!(ca_file.path(), file.0);
+        assert_eq!(
+            ca_file.certificates().collect::<Vec<_>>(),
+            vec![ca.der().as_ref()]
+        );
+        assert!(
+            format!("{ca_file:?}").ends_with("certificates: 1 }"),
+            "{ca_file:?}"
+        );
+        assert!(validate(GOOD).unwrap().conveyour.ca_file.is_none());
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_refused_with_what_to_give_instead() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let missing = std::env::temp_dir().join("conveyour-cdc-no-such-ca.pem");
+        let der = TempFile::new("ca.der", ca.der());
+        let key_only = TempFile::new("key.pem", key.serialize_pem().as_bytes());
+        let truncated = TempFile::new("truncated.pem", &ca.pem().as_bytes()[..ca.pem().len() - 30]);
+        let not_x509 = TempFile::new(
+            "not-x509.pem",
+            b"-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+        );
+        for (path, needle) in [
+            (missing.as_path(), "cannot read"),
+            (der.0.as_path(), "is not a PEM file"),
+            (
+                key_only.0.as_path(),
+                "holds no certificate (only PrivateKey); give the CA's certificate",
+            ),
+            (truncated.0.as_path(), "is not valid PEM"),
+            (
+                not_x509.0.as_path(),
+                "certificate 1 of 1 is not a usable X.509 certificate",
+            ),
+        ] {
+            let e = validate(&with_ca_file(path)).unwrap_err();
+            assert_eq!(e.field, "conveyour.ca_file", "{e}");
+            assert_eq!(e.kind, ConfigErrorKind::Key, "{e}");
+            assert!(e.problem.contains(needle), "expected `{needle}` in: {e}");
+            assert!(
+                e.problem.contains(&path.display().to_string()),
+                "the file is named: {e}"
+            );
         }
     }
 

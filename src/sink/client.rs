@@ -141,17 +141,28 @@ impl Sink {
         );
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .default_headers(headers)
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
+            // Connections are reused (HTTP/1.1 keep-alive, or one HTTP/2
+            // connection multiplexing every request when ConveYour offers
+            // h2 by ALPN); no more stay idle than requests can be in flight.
+            .pool_max_idle_per_host(settings.max_in_flight)
             .user_agent(concat!("conveyour-cdc/", env!("CARGO_PKG_VERSION")))
             // A redirect would carry the app key and token to wherever it
             // points, and turn the POST into a GET: treat it as the wrong
             // URL instead.
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        // Trusted besides the built-in roots, e.g. a TLS-inspecting proxy's CA.
+        for der in settings.ca_file.iter().flat_map(|ca| ca.certificates()) {
+            let cert = reqwest::Certificate::from_der(der)
+                .map_err(|e| format!("conveyour.ca_file: unusable certificate: {e}"))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
             .build()
             .map_err(|e| format!("conveyour: cannot build the HTTP client: {e}"))?;
         let url = |e: Endpoint| {

@@ -1,14 +1,17 @@
 //! The strict test ConveYour: a real HTTP/1.1 server on 127.0.0.1 that
 //! enforces the identify/track contract, records everything it sees, merges
 //! accepted traits into per-contact state like ConveYour would, and can inject
-//! faults at runtime.
+//! faults at runtime. [`Receiver::start_tls`] serves the same over HTTPS
+//! with a certificate of its own test CA, offering HTTP/2 and HTTP/1.1 by
+//! ALPN, as ConveYour does.
 //!
 //! It runs on its own runtime thread, so it keeps serving while a test blocks
 //! (for example in [`super::connector::run_cli`] or [`super::pg::Cluster::restart`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -53,6 +56,29 @@ pub enum Fault {
     /// 400 for any request with an identify trait or event property whose
     /// value is this string (a value ConveYour will not store).
     RejectValue(String),
+    /// A real rate limit: a request is let through (and handled normally)
+    /// when fewer than `per_second` requests were let through in the last
+    /// second (a sliding window); otherwise it is answered 429 with
+    /// `Retry-After: <retry_after_secs>` and an error body. Setting the
+    /// fault starts with an empty window.
+    RateLimit {
+        per_second: u32,
+        retry_after_secs: u64,
+    },
+    /// Each request on its own, by a generator seeded with `seed` when the
+    /// fault is set: answered 500 with probability `p_500`, 503 with
+    /// `p_503`, 429 (`Retry-After: 1`) with `p_429`, reset as by
+    /// [`Fault::Reset`] with `p_reset`, and otherwise handled normally. One
+    /// draw per request, so the same seed and the same request order give
+    /// the same answers. Over HTTP/2 a reset tears down every stream on the
+    /// connection, as a real one would.
+    Chaos {
+        seed: u64,
+        p_500: f64,
+        p_503: f64,
+        p_429: f64,
+        p_reset: f64,
+    },
 }
 
 /// One request as the receiver saw it.
@@ -75,6 +101,12 @@ pub struct RecordedRequest {
     pub idempotency_key: Option<String>,
     /// Why it was rejected or faulted (the error message sent back).
     pub error: Option<String>,
+    /// The HTTP version it came in, as `http` prints it: `HTTP/1.1`,
+    /// `HTTP/2.0`.
+    pub version: String,
+    /// Which TCP connection it came on: 1 for the first the receiver
+    /// accepted, counting on across [`Receiver::reset_records`].
+    pub connection: usize,
 }
 
 impl RecordedRequest {
@@ -102,6 +134,15 @@ struct State {
     /// Tasks serving open connections, aborted on `Outage`.
     connections: Vec<AbortHandle>,
     accept_task: Option<AbortHandle>,
+    /// TCP connections accepted since the start or the last reset.
+    connection_count: usize,
+    /// TCP connections accepted ever: the last one's number.
+    last_connection: usize,
+    /// When `RateLimit` let requests through, oldest first, within the
+    /// last second.
+    admitted: VecDeque<Instant>,
+    /// `Chaos`'s generator, seeded when the fault is set.
+    chaos: Option<fastrand::Rng>,
 }
 
 struct Inner {
@@ -110,6 +151,63 @@ struct Inner {
     addr: SocketAddr,
     handle: tokio::runtime::Handle,
     state: Mutex<State>,
+    /// Set for a receiver serving HTTPS.
+    tls: Option<Tls>,
+}
+
+/// What an HTTPS receiver serves with, and the CA a client must trust.
+struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    ca_pem: String,
+    /// A scratch directory holding `ca.pem`, removed with the receiver.
+    dir: PathBuf,
+}
+
+impl Tls {
+    /// A fresh test CA and a server certificate it signed for `localhost`
+    /// and `127.0.0.1`; ALPN offers h2, then http/1.1.
+    fn new() -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("test CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "conveyour-cdc test ConveYour CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("test CA certificate");
+        let key = KeyPair::generate().expect("test server key");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let cert = params
+            .signed_by(&key, &ca, &ca_key)
+            .expect("test server certificate");
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone(), ca.der().clone()], key.into())
+            .expect("test server TLS config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let dir = super::scratch_path("conveyour-cdc-receiver");
+        std::fs::create_dir_all(&dir).expect("creating the receiver's scratch dir");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("writing the test CA");
+        Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            ca_pem: ca.pem(),
+            dir,
+        }
+    }
+}
+
+impl Drop for Tls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Inner {
@@ -157,6 +255,20 @@ pub async fn start(appkey: &str, token: &str) -> Receiver {
 impl Receiver {
     /// Starts a receiver that expects these credentials.
     pub async fn start(appkey: &str, token: &str) -> Receiver {
+        Receiver::launch(appkey, token, None)
+    }
+
+    /// Starts a receiver that expects these credentials and serves HTTPS
+    /// with a certificate of a test CA of its own (see
+    /// [`Receiver::ca_file`]), for `localhost` and `127.0.0.1`. ALPN
+    /// offers `h2` then `http/1.1`; each connection is served in the
+    /// protocol it negotiated (HTTP/1.1 without ALPN). Contract, faults and
+    /// records work as over plain HTTP.
+    pub async fn start_tls(appkey: &str, token: &str) -> Receiver {
+        Receiver::launch(appkey, token, Some(Tls::new()))
+    }
+
+    fn launch(appkey: &str, token: &str, tls: Option<Tls>) -> Receiver {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -190,6 +302,7 @@ impl Receiver {
             addr,
             handle,
             state: Mutex::new(State::default()),
+            tls,
         });
         serve(&inner, listener);
         Receiver {
@@ -201,9 +314,27 @@ impl Receiver {
         }
     }
 
-    /// `http://127.0.0.1:PORT`; the connector appends the endpoint paths.
+    /// `http://127.0.0.1:PORT` (`https://` from [`Receiver::start_tls`]);
+    /// the connector appends the endpoint paths.
     pub fn url(&self) -> String {
-        format!("http://{}", self.inner.addr)
+        let scheme = if self.inner.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.inner.addr)
+    }
+
+    /// The PEM certificate of the CA that signed an HTTPS receiver's
+    /// certificate (what `conveyour.ca_file` must hold); `None` over HTTP.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.inner.tls.as_ref().map(|t| t.ca_pem.as_str())
+    }
+
+    /// A file holding [`Receiver::ca_pem`], there as long as the receiver
+    /// is; `None` over HTTP.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.inner.tls.as_ref().map(|t| t.dir.join("ca.pem"))
     }
 
     pub fn port(&self) -> u16 {
@@ -231,6 +362,11 @@ impl Receiver {
                 task.abort();
             }
         }
+        st.admitted.clear();
+        st.chaos = match fault {
+            Fault::Chaos { seed, .. } => Some(fastrand::Rng::with_seed(seed)),
+            _ => None,
+        };
         st.fault = Some(fault.clone());
         drop(st);
         // Aborting is asynchronous: wait until the listener is really gone.
@@ -272,6 +408,21 @@ impl Receiver {
     /// Requests answered with anything but success.
     pub fn rejected_count(&self) -> usize {
         self.state().requests.iter().filter(|r| !r.accepted).count()
+    }
+
+    /// Requests answered 429 Too Many Requests (by any fault).
+    pub fn throttled_count(&self) -> usize {
+        self.state()
+            .requests
+            .iter()
+            .filter(|r| r.response_status == 429)
+            .count()
+    }
+
+    /// TCP connections accepted since the start or the last
+    /// [`Receiver::reset_records`] (TLS handshakes that failed included).
+    pub fn connection_count(&self) -> usize {
+        self.state().connection_count
     }
 
     /// Accepted identify entries (`{id, traits}`), in arrival order.
@@ -324,9 +475,11 @@ impl Receiver {
         self.state().light = !keep;
     }
 
-    /// Forgets everything recorded so far (the fault stays as it is).
+    /// Forgets everything recorded so far, connections counted included
+    /// (the fault stays as it is).
     pub fn reset_records(&self) {
         let mut st = self.state();
+        st.connection_count = 0;
         st.requests.clear();
         st.identifies.clear();
         st.identify_count = 0;
@@ -420,8 +573,13 @@ fn serve(inner: &Arc<Inner>, listener: tokio::net::TcpListener) {
                         continue;
                     }
                 };
-                let conn = inner.handle.spawn(serve_connection(inner.clone(), stream));
                 let mut st = inner.state();
+                st.connection_count += 1;
+                st.last_connection += 1;
+                let number = st.last_connection;
+                let conn = inner
+                    .handle
+                    .spawn(serve_connection(inner.clone(), stream, number));
                 st.connections.retain(|h| !h.is_finished());
                 st.connections.push(conn.abort_handle());
             }
@@ -432,7 +590,7 @@ fn serve(inner: &Arc<Inner>, listener: tokio::net::TcpListener) {
 
 type Reply = Response<Full<Bytes>>;
 
-async fn serve_connection(receiver: Arc<Inner>, stream: tokio::net::TcpStream) {
+async fn serve_connection(receiver: Arc<Inner>, stream: tokio::net::TcpStream, number: usize) {
     // A second handle on the socket, so a `Reset` can set SO_LINGER 0 and be
     // the last one to close it.
     let Ok(std_stream) = stream.into_std() else {
@@ -447,15 +605,36 @@ async fn serve_connection(receiver: Arc<Inner>, stream: tokio::net::TcpStream) {
     let reset = Arc::new(Notify::new());
     let service = {
         let reset = reset.clone();
+        let receiver = receiver.clone();
         service_fn(move |req: Request<Incoming>| {
             let receiver = receiver.clone();
             let reset = reset.clone();
-            async move { Ok::<_, Infallible>(handle(receiver, req, reset).await) }
+            async move { Ok::<_, Infallible>(handle(receiver, req, reset, number).await) }
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
+    let conn = async {
+        let Some(tls) = &receiver.tls else {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            return;
+        };
+        // A client that does not trust the certificate gives up here.
+        let Ok(stream) = tls.acceptor.accept(stream).await else {
+            return;
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        } else {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    };
     tokio::select! {
         _ = conn => {}
         _ = reset.notified() => {
@@ -491,6 +670,8 @@ enum FaultAction {
     Delay(Duration),
     RejectId(String),
     RejectValue(String),
+    /// 429 from `RateLimit`: its `Retry-After` and the rate.
+    RateLimited(u64, u32),
 }
 
 fn take_fault_action(st: &mut State) -> FaultAction {
@@ -517,11 +698,64 @@ fn take_fault_action(st: &mut State) -> FaultAction {
         Some(Fault::Slow(d)) => FaultAction::Delay(d),
         Some(Fault::RejectId(id)) => FaultAction::RejectId(id),
         Some(Fault::RejectValue(v)) => FaultAction::RejectValue(v),
+        Some(Fault::RateLimit {
+            per_second,
+            retry_after_secs,
+        }) => {
+            let now = Instant::now();
+            while st
+                .admitted
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+            {
+                st.admitted.pop_front();
+            }
+            if st.admitted.len() < per_second as usize {
+                st.admitted.push_back(now);
+                FaultAction::None
+            } else {
+                FaultAction::RateLimited(retry_after_secs, per_second)
+            }
+        }
+        Some(Fault::Chaos {
+            seed,
+            p_500,
+            p_503,
+            p_429,
+            p_reset,
+        }) => {
+            let draw = st
+                .chaos
+                .get_or_insert_with(|| fastrand::Rng::with_seed(seed))
+                .f64();
+            let mut edge = 0.0;
+            let mut below = |p: f64| {
+                edge += p;
+                draw < edge
+            };
+            if below(p_500) {
+                FaultAction::Answer(500, None)
+            } else if below(p_503) {
+                FaultAction::Answer(503, None)
+            } else if below(p_429) {
+                FaultAction::Answer(429, Some(1))
+            } else if below(p_reset) {
+                FaultAction::Reset
+            } else {
+                FaultAction::None
+            }
+        }
     }
 }
 
-async fn handle(receiver: Arc<Inner>, req: Request<Incoming>, reset: Arc<Notify>) -> Reply {
+async fn handle(
+    receiver: Arc<Inner>,
+    req: Request<Incoming>,
+    reset: Arc<Notify>,
+    connection: usize,
+) -> Reply {
     let endpoint = req.uri().path().to_string();
+    let version = format!("{:?}", req.version());
     let method = req.method().to_string();
     let headers: Vec<(String, String)> = req
         .headers()
@@ -545,6 +779,8 @@ async fn handle(receiver: Arc<Inner>, req: Request<Incoming>, reset: Arc<Notify>
         response_status: 0,
         accepted: false,
         error: None,
+        version,
+        connection,
     };
 
     let action = take_fault_action(&mut receiver.state());
@@ -594,6 +830,13 @@ async fn handle(receiver: Arc<Inner>, req: Request<Incoming>, reset: Arc<Notify>
         }
         FaultAction::BodyError => {
             return finish(record, 200, "injected");
+        }
+        FaultAction::RateLimited(retry_after, per_second) => {
+            let message = format!("rate limit: more than {per_second} requests in a second");
+            let mut resp = finish(record, 429, &message);
+            resp.headers_mut()
+                .insert("retry-after", retry_after.to_string().parse().unwrap());
+            return resp;
         }
         _ => {}
     }
