@@ -115,6 +115,9 @@ async fn sales_for_different_reps_are_in_flight_together() {
     .await;
     eprintln!("in-flight requests seen: {seen:?}");
     wait_all_sales(&w, 300).await;
+    // ConveYour's side saw them together too.
+    let together = w.rx.max_concurrent();
+    assert!(together >= 16, "at most {together} requests at once");
     // One contact's requests never overlap: each rep's sale is its own.
     let tracks = w.rx.tracks();
     assert_eq!(tracks.len(), 300, "{}", w.rx.summary());
@@ -123,10 +126,7 @@ async fn sales_for_different_reps_are_in_flight_together() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_limit_comes_down_when_conveyour_slows_and_goes_back_up() {
     let w = world("conc_climb", ROSTER_SQL).await;
-    let conn = Connector::run(
-        &w.config(ROSTER_TABLES, "  max_in_flight: 16\n"),
-        &[],
-    );
+    let conn = Connector::run(&w.config(ROSTER_TABLES, "  max_in_flight: 16\n"), &[]);
     let addr = metrics_addr(&conn).await;
     w.wait_streaming(Duration::from_secs(60)).await;
     w.rx.set_fault(Fault::Slow(Duration::from_millis(50)));

@@ -486,6 +486,59 @@ async fn a_mixed_workload_under_random_faults_ends_consistent_and_in_order() {
     assert!(conn.is_running(), "the connector stopped:\n{}", conn.log());
 }
 
+/// With 64 requests allowed at once from the start (`concurrency: fixed`)
+/// and a receiver that answers after 20 ms and fails one request in six
+/// at random (500, 503, 429 with Retry-After, connection reset), every
+/// contact's changes still arrive in commit order and the receiver ends
+/// equal to the database.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_concurrency_ceiling_random_5xx_429s_and_resets_keep_each_contact_in_order() {
+    let seed = seed(0x5EED_0006);
+    eprintln!("chaos at the ceiling: seed {seed} (RELIABILITY_SEED={seed} replays it)");
+    let w = world("rel_chaos", SCHEMA_SQL).await;
+    let conn = Connector::run(
+        &w.config(
+            TABLES,
+            "  batch_size: 10\n  max_in_flight: 64\n  concurrency: fixed\n",
+        ),
+        &[],
+    );
+    w.wait_streaming(Duration::from_secs(30)).await;
+    w.rx.set_latency(Duration::from_millis(20));
+    w.rx.set_fault(Fault::Chaos {
+        seed,
+        p_500: 0.05,
+        p_503: 0.05,
+        p_429: 0.02,
+        p_reset: 0.05,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = steady_writer(w.db.url(), 400, seed, stop.clone());
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.store(true, Ordering::SeqCst);
+    let txns = writer.await.unwrap();
+    let (faulted, together) = (w.rx.rejected_count(), w.rx.max_concurrent());
+    w.rx.clear_fault();
+    assert!(faulted > 0, "no request was faulted\n{}", w.rx.summary());
+    let dups = assert_consistent(&w, &conn, "chaos at the ceiling", Duration::from_secs(120)).await;
+    eprintln!(
+        "chaos at the ceiling: {txns} transactions, {faulted} requests faulted, at most {together} at once, {dups} duplicate sale events\nreceiver: {}",
+        w.rx.summary()
+    );
+    assert!(
+        together > 4,
+        "requests never overlapped beyond four at once ({together}): the test did not run at concurrency"
+    );
+    let entries = w.rx.identifies();
+    let violations = order_violations(&entries, &w.rx.tracks());
+    assert!(
+        violations.is_empty(),
+        "per-contact order broken: {violations:#?}"
+    );
+    assert_last_identify_is_final(&entries, &db_contacts(&w.db).await);
+    assert!(conn.is_running(), "the connector stopped:\n{}", conn.log());
+}
+
 // ---------------------------------------------------------------------------
 // 2. A 30 s receiver outage.
 // ---------------------------------------------------------------------------

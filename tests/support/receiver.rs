@@ -143,6 +143,21 @@ struct State {
     admitted: VecDeque<Instant>,
     /// `Chaos`'s generator, seeded when the fault is set.
     chaos: Option<fastrand::Rng>,
+    /// Added to every request's reply, whatever the fault.
+    latency: Duration,
+    /// Requests being handled now, and the most there were at once.
+    active: usize,
+    max_active: usize,
+}
+
+/// Counts a request as being handled until dropped (answered, or its
+/// connection torn down).
+struct Active(Arc<Inner>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.state().active -= 1;
+    }
 }
 
 struct Inner {
@@ -419,6 +434,18 @@ impl Receiver {
             .count()
     }
 
+    /// Delays every reply by `latency` from now on, on top of any fault
+    /// (a remote API's round trip).
+    pub fn set_latency(&self, latency: Duration) {
+        self.state().latency = latency;
+    }
+
+    /// The most requests the receiver was handling at one time since the
+    /// start or the last [`Receiver::reset_records`].
+    pub fn max_concurrent(&self) -> usize {
+        self.state().max_active
+    }
+
     /// TCP connections accepted since the start or the last
     /// [`Receiver::reset_records`] (TLS handshakes that failed included).
     pub fn connection_count(&self) -> usize {
@@ -480,6 +507,7 @@ impl Receiver {
     pub fn reset_records(&self) {
         let mut st = self.state();
         st.connection_count = 0;
+        st.max_active = st.active;
         st.requests.clear();
         st.identifies.clear();
         st.identify_count = 0;
@@ -783,6 +811,16 @@ async fn handle(
         connection,
     };
 
+    let latency = {
+        let mut st = receiver.state();
+        st.active += 1;
+        st.max_active = st.max_active.max(st.active);
+        st.latency
+    };
+    let _active = Active(receiver.clone());
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let action = take_fault_action(&mut receiver.state());
     match action {
         FaultAction::Reset => {
