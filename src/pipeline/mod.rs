@@ -50,6 +50,11 @@ const EVENT_CHUNK: usize = 256;
 /// transaction.
 const BUSY_FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 
+/// Chunks of the first copy in flight at most: enough to keep many
+/// requests busy (a chunk holds `sync.chunk_rows` rows), few enough that
+/// the copy's memory stays a few chunks.
+const FIRST_COPY_CHUNKS: usize = 8;
+
 /// A commit the server sends this long (by its own clock) after it
 /// happened means the walsender is working through a backlog. Its short
 /// pauses between transactions are then decoding, not a quiet stream:
@@ -250,7 +255,7 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
             schema: &schema,
             state,
             events: &events_tx,
-            chunks_in_flight: settings.conveyour.max_in_flight,
+            chunks_in_flight: settings.conveyour.max_in_flight.min(FIRST_COPY_CHUNKS),
         };
         tokio::select! {
             r = snapshot::copy_exported(cx, copy_client, &exported.snapshot, exported.consistent_point, shutdown.clone()) => r?,

@@ -61,6 +61,9 @@ METRICS = {
     "dead_letters_total",
     "outage",
     "dead_letters_stored",
+    "concurrency_limit",
+    "request_rtt_seconds",
+    "commit_to_ack_seconds",
     "build_info",
 }
 
