@@ -5,15 +5,18 @@
 //!     [--sales-per-rep K] [--delay-ms D] [--latency-rate R] [--latency-secs S]
 //!     [--batch-size B] [--batch-wait-ms W] [--set conveyour_key=value]... [--perf FILE] [--no-build]
 //!     [--timeout-secs T] [--skip-latency] [--sslmode disable|prefer|require]
-//!     [--callgrind DIR]
+//!     [--callgrind DIR] [--spread-sales N] [--reps R] [--spread-delay-ms D]
+//!     [--rate-limit L] [--skip-spread] [--skip-main]
 //! ```
 //!
 //! In one process, on one machine, it:
 //! 1. starts a throwaway Postgres (the integration-test harness,
 //!    `tests/support/pg.rs`) and a minimal in-process ConveYour stand-in that
-//!    answers `{"status":"ok"}` at once (or after `--delay-ms`), counting
-//!    identify entries and track events;
-//! 2. creates one fresh pgoutput slot per measured run, then loads the
+//!    answers `{"status":"ok"}` at once (or after a per-run delay), counting
+//!    identify entries and track events, requests by HTTP version, and TCP
+//!    connections; in rate-limit mode it refuses requests beyond a number
+//!    accepted in the last second with 429 and `Retry-After: 1`;
+//! 2. creates one fresh pgoutput slot per measured run, then loads the main
 //!    workload (N employee inserts, N updates of mapped columns, N/2 sales
 //!    inserts, in transactions of 1000 rows; N = 2/5 of `--changes`), so the
 //!    WAL is there before anything is timed;
@@ -23,13 +26,25 @@
 //!    (b) the release `conveyour-cdc run` until the receiver counted every
 //!    change and the slot's `confirmed_flush_lsn` reached the WAL end;
 //!    (c) the same with `--delay-ms` (20) of latency per request;
-//! 4. measures commit-to-acknowledgement latency with a writer committing
+//! 4. then, with every slot of (a)-(c) dropped, creates fresh slots for the
+//!    spread workload and loads it: `--spread-sales` sales (50,000) in a
+//!    table and publication of their own, sale i for rep i mod `--reps`
+//!    (1000), so each sale is for another contact than the one before; and
+//!    measures, alternating and `--repeat` times each:
+//!    (d0) `pg_recvlogical` draining it (the baseline of this workload);
+//!    (d) the connector into the receiver answering at once;
+//!    (e) the same with `--spread-delay-ms` (100) per request;
+//!    (f) as (e), the receiver accepting at most `--rate-limit` (200)
+//!    requests in any second and refusing the rest with 429;
+//! 5. measures commit-to-acknowledgement latency with a writer committing
 //!    `--latency-rate` changes/s (transactions of 100 employee inserts every
 //!    100/rate seconds) for `--latency-secs`, using each row's
 //!    `written_us` (clock_timestamp() at insert, mapped as a trait);
-//! 5. verifies counts and confirmed LSNs (non-zero exit otherwise), prints a
-//!    Markdown table and writes it to `target/bench/throughput.md`, with a bar
-//!    chart in `target/bench/throughput.svg`.
+//! 6. verifies counts and confirmed LSNs (non-zero exit otherwise), prints
+//!    Markdown tables and writes them to `target/bench/throughput.md`, with a
+//!    bar chart in `target/bench/throughput.svg`.
+//!
+//! `--skip-spread` leaves out step 4; `--skip-main` runs only step 4.
 //!
 //! The connector is built with `cargo build --release` first (skip with
 //! `--no-build`, or point `CONVEYOUR_CDC_BIN` at a binary).
@@ -38,6 +53,7 @@
 #[allow(unused_imports)]
 mod support;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::fs;
@@ -53,7 +69,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
@@ -61,6 +77,8 @@ use support::pg::{self, TestDb};
 
 const TX_ROWS: i64 = 1000;
 const PUBLICATION: &str = "bench_pub";
+/// The spread workload's publication: its table only.
+const SPREAD_PUBLICATION: &str = "bench_spread_pub";
 
 // ---------------------------------------------------------------- options
 
@@ -86,6 +104,16 @@ struct Opts {
     latency: bool,
     /// libpq `sslmode` of both clients' connections to Postgres.
     sslmode: String,
+    /// Runs (a)-(c) and the latency run.
+    main: bool,
+    /// Runs (d0)-(f).
+    spread: bool,
+    /// Sales of the spread workload.
+    spread_sales: i64,
+    reps: i64,
+    spread_delay_ms: u64,
+    /// Accepted requests per second the receiver of (f) allows.
+    rate_limit: u64,
 }
 
 fn usage() -> ! {
@@ -93,7 +121,9 @@ fn usage() -> ! {
         "usage: cargo bench --bench throughput -- [--changes N (1000000)] [--quick (50000 changes)] \
          [--repeat R (2)] [--sales-per-rep K (100)] [--delay-ms D (20)] [--latency-rate R (5000)] \
          [--latency-secs S (10)] [--batch-size B] [--batch-wait-ms W] [--set conveyour_key=value]... [--perf FILE] [--no-build] \
-         [--timeout-secs T (900)] [--skip-latency] [--sslmode M (prefer)] [--callgrind DIR]"
+         [--timeout-secs T (900)] [--skip-latency] [--sslmode M (prefer)] [--callgrind DIR] \
+         [--spread-sales N (50000; 10000 with --quick)] [--reps R (1000)] [--spread-delay-ms D (100)] \
+         [--rate-limit L (200)] [--skip-spread] [--skip-main]"
     );
     std::process::exit(2)
 }
@@ -115,7 +145,15 @@ fn parse_opts() -> Opts {
         timeout: Duration::from_secs(900),
         latency: true,
         sslmode: "prefer".into(),
+        main: true,
+        spread: true,
+        spread_sales: 0,
+        reps: 1000,
+        spread_delay_ms: 100,
+        rate_limit: 200,
     };
+    let mut quick = false;
+    let mut spread_sales = None;
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>| -> u64 {
         v.and_then(|s| s.replace('_', "").parse().ok())
@@ -124,7 +162,10 @@ fn parse_opts() -> Opts {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bench" => {} // passed by `cargo bench`
-            "--quick" => o.changes = 50_000,
+            "--quick" => {
+                o.changes = 50_000;
+                quick = true;
+            }
             "--changes" => o.changes = num(args.next()),
             "--repeat" => o.repeat = num(args.next()).max(1) as usize,
             "--sales-per-rep" => o.sales_per_rep = num(args.next()).max(1) as i64,
@@ -148,6 +189,12 @@ fn parse_opts() -> Opts {
             "--timeout-secs" => o.timeout = Duration::from_secs(num(args.next())),
             "--skip-latency" => o.latency = false,
             "--sslmode" => o.sslmode = args.next().unwrap_or_else(|| usage()),
+            "--spread-sales" => spread_sales = Some(num(args.next()).max(1) as i64),
+            "--reps" => o.reps = num(args.next()).max(1) as i64,
+            "--spread-delay-ms" => o.spread_delay_ms = num(args.next()),
+            "--rate-limit" => o.rate_limit = num(args.next()).max(1),
+            "--skip-spread" => o.spread = false,
+            "--skip-main" => o.main = false,
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("unknown argument {other}");
@@ -155,19 +202,41 @@ fn parse_opts() -> Opts {
             }
         }
     }
+    // Fewer sales, never fewer reps: the point of the workload is how many
+    // contacts the events spread over.
+    o.spread_sales = spread_sales.unwrap_or(if quick { 10_000 } else { 50_000 });
+    if !o.main && !o.spread {
+        eprintln!("--skip-main and --skip-spread leave nothing to run");
+        usage()
+    }
     o
 }
 
 // ---------------------------------------------------------------- receiver
 
-/// The minimal ConveYour: counts, answers ok, optionally waits first.
+/// The minimal ConveYour: counts, answers ok, optionally waits first, and
+/// in rate-limit mode refuses what goes beyond the limit.
 #[derive(Default)]
 struct Stats {
     identify: AtomicU64,
     track: AtomicU64,
-    requests: AtomicU64,
+    /// Requests answered other than 429: the ones whose events count.
+    accepted: AtomicU64,
+    /// Requests refused with 429 (their events are not counted).
+    limited: AtomicU64,
     bad: AtomicU64,
+    /// Requests by HTTP version, refused ones included.
+    http1: AtomicU64,
+    http2: AtomicU64,
+    /// TCP connections accepted.
+    connections: AtomicU64,
     delay_ms: AtomicU64,
+    /// Accepted requests allowed in any one second; 0 = no limit.
+    rate_limit: AtomicU64,
+    /// When each request accepted within the last second arrived.
+    window: Mutex<VecDeque<Instant>>,
+    /// First request's arrival and last answer of the run.
+    span: Mutex<(Option<Instant>, Option<Instant>)>,
     record_latency: AtomicBool,
     /// Acknowledgement time minus `written_us`, in microseconds.
     latencies: Mutex<Vec<i64>>,
@@ -177,15 +246,75 @@ impl Stats {
     fn changes(&self) -> u64 {
         self.identify.load(Ordering::Relaxed) + self.track.load(Ordering::Relaxed)
     }
-    fn reset(&self, delay_ms: u64, record_latency: bool) {
-        self.identify.store(0, Ordering::Relaxed);
-        self.track.store(0, Ordering::Relaxed);
-        self.requests.store(0, Ordering::Relaxed);
-        self.bad.store(0, Ordering::Relaxed);
+
+    fn reset(&self, delay_ms: u64, rate_limit: Option<u64>, record_latency: bool) {
+        for c in [
+            &self.identify,
+            &self.track,
+            &self.accepted,
+            &self.limited,
+            &self.bad,
+            &self.http1,
+            &self.http2,
+            &self.connections,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
         self.delay_ms.store(delay_ms, Ordering::Relaxed);
+        self.rate_limit
+            .store(rate_limit.unwrap_or(0), Ordering::Relaxed);
+        self.window.lock().unwrap().clear();
+        *self.span.lock().unwrap() = (None, None);
         self.record_latency.store(record_latency, Ordering::Relaxed);
         self.latencies.lock().unwrap().clear();
     }
+
+    /// Whether a request arriving `now` is within the rate limit; if so it
+    /// counts against the limit from now on.
+    fn admit(&self, now: Instant) -> bool {
+        let limit = self.rate_limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return true;
+        }
+        let mut window = self.window.lock().unwrap();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            window.pop_front();
+        }
+        if window.len() as u64 >= limit {
+            return false;
+        }
+        window.push_back(now);
+        true
+    }
+
+    fn arrived(&self, at: Instant) {
+        self.span.lock().unwrap().0.get_or_insert(at);
+    }
+
+    fn answered(&self) {
+        self.span.lock().unwrap().1 = Some(Instant::now());
+    }
+
+    /// Seconds from the first request's arrival to the last answer.
+    fn busy_secs(&self) -> Option<f64> {
+        match *self.span.lock().unwrap() {
+            (Some(first), Some(last)) if last > first => Some((last - first).as_secs_f64()),
+            _ => None,
+        }
+    }
+}
+
+fn json_reply(status: hyper::StatusCode, body: &'static [u8]) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 #[derive(Deserialize)]
@@ -216,11 +345,32 @@ async fn handle(
     stats: Arc<Stats>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    stats.arrived(Instant::now());
+    if req.version() == hyper::Version::HTTP_2 {
+        stats.http2.fetch_add(1, Ordering::Relaxed);
+    } else {
+        stats.http1.fetch_add(1, Ordering::Relaxed);
+    }
     let path = req.uri().path().to_owned();
+    // The body is read even when the request is refused, so an HTTP/1.1
+    // connection stays usable.
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
+    if !stats.admit(Instant::now()) {
+        stats.limited.fetch_add(1, Ordering::Relaxed);
+        let mut r = json_reply(
+            hyper::StatusCode::TOO_MANY_REQUESTS,
+            br#"{"status":"error","message":"rate limited"}"#,
+        );
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from_static("1"),
+        );
+        stats.answered();
+        return Ok(r);
+    }
     let delay = stats.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -257,23 +407,43 @@ async fn handle(
     } else {
         ok = false;
     }
-    stats.requests.fetch_add(1, Ordering::Relaxed);
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
     let reply = if ok {
-        Response::new(Full::new(Bytes::from_static(br#"{"status":"ok"}"#)))
+        json_reply(hyper::StatusCode::OK, br#"{"status":"ok"}"#)
     } else {
         stats.bad.fetch_add(1, Ordering::Relaxed);
-        let mut r = Response::new(Full::new(Bytes::from_static(br#"{"status":"error"}"#)));
-        *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
-        r
+        json_reply(hyper::StatusCode::BAD_REQUEST, br#"{"status":"error"}"#)
     };
-    let mut reply = reply;
-    reply.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    stats.answered();
     Ok(reply)
 }
 
+/// What a client speaking HTTP/2 without a prior upgrade (h2c with prior
+/// knowledge) sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the connection opens with the HTTP/2 preface, looking without
+/// consuming.
+async fn opens_with_h2_preface(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = match stream.peek(&mut buf).await {
+            Ok(n) if n > 0 => n,
+            _ => return false,
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            return false;
+        }
+        if n == H2_PREFACE.len() {
+            return true;
+        }
+        // A part of the preface: wait for the rest.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves HTTP/1.1 (keep-alive) and HTTP/2 with prior knowledge on one
+/// port, telling them apart by the connection's first bytes.
 async fn start_receiver(stats: Arc<Stats>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -284,14 +454,23 @@ async fn start_receiver(stats: Arc<Stats>) -> SocketAddr {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            stats.connections.fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
             let stats = stats.clone();
             tokio::spawn(async move {
+                let h2 = opens_with_h2_preface(&stream).await;
                 let service = service_fn(move |req| handle(stats.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let io = TokioIo::new(stream);
+                let _ = if h2 {
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await
+                } else {
+                    hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(io, service)
+                        .await
+                };
             });
         }
     });
@@ -316,6 +495,13 @@ const SCHEMA: &str = "
         customer text
     );
     CREATE PUBLICATION bench_pub FOR TABLE employees, sales;
+    CREATE TABLE spread_sales (
+        id bigserial PRIMARY KEY,
+        employee_email text NOT NULL,
+        amount numeric,
+        customer text
+    );
+    CREATE PUBLICATION bench_spread_pub FOR TABLE spread_sales;
 ";
 
 /// The workload's rows are loaded after the slot exists, so they stream;
@@ -334,6 +520,64 @@ tables:
       event: made_sale
       properties: {amount: amount, customer: customer}
 ";
+
+/// The spread workload's mapping: its sales table only, as `sales` is mapped.
+const SPREAD_TABLES_YAML: &str = "
+tables:
+  - table: public.spread_sales
+    track:
+      id: employee_email
+      event: made_sale
+      properties: {amount: amount, customer: customer}
+";
+
+/// Which workload a run reads: its publication and mapping.
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    Main,
+    Spread,
+}
+
+impl Workload {
+    fn publication(self) -> &'static str {
+        match self {
+            Workload::Main => PUBLICATION,
+            Workload::Spread => SPREAD_PUBLICATION,
+        }
+    }
+
+    fn tables_yaml(self) -> &'static str {
+        match self {
+            Workload::Main => TABLES_YAML,
+            Workload::Spread => SPREAD_TABLES_YAML,
+        }
+    }
+}
+
+/// `sales` spread sales into `spread_sales`, sale i for rep i mod `reps`,
+/// so each is for another contact than the one before (with more than one
+/// rep); transactions of [`TX_ROWS`]. Returns the number of rows written.
+async fn load_spread(client: &tokio_postgres::Client, sales: i64, reps: i64) -> u64 {
+    let sale = client
+        .prepare(
+            "INSERT INTO spread_sales (employee_email, amount, customer) \
+             SELECT 'rep' || (g % $3::bigint) || '@example.com', (g % 1000) + 0.25, 'Customer ' || g \
+             FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .await
+        .unwrap();
+    let mut total = 0u64;
+    let mut start = 0i64;
+    while start < sales {
+        let end = (start + TX_ROWS).min(sales) - 1;
+        total += client
+            .execute(&sale, &[&start, &end, &reps])
+            .await
+            .unwrap_or_else(|e| panic!("spread workload statement failed: {e}"));
+        start = end + 1;
+    }
+    total
+}
 
 /// N employee inserts, N updates, N/2 sales; returns the number of changes.
 async fn load_workload(client: &tokio_postgres::Client, n: i64, sales_per_rep: i64) -> u64 {
@@ -522,9 +766,46 @@ fn connector_bin(opts: &Opts) -> PathBuf {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
+    /// (a)
     Recvlogical,
+    /// (b)
     Connector,
+    /// (c)
     ConnectorSlow,
+    /// (d0)
+    SpreadRecvlogical,
+    /// (d)
+    Spread,
+    /// (e)
+    SpreadSlow,
+    /// (f)
+    SpreadLimited,
+}
+
+impl Kind {
+    fn workload(self) -> Workload {
+        match self {
+            Kind::Recvlogical | Kind::Connector | Kind::ConnectorSlow => Workload::Main,
+            _ => Workload::Spread,
+        }
+    }
+
+    fn is_recvlogical(self) -> bool {
+        matches!(self, Kind::Recvlogical | Kind::SpreadRecvlogical)
+    }
+
+    /// The run's letter, which also names its slots.
+    fn letter(self) -> &'static str {
+        match self {
+            Kind::Recvlogical => "a",
+            Kind::Connector => "b",
+            Kind::ConnectorSlow => "c",
+            Kind::SpreadRecvlogical => "d0",
+            Kind::Spread => "d",
+            Kind::SpreadSlow => "e",
+            Kind::SpreadLimited => "f",
+        }
+    }
 }
 
 struct RunResult {
@@ -541,7 +822,14 @@ struct RunResult {
     switches: Option<u64>,
     /// CPU of the walsender serving the slot (last sample before the end).
     walsender_cpu_s: Option<f64>,
+    /// Requests the receiver accepted (answered other than 429).
     requests: u64,
+    /// Requests it refused with 429.
+    limited: u64,
+    http2_requests: u64,
+    connections: u64,
+    /// From the first request's arrival to the last answer.
+    busy_secs: Option<f64>,
     ok: bool,
     note: String,
 }
@@ -610,6 +898,114 @@ impl Ctx {
             .unwrap_or_else(|e| panic!("creating slot {slot}: {e}"));
     }
 
+    /// One fresh slot per run of `kinds`, `repeat` rounds, in run order.
+    async fn create_slots(&self, kinds: &[Kind], repeat: usize) -> Vec<(Kind, String)> {
+        let mut plan = Vec::new();
+        for r in 0..repeat {
+            for kind in kinds {
+                let slot = format!("bench_{}_{r}", kind.letter());
+                self.create_slot(&slot).await;
+                plan.push((*kind, slot));
+            }
+        }
+        plan
+    }
+
+    /// Settles a fresh load before timing (no autovacuum or checkpoint of
+    /// it competing with the first measured runs) and returns the WAL end.
+    async fn settle(&self, tables: &str) -> u64 {
+        for sql in [format!("VACUUM (ANALYZE) {tables}"), "CHECKPOINT".into()] {
+            self.admin
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        pg::parse_lsn(
+            &self
+                .admin
+                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0),
+        )
+        .unwrap()
+    }
+
+    /// Runs `plan` in order, each to `end` and `expected` changes, dropping
+    /// each slot after its run. `--perf` records the first (b) run.
+    async fn run_plan(
+        &self,
+        plan: &[(Kind, String)],
+        end: u64,
+        expected: u64,
+        opts: &Opts,
+        perf_done: &mut bool,
+    ) -> Vec<RunResult> {
+        let mut results = Vec::new();
+        for (kind, slot) in plan {
+            let (delay_ms, rate_limit) = match kind {
+                Kind::ConnectorSlow => (opts.delay_ms, None),
+                Kind::SpreadSlow => (opts.spread_delay_ms, None),
+                Kind::SpreadLimited => (opts.spread_delay_ms, Some(opts.rate_limit)),
+                _ => (0, None),
+            };
+            let r = if kind.is_recvlogical() {
+                self.run_recvlogical(*kind, slot, &opts.sslmode, end, expected, opts.timeout)
+                    .await
+            } else {
+                let perf = match kind {
+                    Kind::Connector if !*perf_done => {
+                        *perf_done = true;
+                        opts.perf.as_deref()
+                    }
+                    _ => None,
+                };
+                self.run_connector(*kind, slot, end, expected, delay_ms, rate_limit, opts, perf)
+                    .await
+            };
+            eprintln!(
+                "{slot}: {:.2} s, {:.0} changes/s, {} requests{}{}{}{}{}",
+                r.secs,
+                r.counted as f64 / r.secs,
+                r.requests,
+                if kind.is_recvlogical() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} HTTP/2), {} refused with 429, {} connections{}",
+                        r.http2_requests,
+                        r.limited,
+                        r.connections,
+                        r.busy_secs
+                            .map(|b| format!(", {:.0} accepted requests/s", r.requests as f64 / b))
+                            .unwrap_or_default()
+                    )
+                },
+                r.cpu_s
+                    .zip(r.user_s)
+                    .map(|(c, u)| format!(", cpu {c:.2} s (user {u:.2} s)"))
+                    .unwrap_or_default(),
+                r.switches
+                    .map(|c| format!(", {c} context switches"))
+                    .unwrap_or_default(),
+                r.instructions
+                    .map(|i| format!(
+                        ", {i} instructions ({:.0} per change)",
+                        i as f64 / r.counted.max(1) as f64
+                    ))
+                    .unwrap_or_default(),
+                if r.note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" — {}", r.note)
+                }
+            );
+            self.drop_slot(slot).await;
+            results.push(r);
+        }
+        results
+    }
+
     async fn drop_slot(&self, slot: &str) {
         let _ = self
             .admin
@@ -617,7 +1013,7 @@ impl Ctx {
             .await;
     }
 
-    fn config(&self, slot: &str, opts: &Opts) -> PathBuf {
+    fn config(&self, slot: &str, workload: Workload, opts: &Opts) -> PathBuf {
         let mut extra = String::new();
         if let Some(b) = opts.batch_size {
             let _ = writeln!(extra, "  batch_size: {b}");
@@ -629,8 +1025,10 @@ impl Ctx {
             let _ = writeln!(extra, "  {kv}");
         }
         let yaml = format!(
-            "postgres:\n  url: \"{url}?sslmode={sslmode}\"\n  slot: {slot}\n  publication: {PUBLICATION}\n\
-             conveyour:\n  url: http://{rx}\n  appkey: bench-appkey\n  token: bench-token\n{extra}{TABLES_YAML}",
+            "postgres:\n  url: \"{url}?sslmode={sslmode}\"\n  slot: {slot}\n  publication: {publication}\n\
+             conveyour:\n  url: http://{rx}\n  appkey: bench-appkey\n  token: bench-token\n{extra}{tables}",
+            publication = workload.publication(),
+            tables = workload.tables_yaml(),
             url = self.db.url(),
             sslmode = opts.sslmode,
             rx = self.receiver,
@@ -640,8 +1038,8 @@ impl Ctx {
         path
     }
 
-    fn spawn_connector(&self, slot: &str, opts: &Opts) -> (Child, PathBuf) {
-        let config = self.config(slot, opts);
+    fn spawn_connector(&self, slot: &str, workload: Workload, opts: &Opts) -> (Child, PathBuf) {
+        let config = self.config(slot, workload, opts);
         let log = self.scratch.join(format!("{slot}.log"));
         let out = fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
@@ -675,6 +1073,7 @@ impl Ctx {
 
     async fn run_recvlogical(
         &self,
+        kind: Kind,
         slot: &str,
         sslmode: &str,
         end: u64,
@@ -694,7 +1093,10 @@ impl Ctx {
         let mut child = Command::new(cluster.bin("pg_recvlogical"))
             .args(["--start", "--no-loop", "-S", slot, "-d", &dsn])
             .args(["-o", "proto_version=1", "-o"])
-            .arg(format!("publication_names={PUBLICATION}"))
+            .arg(format!(
+                "publication_names={}",
+                kind.workload().publication()
+            ))
             .args(["--plugin=pgoutput", "-f", "/dev/null", "--endpos", &endpos])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -723,7 +1125,7 @@ impl Ctx {
         let confirmed = self.confirmed(slot).await;
         let ok = matches!(status, Some(s) if s.success());
         RunResult {
-            kind: Kind::Recvlogical,
+            kind,
             secs,
             counted: if ok { expected } else { 0 },
             instructions: None,
@@ -733,6 +1135,10 @@ impl Ctx {
             switches: last.as_ref().map(|s| s.switches),
             walsender_cpu_s: walsender.cpu_s,
             requests: 0,
+            limited: 0,
+            http2_requests: 0,
+            connections: 0,
+            busy_secs: None,
             ok,
             note: if ok {
                 format!(
@@ -757,12 +1163,13 @@ impl Ctx {
         end: u64,
         expected: u64,
         delay_ms: u64,
+        rate_limit: Option<u64>,
         opts: &Opts,
         perf: Option<&Path>,
     ) -> RunResult {
-        self.stats.reset(delay_ms, false);
+        self.stats.reset(delay_ms, rate_limit, false);
         let t0 = Instant::now();
-        let (mut child, log) = self.spawn_connector(slot, opts);
+        let (mut child, log) = self.spawn_connector(slot, kind.workload(), opts);
         let pid = child.id();
         let perf_child = perf.map(|file| {
             Command::new("perf")
@@ -820,7 +1227,11 @@ impl Ctx {
         // Settle: anything sent twice (retries) would show up now.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let counted = self.stats.changes();
-        let requests = self.stats.requests.load(Ordering::Relaxed);
+        let requests = self.stats.accepted.load(Ordering::Relaxed);
+        let limited = self.stats.limited.load(Ordering::Relaxed);
+        let http2_requests = self.stats.http2.load(Ordering::Relaxed);
+        let connections = self.stats.connections.load(Ordering::Relaxed);
+        let busy_secs = self.stats.busy_secs();
         let bad = self.stats.bad.load(Ordering::Relaxed);
         if let Some(mut p) = perf_child {
             signal(p.id(), "INT");
@@ -845,7 +1256,7 @@ impl Ctx {
             let tail: Vec<&str> = text.lines().rev().take(20).collect();
             eprintln!(
                 "!! connector run on {slot} failed: counted {counted}/{expected}, bad requests {bad}, \
-                 confirmed {confirmed:X} vs end {end:X}, {note}\n--- log tail ---\n{}",
+                 refused with 429 {limited}, confirmed {confirmed:X} vs end {end:X}, {note}\n--- log tail ---\n{}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
             if counted != expected {
@@ -870,6 +1281,10 @@ impl Ctx {
             switches: last_sample.as_ref().map(|s| s.switches),
             walsender_cpu_s: walsender.cpu_s,
             requests,
+            limited,
+            http2_requests,
+            connections,
+            busy_secs,
             ok,
             note: note.trim().to_owned(),
         }
@@ -890,8 +1305,8 @@ struct Latency {
 async fn run_latency(ctx: &Ctx, opts: &Opts, first_id: i64) -> Latency {
     let slot = "bench_latency";
     ctx.create_slot(slot).await;
-    ctx.stats.reset(0, false);
-    let (mut child, log) = ctx.spawn_connector(slot, opts);
+    ctx.stats.reset(0, None, false);
+    let (mut child, log) = ctx.spawn_connector(slot, Workload::Main, opts);
     let pid = child.id();
     // Streaming and caught up: the slot is active and confirmed reaches now.
     let start_lsn = ctx.db.wal_lsn().await;
@@ -919,7 +1334,7 @@ async fn run_latency(ctx: &Ctx, opts: &Opts, first_id: i64) -> Latency {
             };
         }
     }
-    ctx.stats.reset(0, true);
+    ctx.stats.reset(0, None, true);
     let cpu0 = sample(pid).map(|s| s.cpu_s).unwrap_or(0.0);
     let writer = ctx.db.client().await;
     let insert = writer
@@ -965,7 +1380,7 @@ async fn run_latency(ctx: &Ctx, opts: &Opts, first_id: i64) -> Latency {
         let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
         l[i] as f64 / 1000.0
     };
-    ctx.stats.reset(0, false);
+    ctx.stats.reset(0, None, false);
     ctx.drop_slot(slot).await;
     let ok = counted == rows && confirmed_ok && l.len() as u64 == rows;
     if !ok {
@@ -997,6 +1412,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
 fn machine() -> String {
     let nproc = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -1025,15 +1444,16 @@ fn machine() -> String {
     format!("{nproc} CPUs (`nproc`), {cpu}, {mem} RAM, load average at the end {load} (the bench itself included)")
 }
 
-fn svg(bars: &[(String, f64)]) -> String {
+/// Bars of (label, rate, whether it is a pg_recvlogical baseline).
+fn svg(bars: &[(String, f64, bool)]) -> String {
     let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
-    let (w, bar_h, gap, left) = (640.0, 28.0, 12.0, 250.0);
+    let (w, bar_h, gap, left) = (720.0, 28.0, 12.0, 330.0);
     let h = 40.0 + bars.len() as f64 * (bar_h + gap);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n\
-         <text x=\"10\" y=\"20\" font-weight=\"bold\">changes/s (median)</text>\n"
+         <text x=\"10\" y=\"20\" font-weight=\"bold\">changes/s, events/s for (d0)-(f) (median)</text>\n"
     );
-    for (i, (label, v)) in bars.iter().enumerate() {
+    for (i, (label, v, baseline)) in bars.iter().enumerate() {
         let y = 32.0 + i as f64 * (bar_h + gap);
         let bw = (w - left - 90.0) * v / max;
         let _ = writeln!(
@@ -1041,7 +1461,7 @@ fn svg(bars: &[(String, f64)]) -> String {
             "<text x=\"10\" y=\"{ty}\">{label}</text><rect x=\"{left}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{fill}\"/>\
              <text x=\"{tx:.1}\" y=\"{ty}\">{v:.0}</text>",
             ty = y + 19.0,
-            fill = if i == 0 { "#888" } else { "#2a6fb0" },
+            fill = if *baseline { "#888" } else { "#2a6fb0" },
             tx = left + bw + 6.0,
         );
     }
@@ -1049,146 +1469,37 @@ fn svg(bars: &[(String, f64)]) -> String {
     s
 }
 
-// ---------------------------------------------------------------- main
-
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench
-    // targets too, without it. The benchmark takes minutes and a release
-    // build, so under `cargo test` it only says how to run it.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("throughput benchmark: run it with `cargo bench --bench throughput` (skipped under cargo test)");
-        return;
-    }
-    let opts = parse_opts();
-    if let Some(dir) = &opts.callgrind {
-        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("--callgrind {}: {e}", dir.display()));
-    }
-    let n = (opts.changes * 2 / 5).max(2) as i64;
-    let bin = connector_bin(&opts);
-    let stats = Arc::new(Stats::default());
-    let receiver = start_receiver(stats.clone()).await;
-    eprintln!("starting Postgres ...");
-    let db = pg::fresh_db("bench").await;
-    let admin = db.client().await;
-    let scratch = support::scratch_path("conveyour-cdc-bench");
-    fs::create_dir_all(&scratch).unwrap();
-    let pg_version = admin
-        .query_one("SHOW server_version", &[])
-        .await
-        .map(|r| r.get::<_, String>(0))
-        .unwrap_or_default();
-    let ctx = Ctx {
-        db,
-        admin,
-        stats,
-        receiver,
-        bin,
-        scratch,
-    };
-    ctx.db.exec(SCHEMA).await;
-
-    // One fresh slot per run, all created before the workload.
-    let order = [Kind::Recvlogical, Kind::Connector, Kind::ConnectorSlow];
-    let mut plan = Vec::new();
-    for r in 0..opts.repeat {
-        for (k, kind) in order.iter().enumerate() {
-            let slot = format!("bench_{}_{r}", ["a", "b", "c"][k]);
-            ctx.create_slot(&slot).await;
-            plan.push((*kind, slot));
-        }
-    }
-    eprintln!(
-        "loading the workload: {n} employee inserts, {n} updates, {} sales ...",
-        n / 2
-    );
-    let t = Instant::now();
-    let expected = load_workload(&ctx.admin, n, opts.sales_per_rep).await;
-    // Settle before timing: no autovacuum or checkpoint of the fresh load
-    // competing with the first measured runs.
-    for sql in ["VACUUM (ANALYZE) employees, sales", "CHECKPOINT"] {
-        ctx.admin
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-    let end = pg::parse_lsn(
-        &ctx.admin
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get::<_, String>(0),
-    )
-    .unwrap();
-    eprintln!(
-        "loaded {expected} changes in {:.1} s; WAL end {:X}/{:X}",
-        t.elapsed().as_secs_f64(),
-        end >> 32,
-        end & 0xffff_ffff
-    );
-
-    let mut results: Vec<RunResult> = Vec::new();
-    let mut perf_done = false;
-    for (kind, slot) in &plan {
-        let r = match kind {
-            Kind::Recvlogical => {
-                ctx.run_recvlogical(slot, &opts.sslmode, end, expected, opts.timeout)
-                    .await
-            }
-            Kind::Connector => {
-                let perf = if perf_done {
-                    None
-                } else {
-                    opts.perf.as_deref()
-                };
-                perf_done = true;
-                ctx.run_connector(*kind, slot, end, expected, 0, &opts, perf)
-                    .await
-            }
-            Kind::ConnectorSlow => {
-                ctx.run_connector(*kind, slot, end, expected, opts.delay_ms, &opts, None)
-                    .await
-            }
-        };
-        eprintln!(
-            "{slot}: {:.2} s, {:.0} changes/s, {} requests{}{}{}{}",
-            r.secs,
-            r.counted as f64 / r.secs,
-            r.requests,
-            r.cpu_s
-                .zip(r.user_s)
-                .map(|(c, u)| format!(", cpu {c:.2} s (user {u:.2} s)"))
-                .unwrap_or_default(),
-            r.switches
-                .map(|c| format!(", {c} context switches"))
-                .unwrap_or_default(),
-            r.instructions
-                .map(|i| format!(
-                    ", {i} instructions ({:.0} per change)",
-                    i as f64 / r.counted.max(1) as f64
-                ))
-                .unwrap_or_default(),
-            if r.note.is_empty() {
-                String::new()
-            } else {
-                format!(" — {}", r.note)
-            }
-        );
-        ctx.drop_slot(slot).await;
-        results.push(r);
-    }
-
-    let latency = if opts.latency {
-        eprintln!(
-            "latency: {} changes/s for {} s ...",
-            opts.latency_rate, opts.latency_secs
-        );
-        Some(run_latency(&ctx, &opts, n + 1_000_000_000).await)
+/// `v` with `d` decimals, or a dash for NaN (no figure).
+fn fmt_opt(v: f64, d: usize) -> String {
+    if v.is_nan() {
+        "—".to_string()
     } else {
-        None
-    };
+        format!("{v:.d$}")
+    }
+}
 
-    // ---- report
+/// The verified cell of a failed row: each failed run's note.
+fn failures(runs: &[&RunResult]) -> String {
+    let notes: Vec<&str> = runs
+        .iter()
+        .filter(|r| !r.note.is_empty() && !r.ok)
+        .map(|r| r.note.as_str())
+        .collect();
+    format!("**FAILED** {}", notes.join("; "))
+}
+
+/// Appends the table of runs (a)-(c) and their bars; false when any run
+/// failed its verification.
+fn main_table(
+    md: &mut String,
+    bars: &mut Vec<(String, f64, bool)>,
+    setup: &str,
+    results: &[RunResult],
+    expected: u64,
+    n: i64,
+    opts: &Opts,
+) -> bool {
+    let mut all_ok = true;
     let ceiling = median(
         results
             .iter()
@@ -1196,39 +1507,21 @@ async fn main() {
             .map(|r| expected as f64 / r.secs)
             .collect(),
     );
-    let mut md = String::new();
     let _ = writeln!(
         md,
-        "### Throughput benchmark (`cargo bench --bench throughput`)\n"
-    );
-    let _ = writeln!(
-        md,
-        "Machine: {}; PostgreSQL {pg_version}. Workload: {expected} changes = {n} employee inserts + {n} updates + {} sales inserts, \
-         transactions of {TX_ROWS} rows, {} consecutive sales per rep; WAL written before timing. Connector `{}`: batch_size {}, batch_wait_ms {}{}. \
+        "{setup} Workload: {expected} changes = {n} employee inserts + {n} updates + {} sales inserts, \
+         transactions of {TX_ROWS} rows, {} consecutive sales per rep; WAL written before timing. \
          Median of {} runs each, alternating, each from its own fresh slot; times include starting the client. \
-         Client = pg_recvlogical in (a), the connector in (b) and (c); both connect with sslmode={}{}. \
+         Client = pg_recvlogical in (a), the connector in (b) and (c). \
          CPU = utime+stime from /proc at the end of the run; RSS = VmHWM.\n",
-        machine(),
         n / 2,
         opts.sales_per_rep,
-        ctx.bin.display(),
-        opts.batch_size.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
-        opts.batch_wait_ms.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
-        opts.extra.iter().map(|kv| format!(", {kv}")).collect::<String>(),
         opts.repeat,
-        opts.sslmode,
-        if opts.sslmode == "disable" {
-            ", so the replication stream is plain TCP"
-        } else {
-            ", so the replication stream is TLS-encrypted in every run"
-        },
     );
     let _ = writeln!(
         md,
         "| run | changes/s | seconds (each run) | client CPU s / M changes | walsender CPU s / M changes | client peak RSS MiB | HTTP requests | vs (a) | verified |\n|---|---:|---|---:|---:|---:|---:|---:|---|"
     );
-    let mut bars = Vec::new();
-    let mut all_ok = true;
     for (kind, label) in [
         (
             Kind::Recvlogical,
@@ -1259,18 +1552,6 @@ async fn main() {
         );
         let rss = runs.iter().filter_map(|r| r.hwm_kib).max();
         let reqs = median(runs.iter().map(|r| r.requests as f64).collect());
-        let fmt_opt = |v: f64, d: usize| {
-            if v.is_nan() {
-                "—".to_string()
-            } else {
-                format!("{v:.d$}")
-            }
-        };
-        let notes: Vec<&str> = runs
-            .iter()
-            .filter(|r| !r.note.is_empty() && !r.ok)
-            .map(|r| r.note.as_str())
-            .collect();
         let _ = writeln!(
             md,
             "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -1297,10 +1578,295 @@ async fn main() {
                     "count ✓, confirmed LSN ✓".to_string()
                 }
             } else {
-                format!("**FAILED** {}", notes.join("; "))
+                failures(&runs)
             },
         );
-        bars.push((label.replace('→', "to").replace('&', "and"), rate));
+        bars.push((
+            label.replace('→', "to").replace('&', "and"),
+            rate,
+            kind.is_recvlogical(),
+        ));
+    }
+    all_ok
+}
+
+/// Appends the table of runs (d0)-(f) and their bars, after `setup` (empty
+/// when the main table already said it); false when any run failed its
+/// verification.
+fn spread_table(
+    md: &mut String,
+    bars: &mut Vec<(String, f64, bool)>,
+    setup: &str,
+    results: &[RunResult],
+    expected: u64,
+    opts: &Opts,
+) -> bool {
+    let mut all_ok = true;
+    let baseline = median(
+        results
+            .iter()
+            .filter(|r| r.kind == Kind::SpreadRecvlogical && r.ok)
+            .map(|r| expected as f64 / r.secs)
+            .collect(),
+    );
+    let _ = writeln!(
+            md,
+            "{}Spread workload: {expected} sales inserts in a table and publication of their own, sale i for rep i mod {reps} \
+             ({reps} contacts, each sale for another contact than the one before), transactions of {TX_ROWS} rows; WAL written before timing. \
+             Its slots are created once every slot of (a)–(c) is dropped, and loaded after, so no run decodes the other workload. \
+             Median of {} runs each, alternating, each from its own fresh slot; times include starting the client. \
+             Client = pg_recvlogical in (d0), the connector in (d), (e) and (f). \
+             (e) and (f): the receiver answers {delay} ms after each request it accepts; \
+             (f): it accepts at most {limit} requests in any 1 s window and answers the rest at once with 429, `Retry-After: 1`, whose events are not counted. \
+             HTTP requests = accepted requests (answered other than 429); accepted requests/s = accepted requests / the receiver's busy time \
+             (first request's arrival to last answer); 429 share = 429 answers / all requests received; \
+             connections = TCP connections the receiver accepted.\n",
+            // After the main table a blank line; alone, the setup first.
+            if setup.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("{setup} ")
+            },
+            opts.repeat,
+            reps = opts.reps,
+            delay = opts.spread_delay_ms,
+            limit = opts.rate_limit,
+        );
+    let _ = writeln!(
+            md,
+            "| run | events/s | seconds (each run) | HTTP requests | events / request | connections | HTTP/2 requests | accepted requests/s | 429 share | client CPU s / M events | client peak RSS MiB | vs (d0) | verified |\n\
+             |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
+    for (kind, label) in [
+        (
+            Kind::SpreadRecvlogical,
+            "(d0) pg_recvlogical → /dev/null (baseline)".to_string(),
+        ),
+        (Kind::Spread, "(d) conveyour-cdc → receiver".to_string()),
+        (
+            Kind::SpreadSlow,
+            format!(
+                "(e) conveyour-cdc → receiver +{} ms/request",
+                opts.spread_delay_ms
+            ),
+        ),
+        (
+            Kind::SpreadLimited,
+            format!("(f) as (e), ≤ {} requests/s, 429 beyond", opts.rate_limit),
+        ),
+    ] {
+        let runs: Vec<&RunResult> = results.iter().filter(|r| r.kind == kind).collect();
+        let ok = runs.iter().all(|r| r.ok);
+        all_ok &= ok;
+        let med = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+            median(runs.iter().filter_map(|r| f(r)).collect())
+        };
+        let rate = med(&|r| Some(r.counted as f64 / r.secs));
+        let secs: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.secs)).collect();
+        let cpu = med(&|r| r.cpu_s.map(|c| c / (expected as f64 / 1e6)));
+        let rss = runs.iter().filter_map(|r| r.hwm_kib).max();
+        let client = !kind.is_recvlogical();
+        let only = |v: String| if client { v } else { "—".into() };
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt_opt(rate, 0),
+            secs.join(", "),
+            only(fmt_opt(med(&|r| Some(r.requests as f64)), 0)),
+            only(fmt_opt(
+                med(&|r| Some(r.counted as f64 / r.requests.max(1) as f64)),
+                1
+            )),
+            only(fmt_opt(med(&|r| Some(r.connections as f64)), 0)),
+            only(fmt_opt(med(&|r| Some(r.http2_requests as f64)), 0)),
+            only(fmt_opt(
+                med(&|r| r.busy_secs.map(|b| r.requests as f64 / b)),
+                0
+            )),
+            if kind == Kind::SpreadLimited {
+                fmt_opt(
+                    med(&|r| {
+                        Some(100.0 * r.limited as f64 / (r.requests + r.limited).max(1) as f64)
+                    }),
+                    1,
+                ) + " %"
+            } else {
+                "—".into()
+            },
+            fmt_opt(cpu, 2),
+            rss.map(|k| format!("{:.1}", k as f64 / 1024.0))
+                .unwrap_or_else(|| "—".into()),
+            if client {
+                fmt_opt(rate / baseline, 3)
+            } else {
+                "1.00".into()
+            },
+            if !ok {
+                failures(&runs)
+            } else if client {
+                "count ✓, confirmed LSN ✓".to_string()
+            } else {
+                "reached end LSN".to_string()
+            },
+        );
+        bars.push((
+            label
+                .replace('→', "to")
+                .replace('&', "and")
+                .replace('≤', "at most"),
+            rate,
+            !client,
+        ));
+    }
+    all_ok
+}
+
+// ---------------------------------------------------------------- main
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench
+    // targets too, without it. The benchmark takes minutes and a release
+    // build, so under `cargo test` it only says how to run it.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("throughput benchmark: run it with `cargo bench --bench throughput` (skipped under cargo test)");
+        return;
+    }
+    let opts = parse_opts();
+    if let Some(dir) = &opts.callgrind {
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("--callgrind {}: {e}", dir.display()));
+    }
+    let n = (opts.changes * 2 / 5).max(2) as i64;
+    let bin = connector_bin(&opts);
+    let stats = Arc::new(Stats::default());
+    let receiver = start_receiver(stats.clone()).await;
+    eprintln!("receiver listening on http://{receiver}");
+    eprintln!("starting Postgres ...");
+    let db = pg::fresh_db("bench").await;
+    let admin = db.client().await;
+    let scratch = support::scratch_path("conveyour-cdc-bench");
+    fs::create_dir_all(&scratch).unwrap();
+    let pg_version = admin
+        .query_one("SHOW server_version", &[])
+        .await
+        .map(|r| r.get::<_, String>(0))
+        .unwrap_or_default();
+    let ctx = Ctx {
+        db,
+        admin,
+        stats,
+        receiver,
+        bin,
+        scratch,
+    };
+    ctx.db.exec(SCHEMA).await;
+
+    let mut results: Vec<RunResult> = Vec::new();
+    let mut perf_done = false;
+    let mut main_changes = None;
+    if opts.main {
+        // One fresh slot per run, all created before the workload.
+        let plan = ctx
+            .create_slots(
+                &[Kind::Recvlogical, Kind::Connector, Kind::ConnectorSlow],
+                opts.repeat,
+            )
+            .await;
+        eprintln!(
+            "loading the workload: {n} employee inserts, {n} updates, {} sales ...",
+            n / 2
+        );
+        let t = Instant::now();
+        let expected = load_workload(&ctx.admin, n, opts.sales_per_rep).await;
+        let end = ctx.settle("employees, sales").await;
+        eprintln!(
+            "loaded {expected} changes in {:.1} s; WAL end {}",
+            t.elapsed().as_secs_f64(),
+            lsn_text(end)
+        );
+        results.extend(
+            ctx.run_plan(&plan, end, expected, &opts, &mut perf_done)
+                .await,
+        );
+        main_changes = Some(expected);
+    }
+    let mut spread_events = None;
+    if opts.spread {
+        // Every slot of (a)-(c) is dropped by now, so they never decode this
+        // workload, and these slots, created after the main workload, see
+        // only this one.
+        let plan = ctx
+            .create_slots(
+                &[
+                    Kind::SpreadRecvlogical,
+                    Kind::Spread,
+                    Kind::SpreadSlow,
+                    Kind::SpreadLimited,
+                ],
+                opts.repeat,
+            )
+            .await;
+        eprintln!(
+            "loading the spread workload: {} sales over {} reps ...",
+            opts.spread_sales, opts.reps
+        );
+        let t = Instant::now();
+        let expected = load_spread(&ctx.admin, opts.spread_sales, opts.reps).await;
+        let end = ctx.settle("spread_sales").await;
+        eprintln!(
+            "loaded {expected} sales in {:.1} s; WAL end {}",
+            t.elapsed().as_secs_f64(),
+            lsn_text(end)
+        );
+        results.extend(
+            ctx.run_plan(&plan, end, expected, &opts, &mut perf_done)
+                .await,
+        );
+        spread_events = Some(expected);
+    }
+
+    let latency = if opts.main && opts.latency {
+        eprintln!(
+            "latency: {} changes/s for {} s ...",
+            opts.latency_rate, opts.latency_secs
+        );
+        Some(run_latency(&ctx, &opts, n + 1_000_000_000).await)
+    } else {
+        None
+    };
+
+    // ---- report
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### Throughput benchmark (`cargo bench --bench throughput`)\n"
+    );
+    let setup = format!(
+        "Machine: {}; PostgreSQL {pg_version}. Connector `{}`: batch_size {}, batch_wait_ms {}{}; it and pg_recvlogical connect with sslmode={}{}.",
+        machine(),
+        ctx.bin.display(),
+        opts.batch_size.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
+        opts.batch_wait_ms.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
+        opts.extra.iter().map(|kv| format!(", {kv}")).collect::<String>(),
+        opts.sslmode,
+        if opts.sslmode == "disable" {
+            ", so the replication stream is plain TCP"
+        } else {
+            ", so the replication stream is TLS-encrypted in every run"
+        },
+    );
+    let mut bars = Vec::new();
+    let mut all_ok = true;
+    if let Some(expected) = main_changes {
+        all_ok &= main_table(&mut md, &mut bars, &setup, &results, expected, n, &opts);
+    }
+    if let Some(expected) = spread_events {
+        let setup = if main_changes.is_some() {
+            ""
+        } else {
+            setup.as_str()
+        };
+        all_ok &= spread_table(&mut md, &mut bars, setup, &results, expected, &opts);
     }
     if let Some(l) = &latency {
         all_ok &= l.ok;
