@@ -1059,7 +1059,12 @@ impl Ctx {
         let child = command
             .args(["run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "warn")
+            // The connector logs at warn: BENCH_CONNECTOR_LOG=debug keeps more;
+            // BENCH_KEEP=1 keeps the logs (the scratch directory).
+            .env(
+                "CONVEYOUR_CDC_LOG",
+                std::env::var("BENCH_CONNECTOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -1899,7 +1904,14 @@ async fn main() {
         "wrote {}/throughput.md and throughput.svg",
         out_dir.display()
     );
-    let _ = fs::remove_dir_all(&ctx.scratch);
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        eprintln!(
+            "kept the runs' configs and logs in {}",
+            ctx.scratch.display()
+        );
+    } else {
+        let _ = fs::remove_dir_all(&ctx.scratch);
+    }
     drop(ctx);
     if !all_ok {
         eprintln!("verification FAILED");

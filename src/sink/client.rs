@@ -349,11 +349,19 @@ impl Sink {
             let started = std::time::Instant::now();
             let verdict = self.post(req, key).await;
             m.in_flight.dec();
-            permit.finish(match &verdict {
+            permit.observe(match &verdict {
                 Verdict::Ack => Signal::Ack(started.elapsed()),
-                Verdict::Retry { .. } => Signal::Congestion,
+                Verdict::Retry {
+                    status: Some(429),
+                    after,
+                    ..
+                } => Signal::Throttled {
+                    retry_after: after.unwrap_or_default(),
+                },
+                Verdict::Retry { .. } => Signal::Failed,
                 Verdict::NotOk { .. } | Verdict::Reject { .. } => Signal::Neutral,
             });
+            drop(permit);
             m.request_duration
                 .with_label_values(&[endpoint])
                 .observe(started.elapsed().as_secs_f64());

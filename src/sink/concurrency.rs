@@ -6,15 +6,25 @@
 //!   come back acknowledged, round-trip times stay near their baseline and
 //!   the limit is in use ("slow start"); after the first cut it grows by
 //!   one per round trip instead.
-//! - It is cut by a tenth, at most once per round trip, on 429, 408, 5xx,
-//!   timeouts and connection failures, and when a round trip's mean time
-//!   climbs well above the baseline (ConveYour queueing requests).
+//! - It is cut by a tenth, at most once per round trip, on 408, 5xx,
+//!   timeouts and connection failures.
+//! - On 429 it is cut by a tenth and further, to just under what ConveYour
+//!   acknowledged per round trip over the last second (the concurrency its
+//!   rate limit let through), when that is lower: a burst of 429s lands the
+//!   limit just under the rate in one step rather than a tenth per round
+//!   trip. More 429s within the `Retry-After` are the same episode. Above
+//!   that concurrency it then grows by one per second, not per round trip:
+//!   a limit counted per second answers late.
+//! - It is cut by a tenth when a round trip's mean time climbs well above
+//!   the baseline (ConveYour queueing requests).
 //! - It never exceeds the ceiling, `conveyour.max_in_flight`, and never
 //!   goes below 1. With `conveyour.concurrency: fixed` it stays at the
 //!   ceiling.
 //!
 //! The limit counts attempts on the wire: a request waiting out a backoff
-//! or a `Retry-After` holds no slot.
+//! or a `Retry-After` holds no slot. After a 429 the limit does not grow
+//! until its `Retry-After` has passed, so a rate limit is approached from
+//! below rather than probed every round trip.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -36,6 +46,13 @@ const RTT_SLACK: Duration = Duration::from_millis(5);
 /// change in ConveYour's latency within about ten round trips, so a slower
 /// API is not mistaken for congestion forever.
 const BASELINE_WEIGHT: f64 = 0.1;
+/// How far back acknowledgements count toward the sustained rate (at
+/// least; two round trips when those are longer). A rate limit is
+/// typically counted per second.
+const DELIVERY_HORIZON: Duration = Duration::from_secs(1);
+/// The share of the sustained concurrency a congestion cut keeps: just
+/// under what got through, so a rate limit is not hit again at once.
+const SUSTAINED_SHARE: f64 = 1.0;
 /// Shortest round trip used as a window, so a receiver on the same host
 /// does not make the limit move every microsecond.
 const MIN_WINDOW: Duration = Duration::from_millis(1);
@@ -45,8 +62,10 @@ const MIN_WINDOW: Duration = Duration::from_millis(1);
 pub(crate) enum Signal {
     /// Acknowledged; the round trip it took.
     Ack(Duration),
-    /// Throttled, failed or unanswered: 429, 408, 5xx, a timeout, a reset.
-    Congestion,
+    /// Failed or unanswered: 408, 5xx, a timeout, a reset.
+    Failed,
+    /// Throttled (429); the limit does not grow for `retry_after`.
+    Throttled { retry_after: Duration },
     /// Says nothing about capacity (a refused entry, a cancelled attempt).
     Neutral,
 }
@@ -79,6 +98,14 @@ struct State {
     /// The limit was reached during the window: more might help.
     saturated: bool,
     last_cut: Option<Instant>,
+    /// No growth before this (ConveYour asked to wait).
+    hold_until: Option<Instant>,
+    /// When recent attempts were acknowledged, oldest first, within the
+    /// delivery horizon.
+    acked: std::collections::VecDeque<Instant>,
+    /// The concurrency a rate limit let through when it last throttled.
+    probe_above: Option<f64>,
+    last_growth: Option<Instant>,
 }
 
 impl Limiter {
@@ -101,6 +128,10 @@ impl Limiter {
                 samples: 0,
                 saturated: false,
                 last_cut: None,
+                hold_until: None,
+                acked: std::collections::VecDeque::new(),
+                probe_above: None,
+                last_growth: None,
             }),
             freed: Notify::new(),
             room: Notify::new(),
@@ -174,18 +205,32 @@ impl Limiter {
         self.room.notified().await
     }
 
-    fn release(&self, started: Instant, signal: Signal) {
-        let now = Instant::now();
+    /// Takes in what an attempt started at `started` showed.
+    fn observe(&self, started: Instant, signal: Signal) {
+        if !self.adaptive {
+            return;
+        }
+        let mut s = self.state();
+        let before = s.effective();
+        s.observe(Instant::now(), started, signal, self.ceiling);
+        let after = s.effective();
+        drop(s);
+        if after != before {
+            tracing::debug!(
+                limit = after,
+                ?signal,
+                "ConveYour concurrency limit {before} -> {after}"
+            );
+            telemetry::metrics().concurrency_limit.set(after as i64);
+            // A larger limit is room for waiting attempts.
+            self.freed.notify_waiters();
+            self.room.notify_one();
+        }
+    }
+
+    fn release(&self) {
         let mut s = self.state();
         s.active = s.active.saturating_sub(1);
-        if self.adaptive {
-            let before = s.effective();
-            s.observe(now, started, signal, self.ceiling);
-            let after = s.effective();
-            if after != before {
-                telemetry::metrics().concurrency_limit.set(after as i64);
-            }
-        }
         drop(s);
         self.freed.notify_waiters();
         self.room.notify_one();
@@ -218,15 +263,39 @@ impl State {
         match signal {
             Signal::Ack(rtt) => {
                 self.rtt_sum += rtt;
+                self.acked.push_back(now);
+                let horizon = self.horizon();
+                while self.acked.front().is_some_and(|t| now - *t > horizon) {
+                    self.acked.pop_front();
+                }
                 self.samples += 1;
             }
-            Signal::Congestion => {
+            Signal::Failed | Signal::Throttled { .. } => {
                 // Once per round trip: one burst of 429s is one signal. An
-                // attempt sent before the last cut says nothing new.
+                // attempt sent before the last cut says nothing new; nor
+                // does a 429 within the Retry-After of the one that cut
+                // (the rate limit's window has not moved on yet).
+                let holding = self.hold_until.is_some_and(|h| now < h);
                 let recent = self
                     .last_cut
                     .is_some_and(|c| now - c < window || started < c);
-                if !recent {
+                if let Signal::Throttled { retry_after } = signal {
+                    if !recent && !holding {
+                        let sustained = self.sustained(now);
+                        self.cut(now);
+                        if let Some(c) = sustained {
+                            self.limit = self.limit.min(c * SUSTAINED_SHARE).max(1.0);
+                            self.threshold = self.limit;
+                            // A cut while the limit's window still holds
+                            // an earlier burst measures low: what got
+                            // through before counts, fading.
+                            self.probe_above =
+                                Some(self.probe_above.map_or(c, |p| c.max(p * DECREASE)));
+                        }
+                    }
+                    let until = now + retry_after;
+                    self.hold_until = Some(self.hold_until.map_or(until, |h| h.max(until)));
+                } else if !recent {
                     self.cut(now);
                 }
                 return;
@@ -243,15 +312,21 @@ impl State {
         // The round trip right after a cut holds: its attempts were mostly
         // sent before it.
         let fresh_cut = self.last_cut.is_some_and(|c| c >= self.window_start);
+        let held = self.hold_until.is_some_and(|h| now < h);
         if climbing {
             self.cut(now);
-        } else if self.saturated && !fresh_cut {
+        } else if self.saturated && !fresh_cut && !held && !self.probing_slowly(now) {
             self.limit = if self.limit < self.threshold {
                 (self.limit * 2.0).min(self.threshold)
             } else {
                 self.limit + 1.0
             }
             .min(ceiling as f64);
+            self.last_growth = Some(now);
+            // Well past the rate that was throttled: it has been raised.
+            if self.probe_above.is_some_and(|p| self.limit >= p * 1.5) {
+                self.probe_above = None;
+            }
         }
         self.baseline = Some(match self.baseline {
             None => mean,
@@ -261,6 +336,30 @@ impl State {
             .request_rtt_seconds
             .set(self.window().as_secs_f64());
         self.next_window(now);
+    }
+
+    fn horizon(&self) -> Duration {
+        DELIVERY_HORIZON.max(self.window() * 2)
+    }
+
+    /// At or above the concurrency a rate limit let through: grow by one
+    /// per horizon (a second) rather than per round trip, since a limit
+    /// counted per second refuses only once a second's worth is over it.
+    fn probing_slowly(&self, now: Instant) -> bool {
+        self.probe_above.is_some_and(|p| self.limit >= p)
+            && self.last_growth.is_some_and(|g| now - g < DELIVERY_HORIZON)
+    }
+
+    /// Acknowledged attempts per round trip, averaged over the horizon:
+    /// the concurrency ConveYour sustained. Over the whole horizon even
+    /// when the history is shorter, and an average, not a peak: a rate
+    /// limit counted per second lets a second's budget through as fast as
+    /// it comes, then refuses, and that budget per second is its rate.
+    fn sustained(&self, now: Instant) -> Option<f64> {
+        let baseline = self.baseline?;
+        let horizon = self.horizon();
+        let recent = self.acked.iter().filter(|t| now - **t <= horizon).count();
+        Some(recent as f64 * baseline.as_secs_f64() / horizon.as_secs_f64())
     }
 
     fn cut(&mut self, now: Instant) {
@@ -278,8 +377,7 @@ impl State {
     }
 }
 
-/// One slot, held for one attempt. Dropped without [`Permit::finish`] (a
-/// cancelled attempt), it frees the slot and says nothing.
+/// One slot, held for one attempt; freed when dropped.
 pub(crate) struct Permit {
     limiter: Option<Arc<Limiter>>,
     started: Instant,
@@ -299,18 +397,24 @@ impl Permit {
         self.started = Instant::now();
     }
 
-    /// Frees the slot with what the attempt showed.
-    pub(crate) fn finish(mut self, signal: Signal) {
-        if let Some(l) = self.limiter.take() {
-            l.release(self.started, signal);
+    /// Tells the limit what the attempt showed.
+    pub(crate) fn observe(&self, signal: Signal) {
+        if let Some(l) = &self.limiter {
+            l.observe(self.started, signal);
         }
+    }
+
+    /// Tells the limit what the attempt showed and frees the slot.
+    #[cfg(test)]
+    fn finish(self, signal: Signal) {
+        self.observe(signal);
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(l) = self.limiter.take() {
-            l.release(self.started, Signal::Neutral);
+            l.release();
         }
     }
 }
@@ -377,11 +481,90 @@ mod tests {
         rounds(&l, rtt, 5, |_| Signal::Ack(Duration::ZERO), &mut clock);
         assert_eq!(l.limit(), 32);
         // One round of 429s on every attempt: one cut, not 32.
-        let seen = rounds(&l, rtt, 1, |_| Signal::Congestion, &mut clock);
+        let seen = rounds(&l, rtt, 1, |_| Signal::Failed, &mut clock);
         assert_eq!(seen, [28]);
         // Then +1 per round trip, not doubling.
         let seen = rounds(&l, rtt, 3, |_| Signal::Ack(Duration::ZERO), &mut clock);
         assert_eq!(seen, [28, 29, 30], "{seen:?}");
+    }
+
+    #[test]
+    fn after_a_retry_after_the_limit_does_not_grow_until_it_has_passed() {
+        // At a ceiling of 32 for a second: 32 per round trip get through.
+        let l = Limiter::new(32, true);
+        let mut clock = Instant::now();
+        l.state().window_start = clock;
+        let rtt = Duration::from_millis(100);
+        let ack = |_| Signal::Ack(Duration::ZERO);
+        rounds(&l, rtt, 15, ack, &mut clock);
+        assert_eq!(l.limit(), 32);
+        let hold = Duration::from_secs(1);
+        let seen = rounds(
+            &l,
+            rtt,
+            1,
+            |_| Signal::Throttled { retry_after: hold },
+            &mut clock,
+        );
+        assert_eq!(seen, [28]);
+        let seen = rounds(&l, rtt, 13, ack, &mut clock);
+        assert_eq!(seen[..9], [28; 9], "grew within Retry-After: {seen:?}");
+        assert!(seen.iter().all(|n| *n <= 32));
+        assert!(seen[12] > 28, "never grew again: {seen:?}");
+    }
+
+    #[test]
+    fn a_rate_limit_lands_the_limit_at_its_rate_not_a_tenth_at_a_time() {
+        // ConveYour answers in 100 ms and accepts 200 requests in any one
+        // second, answering the rest 429 (Retry-After: 1) at once.
+        let l = Limiter::new(64, true);
+        let mut clock = Instant::now();
+        l.state().window_start = clock;
+        let rtt = Duration::from_millis(100);
+        let retry_after = Duration::from_secs(1);
+        let mut accepted: std::collections::VecDeque<Instant> = Default::default();
+        let mut limits = Vec::new();
+        for _ in 0..100 {
+            let n = l.limit();
+            let permits: Vec<Permit> = (0..n).filter_map(|_| l.try_acquire()).collect();
+            let sent = clock;
+            while accepted
+                .front()
+                .is_some_and(|t| sent - *t >= Duration::from_secs(1))
+            {
+                accepted.pop_front();
+            }
+            let mut answers = Vec::new();
+            for _ in 0..permits.len() {
+                if accepted.len() < 200 {
+                    accepted.push_back(sent);
+                    answers.push(Signal::Ack(rtt));
+                } else {
+                    answers.push(Signal::Throttled { retry_after });
+                }
+            }
+            clock += rtt;
+            // 429s come back at once, acknowledgements a round trip later.
+            for (mut p, signal) in permits.into_iter().zip(answers) {
+                p.started = sent;
+                let at = match signal {
+                    Signal::Ack(_) => clock,
+                    _ => sent,
+                };
+                let mut s = l.state();
+                s.active -= 1;
+                s.observe(at, p.started, signal, l.ceiling);
+                drop(s);
+                p.limiter = None;
+            }
+            limits.push(l.limit());
+        }
+        // From two seconds on, the limit stays near the 20 in flight that
+        // 200/s at 100 ms allows: never far over it, 19 or more on average.
+        let after = &limits[20..];
+        assert!(after.iter().all(|n| (16..=23).contains(n)), "{limits:?}");
+        let mean = after.iter().sum::<usize>() as f64 / after.len() as f64;
+        assert!((19.0..=21.5).contains(&mean), "{mean}: {limits:?}");
     }
 
     #[test]
@@ -406,7 +589,7 @@ mod tests {
         assert_eq!(l.limit(), 8);
         for _ in 0..3 {
             let p = l.try_acquire().unwrap();
-            p.finish(Signal::Congestion);
+            p.finish(Signal::Failed);
         }
         assert_eq!(l.limit(), 8);
         assert!(l.at_floor(), "a fixed limit cannot adapt, so 429 pauses");
