@@ -343,6 +343,34 @@ impl Batcher {
         out
     }
 
+    /// Takes the full identify requests, leaving the rest to fill up, when
+    /// only identifies are pending; otherwise everything, as
+    /// [`Self::take`] (an event left behind could not keep its contact's
+    /// order with the identifies taken). A busy stream that forms requests
+    /// as batches fill then sends `batch_size` entries per request rather
+    /// than a full one and a remainder.
+    pub(crate) fn take_full(&mut self) -> Vec<Request> {
+        let full = self.identify.len() / self.batch_size.max(1) * self.batch_size.max(1);
+        if self.track_count > 0 || full == 0 || full == self.identify.len() {
+            return self.take();
+        }
+        let rest = self.identify.split_off(full);
+        let rest_merged = if self.identify_merged.is_empty() {
+            Vec::new()
+        } else {
+            self.identify_merged.split_off(full)
+        };
+        let out = self.take();
+        for (i, (_, action)) in rest.iter().enumerate() {
+            if self.coalesce {
+                self.identify_index.set(&action.contact, i);
+            }
+        }
+        self.identify = rest;
+        self.identify_merged = rest_merged;
+        out
+    }
+
     /// Contacts with pending actions, for tests of ordering.
     #[cfg(test)]
     fn contacts(&self) -> HashSet<&str> {
@@ -555,6 +583,31 @@ mod tests {
 
     fn body(r: &Request) -> Value {
         serde_json::from_slice(&r.body).unwrap()
+    }
+
+    #[test]
+    fn taking_full_requests_leaves_the_remainder_to_fill() {
+        let mut b = Batcher::new(3, true);
+        for i in 0..7u64 {
+            b.push(i, identify(&format!("c{i}"), i, json!({"n": i})));
+        }
+        let out = b.take_full();
+        assert_eq!(out.iter().map(Request::count).collect::<Vec<_>>(), [3, 3]);
+        assert_eq!(b.contacts(), ["c6"].into_iter().collect());
+        // The remainder still coalesces with a later identify of its contact.
+        b.push(7, identify("c6", 7, json!({"n": 70})));
+        let out = b.take();
+        assert_eq!(out.len(), 1);
+        assert_eq!(body(&out[0]), json!([{"id": "c6", "traits": {"n": 70}}]));
+        assert_eq!(out[0].seqs(), [6, 7]);
+        // With an event pending, everything goes.
+        b.push(8, identify("a", 8, json!({})));
+        b.push(9, identify("b", 9, json!({})));
+        b.push(10, identify("c", 10, json!({})));
+        b.push(11, identify("d", 11, json!({})));
+        b.push(12, track("d", 12, 1));
+        assert_eq!(b.take_full().len(), 3);
+        assert!(b.is_empty());
     }
 
     #[test]

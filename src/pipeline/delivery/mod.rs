@@ -356,12 +356,16 @@ impl Dispatcher {
 
     /// Turns what is batched into requests, each claiming its contacts.
     fn form(&mut self) {
-        for request in self.batcher.take() {
+        self.form_from(Batcher::take);
+        self.deadline = None;
+        self.flush = false;
+    }
+
+    fn form_from(&mut self, take: fn(&mut Batcher) -> Vec<Request>) {
+        for request in take(&mut self.batcher) {
             let claim = self.order.claim(&request);
             self.waiting.push_back(Waiting { claim, request });
         }
-        self.deadline = None;
-        self.flush = false;
     }
 
     /// Sends what may be sent, and forms requests from the batch when it
@@ -375,11 +379,22 @@ impl Dispatcher {
                 self.flush = false;
                 return;
             }
-            let due = self.flush || self.batcher.is_full() || !self.parked.is_empty();
-            if !due || self.waiting.iter().any(|w| self.order.ready(&w.claim)) {
+            let urgent = self.flush || !self.parked.is_empty();
+            if !(urgent || self.batcher.is_full())
+                || self.waiting.iter().any(|w| self.order.ready(&w.claim))
+            {
                 return;
             }
-            self.form();
+            if urgent {
+                self.form();
+            } else {
+                // Full batches only; the rest keeps filling.
+                self.form_from(Batcher::take_full);
+                if self.batcher.is_empty() {
+                    self.deadline = None;
+                }
+                continue;
+            }
         }
     }
 
