@@ -842,20 +842,28 @@ async fn receiver_over_tls_speaks_http2_when_offered_and_http11_otherwise() {
 async fn receiver_counts_connections_and_keep_alive_reuses_one() {
     let rx = receiver::start(APPKEY, TOKEN).await;
     let body = json!({"id": "k1", "traits": {"a": 1}});
-    // A client keeping connections: one for five requests in a row.
+    // A client keeping connections: ten requests in a row reuse them (a
+    // pooled connection is sometimes returned a moment after its answer is
+    // read, so the next request may open a second one).
     let keeping = reqwest::Client::new();
-    for _ in 0..5 {
+    for _ in 0..10 {
         let resp = post_via(&keeping, &rx, IDENTIFY_PATH, &body).await.unwrap();
         assert_eq!(resp.status(), 200);
     }
-    assert_eq!(rx.connection_count(), 1);
+    let kept = rx.connection_count();
+    assert!(
+        (1..=3).contains(&kept),
+        "10 requests over {kept} connections"
+    );
     // One that keeps none: a connection each.
     for _ in 0..3 {
         assert_eq!(post(&rx, IDENTIFY_PATH, &body).await.0, 200);
     }
-    assert_eq!(rx.connection_count(), 4);
+    assert_eq!(rx.connection_count(), kept + 3);
     let connections: Vec<usize> = rx.requests().iter().map(|r| r.connection).collect();
-    assert_eq!(connections, vec![1, 1, 1, 1, 1, 2, 3, 4]);
+    assert_eq!(connections.len(), 13);
+    assert!(connections[..10].iter().all(|c| *c <= kept));
+    assert_eq!(connections[10..], [kept + 1, kept + 2, kept + 3]);
     assert!(rx.requests().iter().all(|r| r.version == "HTTP/1.1"));
 }
 
