@@ -4,8 +4,8 @@
 //!
 //! - The limit starts at 1 and doubles every round trip while requests
 //!   come back acknowledged, round-trip times stay near their baseline and
-//!   the limit is in use ("slow start"); after the first cut it grows by
-//!   one per round trip instead.
+//!   the limit is in use ("slow start"), up to 16; beyond, and after any
+//!   cut, it grows by one per round trip.
 //! - It is cut by a tenth, at most once per round trip, on 408, 5xx,
 //!   timeouts and connection failures.
 //! - On 429 it is cut by a tenth and further, to just under what ConveYour
@@ -53,6 +53,12 @@ const DELIVERY_HORIZON: Duration = Duration::from_secs(1);
 /// The share of the sustained concurrency a congestion cut keeps: just
 /// under what got through, so a rate limit is not hit again at once.
 const SUSTAINED_SHARE: f64 = 1.0;
+/// Slow start doubles the limit up to here, then it grows by one per round
+/// trip: at a typical 100 ms round trip, 16 is 160 requests/s, under the
+/// rate limits APIs commonly set, so the first probe past one comes in
+/// steps of one rather than a doubling that floods the limit's window
+/// (whose refusals then last a second).
+const SLOW_START_UNTIL: f64 = 16.0;
 /// Shortest round trip used as a window, so a receiver on the same host
 /// does not make the limit move every microsecond.
 const MIN_WINDOW: Duration = Duration::from_millis(1);
@@ -121,7 +127,7 @@ impl Limiter {
                 limit,
                 active: 0,
                 queued: 0,
-                threshold: ceiling as f64,
+                threshold: (ceiling as f64).min(SLOW_START_UNTIL),
                 baseline: None,
                 window_start: Instant::now(),
                 rtt_sum: Duration::ZERO,
@@ -457,19 +463,19 @@ mod tests {
     }
 
     #[test]
-    fn it_starts_at_one_and_doubles_then_stops_at_the_ceiling() {
+    fn it_starts_at_one_doubles_to_16_then_grows_by_one_up_to_the_ceiling() {
         let l = Limiter::new(64, true);
         let mut clock = Instant::now();
         l.state().window_start = clock;
         let seen = rounds(
             &l,
             Duration::from_millis(100),
-            10,
+            60,
             |_| Signal::Ack(Duration::ZERO),
             &mut clock,
         );
-        assert_eq!(seen[..7], [2, 4, 8, 16, 32, 64, 64], "{seen:?}");
-        assert!(seen.iter().all(|n| *n <= 64));
+        assert_eq!(seen[..7], [2, 4, 8, 16, 17, 18, 19], "{seen:?}");
+        assert_eq!(seen[51..], [64; 9], "{seen:?}");
     }
 
     #[test]
@@ -478,7 +484,7 @@ mod tests {
         let mut clock = Instant::now();
         l.state().window_start = clock;
         let rtt = Duration::from_millis(100);
-        rounds(&l, rtt, 5, |_| Signal::Ack(Duration::ZERO), &mut clock);
+        rounds(&l, rtt, 20, |_| Signal::Ack(Duration::ZERO), &mut clock);
         assert_eq!(l.limit(), 32);
         // One round of 429s on every attempt: one cut, not 32.
         let seen = rounds(&l, rtt, 1, |_| Signal::Failed, &mut clock);
@@ -496,7 +502,7 @@ mod tests {
         l.state().window_start = clock;
         let rtt = Duration::from_millis(100);
         let ack = |_| Signal::Ack(Duration::ZERO);
-        rounds(&l, rtt, 15, ack, &mut clock);
+        rounds(&l, rtt, 25, ack, &mut clock);
         assert_eq!(l.limit(), 32);
         let hold = Duration::from_secs(1);
         let seen = rounds(
@@ -573,7 +579,7 @@ mod tests {
         let mut clock = Instant::now();
         l.state().window_start = clock;
         let fast = Duration::from_millis(50);
-        rounds(&l, fast, 12, |_| Signal::Ack(Duration::ZERO), &mut clock);
+        rounds(&l, fast, 60, |_| Signal::Ack(Duration::ZERO), &mut clock);
         assert_eq!(l.limit(), 64);
         let slow = Duration::from_millis(400);
         let down = rounds(&l, slow, 6, |_| Signal::Ack(Duration::ZERO), &mut clock);
