@@ -283,6 +283,19 @@ fn assert_last_identify_is_final(entries: &[Value], contacts: &BTreeMap<String, 
 // Writers.
 // ---------------------------------------------------------------------------
 
+/// Each contact's changes arrived in commit order, its last identify holds
+/// the database's final values, and the connector is still running.
+async fn assert_in_order_and_running(w: &World, conn: &Connector) {
+    let entries = w.rx.identifies();
+    let violations = order_violations(&entries, &w.rx.tracks());
+    assert!(
+        violations.is_empty(),
+        "per-contact order broken: {violations:#?}"
+    );
+    assert_last_identify_is_final(&entries, &db_contacts(&w.db).await);
+    assert!(conn.is_running(), "the connector stopped:\n{}", conn.log());
+}
+
 /// Runs `sql` on a connection that is re-opened as needed, retrying until it
 /// succeeds (for writers that live through a Postgres restart). Returns the
 /// number of failed attempts.
@@ -476,14 +489,7 @@ async fn a_mixed_workload_under_random_faults_ends_consistent_and_in_order() {
         "random faults: {faulted} requests faulted, {dups} duplicate sale events\nreceiver: {}",
         w.rx.summary()
     );
-    let entries = w.rx.identifies();
-    let violations = order_violations(&entries, &w.rx.tracks());
-    assert!(
-        violations.is_empty(),
-        "per-contact order broken: {violations:#?}"
-    );
-    assert_last_identify_is_final(&entries, &db_contacts(&w.db).await);
-    assert!(conn.is_running(), "the connector stopped:\n{}", conn.log());
+    assert_in_order_and_running(&w, &conn).await;
 }
 
 /// With 64 requests allowed at once from the start (`concurrency: fixed`)
@@ -529,14 +535,7 @@ async fn at_the_concurrency_ceiling_random_5xx_429s_and_resets_keep_each_contact
         together > 4,
         "requests never overlapped beyond four at once ({together}): the test did not run at concurrency"
     );
-    let entries = w.rx.identifies();
-    let violations = order_violations(&entries, &w.rx.tracks());
-    assert!(
-        violations.is_empty(),
-        "per-contact order broken: {violations:#?}"
-    );
-    assert_last_identify_is_final(&entries, &db_contacts(&w.db).await);
-    assert!(conn.is_running(), "the connector stopped:\n{}", conn.log());
+    assert_in_order_and_running(&w, &conn).await;
 }
 
 // ---------------------------------------------------------------------------
