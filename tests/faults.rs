@@ -700,6 +700,31 @@ async fn over_https_offering_h2_every_request_is_http2_on_one_reused_connection(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_conveyour_certificate_stops_the_connector_naming_ca_file() {
+    let mut w = world("untrusted", ROSTER_SQL).await;
+    w.rx = Receiver::start_tls(APPKEY, TOKEN).await;
+    // No ca_file: the receiver's self-signed certificate is not trusted.
+    let conn = Connector::run(&w.config(ROSTER_TABLES, ""), &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    let before = w.confirmed().await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('a@x.test', 'A');")
+        .await;
+    let status = conn.wait(Duration::from_secs(60)).await;
+    let log = conn.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("conveyour.ca_file"), "{log}");
+    assert!(log.contains("certificate"), "{log}");
+    assert_eq!(w.rx.identify_count(), 0);
+    // Nothing was confirmed past the insert.
+    let end = w.db.wal_lsn().await;
+    let confirmed = w.confirmed().await;
+    assert!(
+        confirmed >= before && confirmed < end,
+        "{confirmed:X} vs {end:X}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn over_plain_http_requests_reuse_keep_alive_connections() {
     let w = world("keepalive", ROSTER_SQL).await;
     let config = w.config(ROSTER_TABLES, "  batch_size: 10\n  max_in_flight: 4\n");

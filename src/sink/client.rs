@@ -31,7 +31,9 @@ pub struct SinkError {
 impl SinkError {
     /// What the operator should do.
     pub fn hint(&self) -> &'static str {
-        if self.status == 501 {
+        if self.status == UNTRUSTED_CERTIFICATE {
+            "the certificate ConveYour's address presented is not trusted here: if a TLS-inspecting proxy or a private endpoint serves it, give its CA certificate (PEM) in conveyour.ca_file; otherwise check conveyour.url; the position was not advanced, so nothing is lost"
+        } else if self.status == 501 {
             "ConveYour answered 501 Not Implemented: conveyour.url must be the account's address (https://SUBDOMAIN.conveyour.com), without a path; the position was not advanced, so nothing is lost"
         } else if self.is_content_rejection() {
             "fix the row or the mapping named above (or what ConveYour's message says), then restart; the position was not advanced, so nothing is lost"
@@ -73,6 +75,13 @@ impl fmt::Display for SinkError {
             let lead = if self.count > 1 { "first: " } else { "" };
             write!(f, " ({lead}table {table}, id {contact}, LSN {lsn})")?;
         }
+        if self.status == UNTRUSTED_CERTIFICATE {
+            return write!(
+                f,
+                " after {} attempt(s): no reply, the TLS handshake refused its certificate: {}",
+                self.attempts, self.message
+            );
+        }
         write!(
             f,
             " after {} attempt(s): HTTP {}: {}",
@@ -82,6 +91,10 @@ impl fmt::Display for SinkError {
 }
 
 impl std::error::Error for SinkError {}
+
+/// The status a [`SinkError`] carries when no reply came because the TLS
+/// handshake refused ConveYour's certificate: no HTTP status is 1.
+const UNTRUSTED_CERTIFICATE: u16 = 1;
 
 /// Delivers requests to one ConveYour account.
 pub(crate) struct Sink {
@@ -497,6 +510,14 @@ impl Sink {
             .await;
         let resp = match sent {
             Ok(resp) => resp,
+            // An untrusted certificate does not heal by waiting: stop
+            // with what to do rather than retry forever.
+            Err(e) if untrusted_certificate(&e) => {
+                return Verdict::Reject {
+                    status: UNTRUSTED_CERTIFICATE,
+                    message: describe(&e),
+                }
+            }
             Err(e) => {
                 return Verdict::Retry {
                     status: None,
@@ -520,6 +541,32 @@ impl Sink {
             },
         }
     }
+}
+
+/// Whether the TLS handshake refused the server's certificate (unknown
+/// issuer, expired, wrong name). rustls's error travels boxed inside
+/// connector and I/O errors (an I/O error's `source` skips what it wraps),
+/// so each cause is opened, and its text read as rustls writes it.
+fn untrusted_certificate(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        for candidate in [Some(s), inner].into_iter().flatten() {
+            if let Some(rustls::Error::InvalidCertificate(_)) =
+                candidate.downcast_ref::<rustls::Error>()
+            {
+                return true;
+            }
+            if candidate.to_string().contains("invalid peer certificate") {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A transport error in one line, with its causes, and never the URL's
