@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::connector::{run_cli, Connector, CONFIG_PLACEHOLDER as CONFIG};
 use crate::support::receiver::Fault;
-use crate::support::setup::{world, HeldCommit, ROSTER_SQL, ROSTER_TABLES};
+use crate::support::setup::{world, HeldCommit, World, ROSTER_SQL, ROSTER_TABLES};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poisoned_row_is_dead_lettered_and_the_rest_goes_through() {
@@ -835,15 +835,21 @@ async fn a_retry_reading_a_row_whose_streamed_commit_is_not_yet_visible_keeps_th
     drop(conn);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_entry_that_cannot_be_retried_keeps_one_note_however_often_it_is_tried() {
-    let w = world("dead_letter_note", ROSTER_SQL).await;
-    let tables = format!("dead_letters:\n  retry_every_ms: 0\n{ROSTER_TABLES}");
+/// A world whose connector has made its tables and stopped, and its config
+/// with `dead_letters.retry_every_ms` as given.
+async fn with_tables_made(hint: &str, retry_every_ms: u64) -> (World, String) {
+    let w = world(hint, ROSTER_SQL).await;
+    let tables = format!("dead_letters:\n  retry_every_ms: {retry_every_ms}\n{ROSTER_TABLES}");
     let config = w.config(&tables, "");
-    // The connector makes its tables, then stops.
     let conn = Connector::run(&config, &[]);
     w.wait_streaming(Duration::from_secs(60)).await;
     conn.stop().await;
+    (w, config)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_that_cannot_be_retried_keeps_one_note_however_often_it_is_tried() {
+    let (w, config) = with_tables_made("dead_letter_note", 0).await;
     // An unmappable row of a table no longer mapped: it cannot be read
     // again, and every retry says so.
     w.db.exec(&format!(
@@ -869,13 +875,7 @@ async fn an_entry_that_cannot_be_retried_keeps_one_note_however_often_it_is_trie
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stored_event_is_sent_once_when_a_connector_starts_while_the_cli_sends_it() {
-    let w = world("dead_letter_claim", ROSTER_SQL).await;
-    let tables = format!("dead_letters:\n  retry_every_ms: 100\n{ROSTER_TABLES}");
-    let config = w.config(&tables, "");
-    // The connector makes its tables, then stops.
-    let conn = Connector::run(&config, &[]);
-    w.wait_streaming(Duration::from_secs(60)).await;
-    conn.stop().await;
+    let (w, config) = with_tables_made("dead_letter_claim", 100).await;
     // A refused event, due for its automatic retry.
     w.db.exec(&format!(
         "INSERT INTO conveyour_cdc.dead_letters
