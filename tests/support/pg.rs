@@ -808,3 +808,42 @@ async fn drop_database(url: &str, name: &str) -> Result<(), String> {
         .await
         .map_err(|e| format!("DROP DATABASE: {e}"))
 }
+
+/// The major version (15, 16, ...) of the server binaries the tests run
+/// against ([`find_bindir`]).
+pub fn server_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let bindir = find_bindir().unwrap_or_else(|e| panic!("{e}"));
+        let out = Command::new(bindir.join("postgres"))
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("running postgres --version: {e}"));
+        // "postgres (PostgreSQL) 18.6"
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .last()
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read a version from `postgres --version`: {text}"))
+    })
+}
+
+/// Says on stderr, past the test harness' capture, that the calling test
+/// is skipped and why: `skipped: <test>: <reason>` (`.ci/run` lists them).
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let line = format!("skipped: {test}: {reason} (PostgreSQL {})\n", server_major());
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// True, after saying so ([`skip`]), when the server is older than `major`:
+/// the calling test then returns early.
+pub fn skip_below(major: u32, reason: &str) -> bool {
+    if server_major() >= major {
+        return false;
+    }
+    skip(reason);
+    true
+}
