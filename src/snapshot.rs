@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_postgres::Client;
 
 use crate::config::{OnUnmappable, Settings, SnapshotPolicy, TableMapping, TableName};
-use crate::decode::{Relation, Tuple};
+use crate::decode::{Datum, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::{Action, Mapped, Mapper, Outcome, Schema};
 use crate::pipeline::{Event, Shutdown};
@@ -553,25 +553,46 @@ pub(crate) struct Window {
 const CARRIED_CHANGES: usize = 8192;
 
 /// A transaction the stream carried, with its changes to copied tables.
+///
+/// A chunk only needs to know which keys each change touched, so only the
+/// values of the replica identity's key columns are kept, back to back in
+/// one buffer per transaction: no allocation per change. A chunk keyed on
+/// columns the replica identity does not hold (`REPLICA IDENTITY USING
+/// INDEX` on another index) cannot tell which rows changed, and is read
+/// again whole if its snapshot missed the transaction.
 #[derive(Default, Clone)]
 pub(crate) struct Carried {
     xid: u32,
+    /// The tables it changed; a change names its own by index.
+    tables: Vec<Arc<Relation>>,
     /// Its changes a chunk may need, unless `whole`.
     changes: Vec<CarriedChange>,
-    /// Once `whole`: the tables of those changes.
-    tables: Vec<Arc<Relation>>,
+    /// The changes' key values (see [`Carried::put_key`]).
+    keys: Vec<u8>,
     /// Its changes were too many to keep: any row of `tables` may be one.
     whole: bool,
 }
 
 /// One row change of a [`Carried`] transaction.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct CarriedChange {
-    relation: Arc<Relation>,
-    old: Option<Tuple>,
-    new: Option<Tuple>,
+    /// Index into [`Carried::tables`].
+    table: u32,
+    /// The old row's key, for a delete or an update of the key.
+    old: Option<KeySpan>,
+    new: Option<KeySpan>,
     seen: Seen,
 }
+
+/// Where one row's key values are in [`Carried::keys`].
+#[derive(Clone, Copy)]
+struct KeySpan {
+    start: u32,
+    end: u32,
+}
+
+/// Key bytes one transaction keeps before it keeps only its tables.
+const CARRIED_KEY_BYTES: usize = 4 << 20;
 
 impl Carried {
     /// A transaction begins.
@@ -579,55 +600,114 @@ impl Carried {
         self.xid = xid;
         self.changes.clear();
         self.tables.clear();
+        self.keys.clear();
         self.whole = false;
     }
 
-    /// Notes a change to a copied table, as [`Window::saw`] takes it. The
-    /// rows are moved in, not copied: the reader is done with them.
+    /// Notes a change to a copied table, as [`Window::saw`] takes it:
+    /// which table, and the keys of its rows.
     pub(crate) fn push(
         &mut self,
         relation: &Arc<Relation>,
-        old: Option<Tuple>,
-        new: Option<Tuple>,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
         seen: Seen,
     ) {
         // Nothing for a chunk to drop or read again (see `note_keys`).
         if seen == Seen::Unchanged && old.is_none() {
             return;
         }
-        if !self.whole && self.changes.len() >= CARRIED_CHANGES {
+        if !self.whole
+            && (self.changes.len() >= CARRIED_CHANGES || self.keys.len() >= CARRIED_KEY_BYTES)
+        {
             self.forget_rows();
         }
-        if self.whole {
-            if !self.tables.iter().any(|r| Arc::ptr_eq(r, relation)) {
+        let table = match self.tables.iter().position(|r| Arc::ptr_eq(r, relation)) {
+            Some(i) => i,
+            None => {
                 self.tables.push(relation.clone());
+                self.tables.len() - 1
             }
+        };
+        if self.whole {
             return;
         }
-        // Detached: kept until a snapshot sees the transaction, and a
-        // slice of the read buffer would keep the whole buffer (64 KiB per
-        // change at worst, where the cap counts changes).
+        let old = old.map(|t| self.put_key(relation, t));
+        let new = new.map(|t| self.put_key(relation, t));
         self.changes.push(CarriedChange {
-            relation: relation.clone(),
-            old: old.map(|t| t.detached()),
-            new: new.map(|t| t.detached()),
+            table: table as u32,
+            old,
+            new,
             seen,
         });
+    }
+
+    /// Appends the values of `relation`'s key columns in `tuple`: per
+    /// column a tag (0 no value, 1 text), then for text its length (4 bytes,
+    /// little-endian) and bytes.
+    fn put_key(&mut self, relation: &Relation, tuple: &Tuple) -> KeySpan {
+        let start = self.keys.len() as u32;
+        for (i, c) in relation.columns.iter().enumerate() {
+            if !c.key {
+                continue;
+            }
+            match tuple.0.get(i) {
+                Some(Datum::Text(b)) => {
+                    self.keys.push(1);
+                    self.keys.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    self.keys.extend_from_slice(b);
+                }
+                _ => self.keys.push(0),
+            }
+        }
+        KeySpan {
+            start,
+            end: self.keys.len() as u32,
+        }
+    }
+
+    /// The key at `span` in the columns `positions` name (indexes among the
+    /// relation's key columns).
+    fn key(&self, span: KeySpan, positions: &[usize]) -> Key {
+        let mut values: Vec<Option<&[u8]>> = Vec::new();
+        let mut at = span.start as usize;
+        let end = span.end as usize;
+        while at < end {
+            let tag = self.keys[at];
+            at += 1;
+            if tag == 1 {
+                let mut len = [0u8; 4];
+                len.copy_from_slice(&self.keys[at..at + 4]);
+                let len = u32::from_le_bytes(len) as usize;
+                at += 4;
+                values.push(Some(&self.keys[at..at + len]));
+                at += len;
+            } else {
+                values.push(None);
+            }
+        }
+        positions
+            .iter()
+            .map(|p| {
+                values
+                    .get(*p)
+                    .copied()
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+            })
+            .collect()
     }
 
     /// Whether it holds nothing a chunk could need: then it is not
     /// recorded at all.
     pub(crate) fn is_empty(&self) -> bool {
-        !self.whole && self.changes.is_empty()
+        self.tables.is_empty()
     }
 
     /// Keeps only which tables its changes were to.
     fn forget_rows(&mut self) {
-        for c in std::mem::take(&mut self.changes) {
-            if !self.tables.iter().any(|r| Arc::ptr_eq(r, &c.relation)) {
-                self.tables.push(c.relation);
-            }
-        }
+        self.changes = Vec::new();
+        self.keys = Vec::new();
         self.whole = true;
     }
 
@@ -711,31 +791,47 @@ impl OpenWindow {
             note_keys(
                 &mut self.superseded,
                 &mut self.partial,
-                indexes,
-                old,
-                new,
+                old.map(|t| key_at(t, indexes)),
+                new.map(|t| key_at(t, indexes)),
                 seen,
             );
         }
     }
 
     /// Notes a change carried earlier, under the relation as it was then.
-    fn note_carried(&mut self, c: &CarriedChange) {
-        let relation = &c.relation;
+    /// True when the chunk cannot tell which of its rows the change touched
+    /// (its key columns are not all in that relation's replica identity):
+    /// the whole chunk is then read again.
+    fn note_carried(&mut self, t: &Carried, c: &CarriedChange) -> bool {
+        let Some(relation) = t.tables.get(c.table as usize) else {
+            return false;
+        };
         if relation.namespace != self.table.schema || relation.name != self.table.name {
-            return;
+            return false;
         }
-        if let Some(indexes) = key_indexes(&self.key_columns, relation) {
-            let (old, new) = (c.old.as_ref(), c.new.as_ref());
-            note_keys(
-                &mut self.superseded,
-                &mut self.partial,
-                &indexes,
-                old,
-                new,
-                c.seen,
-            );
-        }
+        // Each key column's place among the relation's key columns.
+        let identity: Vec<&str> = relation
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.as_str())
+            .collect();
+        let positions: Option<Vec<usize>> = self
+            .key_columns
+            .iter()
+            .map(|k| identity.iter().position(|c| c == k))
+            .collect();
+        let Some(positions) = positions else {
+            return true;
+        };
+        note_keys(
+            &mut self.superseded,
+            &mut self.partial,
+            c.old.map(|s| t.key(s, &positions)),
+            c.new.map(|s| t.key(s, &positions)),
+            c.seen,
+        );
+        false
     }
 }
 
@@ -752,13 +848,11 @@ fn key_indexes(key_columns: &[String], relation: &Relation) -> Option<Vec<usize>
 fn note_keys(
     superseded: &mut HashSet<Key>,
     partial: &mut HashSet<Key>,
-    indexes: &[usize],
-    old: Option<&Tuple>,
-    new: Option<&Tuple>,
+    old_key: Option<Key>,
+    new_key: Option<Key>,
     seen: Seen,
 ) {
-    let new_key = new.map(|t| key_at(t, indexes));
-    if let Some(old_key) = old.map(|t| key_at(t, indexes)) {
+    if let Some(old_key) = old_key {
         if new_key.as_ref() != Some(&old_key) {
             superseded.insert(old_key);
         }
@@ -910,7 +1004,7 @@ impl Window {
         for t in self.unseen.iter().filter(|t| !chunk.snapshot.sees(t.xid)) {
             whole |= t.whole && t.changed(&open.table);
             for c in &t.changes {
-                open.note_carried(c);
+                whole |= open.note_carried(t, c);
             }
         }
         self.settle(&chunk.snapshot);
@@ -1402,7 +1496,7 @@ mod tests {
         for (xid, id, seen) in carried {
             let mut t = Carried::default();
             t.begin(*xid);
-            t.push(&relation(), None, Some(row(id)), *seen);
+            t.push(&relation(), None, Some(&row(id)), *seen);
             w.carried(&mut t);
         }
         w.expected = Some((
@@ -1460,6 +1554,55 @@ mod tests {
     }
 
     #[test]
+    fn only_the_replica_identity_key_of_a_carried_row_is_kept() {
+        let mut t = Carried::default();
+        t.begin(100);
+        t.push(
+            &relation(),
+            Some(&row("1")),
+            Some(&row("22")),
+            Seen::Superseded,
+        );
+        t.push(&relation(), None, Some(&row("3")), Seen::Partial);
+        // Tag, length and bytes of `id` per row; no email.
+        assert_eq!(t.keys.len(), 3 * (1 + 4) + 4);
+        let keys: Vec<(Option<Key>, Option<Key>)> = t
+            .changes
+            .iter()
+            .map(|c| (c.old.map(|s| t.key(s, &[0])), c.new.map(|s| t.key(s, &[0]))))
+            .collect();
+        let k = |id: &str| Some(vec![Some(id.to_owned())]);
+        assert_eq!(keys, vec![(k("1"), k("22")), (None, k("3"))]);
+    }
+
+    #[test]
+    fn a_chunk_keyed_on_columns_outside_the_replica_identity_is_read_again_whole() {
+        let mut w = Window::default();
+        let mut t = Carried::default();
+        t.begin(100);
+        t.push(&relation(), None, Some(&row("2")), Seen::Superseded);
+        w.carried(&mut t);
+        // Keyed on `email`, which the stream's key values do not hold.
+        w.expected = Some((
+            "c-1".into(),
+            TableName::parse("public.employees").unwrap(),
+            vec!["email".into()],
+        ));
+        w.low("c-1");
+        let (done, _) = oneshot::channel();
+        w.rows = Some(Chunk {
+            rows: vec![(vec![Some("e2@acme.test".into())], vec![action("2")])],
+            snapshot: Visibility::parse("95:102:100").unwrap(),
+            done,
+        });
+        let (actions, _) = w.high("c-1").unwrap();
+        assert!(actions.is_empty());
+        let (redo, unsure) = w.take_redo();
+        assert!(unsure);
+        assert_eq!(redo, vec![vec![Some("e2@acme.test".to_owned())]]);
+    }
+
+    #[test]
     fn a_transaction_too_large_to_keep_row_by_row_has_the_whole_chunk_read_again() {
         let mut w = Window::default();
         let mut t = Carried::default();
@@ -1468,7 +1611,7 @@ mod tests {
             t.push(
                 &relation(),
                 None,
-                Some(row(&(1000 + i).to_string())),
+                Some(&row(&(1000 + i).to_string())),
                 Seen::Superseded,
             );
         }
@@ -1482,7 +1625,7 @@ mod tests {
                 t.push(
                     &relation(),
                     None,
-                    Some(row(&i.to_string())),
+                    Some(&row(&i.to_string())),
                     Seen::Superseded,
                 );
             }
@@ -1523,7 +1666,7 @@ mod tests {
             t.push(
                 &relation(),
                 None,
-                Some(row(&xid.to_string())),
+                Some(&row(&xid.to_string())),
                 Seen::Superseded,
             );
             w.carried(&mut t);
@@ -1550,11 +1693,16 @@ mod tests {
     fn a_change_that_cannot_touch_a_chunk_is_not_kept() {
         let mut t = Carried::default();
         t.begin(7);
-        t.push(&relation(), None, Some(row("1")), Seen::Unchanged);
+        t.push(&relation(), None, Some(&row("1")), Seen::Unchanged);
         // Nothing a chunk could need: not recorded (no lock, no entry).
         assert!(t.is_empty());
         // Unless its old row is under another key.
-        t.push(&relation(), Some(row("1")), Some(row("2")), Seen::Unchanged);
+        t.push(
+            &relation(),
+            Some(&row("1")),
+            Some(&row("2")),
+            Seen::Unchanged,
+        );
         assert_eq!(t.changes.len(), 1);
         assert!(!t.is_empty());
     }
@@ -1565,7 +1713,7 @@ mod tests {
         for xid in [100, 105] {
             let mut t = Carried::default();
             t.begin(xid);
-            t.push(&relation(), None, Some(row("1")), Seen::Superseded);
+            t.push(&relation(), None, Some(&row("1")), Seen::Superseded);
             w.carried(&mut t);
         }
         w.settle(&Visibility::parse("100:110:100").unwrap());

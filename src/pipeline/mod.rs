@@ -717,11 +717,10 @@ async fn read_loop(
                             new.as_ref(),
                             seen,
                         );
-                        // The rows are not needed past here: moved, not
-                        // copied: no copy of the row per change.
+                        // Only the rows' keys are kept.
                         if let Some(rel) = copied_relations.get(&relation) {
-                            let old = old.map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
-                            carried.push(rel, old, new, seen);
+                            let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
+                            carried.push(rel, old, new.as_ref(), seen);
                         }
                         for c in cache_changes.drain(..) {
                             resolver.apply(c);
