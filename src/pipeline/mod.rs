@@ -19,13 +19,14 @@ mod delivery;
 
 pub(crate) use dead_letters::set_aside;
 pub use dead_letters::{retry_dead_letters, RetryOutcome};
-pub(crate) use delivery::Event;
 use delivery::{Dispatcher, Replay};
 
 use crate::config::{MappingKind, OnReject, OnUnmappable, Settings};
 use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
+use crate::event::Event;
 use crate::lsn::Lsn;
 use crate::mapping::{ContactRef, Mapper, Outcome};
+use crate::shutdown::Shutdown;
 use crate::sink::Sink;
 use crate::snapshot::{self, Carried, Seen, Watermark};
 use crate::source::{
@@ -80,35 +81,6 @@ const SLOT_BUSY_RETRY: Duration = Duration::from_secs(2);
 
 /// Longest pause between reconnection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
-
-/// Asks the connector to stop; see [`Shutdown`].
-pub struct ShutdownTrigger(watch::Sender<bool>);
-
-impl ShutdownTrigger {
-    pub fn trigger(&self) {
-        let _ = self.0.send(true);
-    }
-}
-
-/// A stop request every part of the connector can wait on.
-#[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
-
-impl Shutdown {
-    pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (ShutdownTrigger(tx), Shutdown(rx))
-    }
-
-    pub fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    /// Resolves once a stop was asked for (at once if it already was).
-    pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
-}
 
 /// Streams until asked to stop or until an error a person must fix.
 /// Connection losses to Postgres reconnect with backoff and resume from the
@@ -837,7 +809,7 @@ async fn read_loop(
                                         }
                                         chunk.push(Event::Commit {
                                             end_lsn: lsn,
-                                            commit_time: snapshot::pg_now(),
+                                            commit_time: source::pg_now(),
                                         });
                                         chunk.push(Event::Marker(done));
                                     }

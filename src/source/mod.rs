@@ -23,8 +23,8 @@ pub(crate) use publication::{
     server_version_num, FilterVerdict, PublicationState, ReplicaIdentity,
 };
 pub(crate) use replication::{
-    pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
-    CATCH_UP_PAUSE,
+    pg_now, pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader,
+    ReplicationWriter, CATCH_UP_PAUSE,
 };
 pub(crate) use rows::{key_at, Key, TableReader};
 
