@@ -12,6 +12,7 @@ use crate::source::{
 };
 
 mod conveyour;
+mod idle_timeout;
 
 pub use conveyour::conveyour_checks;
 
@@ -211,7 +212,7 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
                     None => format!("{slot} exists and is free"),
                 },
             )),
-            Err(e) => out.push(fail("replication slot", e.to_string())),
+            Err(e) => out.push(fail("replication slot", slot_problem(&e))),
         },
         Ok(None) => match client
             .query_one(
@@ -232,7 +233,17 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         },
         Err(e) => out.push(fail("replication slot", e.to_string())),
     }
+    out.extend(idle_timeout::idle_timeout(&client).await);
     out
+}
+
+/// What is wrong with the slot; for an invalidated one, also how to keep
+/// it from happening again (the hint `run` prints).
+fn slot_problem(e: &source::SourceError) -> String {
+    match e.kind() {
+        source::SourceErrorKind::SlotInvalidated(why) => format!("{e}; then {}", why.prevention()),
+        _ => e.to_string(),
+    }
 }
 
 /// The main publication holds every table that goes through it (or run
