@@ -12,6 +12,7 @@ use crate::source::{
 };
 
 mod conveyour;
+mod generated;
 mod idle_timeout;
 
 pub use conveyour::conveyour_checks;
@@ -198,6 +199,9 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         }
         out.extend(mapped_tables(&client, settings, schema, plan.as_ref()).await);
         out.extend(publications(&client, settings, plan.as_ref()).await);
+        if let Ok(plan) = plan {
+            out.extend(generated::generated(&client, settings, plan).await);
+        }
     }
 
     out.push(state_schema(&client, settings).await);

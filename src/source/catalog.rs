@@ -138,6 +138,11 @@ impl Catalog {
                 schema.lookups.push(target);
             }
         }
+        // After the checks above, so a missing column is named as such.
+        super::generated::refuse_unpublishable(
+            super::server_version_num(client).await?,
+            &super::generated_columns(client, mappings).await?,
+        )?;
         schema.kinds = catalog.kinds;
         Ok(schema)
     }

@@ -2,6 +2,7 @@
 //! connector owns, and the logical replication stream.
 
 mod catalog;
+mod generated;
 mod invalidation;
 mod lookup;
 mod params;
@@ -15,6 +16,10 @@ use std::fmt;
 
 pub(crate) use catalog::{
     check_slot, connect_sql, ensure_slot, lookup_indexed, slot_confirmed, slot_info, Catalog,
+};
+pub(crate) use generated::{
+    generated_columns, needing_publish, publish_statement, publishes_generated,
+    PUBLISH_GENERATED_SINCE,
 };
 pub use invalidation::Invalidation;
 pub(crate) use invalidation::{invalidated, slot_invalidation};
