@@ -3,8 +3,10 @@
 //!
 //! PostgreSQL 17 names the reason in `pg_replication_slots.invalidation_reason`
 //! (18 adds `idle_timeout`). Before that, an invalidated slot shows only
-//! `wal_status = lost`, and 16 adds `conflicting` for slots a standby's
-//! recovery invalidated; the reason is inferred from those.
+//! `wal_status = lost` (16's `conflicting` is true for every invalidated
+//! logical slot, so it tells nothing more). On a primary that can only be
+//! `wal_removed`; 16's slots on a standby can also lose to recovery, and
+//! then the reason is unknown.
 
 use tokio_postgres::Client;
 
@@ -27,20 +29,20 @@ pub enum Invalidation {
     /// `idle_timeout` (18+): no one streamed from the slot for longer than
     /// `idle_replication_slot_timeout`.
     IdleTimeout,
-    /// PostgreSQL 16's `conflicting`: a standby's recovery invalidated the
-    /// slot (`rows_removed` or `wal_level_insufficient`; 16 does not say
-    /// which).
-    RecoveryConflict,
+    /// Before 17, on a standby: `wal_removed`, `rows_removed` or
+    /// `wal_level_insufficient`, and the server does not say which.
+    OnStandby,
     /// A reason this version does not know.
     Other,
 }
 
 impl Invalidation {
     /// The reason from the slot's row: `invalidation_reason` (17+), else
-    /// `conflicting` (16) and `wal_status`. None when the slot is valid.
+    /// `wal_status` and whether the server is a standby. None when the
+    /// slot is valid.
     pub(crate) fn from_slot(
         reason: Option<&str>,
-        conflicting: Option<bool>,
+        in_recovery: bool,
         wal_status: Option<&str>,
     ) -> Option<Invalidation> {
         Some(match reason {
@@ -50,22 +52,21 @@ impl Invalidation {
             Some("idle_timeout") => Invalidation::IdleTimeout,
             Some(_) => Invalidation::Other,
             None if wal_status != Some("lost") => return None,
-            None if conflicting == Some(true) => Invalidation::RecoveryConflict,
-            // Before 16 only max_slot_wal_keep_size invalidates a slot.
+            None if in_recovery => Invalidation::OnStandby,
+            // On a primary only max_slot_wal_keep_size invalidates a slot.
             None => Invalidation::WalRemoved,
         })
     }
 
-    /// The reason as `invalidation_reason` spells it (`conflict` for 16's
-    /// `conflicting`, `unknown` for a reason this version does not know).
+    /// The reason as `invalidation_reason` spells it (`unknown` when the
+    /// server does not say, or says something this version does not know).
     pub fn reason(self) -> &'static str {
         match self {
             Invalidation::WalRemoved => "wal_removed",
             Invalidation::RowsRemoved => "rows_removed",
             Invalidation::WalLevelInsufficient => "wal_level_insufficient",
             Invalidation::IdleTimeout => "idle_timeout",
-            Invalidation::RecoveryConflict => "conflict",
-            Invalidation::Other => "unknown",
+            Invalidation::OnStandby | Invalidation::Other => "unknown",
         }
     }
 
@@ -76,7 +77,7 @@ impl Invalidation {
             Invalidation::RowsRemoved => "the slot is on a standby, and the primary vacuumed away catalog rows the slot still needed",
             Invalidation::WalLevelInsufficient => "the slot is on a standby, and the primary's wal_level went below logical",
             Invalidation::IdleTimeout => "no connector streamed from it for longer than idle_replication_slot_timeout",
-            Invalidation::RecoveryConflict => "the slot is on a standby and conflicted with recovery (the primary vacuumed away catalog rows it needed, or its wal_level went below logical)",
+            Invalidation::OnStandby => "the slot is on a standby, and PostgreSQL before 17 does not say why (max_slot_wal_keep_size, catalog rows the primary vacuumed away, or the primary's wal_level below logical)",
             Invalidation::Other => "the server gave a reason this version does not know",
         }
     }
@@ -96,7 +97,7 @@ impl Invalidation {
             Invalidation::RowsRemoved => "turn on hot_standby_feedback on the standby, with a physical slot between primary and standby (primary_slot_name)",
             Invalidation::WalLevelInsufficient => "set wal_level = logical on the primary (ALTER SYSTEM SET wal_level = logical; then restart it)",
             Invalidation::IdleTimeout => "raise idle_replication_slot_timeout above the longest connector outage to ride out, or set it to 0 to turn it off",
-            Invalidation::RecoveryConflict => "turn on hot_standby_feedback on the standby (with a physical slot between primary and standby), and keep wal_level = logical on the primary",
+            Invalidation::OnStandby => "check max_slot_wal_keep_size and hot_standby_feedback (with a physical slot between primary and standby) on the standby, and wal_level = logical on the primary",
             Invalidation::Other => "look the reason up in the PostgreSQL documentation of pg_replication_slots",
         }
     }
@@ -106,10 +107,9 @@ impl Invalidation {
 /// slot: names the slot, the reason, what happened, and the recovery; its
 /// hint is [`Invalidation::prevention`].
 pub(crate) fn invalidated(slot: &str, why: Invalidation, reported: Option<&str>) -> SourceError {
-    let how = match (reported, why) {
-        (Some(r), _) => format!("invalidation_reason = {r}"),
-        (None, Invalidation::RecoveryConflict) => "wal_status = lost, conflicting".to_owned(),
-        (None, _) => "wal_status = lost".to_owned(),
+    let how = match reported {
+        Some(r) => format!("invalidation_reason = {r}"),
+        None => "wal_status = lost".to_owned(),
     };
     SourceError::invalidated(
         why,
@@ -129,7 +129,7 @@ pub(crate) async fn slot_invalidation(
 ) -> Result<Option<(Invalidation, Option<String>)>, SourceError> {
     let row = client
         .query_opt(
-            "SELECT to_jsonb(s) ->> 'invalidation_reason', (to_jsonb(s) ->> 'conflicting')::bool, wal_status
+            "SELECT to_jsonb(s) ->> 'invalidation_reason', pg_is_in_recovery(), wal_status
                FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
@@ -137,7 +137,7 @@ pub(crate) async fn slot_invalidation(
         .map_err(|e| SourceError::from_sql("reading the slot's invalidation", e))?;
     Ok(row.and_then(|r| {
         let reason: Option<String> = r.get(0);
-        Invalidation::from_slot(reason.as_deref(), r.get(1), r.get::<_, Option<&str>>(2))
+        Invalidation::from_slot(reason.as_deref(), r.get(1), r.get(2))
             .map(|why| (why, reason))
     }))
 }
@@ -150,16 +150,12 @@ mod tests {
     fn the_reason_comes_from_invalidation_reason_or_is_inferred() {
         use Invalidation::*;
         let lost = Some("lost");
-        assert_eq!(Invalidation::from_slot(None, None, Some("reserved")), None);
-        assert_eq!(Invalidation::from_slot(None, Some(false), None), None);
-        // 15: only max_slot_wal_keep_size invalidates.
-        assert_eq!(Invalidation::from_slot(None, None, lost), Some(WalRemoved));
-        // 16: conflicting tells recovery conflicts apart.
-        assert_eq!(Invalidation::from_slot(None, Some(false), lost), Some(WalRemoved));
-        assert_eq!(
-            Invalidation::from_slot(None, Some(true), lost),
-            Some(RecoveryConflict)
-        );
+        assert_eq!(Invalidation::from_slot(None, false, Some("reserved")), None);
+        assert_eq!(Invalidation::from_slot(None, true, None), None);
+        // Before 17, on a primary only max_slot_wal_keep_size invalidates.
+        assert_eq!(Invalidation::from_slot(None, false, lost), Some(WalRemoved));
+        // On a standby it may be recovery too.
+        assert_eq!(Invalidation::from_slot(None, true, lost), Some(OnStandby));
         // 17+: the server says.
         for (word, why) in [
             ("wal_removed", WalRemoved),
@@ -168,7 +164,7 @@ mod tests {
             ("idle_timeout", IdleTimeout),
             ("something_new", Other),
         ] {
-            assert_eq!(Invalidation::from_slot(Some(word), Some(false), lost), Some(why));
+            assert_eq!(Invalidation::from_slot(Some(word), true, lost), Some(why));
         }
     }
 
@@ -180,7 +176,7 @@ mod tests {
             RowsRemoved,
             WalLevelInsufficient,
             IdleTimeout,
-            RecoveryConflict,
+            OnStandby,
             Other,
         ];
         for (i, a) in all.iter().enumerate() {
