@@ -1153,7 +1153,8 @@ async fn a_mapped_stored_generated_column_is_published_on_18_and_refused_before(
     conn.stop().await;
     let (_, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
     assert!(
-        out.lines().any(|l| l.starts_with("ok   generated columns:") && l.contains("publishes stored generated columns")),
+        out.lines().any(|l| l.starts_with("ok   generated columns:")
+            && l.contains("publishes stored generated columns")),
         "check:\n{out}"
     );
 

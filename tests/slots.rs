@@ -92,7 +92,12 @@ fn status_and_check(config: &str, reason: &str, fix: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_past_max_slot_wal_keep_size_is_reported_as_wal_removed_with_its_fix() {
     let cluster: &'static Cluster = tokio::task::spawn_blocking(private_cluster).await.unwrap();
-    let w = world_on(cluster, "slot_wal_removed", &format!("{ROSTER_SQL}{SCHEMA_SQL}")).await;
+    let w = world_on(
+        cluster,
+        "slot_wal_removed",
+        &format!("{ROSTER_SQL}{SCHEMA_SQL}"),
+    )
+    .await;
     let config = w.roster_config();
     streamed_once_then_stopped(&w, &config).await;
 
@@ -143,8 +148,10 @@ async fn a_slot_past_max_slot_wal_keep_size_is_reported_as_wal_removed_with_its_
         "(wal_status = lost)"
     };
     assert!(
-        log.contains(&format!("slot {} was invalidated by the server {reported}", w.slot))
-            && log.contains("more WAL than max_slot_wal_keep_size allows")
+        log.contains(&format!(
+            "slot {} was invalidated by the server {reported}",
+            w.slot
+        )) && log.contains("more WAL than max_slot_wal_keep_size allows")
             && log.contains(&format!("SELECT pg_drop_replication_slot('{}')", w.slot))
             && log.contains("hint: raise max_slot_wal_keep_size"),
         "the stop message should name the reason and its fix:\n{log}"
@@ -167,8 +174,10 @@ async fn a_slot_idle_past_idle_replication_slot_timeout_is_reported_as_idle_time
     // `check` warns about the setting before anything happened.
     let (_, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
     assert!(
-        out.lines().any(|l| l.starts_with("WARN idle_replication_slot_timeout: is 1s")
-            && l.contains("raise it to 3 days")),
+        out.lines().any(
+            |l| l.starts_with("WARN idle_replication_slot_timeout: is 1s")
+                && l.contains("raise it to 3 days")
+        ),
         "check should warn about a 1 s timeout:\n{out}"
     );
     // The checkpointer invalidates an idle slot at a checkpoint.
@@ -192,5 +201,9 @@ async fn a_slot_idle_past_idle_replication_slot_timeout_is_reported_as_idle_time
             && log.contains("hint: raise idle_replication_slot_timeout"),
         "the stop message should name the reason and its fix:\n{log}"
     );
-    status_and_check(&config, "idle_timeout", "raise idle_replication_slot_timeout");
+    status_and_check(
+        &config,
+        "idle_timeout",
+        "raise idle_replication_slot_timeout",
+    );
 }

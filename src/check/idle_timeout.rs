@@ -71,7 +71,10 @@ mod tests {
         let short = judge(3600).unwrap();
         assert_eq!(short.mark, Mark::Warn);
         assert!(short.detail.starts_with("is 1h:"), "{}", short.detail);
-        assert_eq!(judge(OUTAGE_TO_RIDE_OUT_SECS - 60).unwrap().mark, Mark::Warn);
+        assert_eq!(
+            judge(OUTAGE_TO_RIDE_OUT_SECS - 60).unwrap().mark,
+            Mark::Warn
+        );
         let long = judge(OUTAGE_TO_RIDE_OUT_SECS).unwrap();
         assert_eq!(long.mark, Mark::Ok);
         assert!(long.detail.starts_with("is 3d:"), "{}", long.detail);

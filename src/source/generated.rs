@@ -170,7 +170,9 @@ mod tests {
     fn a_generated_column_is_refused_where_the_stream_cannot_carry_it() {
         let stored = [column(Generation::Stored)];
         assert!(refuse_unpublishable(180_000, &stored).is_ok());
-        let e = refuse_unpublishable(170_004, &stored).unwrap_err().to_string();
+        let e = refuse_unpublishable(170_004, &stored)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("tables[0].identify.traits.name: column `full_name` of table public.employees is a generated column")
                 && e.contains("only from PostgreSQL 18")
@@ -180,6 +182,9 @@ mod tests {
         let e = refuse_unpublishable(180_000, &[column(Generation::Virtual)])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("a virtual generated column") && e.contains("STORED"), "{e}");
+        assert!(
+            e.contains("a virtual generated column") && e.contains("STORED"),
+            "{e}"
+        );
     }
 }

@@ -137,8 +137,7 @@ pub(crate) async fn slot_invalidation(
         .map_err(|e| SourceError::from_sql("reading the slot's invalidation", e))?;
     Ok(row.and_then(|r| {
         let reason: Option<String> = r.get(0);
-        Invalidation::from_slot(reason.as_deref(), r.get(1), r.get(2))
-            .map(|why| (why, reason))
+        Invalidation::from_slot(reason.as_deref(), r.get(1), r.get(2)).map(|why| (why, reason))
     }))
 }
 
@@ -186,8 +185,12 @@ mod tests {
         }
         assert!(WalRemoved.prevention().contains("max_slot_wal_keep_size"));
         assert!(RowsRemoved.prevention().contains("hot_standby_feedback"));
-        assert!(WalLevelInsufficient.prevention().contains("wal_level = logical"));
-        assert!(IdleTimeout.prevention().contains("idle_replication_slot_timeout"));
+        assert!(WalLevelInsufficient
+            .prevention()
+            .contains("wal_level = logical"));
+        assert!(IdleTimeout
+            .prevention()
+            .contains("idle_replication_slot_timeout"));
         let e = invalidated("s1", IdleTimeout, Some("idle_timeout"));
         let text = e.to_string();
         assert!(
