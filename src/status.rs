@@ -56,8 +56,8 @@ pub struct SlotStatus {
     pub retained_wal_bytes: Option<i64>,
     pub wal_status: Option<String>,
     /// Why the server invalidated the slot: `invalidation_reason` (17+),
-    /// or inferred from `wal_status` and `conflicting` before (see
-    /// [`source::Invalidation`]). None while it is valid.
+    /// else inferred from `wal_status` (see [`source::Invalidation`]).
+    /// None while it is valid.
     pub invalidation_reason: Option<String>,
     /// For an invalidated slot: what happened, how to recover, and how to
     /// keep it from happening again.
@@ -119,6 +119,7 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
         },
     };
     let mut slot = slot;
+    // Read apart from the row above: its columns differ by version.
     if let Some((why, reported)) = source::slot_invalidation(&client, &settings.slot).await? {
         slot.invalidation_reason = Some(reported.unwrap_or_else(|| why.reason().to_owned()));
         slot.invalidation_hint = Some(format!(
