@@ -509,9 +509,17 @@ async fn watch_slot(client: &tokio_postgres::Client, slot: &str, warn_bytes: u64
                 }
                 warned = retained > warn_bytes;
                 if row.get::<_, Option<String>>(1).as_deref() == Some("lost") {
-                    return Error::Source(source::SourceError::config(format!(
-                        "postgres.slot: slot {slot} was invalidated by the server (wal_status = lost, see max_slot_wal_keep_size): changes it held are gone. Drop it with SELECT pg_drop_replication_slot('{slot}') and start again"
-                    )));
+                    return match source::slot_invalidation(client, slot).await {
+                        Ok(Some((why, reported))) => {
+                            Error::Source(source::invalidated(slot, why, reported.as_deref()))
+                        }
+                        Ok(None) => Error::Source(source::invalidated(
+                            slot,
+                            source::Invalidation::WalRemoved,
+                            None,
+                        )),
+                        Err(e) => Error::Source(e),
+                    };
                 }
             }
             Ok(None) => {

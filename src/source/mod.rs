@@ -2,6 +2,8 @@
 //! connector owns, and the logical replication stream.
 
 mod catalog;
+mod generated;
+mod invalidation;
 mod lookup;
 mod params;
 mod placement;
@@ -15,6 +17,12 @@ use std::fmt;
 pub(crate) use catalog::{
     check_slot, connect_sql, ensure_slot, lookup_indexed, slot_confirmed, slot_info, Catalog,
 };
+pub(crate) use generated::{
+    generated_columns, needing_publish, publish_statement, publishes_generated,
+    PUBLISH_GENERATED_SINCE,
+};
+pub use invalidation::Invalidation;
+pub(crate) use invalidation::{invalidated, slot_invalidation};
 pub(crate) use lookup::Resolver;
 pub use params::{ConnParams, Host, SslMode};
 pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
@@ -46,6 +54,9 @@ pub enum SourceErrorKind {
     /// Another connector streams from the slot: stand by and try again
     /// soon, to take over quickly when it goes away.
     SlotBusy,
+    /// The server invalidated the slot: its changes are gone, and a person
+    /// must drop it; the hint says how to keep it from happening again.
+    SlotInvalidated(Invalidation),
 }
 
 /// An error from the source database, with what to do about it.
@@ -59,6 +70,14 @@ impl SourceError {
     pub(crate) fn transient(message: String) -> Self {
         SourceError {
             kind: SourceErrorKind::Transient,
+            message,
+        }
+    }
+
+    /// The slot was invalidated for `why` (see [`invalidated`]).
+    pub(crate) fn invalidated(why: Invalidation, message: String) -> Self {
+        SourceError {
+            kind: SourceErrorKind::SlotInvalidated(why),
             message,
         }
     }
@@ -197,6 +216,7 @@ impl SourceError {
             SourceErrorKind::Transient => "the connector reconnects by itself; check the database's availability if this repeats",
             SourceErrorKind::Setup => "run `conveyour-cdc check --config FILE` to see what the database is missing",
             SourceErrorKind::SlotBusy => "another connector holds the slot; this one takes over when it stops",
+            SourceErrorKind::SlotInvalidated(why) => why.prevention(),
         }
     }
 }

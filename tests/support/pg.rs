@@ -403,13 +403,20 @@ impl Cluster {
              unix_socket_directories = '{d}'\n\
              wal_sender_timeout = 60s\n\
              logging_collector = off\n\
-             log_min_messages = warning\n\
-             ssl = on\n\
-             ssl_cert_file = '{d}/server.crt'\n\
-             ssl_key_file = '{d}/server.key'\n\
-             ssl_ca_file = '{d}/ca.pem'\n",
+             log_min_messages = warning\n",
             port = self.port,
         );
+        // A build without OpenSSL refuses to start with ssl = on.
+        let conf = if self.has_openssl() {
+            format!(
+                "{conf}ssl = on\n\
+                 ssl_cert_file = '{d}/server.crt'\n\
+                 ssl_key_file = '{d}/server.key'\n\
+                 ssl_ca_file = '{d}/ca.pem'\n"
+            )
+        } else {
+            conf
+        };
         let conf_path = self.data_dir().join("postgresql.conf");
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -434,6 +441,17 @@ host    replication all           127.0.0.1/32 trust
         let hba_path = self.data_dir().join("pg_hba.conf");
         fs::write(&hba_path, hba).map_err(|e| format!("writing {}: {e}", hba_path.display()))?;
         self.chown(&self.data_dir())
+    }
+
+    /// Whether the server was built with OpenSSL (`pg_config --configure`
+    /// lists `--with-openssl`); true when `pg_config` cannot say.
+    fn has_openssl(&self) -> bool {
+        Command::new(self.bin("pg_config"))
+            .arg("--configure")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .is_none_or(|o| String::from_utf8_lossy(&o.stdout).contains("--with-openssl"))
     }
 
     /// Runs `pg_ctl -D <data> <opts> <log> <action>`; `opts` must end in `-l`.
