@@ -15,6 +15,7 @@ pub mod check;
 pub mod config;
 pub mod decode;
 pub(crate) mod event;
+mod json;
 pub mod lsn;
 pub mod mapping;
 pub mod pipeline;

@@ -18,6 +18,7 @@ mod fields;
 mod mapper;
 mod plan;
 mod row;
+mod time;
 
 pub use mapper::Mapper;
 

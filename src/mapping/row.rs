@@ -9,9 +9,10 @@ use super::mapper::Op;
 use super::plan::{
     error_at, ActPlan, ContactPlan, EventPlan, Field, FieldPlan, IncrementPlan, Plan,
 };
+use super::time::write_formatted;
 use super::{ActionBody, ContactRef, Fields, MapError, Mapped, Outcome};
 use crate::config::NullPolicy;
-use crate::decode::value::{to_json, write_json, ValueKind};
+use crate::decode::value::{to_json, ValueKind};
 use crate::decode::{Datum, Tuple};
 use crate::lsn::Lsn;
 
@@ -113,7 +114,7 @@ pub(super) fn write_field(
             format,
         } => {
             return match new.0.get(*index) {
-                Some(Datum::Text(bytes)) => write_json(kind, bytes, format, out)
+                Some(Datum::Text(bytes)) => write_formatted(kind, bytes, format, out)
                     .map(|()| true)
                     .map_err(|e| error(column, e.to_string())),
                 Some(Datum::Null) if nulls == NullPolicy::Omit => Ok(false),
