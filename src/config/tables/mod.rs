@@ -10,7 +10,10 @@
 mod mapping;
 mod validate;
 
-pub use mapping::*;
+pub use mapping::{
+    ColumnRole, ColumnUse, ContactSource, EventName, FieldMapping, FieldSource, IncrementBy,
+    Lookup, MappingKind, OnDelete, Operations, TableMapping,
+};
 pub(super) use validate::validate_table;
 
 use std::collections::BTreeMap;
