@@ -938,6 +938,34 @@ pub fn skip_without_extension(name: &str) -> bool {
 }
 
 /// True, after saying so ([`skip`]), when the shared [`cluster`]'s server
+/// has no loadable module `name` in its library directory (contrib's
+/// output plugin `test_decoding`, say, in builds without the contrib
+/// modules): the calling test then returns early.
+pub fn skip_without_module(name: &str) -> bool {
+    let url = cluster().superuser_url("postgres");
+    let libdir = on_own_runtime(move || async move {
+        let client = connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("admin connection to the test cluster failed: {e}"));
+        client
+            .query_one(
+                "SELECT setting FROM pg_config WHERE name = 'PKGLIBDIR'",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reading the server's PKGLIBDIR: {e}"))
+            .get::<_, String>(0)
+    });
+    if Path::new(&libdir).join(format!("{name}.so")).is_file() {
+        return false;
+    }
+    skip(&format!(
+        "needs the module {name}, which this build does not ship (no contrib modules)"
+    ));
+    true
+}
+
+/// True, after saying so ([`skip`]), when the shared [`cluster`]'s server
 /// was built without libxml (the `xml` type then refuses every value): the
 /// calling test then returns early.
 pub fn skip_without_xml() -> bool {
