@@ -75,6 +75,9 @@ async fn the_password_can_come_from_pgpassword() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_modes_follow_libpq_rules() {
+    if crate::support::pg::skip_without_tls() {
+        return;
+    }
     let w = world("tls", ROSTER_SQL).await;
     grant(&w, "tls_user").await;
     let ca = w.db.cluster().ca_path();

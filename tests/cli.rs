@@ -178,6 +178,9 @@ async fn run_refuses_a_publication_that_lacks_a_mapped_table() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_refuses_a_slot_of_another_plugin() {
+    if crate::support::pg::skip_without_module("test_decoding") {
+        return;
+    }
     let w = world("slot_plugin", ROSTER_SQL).await;
     w.db.exec(&format!(
         "SELECT pg_create_logical_replication_slot('{}', 'test_decoding');",

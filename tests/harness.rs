@@ -16,8 +16,13 @@ async fn cluster_runs_with_logical_wal_and_tls() {
     let admin = cluster().admin().await;
     let row = admin.query_one("SHOW wal_level", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "logical");
+    // TLS is on unless the build has no TLS library at all.
+    let library = admin.query_one("SHOW ssl_library", &[]).await.unwrap();
+    let built_with_tls = !library.get::<_, String>(0).is_empty();
+    assert_eq!(cluster().has_tls(), built_with_tls);
     let row = admin.query_one("SHOW ssl", &[]).await.unwrap();
-    assert_eq!(row.get::<_, String>(0), "on");
+    let expected = if built_with_tls { "on" } else { "off" };
+    assert_eq!(row.get::<_, String>(0), expected);
     let ca = std::fs::read_to_string(cluster().ca_path()).unwrap();
     assert!(ca.contains("BEGIN CERTIFICATE"));
     assert!(cluster().bin("pg_recvlogical").is_file());
@@ -114,7 +119,14 @@ async fn auth_roles_use_their_methods() {
         .await
         .unwrap();
     assert!(row.get::<_, bool>(0));
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_user_needs_tls_and_the_certificate_names_only_localhost() {
+    if pg::skip_without_tls() {
+        return;
+    }
+    let db = fresh_db("harness_tls").await;
     // tls_user may only come in over TLS.
     let err = pg::connect(&format!("{}?sslmode=disable", db.url_as("tls_user")))
         .await

@@ -705,7 +705,9 @@ async fn a_table_moves_between_the_publications_when_its_mapping_changes() {
 /// version without one, with changes waiting): PostgreSQL before 18 cannot
 /// decode the slot's backlog with the publication listed, so the connector
 /// streams the backlog without it, and publishes and streams the keyless
-/// table once the slot has passed the publication's creation.
+/// table once the slot has passed the publication's creation. PostgreSQL
+/// 18 decodes with it at once (skipping it where it did not exist yet), so
+/// there the table is streamed without reconnecting.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_insert_only_publication_newer_than_the_slot_is_streamed_once_the_slot_passes_it() {
     let w = world(
@@ -759,9 +761,11 @@ tables:
         r.track_count() >= 1
     })
     .await;
-    assert!(
-        conn.log().contains("reconnecting to stream it too"),
-        "{}",
+    let reconnected = conn.log().contains("reconnecting to stream it too");
+    assert_eq!(
+        reconnected,
+        crate::support::pg::server_major() < 18,
+        "reconnected to stream the publication: {reconnected}\n{}",
         conn.log()
     );
     conn.stop().await;

@@ -2,8 +2,10 @@
 //! and fresh per-test databases inside it.
 //!
 //! The cluster runs with `wal_level=logical`, TLS (a throwaway CA; the server
-//! certificate names only `localhost`) and four password roles whose
-//! `pg_hba.conf` lines force one authentication method each:
+//! certificate names only `localhost`) when the server was built with it
+//! ([`Cluster::has_tls`]; a test that needs it calls [`skip_without_tls`]),
+//! and four password roles whose `pg_hba.conf` lines force one
+//! authentication method each:
 //!
 //! | role            | method                                   |
 //! |-----------------|------------------------------------------|
@@ -12,6 +14,7 @@
 //! | `password_user` | cleartext password                       |
 //! | `tls_user`      | scram-sha-256, only over TLS (else reject)|
 //!
+//! Without TLS in the build, `tls_user` is always rejected.
 //! Every role has `LOGIN REPLICATION` and the password [`password_for`].
 //! Everyone else (notably the superuser `postgres`) is trusted.
 
@@ -126,6 +129,8 @@ pub struct Cluster {
     port: u16,
     /// `Some("postgres")` when we are root and must drop privileges.
     server_user: Option<String>,
+    /// Whether the server was built with TLS (`ssl_library` is set).
+    tls: bool,
 }
 
 impl Cluster {
@@ -154,17 +159,19 @@ impl Cluster {
         fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
         let port = free_port()?;
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             bindir,
             dir,
             port,
             server_user,
+            tls: false,
         };
         cluster.chown(&cluster.dir)?;
         // The watchdog first, so the directory goes away whatever happens next.
         cluster.spawn_watchdog()?;
         cluster.write_certificates()?;
         cluster.initdb()?;
+        cluster.tls = cluster.built_with_tls()?;
         cluster.configure()?;
         cluster.pg_ctl(&["-w", "-t", "60", "-l"], &["start"])?;
         cluster.wait_ready()?;
@@ -182,8 +189,15 @@ impl Cluster {
         "127.0.0.1"
     }
 
+    /// Whether the server accepts TLS: true unless its build has no TLS
+    /// library (some packaged builds leave OpenSSL out).
+    pub fn has_tls(&self) -> bool {
+        self.tls
+    }
+
     /// The throwaway CA's certificate (PEM, world-readable). The server
     /// certificate it signed names only DNS `localhost`, not `127.0.0.1`.
+    /// Written even when the server has no TLS ([`Cluster::has_tls`]).
     pub fn ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
@@ -389,8 +403,38 @@ impl Cluster {
         Ok(())
     }
 
+    /// Asks the initialised (not yet running) server for its `ssl_library`:
+    /// empty when it was built without TLS, where `ssl = on` stops it.
+    fn built_with_tls(&self) -> Result<bool, String> {
+        let out = self
+            .server_command(&self.bin("postgres"))
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-C", "ssl_library"])
+            .output()
+            .map_err(|e| format!("running postgres -C ssl_library: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "postgres -C ssl_library failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
+    }
+
     fn configure(&self) -> Result<(), String> {
         let d = self.dir.display();
+        let ssl = if self.tls {
+            format!(
+                "ssl = on\n\
+                 ssl_cert_file = '{d}/server.crt'\n\
+                 ssl_key_file = '{d}/server.key'\n\
+                 ssl_ca_file = '{d}/ca.pem'\n"
+            )
+        } else {
+            String::new()
+        };
         let conf = format!(
             "\n# conveyour-cdc test harness\n\
              wal_level = logical\n\
@@ -403,20 +447,10 @@ impl Cluster {
              unix_socket_directories = '{d}'\n\
              wal_sender_timeout = 60s\n\
              logging_collector = off\n\
-             log_min_messages = warning\n",
+             log_min_messages = warning\n\
+             {ssl}",
             port = self.port,
         );
-        // A build without OpenSSL refuses to start with ssl = on.
-        let conf = if self.has_openssl() {
-            format!(
-                "{conf}ssl = on\n\
-                 ssl_cert_file = '{d}/server.crt'\n\
-                 ssl_key_file = '{d}/server.key'\n\
-                 ssl_ca_file = '{d}/ca.pem'\n"
-            )
-        } else {
-            conf
-        };
         let conf_path = self.data_dir().join("postgresql.conf");
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -425,11 +459,17 @@ impl Cluster {
         f.write_all(conf.as_bytes())
             .map_err(|e| format!("writing {}: {e}", conf_path.display()))?;
 
-        // Order matters: first match wins.
-        let hba = "\
+        // Order matters: first match wins. A `hostssl` line stops a server
+        // built without TLS from starting.
+        let tls_line = if self.tls {
+            "hostssl all         tls_user      127.0.0.1/32 scram-sha-256\n"
+        } else {
+            ""
+        };
+        let hba = format!(
+            "\
 # conveyour-cdc test harness: one authentication method per role
-hostssl all         tls_user      127.0.0.1/32 scram-sha-256
-host    all         tls_user      127.0.0.1/32 reject
+{tls_line}host    all         tls_user      127.0.0.1/32 reject
 host    all         md5_user      127.0.0.1/32 md5
 host    all         scram_user    127.0.0.1/32 scram-sha-256
 host    all         password_user 127.0.0.1/32 password
@@ -437,21 +477,11 @@ local   all         all                        trust
 host    all         all           127.0.0.1/32 trust
 local   replication all                        trust
 host    replication all           127.0.0.1/32 trust
-";
+"
+        );
         let hba_path = self.data_dir().join("pg_hba.conf");
         fs::write(&hba_path, hba).map_err(|e| format!("writing {}: {e}", hba_path.display()))?;
         self.chown(&self.data_dir())
-    }
-
-    /// Whether the server was built with OpenSSL (`pg_config --configure`
-    /// lists `--with-openssl`); true when `pg_config` cannot say.
-    fn has_openssl(&self) -> bool {
-        Command::new(self.bin("pg_config"))
-            .arg("--configure")
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .is_none_or(|o| String::from_utf8_lossy(&o.stdout).contains("--with-openssl"))
     }
 
     /// Runs `pg_ctl -D <data> <opts> <log> <action>`; `opts` must end in `-l`.
@@ -866,5 +896,102 @@ pub fn skip_below(major: u32, reason: &str) -> bool {
         return false;
     }
     skip(reason);
+    true
+}
+
+/// True, after saying so ([`skip`]), when the shared [`cluster`]'s server
+/// was built without TLS: the calling test then returns early.
+pub fn skip_without_tls() -> bool {
+    if cluster().has_tls() {
+        return false;
+    }
+    skip("needs a server built with TLS; this build has no TLS library");
+    true
+}
+
+/// True, after saying so ([`skip`]), when the shared [`cluster`]'s server
+/// cannot install the extension `name` (builds without the contrib modules):
+/// the calling test then returns early.
+pub fn skip_without_extension(name: &str) -> bool {
+    let url = cluster().superuser_url("postgres");
+    let query = name.to_string();
+    let available = on_own_runtime(move || async move {
+        let client = connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("admin connection to the test cluster failed: {e}"));
+        client
+            .query_opt(
+                "SELECT 1 FROM pg_available_extensions WHERE name = $1",
+                &[&query],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reading pg_available_extensions: {e}"))
+            .is_some()
+    });
+    if available {
+        return false;
+    }
+    skip(&format!(
+        "needs the extension {name}, which this build does not ship (no contrib modules)"
+    ));
+    true
+}
+
+/// True, after saying so ([`skip`]), when the shared [`cluster`]'s server
+/// has no loadable module `name` in its library directory (contrib's
+/// output plugin `test_decoding`, say, in builds without the contrib
+/// modules): the calling test then returns early.
+pub fn skip_without_module(name: &str) -> bool {
+    let url = cluster().superuser_url("postgres");
+    let libdir = on_own_runtime(move || async move {
+        let client = connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("admin connection to the test cluster failed: {e}"));
+        client
+            .query_one(
+                "SELECT setting FROM pg_config WHERE name = 'PKGLIBDIR'",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reading the server's PKGLIBDIR: {e}"))
+            .get::<_, String>(0)
+    });
+    if Path::new(&libdir).join(format!("{name}.so")).is_file() {
+        return false;
+    }
+    skip(&format!(
+        "needs the module {name}, which this build does not ship (no contrib modules)"
+    ));
+    true
+}
+
+/// True, after saying so ([`skip`]), when the shared [`cluster`]'s server
+/// was built without libxml (the `xml` type then refuses every value): the
+/// calling test then returns early.
+pub fn skip_without_xml() -> bool {
+    static XML: OnceLock<bool> = OnceLock::new();
+    let has_xml = *XML.get_or_init(|| {
+        let url = cluster().superuser_url("postgres");
+        on_own_runtime(move || async move {
+            let client = connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("admin connection to the test cluster failed: {e}"));
+            // 0A000 feature_not_supported: "unsupported XML feature".
+            match client.simple_query("SELECT '<a/>'::xml").await {
+                Ok(_) => true,
+                Err(e)
+                    if e.code()
+                        == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED) =>
+                {
+                    false
+                }
+                Err(e) => panic!("probing for xml support: {e}"),
+            }
+        })
+    });
+    if has_xml {
+        return false;
+    }
+    skip("needs a server built with libxml (the xml type); this build has none");
     true
 }
