@@ -1080,3 +1080,61 @@ tables:
     );
     conn.stop().await;
 }
+
+/// A visit and the member it names, written in one transaction whose
+/// commit is streamed before it turns visible (a synchronous standby holds
+/// it back). The visit names the member as `7`, the member's key reads
+/// `7.0`: the cache the stream keeps (keyed by the text) misses, and the
+/// lookup queries the table. That query must not answer before the
+/// transaction is visible, or it finds no member and the visit is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lookup_of_a_row_written_in_the_same_not_yet_visible_transaction_waits_for_it() {
+    let cluster = tokio::task::spawn_blocking(crate::support::pg::private_cluster)
+        .await
+        .unwrap();
+    let w = crate::support::setup::world_on(
+        cluster,
+        "lookup_invisible",
+        "CREATE TABLE members (code numeric PRIMARY KEY, email text NOT NULL, name text);
+         CREATE TABLE visits (id serial PRIMARY KEY, member numeric, page text);",
+    )
+    .await;
+    let conn = start(
+        &w,
+        "
+tables:
+  - table: public.members
+    identify: {id: email, traits: {name: name}}
+  - table: public.visits
+    track:
+      id: {from: public.members, key: member, column: email}
+      event: visited
+      properties: {page: page}
+",
+    )
+    .await;
+    let writer = crate::support::setup::HeldCommit::start(
+        cluster,
+        &w.db.url(),
+        "WITH m AS (INSERT INTO members VALUES (7.0, 'bo@x.test', 'Bo') RETURNING code)
+         INSERT INTO visits (member, page) SELECT 7, '/pricing' FROM m",
+    )
+    .await;
+    // Long enough for the reader to have looked the member up while the
+    // commit is invisible.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(writer.release().await, 1);
+    settle(&w).await;
+    assert!(conn.is_running(), "{}", conn.log());
+    assert_eq!(
+        w.rx.tracks(),
+        vec![(
+            "bo@x.test".to_owned(),
+            json!({"event": "visited", "properties": {"page": "/pricing"}})
+        )],
+        "{}",
+        conn.log()
+    );
+    assert!(!conn.log().contains("row not sent"), "{}", conn.log());
+    conn.stop().await;
+}

@@ -720,6 +720,7 @@ async fn read_loop(
                     Err(message) => match message {
                         PgOutput::Begin { final_lsn, xid, .. } => {
                             carried.begin(xid);
+                            resolver.reading(xid);
                             at = Progress {
                                 commit_lsn: final_lsn,
                                 change: 0,

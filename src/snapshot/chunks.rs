@@ -13,8 +13,8 @@ use crate::source::{pg_now, Key, SourceError};
 use crate::state::WATERMARK_PREFIX;
 use crate::Error;
 
-use super::visibility::begin_snapshot;
 use super::window::{Chunk, Window};
+use crate::source::begin_snapshot;
 
 /// Reads chunks between watermarks and hands them to the reader: a chunk's
 /// rows are delivered at the high watermark's place in the stream, less

@@ -20,9 +20,9 @@ use crate::{telemetry, Error};
 
 use super::chunks::WatermarkedChunks;
 use super::progress::{report, Tally};
-use super::visibility::current_snapshot;
 use super::window::Window;
 use super::{copied_tables, row_actions, table_mapper};
+use crate::source::current_snapshot;
 
 /// How often a connector with nothing to copy looks for a resync request
 /// that arrived while it was not streaming (the request's message wakes a

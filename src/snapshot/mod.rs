@@ -34,13 +34,12 @@ mod carried;
 mod chunks;
 mod copy;
 mod progress;
-mod visibility;
 mod window;
 
+pub(crate) use crate::source::current_snapshot;
 pub(crate) use carried::Carried;
 pub(crate) use chunks::WatermarkedChunks;
 pub(crate) use copy::{copy_alongside, copy_exported, map_rows, CopyContext, UNSURE_PAUSE};
-pub(crate) use visibility::current_snapshot;
 pub(crate) use window::{watermark, Seen, Watermark, Window};
 
 use crate::config::{Settings, SnapshotPolicy, TableMapping, TableName};

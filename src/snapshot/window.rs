@@ -13,7 +13,7 @@ use crate::source::{key_at, Key};
 use crate::state::WATERMARK_PREFIX;
 
 use super::carried::{Carried, CarriedChange, CARRIED_CHANGES};
-use super::visibility::Visibility;
+use crate::source::Visibility;
 
 /// A chunk between its watermarks, shared by the copy and the reader.
 #[derive(Default)]

@@ -7,13 +7,18 @@
 //! WAL; a delete or key change forgets it), and on a miss by a query. The
 //! stream is read in commit order, so once a change to an employee's email
 //! has been read, no later sale can be given the old email from the cache.
+//! A query answers as of a snapshot that sees the streamed transaction
+//! being read (it is asked again until it does), so a related row written
+//! in that same transaction is never missed for its commit not yet being
+//! visible.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Statement};
 
-use super::SourceError;
+use super::{SourceError, Visibility};
 use crate::config::quote_ident;
 use crate::mapping::{CacheChange, ContactRef, LookupTarget};
 
@@ -75,7 +80,22 @@ pub(crate) struct Resolver {
     targets: Vec<LookupTarget>,
     statements: Vec<Option<Statement>>,
     caches: Vec<BoundedCache>,
+    /// The streamed transaction whose rows are being resolved: a query
+    /// must see it, or it could miss (or read the old state of) a related
+    /// row that transaction wrote. None outside the stream.
+    reading: Option<u32>,
 }
+
+/// First pause before a lookup is asked again because its snapshot did not
+/// yet see the transaction being read; doubles up to [`NOT_VISIBLE_MAX`].
+/// A commit turns visible moments after it is in the WAL (longer only while
+/// a synchronous standby holds it back).
+const NOT_VISIBLE_PAUSE: Duration = Duration::from_millis(2);
+const NOT_VISIBLE_MAX: Duration = Duration::from_millis(200);
+/// How long a lookup waits for the transaction to turn visible before it
+/// says so in the log (it keeps waiting: the answer would otherwise be
+/// wrong).
+const NOT_VISIBLE_WARN: Duration = Duration::from_secs(5);
 
 impl Resolver {
     pub(crate) fn new(client: Arc<Client>, targets: Vec<LookupTarget>) -> Resolver {
@@ -87,7 +107,14 @@ impl Resolver {
             caches: (0..n)
                 .map(|_| BoundedCache::new(LOOKUP_CACHE_ENTRIES))
                 .collect(),
+            reading: None,
         }
+    }
+
+    /// The streamed transaction `xid` begins: lookups from now on answer
+    /// as of a snapshot that sees it.
+    pub(crate) fn reading(&mut self, xid: u32) {
+        self.reading = Some(xid);
     }
 
     /// Applies what the stream said about a related row.
@@ -128,8 +155,11 @@ impl Resolver {
             None => {
                 // The key arrives as text and is cast to the referenced
                 // column's own type, so the comparison can use its index.
+                // The statement's snapshot comes with the answer: one
+                // statement, one snapshot.
                 let sql = format!(
-                    "SELECT {}::text FROM {} WHERE {} = $1::text::{}",
+                    "SELECT (SELECT {}::text FROM {} WHERE {} = $1::text::{}), \
+                     pg_current_snapshot()::text",
                     quote_ident(&target.column),
                     target.from.quoted(),
                     quote_ident(&target.references),
@@ -142,15 +172,41 @@ impl Resolver {
                 s
             }
         };
-        let row = self
-            .client
-            .query_opt(&statement, &[&key])
-            .await
-            .map_err(|e| {
-                SourceError::from_sql(&format!("looking up a contact in {}", target.from), e)
-            })?;
+        let started = Instant::now();
+        let mut pause = NOT_VISIBLE_PAUSE;
+        let mut warned = false;
+        let row = loop {
+            let row = self
+                .client
+                .query_one(&statement, &[&key])
+                .await
+                .map_err(|e| {
+                    SourceError::from_sql(&format!("looking up a contact in {}", target.from), e)
+                })?;
+            let seen = match (self.reading, row.get::<_, Option<String>>(1)) {
+                (Some(xid), Some(snapshot)) => {
+                    Visibility::parse(&snapshot).is_none_or(|v| v.sees(xid))
+                }
+                _ => true,
+            };
+            if seen {
+                break row;
+            }
+            // The transaction is in the WAL (this change came from it) but
+            // not yet visible: its related rows may be missing or old.
+            if !warned && started.elapsed() >= NOT_VISIBLE_WARN {
+                warned = true;
+                tracing::warn!(
+                    xid = self.reading,
+                    table = %target.from,
+                    "a lookup waits for the streamed transaction to turn visible (a synchronous standby holding commits back?)"
+                );
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(NOT_VISIBLE_MAX);
+        };
         let contact: Option<String> = row
-            .and_then(|r| r.get(0))
+            .get::<_, Option<String>>(0)
             .filter(|c: &String| !c.is_empty());
         match &contact {
             Some(c) => {

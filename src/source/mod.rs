@@ -11,6 +11,7 @@ mod publication;
 mod replication;
 mod rows;
 mod tls;
+mod visibility;
 
 use std::fmt;
 
@@ -35,6 +36,7 @@ pub(crate) use replication::{
     ReplicationWriter, CATCH_UP_PAUSE,
 };
 pub(crate) use rows::{key_at, Key, TableReader};
+pub(crate) use visibility::{begin_snapshot, current_snapshot, Visibility};
 
 /// Opens an ordinary SQL session to the source database (for the
 /// subcommands that read or manage the connector's own tables).

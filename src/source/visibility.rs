@@ -2,7 +2,7 @@
 
 use tokio_postgres::Client;
 
-use crate::source::SourceError;
+use super::SourceError;
 
 /// Which transactions a snapshot sees, as `pg_current_snapshot()` tells:
 /// every one before `xmin`, and those before `xmax` not in `xip` (64-bit
@@ -45,7 +45,7 @@ impl Visibility {
 
 /// Starts a read-only repeatable-read transaction and returns what its
 /// snapshot sees.
-pub(super) async fn begin_snapshot(client: &Client) -> Result<Visibility, SourceError> {
+pub(crate) async fn begin_snapshot(client: &Client) -> Result<Visibility, SourceError> {
     let rows = client
         .simple_query(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()::text",
