@@ -13,7 +13,7 @@ use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use super::params::{ConnParams, Host, SslMode};
+use super::params::{ConnParams, Host, SslMode, TargetSessionAttrs};
 use super::tls;
 use super::SourceError;
 use crate::lsn::Lsn;
@@ -87,7 +87,46 @@ impl ReplicationConn {
     /// Connects, negotiates TLS per `sslmode`, authenticates (trust,
     /// cleartext, md5, SCRAM-SHA-256 with channel binding over TLS) and
     /// waits until the server is ready for commands.
+    /// With several hosts, tries each in order; with
+    /// `target_session_attrs=read-write`, skips a read-only one (a standby:
+    /// from Postgres 16 a standby accepts logical replication connections).
     pub(crate) async fn connect(params: &ConnParams) -> Result<ReplicationConn, SourceError> {
+        let mut failures = Vec::new();
+        for one in params.each_host() {
+            match Self::connect_host(&one).await {
+                Ok(conn) if params.target_session_attrs == TargetSessionAttrs::Any => {
+                    return Ok(conn)
+                }
+                Ok(mut conn) => match conn.read_only().await {
+                    Ok(None) => return Ok(conn),
+                    Ok(Some(in_recovery)) => {
+                        failures.push(SourceError::read_only(&one, in_recovery))
+                    }
+                    Err(e) => failures.push(e),
+                },
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(SourceError::no_host(params, failures))
+    }
+
+    /// None when sessions on this server may write; else whether it is in
+    /// recovery (a standby).
+    async fn read_only(&mut self) -> Result<Option<bool>, SourceError> {
+        let rows = self
+            .simple_query(
+                "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
+            )
+            .await?;
+        let row = rows.first().filter(|r| r.len() >= 2).ok_or_else(|| {
+            SourceError::transient("asking whether the server accepts writes: no row".into())
+        })?;
+        let yes = |v: &Option<String>| v.as_deref() == Some("t");
+        Ok(yes(&row[0]).then(|| yes(&row[1])))
+    }
+
+    /// Connects to the one host `params` names first.
+    async fn connect_host(params: &ConnParams) -> Result<ReplicationConn, SourceError> {
         tokio::time::timeout(params.connect_timeout, Self::connect_inner(params))
             .await
             .map_err(|_| {
