@@ -12,6 +12,7 @@ use crate::source::{
 };
 
 mod conveyour;
+mod failover;
 
 pub use conveyour::conveyour_checks;
 
@@ -232,6 +233,7 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         },
         Err(e) => out.push(fail("replication slot", e.to_string())),
     }
+    out.extend(failover::failover_checks(&client, settings).await);
     out
 }
 

@@ -49,7 +49,7 @@ async fn read_only(client: &Client) -> Result<Option<bool>, SourceError> {
 }
 
 /// Opens an SQL session with the one host `params` names first.
-async fn connect_sql_host(params: &ConnParams) -> Result<Client, SourceError> {
+pub(super) async fn connect_sql_host(params: &ConnParams) -> Result<Client, SourceError> {
     let config = params.sql_config();
     let client = match tls::client_config(params).map_err(SourceError::config)? {
         None => {

@@ -2,6 +2,7 @@
 //! connector owns, and the logical replication stream.
 
 mod catalog;
+mod failover;
 mod lookup;
 mod params;
 mod placement;
@@ -14,6 +15,10 @@ use std::fmt;
 
 pub(crate) use catalog::{
     check_slot, connect_sql, ensure_slot, lookup_indexed, slot_confirmed, slot_info, Catalog,
+};
+pub(crate) use failover::{
+    failover_wanted, slot_failover, standbys, PrimaryFailover, StandbyFailover,
+    FAILOVER_SLOTS_SINCE,
 };
 pub(crate) use lookup::Resolver;
 pub use params::{ConnParams, Host, SslMode, TargetSessionAttrs};

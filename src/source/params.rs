@@ -454,13 +454,19 @@ mod tests {
         assert_eq!(p.port, 5432);
         assert_eq!(
             p.more_hosts,
-            vec![(Host::Tcp("db2".into()), 5433), (Host::Tcp("::1".into()), 5432)]
+            vec![
+                (Host::Tcp("db2".into()), 5433),
+                (Host::Tcp("::1".into()), 5432)
+            ]
         );
         assert_eq!(p.target_session_attrs, TargetSessionAttrs::ReadWrite);
         assert_eq!(p.dbname, "app");
         assert_eq!(p.password.as_ref().unwrap().expose(), "s3cret");
         let shown = format!("{p} {p:?}");
-        assert_eq!(p.to_string(), "postgres://cdc@db1:5432,db2:5433,[::1]:5432/app");
+        assert_eq!(
+            p.to_string(),
+            "postgres://cdc@db1:5432,db2:5433,[::1]:5432/app"
+        );
         assert!(!shown.contains("s3cret"), "{shown}");
         let each: Vec<String> = p.each_host().iter().map(|h| h.to_string()).collect();
         assert_eq!(

@@ -383,16 +383,26 @@ impl ReplicationConn {
     /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput EXPORT_SNAPSHOT`: a new
     /// slot and a snapshot of the database as of its consistent point, which
     /// another session may import (`SET TRANSACTION SNAPSHOT`) until this
-    /// connection runs its next command. None when the slot already exists
-    /// (another connector created it first).
+    /// connection runs its next command. With `failover` (PostgreSQL 17+)
+    /// the slot is a failover slot, synchronized to standbys with slot sync
+    /// on. None when the slot already exists (another connector created it
+    /// first).
     pub(crate) async fn create_slot_exporting(
         &mut self,
         slot: &str,
+        failover: bool,
     ) -> Result<Option<ExportedSlot>, SourceError> {
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-            crate::config::quote_ident(slot)
-        );
+        let sql = if failover {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
+                crate::config::quote_ident(slot)
+            )
+        } else {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                crate::config::quote_ident(slot)
+            )
+        };
         let rows = match self.simple_query(&sql).await {
             Ok(rows) => rows,
             Err(e) if e.to_string().contains("SQLSTATE 42710") => return Ok(None),
@@ -413,6 +423,17 @@ impl ReplicationConn {
             consistent_point,
             snapshot,
         }))
+    }
+
+    /// `ALTER_REPLICATION_SLOT … (FAILOVER …)` (PostgreSQL 17+): makes an
+    /// existing slot a failover slot, or no longer one. Fails while another
+    /// session streams from the slot.
+    pub(crate) async fn set_failover(&mut self, slot: &str, on: bool) -> Result<(), SourceError> {
+        let sql = format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER {on})",
+            crate::config::quote_ident(slot)
+        );
+        self.simple_query(&sql).await.map(|_| ())
     }
 
     /// `START_REPLICATION SLOT … LOGICAL …` with pgoutput protocol version 1

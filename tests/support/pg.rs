@@ -834,7 +834,10 @@ pub fn server_major() -> u32 {
 pub fn skip(reason: &str) {
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("a test");
-    let line = format!("skipped: {test}: {reason} (PostgreSQL {})\n", server_major());
+    let line = format!(
+        "skipped: {test}: {reason} (PostgreSQL {})\n",
+        server_major()
+    );
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
