@@ -142,6 +142,7 @@ fn standby_line(
     primary: &PrimaryFailover,
     slot: &str,
 ) -> CheckResult {
+    // Settings of the standby, and what the primary lacks for it.
     let mut missing = Vec::new();
     if !s.sync_replication_slots {
         missing.push("sync_replication_slots = on".to_owned());
@@ -151,18 +152,27 @@ fn standby_line(
     }
     if s.primary_slot_name.is_empty() {
         missing.push("primary_slot_name (a physical slot on the primary)".to_owned());
-    } else if !primary
-        .standby_slots
-        .iter()
-        .any(|p| p.name == s.primary_slot_name)
-    {
-        missing.push(format!(
-            "{} in the primary's synchronized_standby_slots",
-            s.primary_slot_name
-        ));
     }
     if s.conninfo_has_dbname == Some(false) {
         missing.push("dbname in primary_conninfo".to_owned());
+    }
+    let mut fixes = Vec::new();
+    if !missing.is_empty() {
+        fixes.push(format!(
+            "set {} on the standby (ALTER SYSTEM SET …; SELECT pg_reload_conf();)",
+            missing.join(", ")
+        ));
+    }
+    if !s.primary_slot_name.is_empty()
+        && !primary
+            .standby_slots
+            .iter()
+            .any(|p| p.name == s.primary_slot_name)
+    {
+        fixes.push(format!(
+            "add {} to the primary's synchronized_standby_slots",
+            s.primary_slot_name
+        ));
     }
     let copy = match &s.slot {
         Some(c) if c.ready() => format!(
@@ -178,7 +188,7 @@ fn standby_line(
         None => format!("it has no copy of {slot} yet"),
     };
     let ready = s.slot.as_ref().is_some_and(|c| c.ready());
-    if missing.is_empty() {
+    if fixes.is_empty() {
         let detail = format!("slot sync is set up; {copy}");
         return if ready {
             pass(name, detail)
@@ -189,8 +199,8 @@ fn standby_line(
     warn(
         name,
         format!(
-            "cannot carry {slot} across a failover: set {} (ALTER SYSTEM SET on the standby, then SELECT pg_reload_conf();); {copy}",
-            missing.join(", ")
+            "cannot carry {slot} across a failover: {}; {copy}",
+            fixes.join("; ")
         ),
     )
 }

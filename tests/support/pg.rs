@@ -250,12 +250,12 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("admin connection to the test cluster failed: {e}"))
     }
 
-    fn data_dir(&self) -> PathBuf {
+    pub(super) fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
     }
 
     /// A command for a server binary, run as the server user when we are root.
-    fn server_command(&self, program: &Path) -> Command {
+    pub(super) fn server_command(&self, program: &Path) -> Command {
         let mut cmd = match &self.server_user {
             Some(user) => {
                 let mut c = if Path::new("/usr/sbin/runuser").exists()
@@ -287,7 +287,7 @@ impl Cluster {
         cmd
     }
 
-    fn chown(&self, path: &Path) -> Result<(), String> {
+    pub(super) fn chown(&self, path: &Path) -> Result<(), String> {
         if let Some(user) = &self.server_user {
             let out = Command::new("chown")
                 .arg("-R")
@@ -403,13 +403,20 @@ impl Cluster {
              unix_socket_directories = '{d}'\n\
              wal_sender_timeout = 60s\n\
              logging_collector = off\n\
-             log_min_messages = warning\n\
-             ssl = on\n\
-             ssl_cert_file = '{d}/server.crt'\n\
-             ssl_key_file = '{d}/server.key'\n\
-             ssl_ca_file = '{d}/ca.pem'\n",
+             log_min_messages = warning\n",
             port = self.port,
         );
+        // A server built without OpenSSL refuses `ssl = on` at start.
+        let conf = if self.has_openssl() {
+            format!(
+                "{conf}ssl = on\n\
+                 ssl_cert_file = '{d}/server.crt'\n\
+                 ssl_key_file = '{d}/server.key'\n\
+                 ssl_ca_file = '{d}/ca.pem'\n"
+            )
+        } else {
+            conf
+        };
         let conf_path = self.data_dir().join("postgresql.conf");
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -436,8 +443,36 @@ host    replication all           127.0.0.1/32 trust
         self.chown(&self.data_dir())
     }
 
+    /// Whether the server binaries were built with OpenSSL
+    /// (`pg_config --configure` lists `--with-openssl`).
+    fn has_openssl(&self) -> bool {
+        Command::new(self.bin("pg_config"))
+            .arg("--configure")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--with-openssl"))
+            .unwrap_or(true)
+    }
+
+    /// A second server's cluster beside this one (same binaries, a new
+    /// directory and port, its watchdog running), with no data directory
+    /// yet: `support::standby` fills it with `pg_basebackup`.
+    pub(super) fn sibling(&self) -> Result<Cluster, String> {
+        let dir = super::scratch_path("conveyour-cdc-pg");
+        fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        let sibling = Cluster {
+            bindir: self.bindir.clone(),
+            dir,
+            port: free_port()?,
+            server_user: self.server_user.clone(),
+        };
+        sibling.chown(&sibling.dir)?;
+        sibling.spawn_watchdog()?;
+        Ok(sibling)
+    }
+
     /// Runs `pg_ctl -D <data> <opts> <log> <action>`; `opts` must end in `-l`.
-    fn pg_ctl(&self, opts: &[&str], action: &[&str]) -> Result<(), String> {
+    pub(super) fn pg_ctl(&self, opts: &[&str], action: &[&str]) -> Result<(), String> {
         let out = self
             .server_command(&self.bin("pg_ctl"))
             .arg("-D")
@@ -460,7 +495,7 @@ host    replication all           127.0.0.1/32 trust
     }
 
     /// Retries a superuser connection for up to 30 s.
-    fn wait_ready(&self) -> Result<(), String> {
+    pub(super) fn wait_ready(&self) -> Result<(), String> {
         let url = self.superuser_url("postgres");
         let log = self.log_path();
         on_own_runtime(move || async move {
