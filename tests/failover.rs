@@ -286,6 +286,7 @@ async fn a_failover_resumes_on_the_promoted_standby_from_the_synchronized_slot()
 
     // The primary dies mid-stream; the standby is promoted.
     let before = (w.rx.track_count(), done.load(Ordering::SeqCst));
+    let confirmed = w.confirmed().await;
     tokio::task::spawn_blocking(move || standby::crash(primary))
         .await
         .unwrap();
@@ -294,8 +295,10 @@ async fn a_failover_resumes_on_the_promoted_standby_from_the_synchronized_slot()
         .await
         .unwrap();
     eprintln!(
-        "failover: primary stopped after {} tracks received, {} transactions written; standby's copy of the slot {copy:?} (sync-ready at {synced_at})",
-        before.0, before.1
+        "failover: primary stopped after {} tracks received, {} transactions written, its slot confirmed at {}; the standby's copy (synced, temporary, confirmed) {copy:?} (sync-ready at {synced_at})",
+        before.0,
+        before.1,
+        conveyour_cdc::lsn::Lsn(confirmed)
     );
 
     // 3. More writes, on the new primary.
