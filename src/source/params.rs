@@ -376,7 +376,7 @@ fn split_host_list(
             None => None,
         };
         let name = percent_decode(name).ok_or_else(|| "bad percent-encoding".to_owned())?;
-        hosts.push(((!name.is_empty()).then(|| Host::Tcp(name)), port));
+        hosts.push(((!name.is_empty()).then_some(Host::Tcp(name)), port));
     }
     let mut out = text.to_owned();
     out.replace_range(hosts_start..end, "localhost");
