@@ -363,3 +363,57 @@ async fn a_failover_resumes_on_the_promoted_standby_from_the_synchronized_slot()
         sales.len()
     );
 }
+
+/// A port nothing listens on.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multi_host_url_skips_a_dead_host_and_names_each_one_that_fails() {
+    let w = crate::support::setup::world("multihost", SCHEMA_SQL).await;
+    let password = pg::password_for("scram_user");
+    let db = w.db.name().to_owned();
+    let live = w.db.cluster().port();
+    let (dead1, dead2) = (dead_port(), dead_port());
+
+    // The first host is down: check and the connector use the second.
+    let url = format!(
+        "postgres://scram_user:{password}@127.0.0.1:{dead1},127.0.0.1:{live}/{db}?target_session_attrs=read-write&sslmode=disable"
+    );
+    let config = w.config_with_url(&url, TABLES, "");
+    let (_, out, err) = run_cli(&["check", "--config", "{config}"], &config, &[]);
+    assert!(
+        line_starting(&out, "ok   server reachable: ").contains(&format!(
+            "postgres://scram_user@127.0.0.1:{dead1},127.0.0.1:{live}/{db}"
+        )),
+        "{out}\n{err}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok   replication connection: ")),
+        "{out}"
+    );
+    assert!(!out.contains(&password) && !err.contains(&password));
+
+    // Both hosts down: the error names each, with its reason, and no
+    // password.
+    let url = format!(
+        "postgres://scram_user:{password}@127.0.0.1:{dead1},127.0.0.1:{dead2}/{db}?target_session_attrs=read-write"
+    );
+    let config = w.config_with_url(&url, TABLES, "");
+    let (status, out, err) = run_cli(&["check", "--config", "{config}"], &config, &[]);
+    assert!(!status.success());
+    let line = line_starting(&out, "FAIL server reachable: ");
+    assert!(
+        line.contains(&format!(
+            "no host of postgres://scram_user@127.0.0.1:{dead1},127.0.0.1:{dead2}/{db} would do (target_session_attrs=read-write): \
+             cannot connect to 127.0.0.1:{dead1}: connection refused"
+        )) && line.contains(&format!("; cannot connect to 127.0.0.1:{dead2}: connection refused")),
+        "{out}\n{err}"
+    );
+    assert!(!out.contains(&password) && !err.contains(&password));
+}
