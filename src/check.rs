@@ -13,6 +13,8 @@ use crate::source::{
 
 mod conveyour;
 mod failover;
+mod generated;
+mod idle_timeout;
 
 pub use conveyour::conveyour_checks;
 
@@ -198,6 +200,9 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         }
         out.extend(mapped_tables(&client, settings, schema, plan.as_ref()).await);
         out.extend(publications(&client, settings, plan.as_ref()).await);
+        if let Ok(plan) = plan {
+            out.extend(generated::generated(&client, settings, plan).await);
+        }
     }
 
     out.push(state_schema(&client, settings).await);
@@ -212,7 +217,7 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
                     None => format!("{slot} exists and is free"),
                 },
             )),
-            Err(e) => out.push(fail("replication slot", e.to_string())),
+            Err(e) => out.push(fail("replication slot", slot_problem(&e))),
         },
         Ok(None) => match client
             .query_one(
@@ -233,8 +238,18 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         },
         Err(e) => out.push(fail("replication slot", e.to_string())),
     }
+    out.extend(idle_timeout::idle_timeout(&client).await);
     out.extend(failover::failover_checks(&client, settings).await);
     out
+}
+
+/// What is wrong with the slot; for an invalidated one, also how to keep
+/// it from happening again (the hint `run` prints).
+fn slot_problem(e: &source::SourceError) -> String {
+    match e.kind() {
+        source::SourceErrorKind::SlotInvalidated(why) => format!("{e}; then {}", why.prevention()),
+        _ => e.to_string(),
+    }
 }
 
 /// The main publication holds every table that goes through it (or run

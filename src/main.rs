@@ -168,7 +168,7 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
                     tracing::info!(%addr, "metrics and health checks listening");
                 }
                 tokio::spawn(telemetry::serve(listener));
-                let (trigger, shutdown) = pipeline::Shutdown::new();
+                let (trigger, shutdown) = conveyour_cdc::shutdown::Shutdown::new();
                 tokio::spawn(async move {
                     wait_for_signal().await;
                     tracing::info!("stop requested: finishing in-flight requests");

@@ -115,6 +115,13 @@ pub struct SlotStatus {
     /// WAL the server keeps for the slot.
     pub retained_wal_bytes: Option<i64>,
     pub wal_status: Option<String>,
+    /// Why the server invalidated the slot: `invalidation_reason` (17+),
+    /// else inferred from `wal_status` (see [`source::Invalidation`]).
+    /// None while it is valid.
+    pub invalidation_reason: Option<String>,
+    /// For an invalidated slot: what happened, how to recover, and how to
+    /// keep it from happening again.
+    pub invalidation_hint: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,6 +161,8 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
             lag_bytes: r.get(4),
             retained_wal_bytes: r.get(5),
             wal_status: r.get(6),
+            invalidation_reason: None,
+            invalidation_hint: None,
         },
         None => SlotStatus {
             name: settings.slot.clone(),
@@ -165,8 +174,20 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
             lag_bytes: None,
             retained_wal_bytes: None,
             wal_status: None,
+            invalidation_reason: None,
+            invalidation_hint: None,
         },
     };
+    let mut slot = slot;
+    // Read apart from the row above: its columns differ by version.
+    if let Some((why, reported)) = source::slot_invalidation(&client, &settings.slot).await? {
+        slot.invalidation_reason = Some(reported.unwrap_or_else(|| why.reason().to_owned()));
+        slot.invalidation_hint = Some(format!(
+            "{}; then {}",
+            why.recovery(&settings.slot),
+            why.prevention()
+        ));
+    }
 
     let read_publication = |name: String| {
         let client = &client;
@@ -297,6 +318,9 @@ impl Status {
                     .map(|v| v.to_string())
                     .unwrap_or_else(|| "?".into()),
             );
+            if let (Some(reason), Some(hint)) = (&s.invalidation_reason, &s.invalidation_hint) {
+                let _ = writeln!(out, "  INVALIDATED ({reason}): {hint}");
+            }
         } else {
             let _ = writeln!(out, "slot {}: does not exist (run creates it)", s.name);
         }

@@ -19,6 +19,7 @@ mod observe;
 mod preview;
 mod publication;
 mod reliability;
+mod slots;
 mod spine;
 mod sql;
 mod sync;

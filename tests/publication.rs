@@ -1069,3 +1069,116 @@ async fn a_keyless_table_the_main_publication_holds_through_its_schema_is_refuse
         "a publication was created"
     );
 }
+
+/// Employees with a stored generated column.
+const GENERATED_SQL: &str = "
+    CREATE TABLE employees (
+        id serial PRIMARY KEY,
+        email text NOT NULL,
+        first_name text,
+        last_name text,
+        full_name text GENERATED ALWAYS AS (first_name || ' ' || last_name) STORED
+    );
+    INSERT INTO employees (email, first_name, last_name) VALUES ('ada@acme.test', 'Ada', 'Byron');
+";
+
+const GENERATED_TABLES: &str = "
+tables:
+  - table: public.employees
+    identify:
+      id: email
+      traits: {name: full_name}
+";
+
+/// A mapped stored generated column: from 18 the connector's publication
+/// publishes it (`publish_generated_columns = stored`) and the stream
+/// carries it like any column; before 18 pgoutput never sends one, so
+/// `check` and `run` refuse the mapping up front, naming table, column and
+/// key (rather than stopping at the first change with "dropped or
+/// renamed").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapped_stored_generated_column_is_published_on_18_and_refused_before() {
+    let w = world("pub_generated", GENERATED_SQL).await;
+    let config = w.config(GENERATED_TABLES, "");
+    let (ok, out, err) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    if crate::support::pg::server_major() < 18 {
+        let refusal = "tables[0].identify.traits.name: column `full_name` of table public.employees is a generated column, which logical replication sends only from PostgreSQL 18 on";
+        assert!(!ok.success(), "check must fail:\n{out}\n{err}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("FAIL tables and columns") && l.contains(refusal)),
+            "check:\n{out}"
+        );
+        let conn = Connector::run(&config, &[]);
+        let exit = conn.wait(Duration::from_secs(60)).await;
+        let log = conn.log();
+        assert!(!exit.success() && log.contains(refusal), "run:\n{log}");
+        assert_eq!(w.rx.identify_count(), 0, "nothing may have been sent");
+        assert_eq!(publication_count(&w).await, 0, "{log}");
+        return;
+    }
+    assert!(
+        out.lines().any(|l| l.starts_with("ok   generated columns: public.employees.full_name (tables[0].identify.traits.name): run creates publication")),
+        "check:\n{out}\n{err}"
+    );
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(
+        w.db.query_opt_string(&format!(
+            "SELECT pubgencols::text FROM pg_publication WHERE pubname = 'pub_{}'",
+            w.slot
+        ))
+        .await
+        .as_deref(),
+        Some("s")
+    );
+    w.db.exec(
+        "INSERT INTO employees (email, first_name, last_name) VALUES ('bob@acme.test', 'Bob', 'Ross');
+         UPDATE employees SET last_name = 'Lovelace' WHERE email = 'ada@acme.test';",
+    )
+    .await;
+    w.rx.wait_until("the copy and two changes", Duration::from_secs(60), |r| {
+        r.identify_count() >= 3
+    })
+    .await;
+    wait_caught_up(&w).await;
+    let name = |id: &str| w.rx.contact(id).map(|c| c["name"].clone());
+    assert_eq!(name("ada@acme.test"), Some(json!("Ada Lovelace")));
+    assert_eq!(name("bob@acme.test"), Some(json!("Bob Ross")));
+    // The first identify of Ada is the copy's (the SELECT reads the value).
+    assert_eq!(
+        w.rx.identifies()[0],
+        json!({"id": "ada@acme.test", "traits": {"name": "Ada Byron"}})
+    );
+    conn.stop().await;
+    let (_, out, _) = run_cli(&["check", "--config", CONFIG], &config, &[]);
+    assert!(
+        out.lines().any(|l| l.starts_with("ok   generated columns:")
+            && l.contains("publishes stored generated columns")),
+        "check:\n{out}"
+    );
+
+    // A virtual generated column (18's default) is never published.
+    w.db.exec(
+        "CREATE TABLE badges (id serial PRIMARY KEY, email text, code text,
+                              label text GENERATED ALWAYS AS (upper(code)) VIRTUAL);",
+    )
+    .await;
+    let virtual_config = w.config(
+        "
+tables:
+  - table: public.badges
+    identify:
+      id: email
+      traits: {label: label}
+",
+        "",
+    );
+    let (ok, out, _) = run_cli(&["check", "--config", CONFIG], &virtual_config, &[]);
+    assert!(
+        !ok.success()
+            && out.lines().any(|l| l.starts_with("FAIL tables and columns")
+                && l.contains("tables[0].identify.traits.label: column `label` of table public.badges is a virtual generated column")),
+        "check:\n{out}"
+    );
+}

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::decode::value::write_json_str;
+use crate::json;
 
 /// A JSON object, keys in byte order (as a `serde_json::Map` would order
 /// them), valid JSON by construction.
@@ -82,7 +82,7 @@ pub(crate) struct FieldKey(Box<[u8]>);
 impl FieldKey {
     pub(crate) fn new(name: &str) -> FieldKey {
         let mut key = Vec::with_capacity(name.len() + 3);
-        write_json_str(&mut key, name);
+        json::write_str(&mut key, name);
         key.push(b':');
         FieldKey(key.into_boxed_slice())
     }

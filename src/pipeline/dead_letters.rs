@@ -29,10 +29,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_postgres::Client;
 
-use super::Shutdown;
 use crate::config::{MappingKind, Settings, TableMapping, DEAD_LETTER_RETRY_MAX_MS};
 use crate::decode::Tuple;
 use crate::mapping::{MapError, Mapper, Schema};
+use crate::shutdown::Shutdown;
 use crate::sink::{Endpoint, Request, Sink};
 use crate::snapshot::{self, WatermarkedChunks, Window};
 use crate::source::{connect_sql, Key, SourceError, TableReader};

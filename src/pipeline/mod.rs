@@ -19,13 +19,14 @@ mod delivery;
 
 pub(crate) use dead_letters::set_aside;
 pub use dead_letters::{retry_dead_letters, RetryOutcome};
-pub(crate) use delivery::Event;
 use delivery::{Dispatcher, Replay};
 
 use crate::config::{MappingKind, OnReject, OnUnmappable, Settings};
 use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
+use crate::event::Event;
 use crate::lsn::Lsn;
 use crate::mapping::{ContactRef, Mapper, Outcome};
+use crate::shutdown::Shutdown;
 use crate::sink::Sink;
 use crate::snapshot::{self, Carried, Seen, Watermark};
 use crate::source::{
@@ -80,35 +81,6 @@ const SLOT_BUSY_RETRY: Duration = Duration::from_secs(2);
 
 /// Longest pause between reconnection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
-
-/// Asks the connector to stop; see [`Shutdown`].
-pub struct ShutdownTrigger(watch::Sender<bool>);
-
-impl ShutdownTrigger {
-    pub fn trigger(&self) {
-        let _ = self.0.send(true);
-    }
-}
-
-/// A stop request every part of the connector can wait on.
-#[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
-
-impl Shutdown {
-    pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (ShutdownTrigger(tx), Shutdown(rx))
-    }
-
-    pub fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    /// Resolves once a stop was asked for (at once if it already was).
-    pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
-}
 
 /// Streams until asked to stop or until an error a person must fix.
 /// Connection losses to Postgres reconnect with backoff and resume from the
@@ -561,9 +533,17 @@ async fn watch_slot(client: &tokio_postgres::Client, slot: &str, warn_bytes: u64
                 }
                 warned = retained > warn_bytes;
                 if row.get::<_, Option<String>>(1).as_deref() == Some("lost") {
-                    return Error::Source(source::SourceError::config(format!(
-                        "postgres.slot: slot {slot} was invalidated by the server (wal_status = lost, see max_slot_wal_keep_size): changes it held are gone. Drop it with SELECT pg_drop_replication_slot('{slot}') and start again"
-                    )));
+                    return match source::slot_invalidation(client, slot).await {
+                        Ok(Some((why, reported))) => {
+                            Error::Source(source::invalidated(slot, why, reported.as_deref()))
+                        }
+                        Ok(None) => Error::Source(source::invalidated(
+                            slot,
+                            source::Invalidation::WalRemoved,
+                            None,
+                        )),
+                        Err(e) => Error::Source(e),
+                    };
                 }
             }
             Ok(None) => {
@@ -741,11 +721,10 @@ async fn read_loop(
                             new.as_ref(),
                             seen,
                         );
-                        // The rows are not needed past here: moved, not
-                        // copied: no copy of the row per change.
+                        // Only the rows' keys are kept.
                         if let Some(rel) = copied_relations.get(&relation) {
-                            let old = old.map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
-                            carried.push(rel, old, new, seen);
+                            let old = old.as_ref().map(|(OldTuple::Key(t) | OldTuple::Full(t))| t);
+                            carried.push(rel, old, new.as_ref(), seen);
                         }
                         for c in cache_changes.drain(..) {
                             resolver.apply(c);
@@ -862,7 +841,7 @@ async fn read_loop(
                                         }
                                         chunk.push(Event::Commit {
                                             end_lsn: lsn,
-                                            commit_time: snapshot::pg_now(),
+                                            commit_time: source::pg_now(),
                                         });
                                         chunk.push(Event::Marker(done));
                                     }

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::Endpoint;
-use crate::decode::value::write_json_str;
+use crate::json;
 use crate::mapping::{Action, ActionBody, Fields};
 
 /// An action with its place in the stream, so acknowledgements can be
@@ -505,7 +505,7 @@ pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>, merged: Vec<Vec<u64>>)
                 .map(|(_, a)| a.contact.as_str())
                 .unwrap_or_default();
             body.extend_from_slice(b"{\"id\":");
-            write_json_str(&mut body, id);
+            json::write_str(&mut body, id);
             body.extend_from_slice(b",\"events\":");
             let events = items.iter().filter_map(|(_, a)| match &a.body {
                 ActionBody::Track { event, properties } => Some((&**event, properties)),
@@ -538,7 +538,7 @@ fn write_entries<'a>(
         body.extend_from_slice(b"{\"");
         body.extend_from_slice(name);
         body.extend_from_slice(b"\":");
-        write_json_str(body, value);
+        json::write_str(body, value);
         body.extend_from_slice(b",\"");
         body.extend_from_slice(fields);
         body.extend_from_slice(b"\":");

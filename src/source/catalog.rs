@@ -172,6 +172,11 @@ impl Catalog {
                 schema.lookups.push(target);
             }
         }
+        // After the checks above, so a missing column is named as such.
+        super::generated::refuse_unpublishable(
+            super::server_version_num(client).await?,
+            &super::generated_columns(client, mappings).await?,
+        )?;
         schema.kinds = catalog.kinds;
         Ok(schema)
     }
@@ -420,7 +425,9 @@ pub(crate) struct SlotInfo {
     pub plugin: Option<String>,
     pub database: Option<String>,
     pub active_pid: Option<i32>,
-    pub wal_status: Option<String>,
+    /// Why the server invalidated it, and its word for it (17+); None
+    /// while it is valid.
+    pub invalidation: Option<(super::Invalidation, Option<String>)>,
 }
 
 pub(crate) async fn slot_info(
@@ -429,16 +436,19 @@ pub(crate) async fn slot_info(
 ) -> Result<Option<SlotInfo>, SourceError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin::text, database::text, active_pid FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(|e| SourceError::from_sql("looking up the replication slot", e))?;
-    Ok(row.map(|r| SlotInfo {
+    let Some(r) = row else {
+        return Ok(None);
+    };
+    Ok(Some(SlotInfo {
         plugin: r.get(0),
         database: r.get(1),
         active_pid: r.get(2),
-        wal_status: r.get(3),
+        invalidation: super::slot_invalidation(client, slot).await?,
     }))
 }
 
@@ -489,10 +499,8 @@ pub(crate) fn check_slot(slot: &str, dbname: &str, info: &SlotInfo) -> Result<()
             info.database.as_deref().unwrap_or("?")
         )));
     }
-    if info.wal_status.as_deref() == Some("lost") {
-        return Err(SourceError::config(format!(
-            "postgres.slot: slot {slot} has been invalidated (wal_status = lost): the WAL it needed is gone. Drop it with SELECT pg_drop_replication_slot('{slot}'), then start again; changes made since are not in the stream"
-        )));
+    if let Some((why, reported)) = &info.invalidation {
+        return Err(super::invalidated(slot, *why, reported.as_deref()));
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 
 mod catalog;
 mod failover;
+mod generated;
+mod invalidation;
 mod lookup;
 mod params;
 mod placement;
@@ -20,6 +22,12 @@ pub(crate) use failover::{
     failover_wanted, slot_failover, standbys, PrimaryFailover, StandbyFailover,
     FAILOVER_SLOTS_SINCE,
 };
+pub(crate) use generated::{
+    generated_columns, needing_publish, publish_statement, publishes_generated,
+    PUBLISH_GENERATED_SINCE,
+};
+pub use invalidation::Invalidation;
+pub(crate) use invalidation::{invalidated, slot_invalidation};
 pub(crate) use lookup::Resolver;
 pub use params::{ConnParams, Host, SslMode, TargetSessionAttrs};
 pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
@@ -28,8 +36,8 @@ pub(crate) use publication::{
     server_version_num, FilterVerdict, PublicationState, ReplicaIdentity,
 };
 pub(crate) use replication::{
-    pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader, ReplicationWriter,
-    CATCH_UP_PAUSE,
+    pg_now, pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader,
+    ReplicationWriter, CATCH_UP_PAUSE,
 };
 pub(crate) use rows::{key_at, Key, TableReader};
 
@@ -51,6 +59,9 @@ pub enum SourceErrorKind {
     /// Another connector streams from the slot: stand by and try again
     /// soon, to take over quickly when it goes away.
     SlotBusy,
+    /// The server invalidated the slot: its changes are gone, and a person
+    /// must drop it; the hint says how to keep it from happening again.
+    SlotInvalidated(Invalidation),
 }
 
 /// An error from the source database, with what to do about it.
@@ -64,6 +75,14 @@ impl SourceError {
     pub(crate) fn transient(message: String) -> Self {
         SourceError {
             kind: SourceErrorKind::Transient,
+            message,
+        }
+    }
+
+    /// The slot was invalidated for `why` (see [`invalidated`]).
+    pub(crate) fn invalidated(why: Invalidation, message: String) -> Self {
+        SourceError {
+            kind: SourceErrorKind::SlotInvalidated(why),
             message,
         }
     }
@@ -237,6 +256,7 @@ impl SourceError {
             SourceErrorKind::Transient => "the connector reconnects by itself; check the database's availability if this repeats",
             SourceErrorKind::Setup => "run `conveyour-cdc check --config FILE` to see what the database is missing",
             SourceErrorKind::SlotBusy => "another connector holds the slot; this one takes over when it stops",
+            SourceErrorKind::SlotInvalidated(why) => why.prevention(),
         }
     }
 }

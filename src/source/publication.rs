@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio_postgres::Client;
 
+use super::generated;
 use super::placement::{self, Route};
 use super::SourceError;
 use crate::config::{quote_ident, ContactSource, Settings, TableName};
@@ -292,6 +293,13 @@ pub(crate) async fn ensure_publication(
         }
         _ => None,
     };
+    if version >= generated::PUBLISH_GENERATED_SINCE {
+        let columns = generated::generated_columns(client, &settings.tables).await?;
+        for (name, tables) in [(publication, &main_tables), (&plan.inserts, &insert_tables)] {
+            let tables: Vec<&TableName> = tables.iter().map(|t| t.table).collect();
+            publish_generated(client, name, &generated::needing_publish(&columns, &tables)).await?;
+        }
+    }
     let Some(info) = publication_info(client, publication).await? else {
         return Err(SourceError::transient(format!(
             "publication {publication} vanished while starting"
@@ -314,6 +322,40 @@ pub(crate) async fn ensure_publication(
         names,
         waiting_for,
     })
+}
+
+/// Makes `publication` publish stored generated columns (18+) when the
+/// config reads one of its tables' (`needing`); a role that may not alter
+/// it gets the statement for its owner. Changes nothing otherwise.
+async fn publish_generated(
+    client: &Client,
+    publication: &str,
+    needing: &[&generated::GeneratedColumn],
+) -> Result<(), SourceError> {
+    let Some(first) = needing.first() else {
+        return Ok(());
+    };
+    if generated::publishes_generated(client, publication).await? != Some(false) {
+        return Ok(());
+    }
+    let sql = generated::publish_statement(publication);
+    match client.batch_execute(&sql).await {
+        Ok(()) => {
+            tracing::info!(publication, "the publication now publishes stored generated columns, which the mapping reads");
+            Ok(())
+        }
+        Err(e) if is_privilege(&e) => Err(SourceError::config(format!(
+            "{}: column `{}` of table {} is a stored generated column, which publication {publication} does not publish, and this role may not alter it ({}); as its owner run: {sql}",
+            first.key,
+            first.column,
+            first.table,
+            pg_message(&e)
+        ))),
+        Err(e) => Err(SourceError::from_sql(
+            &format!("making publication {publication} publish stored generated columns"),
+            e,
+        )),
+    }
 }
 
 /// Creates the insert-only publication, empty: tables are added once the

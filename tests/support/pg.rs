@@ -406,7 +406,7 @@ impl Cluster {
              log_min_messages = warning\n",
             port = self.port,
         );
-        // A server built without OpenSSL refuses `ssl = on` at start.
+        // A build without OpenSSL refuses to start with ssl = on.
         let conf = if self.has_openssl() {
             format!(
                 "{conf}ssl = on\n\
@@ -443,14 +443,15 @@ host    replication all           127.0.0.1/32 trust
         self.chown(&self.data_dir())
     }
 
-    /// Whether the server binaries were built with OpenSSL
-    /// (`pg_config --configure` lists `--with-openssl`).
+    /// Whether the server was built with OpenSSL (`pg_config --configure`
+    /// lists `--with-openssl`); true when `pg_config` cannot say.
     fn has_openssl(&self) -> bool {
         Command::new(self.bin("pg_config"))
             .arg("--configure")
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--with-openssl"))
-            .unwrap_or(true)
+            .ok()
+            .filter(|o| o.status.success())
+            .is_none_or(|o| String::from_utf8_lossy(&o.stdout).contains("--with-openssl"))
     }
 
     /// A second server's cluster beside this one (same binaries, a new
