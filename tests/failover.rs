@@ -398,6 +398,19 @@ async fn a_multi_host_url_skips_a_dead_host_and_names_each_one_that_fails() {
         "{out}"
     );
     assert!(!out.contains(&password) && !err.contains(&password));
+    // Before 17, check says plainly that a failover loses the slot.
+    let line = line_starting(&out, "ok   failover slot: ");
+    if pg::server_major() < 17 {
+        assert!(
+            line.contains("cannot synchronize a logical slot to a standby (17 and later can): a failover loses the slot and its position"),
+            "{line}"
+        );
+    } else {
+        assert!(
+            line.ends_with(&format!("run creates {} as a failover slot", w.slot)),
+            "{line}"
+        );
+    }
 
     // Both hosts down: the error names each, with its reason, and no
     // password.

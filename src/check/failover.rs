@@ -204,3 +204,109 @@ fn standby_line(
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::Mark;
+    use crate::source::{StandbySlot, SyncedSlot};
+
+    fn primary(standby_slots: &[(&str, bool, bool)], physical: &[&str]) -> PrimaryFailover {
+        PrimaryFailover {
+            slot_failover: Some(true),
+            standby_slots: standby_slots
+                .iter()
+                .map(|(name, exists, active)| StandbySlot {
+                    name: (*name).to_owned(),
+                    exists: *exists,
+                    active: *active,
+                })
+                .collect(),
+            physical_slots: physical.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn copy(synced: bool, temporary: bool) -> Option<SyncedSlot> {
+        Some(SyncedSlot {
+            synced,
+            temporary,
+            confirmed_flush_lsn: Some("0/3000060".into()),
+        })
+    }
+
+    #[test]
+    fn a_bare_standby_has_each_missing_setting_named() {
+        let s = StandbyFailover {
+            sync_replication_slots: false,
+            hot_standby_feedback: false,
+            primary_slot_name: String::new(),
+            conninfo_has_dbname: Some(false),
+            slot: None,
+        };
+        let r = standby_line("failover: standby db2:5432", &s, &primary(&[], &[]), "cdc");
+        assert_eq!(r.mark, Mark::Warn);
+        assert_eq!(
+            r.detail,
+            "cannot carry cdc across a failover: set sync_replication_slots = on, hot_standby_feedback = on, \
+             primary_slot_name (a physical slot on the primary), dbname in primary_conninfo on the standby \
+             (ALTER SYSTEM SET …; SELECT pg_reload_conf();); it has no copy of cdc yet"
+        );
+    }
+
+    #[test]
+    fn a_standby_is_ready_only_with_a_permanent_synchronized_copy() {
+        let mut s = StandbyFailover {
+            sync_replication_slots: true,
+            hot_standby_feedback: true,
+            primary_slot_name: "sb".into(),
+            conninfo_has_dbname: Some(true),
+            slot: copy(true, true),
+        };
+        let p = primary(&[("sb", true, true)], &["sb"]);
+        let r = standby_line("n", &s, &p, "cdc");
+        assert_eq!(r.mark, Mark::Warn);
+        assert!(r
+            .detail
+            .contains("still temporary and would be dropped at promotion"));
+        assert!(r
+            .detail
+            .contains("`newly created replication slot \"cdc\" is sync-ready now`"));
+        s.slot = copy(true, false);
+        let r = standby_line("n", &s, &p, "cdc");
+        assert_eq!(r.mark, Mark::Ok);
+        assert_eq!(
+            r.detail,
+            "slot sync is set up; its copy of cdc is ready (synchronized, confirmed 0/3000060)"
+        );
+        // Ready, but the primary does not wait for it.
+        let r = standby_line("n", &s, &primary(&[], &["sb"]), "cdc");
+        assert_eq!(r.mark, Mark::Warn);
+        assert!(r
+            .detail
+            .starts_with("cannot carry cdc across a failover: add sb to the primary's synchronized_standby_slots;"));
+    }
+
+    #[test]
+    fn the_primary_line_names_synchronized_standby_slots_and_its_fix() {
+        let r = primary_line(&primary(&[], &[]));
+        assert_eq!(r.mark, Mark::Ok);
+        assert!(r.detail.starts_with("no standby streams from this server"));
+        let r = primary_line(&primary(&[], &["sb"]));
+        assert_eq!(r.mark, Mark::Warn);
+        assert!(r.detail.ends_with(
+            "run ALTER SYSTEM SET synchronized_standby_slots = 'sb'; SELECT pg_reload_conf();"
+        ));
+        let r = primary_line(&primary(&[("gone", false, false)], &[]));
+        assert_eq!(r.mark, Mark::Fail);
+        assert!(r
+            .detail
+            .contains("pg_create_physical_replication_slot('gone')"));
+        let r = primary_line(&primary(&[("sb", true, false)], &[]));
+        assert_eq!(r.mark, Mark::Warn);
+        assert!(r
+            .detail
+            .starts_with("no standby streams through physical slot sb"));
+        let r = primary_line(&primary(&[("sb", true, true)], &["sb"]));
+        assert_eq!(r.mark, Mark::Ok);
+    }
+}

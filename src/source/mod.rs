@@ -22,6 +22,8 @@ pub(crate) use failover::{
     failover_wanted, slot_failover, standbys, PrimaryFailover, StandbyFailover,
     FAILOVER_SLOTS_SINCE,
 };
+#[cfg(test)]
+pub(crate) use failover::{StandbySlot, SyncedSlot};
 pub(crate) use generated::{
     generated_columns, needing_publish, publish_statement, publishes_generated,
     PUBLISH_GENERATED_SINCE,
