@@ -12,6 +12,7 @@ use crate::source::{
 };
 
 mod conveyour;
+mod failover;
 mod generated;
 mod idle_timeout;
 
@@ -238,6 +239,7 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
         Err(e) => out.push(fail("replication slot", e.to_string())),
     }
     out.extend(idle_timeout::idle_timeout(&client).await);
+    out.extend(failover::failover_checks(&client, settings).await);
     out
 }
 

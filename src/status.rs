@@ -24,6 +24,66 @@ pub struct Status {
     /// Each copied table's sync state, when the connector's schema holds
     /// one.
     pub sync: Option<Vec<SyncTable>>,
+    /// Whether a standby carries the slot; None when it could not be read.
+    pub failover: Option<FailoverStatus>,
+}
+
+/// The slot's failover flag and each standby's copy of the slot (standbys
+/// are read only through a multi-host `postgres.url`).
+#[derive(Debug, Serialize)]
+pub struct FailoverStatus {
+    /// False before PostgreSQL 17, which has no failover slots.
+    pub supported: bool,
+    /// The slot's `failover` flag; None without the slot or before 17.
+    pub slot_failover: Option<bool>,
+    pub standbys: Vec<StandbyCopy>,
+}
+
+/// One standby's copy of the slot.
+#[derive(Debug, Serialize)]
+pub struct StandbyCopy {
+    /// `host:port` from `postgres.url`.
+    pub host: String,
+    /// `ready` (synchronized and permanent: survives a promotion),
+    /// `temporary` (dropped at promotion until sync-ready), `missing`, or
+    /// `unreadable`.
+    pub copy: String,
+    pub confirmed_flush_lsn: Option<String>,
+    /// Why it could not be read.
+    pub error: Option<String>,
+}
+
+async fn failover_status(
+    client: &tokio_postgres::Client,
+    settings: &Settings,
+) -> Option<FailoverStatus> {
+    let version = source::server_version_num(client).await.ok()?;
+    let slot_failover = source::slot_failover(client, &settings.slot, version)
+        .await
+        .ok()?;
+    let mut standbys = Vec::new();
+    for (host, read) in source::standbys(&settings.postgres, &settings.slot).await {
+        let (copy, confirmed_flush_lsn, error) = match read {
+            Ok(None) => continue,
+            Ok(Some(s)) => match s.slot {
+                Some(c) if c.ready() => ("ready", c.confirmed_flush_lsn, None),
+                Some(c) if c.synced => ("temporary", c.confirmed_flush_lsn, None),
+                _ => ("missing", None, None),
+            },
+            Err(e) => ("unreadable", None, Some(e.to_string())),
+        };
+        standbys.push(StandbyCopy {
+            host,
+            copy: copy.to_owned(),
+            confirmed_flush_lsn,
+            error,
+        });
+    }
+    Some(FailoverStatus {
+        supported: version >= source::FAILOVER_SLOTS_SINCE,
+        slot_failover,
+        standbys,
+    })
 }
 
 /// One table's initial sync or resync.
@@ -195,7 +255,9 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
                 .map(|r| r.get::<_, i64>(0))
         }
     };
+    let failover = failover_status(&client, settings).await;
     Ok(Status {
+        failover,
         slot,
         publication,
         insert_publication,
@@ -261,6 +323,37 @@ impl Status {
             }
         } else {
             let _ = writeln!(out, "slot {}: does not exist (run creates it)", s.name);
+        }
+        if let Some(f) = &self.failover {
+            let _ = writeln!(
+                out,
+                "  failover: {}",
+                match (f.supported, f.slot_failover) {
+                    (false, _) => "none before PostgreSQL 17: a failover loses the slot",
+                    (true, Some(true)) =>
+                        "a failover slot, synchronized to standbys with slot sync on",
+                    (true, Some(false)) => "not a failover slot: a failover loses it",
+                    (true, None) =>
+                        "run creates a failover slot (unless postgres.failover_slot is false)",
+                }
+            );
+            for sb in &f.standbys {
+                let _ = writeln!(
+                    out,
+                    "  standby {}: {}",
+                    sb.host,
+                    match sb.copy.as_str() {
+                        "ready" => format!(
+                            "copy ready (survives promotion), confirmed {}",
+                            sb.confirmed_flush_lsn.as_deref().unwrap_or("?")
+                        ),
+                        "temporary" =>
+                            "copy still temporary: dropped at promotion until sync-ready".to_owned(),
+                        "missing" => "no copy of the slot".to_owned(),
+                        _ => format!("unreadable: {}", sb.error.as_deref().unwrap_or("?")),
+                    }
+                );
+            }
         }
         let p = &self.publication;
         if p.exists {

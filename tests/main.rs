@@ -11,6 +11,7 @@ mod cli;
 mod concurrency;
 mod dead_letters;
 mod docs;
+mod failover;
 mod faults;
 mod harness;
 mod mapping;

@@ -220,6 +220,14 @@ pub struct PostgresConfig {
     pub status_interval_ms: u64,
     #[serde(default = "default_retained_wal_warn_mb")]
     pub retained_wal_warn_mb: u64,
+    /// Whether the slot is a failover slot (PostgreSQL 17+), synchronized
+    /// to physical standbys that have slot sync on. Unset: yes on 17 and
+    /// later, since a slot that only the primary holds is lost, with its
+    /// position, when a standby is promoted; `false` keeps the slot on the
+    /// primary only (no standby carries it, and the primary does not wait
+    /// for `synchronized_standby_slots` before sending changes).
+    #[serde(default)]
+    pub failover_slot: Option<bool>,
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -230,6 +238,7 @@ impl fmt::Debug for PostgresConfig {
             .field("publication", &self.publication)
             .field("status_interval_ms", &self.status_interval_ms)
             .field("retained_wal_warn_mb", &self.retained_wal_warn_mb)
+            .field("failover_slot", &self.failover_slot)
             .finish()
     }
 }
@@ -467,6 +476,8 @@ pub struct Settings {
     pub publication: String,
     pub status_interval: Duration,
     pub retained_wal_warn_bytes: u64,
+    /// `postgres.failover_slot`; None: a failover slot on PostgreSQL 17+.
+    pub failover_slot: Option<bool>,
     pub conveyour: SinkSettings,
     pub tables: Vec<TableMapping>,
     /// `host:port` for the metrics and health listener.
@@ -715,6 +726,7 @@ impl Config {
             publication: pg.publication.clone(),
             status_interval: Duration::from_millis(pg.status_interval_ms),
             retained_wal_warn_bytes: pg.retained_wal_warn_mb.saturating_mul(1024 * 1024),
+            failover_slot: pg.failover_slot,
             conveyour: SinkSettings {
                 url,
                 appkey,

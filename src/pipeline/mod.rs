@@ -128,6 +128,32 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
     }
 }
 
+/// Makes the slot a failover slot, or no longer one, as
+/// `postgres.failover_slot` asks (PostgreSQL 17+): a slot created before an
+/// upgrade, or under the other setting, is altered before streaming.
+async fn align_failover(
+    client: &tokio_postgres::Client,
+    conn: &mut ReplicationConn,
+    settings: &Settings,
+    server_version: i32,
+    wanted: bool,
+) -> Result<(), Error> {
+    if settings.failover_slot == Some(true) && server_version < source::FAILOVER_SLOTS_SINCE {
+        tracing::warn!(
+            server_version,
+            "postgres.failover_slot: PostgreSQL before 17 has no failover slots: a failover loses the slot and its position"
+        );
+    }
+    match source::slot_failover(client, &settings.slot, server_version).await? {
+        Some(is) if is != wanted => {
+            conn.set_failover(&settings.slot, wanted).await?;
+            tracing::info!(slot = %settings.slot, failover = wanted, "changed the slot's failover flag (postgres.failover_slot)");
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// One replication session, from connecting to the end of the stream.
 async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> Result<(), Error> {
     let client = Arc::new(connect_sql(&settings.postgres).await?);
@@ -171,19 +197,22 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
     // its snapshot can seed the first copy. The sync state starts over
     // first: had it been reset after, a crash in between would leave an
     // earlier slot's "done" marks on tables this slot never copied.
+    let server_version = source::server_version_num(&client).await?;
+    let failover = source::failover_wanted(settings.failover_slot, server_version);
     let exported = match source::slot_info(&client, &settings.slot).await? {
         None => {
             if let Some(state) = &state {
                 state.start_sync(&copied).await?;
             }
-            conn.create_slot_exporting(&settings.slot).await?
+            conn.create_slot_exporting(&settings.slot, failover).await?
         }
         Some(_) => None,
     };
     if exported.is_some() {
-        tracing::info!(slot = %settings.slot, "created the replication slot");
+        tracing::info!(slot = %settings.slot, failover, "created the replication slot");
     }
     source::ensure_slot(&client, &settings.slot, &settings.postgres.dbname).await?;
+    align_failover(&client, &mut conn, settings, server_version, failover).await?;
     // Tables new to the mapping (or never copied) are copied too.
     if let Some(state) = &state {
         state.add_sync(&copied).await?;
@@ -240,11 +269,6 @@ async fn session(settings: &Settings, sink: &Arc<Sink>, shutdown: Shutdown) -> R
         }
     }
 
-    let server_version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map(|r| r.get(0))
-        .map_err(|e| source::SourceError::from_sql("reading the server version", e))?;
     // Watermarks are logical decoding messages, which pgoutput sends from
     // Postgres 14 on.
     let messages = server_version >= 140_000;

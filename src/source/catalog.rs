@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, NoTls};
 
-use super::params::ConnParams;
+use super::params::{ConnParams, TargetSessionAttrs};
 use super::tls::{self, MakeRustls};
 use super::SourceError;
 use crate::config::{ColumnRole, ContactSource, Lookup, TableMapping, TableName};
@@ -14,8 +14,42 @@ use crate::lsn::Lsn;
 use crate::mapping::{LookupTarget, Schema};
 
 /// Opens an SQL session with the same TLS policy as the replication
-/// connection. The connection's driver runs on its own task.
+/// connection, to the first host of the URL that accepts it (and, with
+/// `target_session_attrs=read-write`, accepts writes: the primary). The
+/// connection's driver runs on its own task.
 pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceError> {
+    let mut failures = Vec::new();
+    for one in params.each_host() {
+        match connect_sql_host(&one).await {
+            Ok(client) if params.target_session_attrs == TargetSessionAttrs::Any => {
+                return Ok(client)
+            }
+            Ok(client) => match read_only(&client).await {
+                Ok(None) => return Ok(client),
+                Ok(Some(in_recovery)) => failures.push(SourceError::read_only(&one, in_recovery)),
+                Err(e) => failures.push(e),
+            },
+            Err(e) => failures.push(e),
+        }
+    }
+    Err(SourceError::no_host(params, failures))
+}
+
+/// None when the session may write; else whether the server is in
+/// recovery (a standby).
+async fn read_only(client: &Client) -> Result<Option<bool>, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("asking whether the server accepts writes", e))?;
+    Ok(row.get::<_, bool>(0).then(|| row.get(1)))
+}
+
+/// Opens an SQL session with the one host `params` names first.
+pub(super) async fn connect_sql_host(params: &ConnParams) -> Result<Client, SourceError> {
     let config = params.sql_config();
     let client = match tls::client_config(params).map_err(SourceError::config)? {
         None => {

@@ -2,6 +2,7 @@
 //! connector owns, and the logical replication stream.
 
 mod catalog;
+mod failover;
 mod generated;
 mod invalidation;
 mod lookup;
@@ -18,6 +19,12 @@ use std::fmt;
 pub(crate) use catalog::{
     check_slot, connect_sql, ensure_slot, lookup_indexed, slot_confirmed, slot_info, Catalog,
 };
+pub(crate) use failover::{
+    failover_wanted, slot_failover, standbys, PrimaryFailover, StandbyFailover,
+    FAILOVER_SLOTS_SINCE,
+};
+#[cfg(test)]
+pub(crate) use failover::{StandbySlot, SyncedSlot};
 pub(crate) use generated::{
     generated_columns, needing_publish, publish_statement, publishes_generated,
     PUBLISH_GENERATED_SINCE,
@@ -25,7 +32,7 @@ pub(crate) use generated::{
 pub use invalidation::Invalidation;
 pub(crate) use invalidation::{invalidated, slot_invalidation};
 pub(crate) use lookup::Resolver;
-pub use params::{ConnParams, Host, SslMode};
+pub use params::{ConnParams, Host, SslMode, TargetSessionAttrs};
 pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
 pub(crate) use publication::{
     create_statement, current_filters, ensure_publication, probe_filter, replica_identity,
@@ -176,11 +183,7 @@ impl SourceError {
     /// The server's address could not be reached. Transient: a restarting
     /// server refuses connections for a moment.
     pub(crate) fn unreachable(params: &ConnParams, e: &std::io::Error) -> Self {
-        let at = match &params.host {
-            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", params.port),
-            Host::Tcp(h) => format!("{h}:{}", params.port),
-            Host::Socket(dir) => format!("{}/.s.PGSQL.{}", dir.display(), params.port),
-        };
+        let at = params.address();
         let advice = match e.kind() {
             std::io::ErrorKind::ConnectionRefused => {
                 "; is the server running, and is postgres.url's port right?"
@@ -191,6 +194,45 @@ impl SourceError {
             _ => "",
         };
         Self::transient(format!("cannot connect to {at}: {}{advice}", io_reason(e)))
+    }
+
+    /// A host skipped because `target_session_attrs=read-write` asks for
+    /// the primary and this server is read-only. Transient: a standby may
+    /// be promoted.
+    pub(crate) fn read_only(params: &ConnParams, in_recovery: bool) -> Self {
+        let why = if in_recovery {
+            "a standby in recovery"
+        } else {
+            "default_transaction_read_only is on"
+        };
+        Self::transient(format!(
+            "{} is read-only ({why}); target_session_attrs=read-write skips it",
+            params.address()
+        ))
+    }
+
+    /// No host of a multi-host URL would do: each one's reason, in order.
+    /// A setup error only when every host gave one; otherwise transient, as
+    /// a host that is down or still a standby may come back as the primary.
+    pub(crate) fn no_host(params: &ConnParams, failures: Vec<SourceError>) -> Self {
+        if failures.len() == 1 {
+            return failures.into_iter().next().expect("one failure");
+        }
+        let setup = failures.iter().all(|e| e.kind == SourceErrorKind::Setup);
+        let reasons: Vec<String> = failures.iter().map(|e| e.message.clone()).collect();
+        let message = format!(
+            "no host of {params} would do{}: {}",
+            match params.target_session_attrs {
+                TargetSessionAttrs::ReadWrite => " (target_session_attrs=read-write)",
+                TargetSessionAttrs::Any => "",
+            },
+            reasons.join("; ")
+        );
+        if setup {
+            Self::config(message)
+        } else {
+            Self::transient(message)
+        }
     }
 
     pub fn kind(&self) -> SourceErrorKind {

@@ -13,7 +13,7 @@ use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use super::params::{ConnParams, Host, SslMode};
+use super::params::{ConnParams, Host, SslMode, TargetSessionAttrs};
 use super::tls;
 use super::SourceError;
 use crate::lsn::Lsn;
@@ -87,7 +87,46 @@ impl ReplicationConn {
     /// Connects, negotiates TLS per `sslmode`, authenticates (trust,
     /// cleartext, md5, SCRAM-SHA-256 with channel binding over TLS) and
     /// waits until the server is ready for commands.
+    /// With several hosts, tries each in order; with
+    /// `target_session_attrs=read-write`, skips a read-only one (a standby:
+    /// from Postgres 16 a standby accepts logical replication connections).
     pub(crate) async fn connect(params: &ConnParams) -> Result<ReplicationConn, SourceError> {
+        let mut failures = Vec::new();
+        for one in params.each_host() {
+            match Self::connect_host(&one).await {
+                Ok(conn) if params.target_session_attrs == TargetSessionAttrs::Any => {
+                    return Ok(conn)
+                }
+                Ok(mut conn) => match conn.read_only().await {
+                    Ok(None) => return Ok(conn),
+                    Ok(Some(in_recovery)) => {
+                        failures.push(SourceError::read_only(&one, in_recovery))
+                    }
+                    Err(e) => failures.push(e),
+                },
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(SourceError::no_host(params, failures))
+    }
+
+    /// None when sessions on this server may write; else whether it is in
+    /// recovery (a standby).
+    async fn read_only(&mut self) -> Result<Option<bool>, SourceError> {
+        let rows = self
+            .simple_query(
+                "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
+            )
+            .await?;
+        let row = rows.first().filter(|r| r.len() >= 2).ok_or_else(|| {
+            SourceError::transient("asking whether the server accepts writes: no row".into())
+        })?;
+        let yes = |v: &Option<String>| v.as_deref() == Some("t");
+        Ok(yes(&row[0]).then(|| yes(&row[1])))
+    }
+
+    /// Connects to the one host `params` names first.
+    async fn connect_host(params: &ConnParams) -> Result<ReplicationConn, SourceError> {
         tokio::time::timeout(params.connect_timeout, Self::connect_inner(params))
             .await
             .map_err(|_| {
@@ -344,16 +383,26 @@ impl ReplicationConn {
     /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput EXPORT_SNAPSHOT`: a new
     /// slot and a snapshot of the database as of its consistent point, which
     /// another session may import (`SET TRANSACTION SNAPSHOT`) until this
-    /// connection runs its next command. None when the slot already exists
-    /// (another connector created it first).
+    /// connection runs its next command. With `failover` (PostgreSQL 17+)
+    /// the slot is a failover slot, synchronized to standbys with slot sync
+    /// on. None when the slot already exists (another connector created it
+    /// first).
     pub(crate) async fn create_slot_exporting(
         &mut self,
         slot: &str,
+        failover: bool,
     ) -> Result<Option<ExportedSlot>, SourceError> {
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-            crate::config::quote_ident(slot)
-        );
+        let sql = if failover {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
+                crate::config::quote_ident(slot)
+            )
+        } else {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                crate::config::quote_ident(slot)
+            )
+        };
         let rows = match self.simple_query(&sql).await {
             Ok(rows) => rows,
             Err(e) if e.to_string().contains("SQLSTATE 42710") => return Ok(None),
@@ -374,6 +423,17 @@ impl ReplicationConn {
             consistent_point,
             snapshot,
         }))
+    }
+
+    /// `ALTER_REPLICATION_SLOT … (FAILOVER …)` (PostgreSQL 17+): makes an
+    /// existing slot a failover slot, or no longer one. Fails while another
+    /// session streams from the slot.
+    pub(crate) async fn set_failover(&mut self, slot: &str, on: bool) -> Result<(), SourceError> {
+        let sql = format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER {on})",
+            crate::config::quote_ident(slot)
+        );
+        self.simple_query(&sql).await.map(|_| ())
     }
 
     /// `START_REPLICATION SLOT … LOGICAL …` with pgoutput protocol version 1

@@ -7,6 +7,7 @@ pub mod connector;
 pub mod pg;
 pub mod receiver;
 pub mod setup;
+pub mod standby;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

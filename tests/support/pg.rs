@@ -264,12 +264,12 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("admin connection to the test cluster failed: {e}"))
     }
 
-    fn data_dir(&self) -> PathBuf {
+    pub(super) fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
     }
 
     /// A command for a server binary, run as the server user when we are root.
-    fn server_command(&self, program: &Path) -> Command {
+    pub(super) fn server_command(&self, program: &Path) -> Command {
         let mut cmd = match &self.server_user {
             Some(user) => {
                 let mut c = if Path::new("/usr/sbin/runuser").exists()
@@ -301,7 +301,7 @@ impl Cluster {
         cmd
     }
 
-    fn chown(&self, path: &Path) -> Result<(), String> {
+    pub(super) fn chown(&self, path: &Path) -> Result<(), String> {
         if let Some(user) = &self.server_user {
             let out = Command::new("chown")
                 .arg("-R")
@@ -484,8 +484,27 @@ host    replication all           127.0.0.1/32 trust
         self.chown(&self.data_dir())
     }
 
+    /// A second server's cluster beside this one (same binaries, a new
+    /// directory and port, its watchdog running), with no data directory
+    /// yet: `support::standby` fills it with `pg_basebackup`.
+    pub(super) fn sibling(&self) -> Result<Cluster, String> {
+        let dir = super::scratch_path("conveyour-cdc-pg");
+        fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        let sibling = Cluster {
+            bindir: self.bindir.clone(),
+            dir,
+            port: free_port()?,
+            server_user: self.server_user.clone(),
+            tls: self.tls,
+        };
+        sibling.chown(&sibling.dir)?;
+        sibling.spawn_watchdog()?;
+        Ok(sibling)
+    }
+
     /// Runs `pg_ctl -D <data> <opts> <log> <action>`; `opts` must end in `-l`.
-    fn pg_ctl(&self, opts: &[&str], action: &[&str]) -> Result<(), String> {
+    pub(super) fn pg_ctl(&self, opts: &[&str], action: &[&str]) -> Result<(), String> {
         let out = self
             .server_command(&self.bin("pg_ctl"))
             .arg("-D")
@@ -508,7 +527,7 @@ host    replication all           127.0.0.1/32 trust
     }
 
     /// Retries a superuser connection for up to 30 s.
-    fn wait_ready(&self) -> Result<(), String> {
+    pub(super) fn wait_ready(&self) -> Result<(), String> {
         let url = self.superuser_url("postgres");
         let log = self.log_path();
         on_own_runtime(move || async move {
