@@ -18,6 +18,7 @@ pub(crate) mod event;
 mod json;
 pub mod lsn;
 pub mod mapping;
+mod pg_time;
 pub mod pipeline;
 pub mod preview;
 pub mod shutdown;

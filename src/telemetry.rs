@@ -277,7 +277,7 @@ impl Metrics {
         self.last_progress_ms.store(unix_ms(), Ordering::Relaxed);
         if let Some(t) = commit_time {
             self.last_acked_commit_ms
-                .store(crate::source::pg_time_unix_ms(t), Ordering::Relaxed);
+                .store(crate::pg_time::unix_ms(t), Ordering::Relaxed);
         }
         self.update_lag_bytes();
     }
@@ -285,7 +285,7 @@ impl Metrics {
     /// ConveYour acknowledged the last action of a transaction committed
     /// at `commit_time` (µs since 2000-01-01).
     pub(crate) fn transaction_acknowledged(&self, commit_time: i64) {
-        let committed = crate::source::pg_time_unix_ms(commit_time);
+        let committed = crate::pg_time::unix_ms(commit_time);
         let ms = unix_ms().saturating_sub(committed);
         self.commit_to_ack.observe(ms as f64 / 1000.0);
     }

@@ -361,7 +361,7 @@ pub(super) async fn read_loop(
                                         }
                                         chunk.push(Event::Commit {
                                             end_lsn: lsn,
-                                            commit_time: source::pg_now(),
+                                            commit_time: crate::pg_time::pg_now(),
                                         });
                                         chunk.push(Event::Marker(done));
                                     }

@@ -8,8 +8,9 @@ use tokio_postgres::Client;
 
 use crate::config::TableName;
 use crate::mapping::Action;
+use crate::pg_time::pg_now;
 use crate::shutdown::Shutdown;
-use crate::source::{pg_now, Key, SourceError};
+use crate::source::{Key, SourceError};
 use crate::state::WATERMARK_PREFIX;
 use crate::Error;
 

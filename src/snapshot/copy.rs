@@ -13,8 +13,9 @@ use crate::decode::Tuple;
 use crate::event::Event;
 use crate::lsn::Lsn;
 use crate::mapping::{Action, Schema};
+use crate::pg_time::pg_now;
 use crate::shutdown::Shutdown;
-use crate::source::{pg_now, Key, Resolver, SourceError, TableReader};
+use crate::source::{Key, Resolver, SourceError, TableReader};
 use crate::state::{Progress, State, SyncStatus};
 use crate::{telemetry, Error};
 

@@ -11,6 +11,7 @@ mod placement;
 mod publication;
 mod replication;
 mod rows;
+mod stream;
 mod tls;
 mod visibility;
 
@@ -38,11 +39,9 @@ pub(crate) use publication::{
     create_statement, current_filters, ensure_publication, probe_filter, replica_identity,
     server_version_num, FilterVerdict, PublicationState, ReplicaIdentity,
 };
-pub(crate) use replication::{
-    pg_now, pg_time_unix_ms, ReplicationConn, ReplicationMessage, ReplicationReader,
-    ReplicationWriter, CATCH_UP_PAUSE,
-};
+pub(crate) use replication::ReplicationConn;
 pub(crate) use rows::{key_at, Key, TableReader};
+pub(crate) use stream::{ReplicationMessage, ReplicationReader, ReplicationWriter, CATCH_UP_PAUSE};
 pub(crate) use visibility::{begin_snapshot, current_snapshot, Visibility};
 
 /// Opens an ordinary SQL session to the source database (for the

@@ -7,6 +7,14 @@ use std::time::Duration;
 
 use crate::config::Secret;
 
+/// Settings every session runs with (replication and SQL alike), so that
+/// values in text form are in one known format whatever the server's
+/// defaults are: ISO dates, UTC timestamps, floats that round-trip, ISO
+/// 8601 intervals. The initial sync and `preview` read rows as text in the
+/// same format the stream carries them.
+pub(crate) const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO,MDY -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601";
+
 /// How hard to insist on TLS and how much of the server's certificate to
 /// check, with libpq's meanings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,7 +317,7 @@ impl ConnParams {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(&self.application_name)
-            .options(super::replication::SESSION_OPTIONS)
+            .options(SESSION_OPTIONS)
             .connect_timeout(self.connect_timeout)
             .ssl_mode(match self.sslmode {
                 SslMode::Disable => tokio_postgres::config::SslMode::Disable,
