@@ -30,8 +30,7 @@ use tokio::sync::Notify;
 use tokio_postgres::Client;
 
 use crate::config::{MappingKind, Settings, TableMapping, DEAD_LETTER_RETRY_MAX_MS};
-use crate::decode::Tuple;
-use crate::mapping::{MapError, Mapper, Schema};
+use crate::mapping::Schema;
 use crate::shutdown::Shutdown;
 use crate::sink::{Endpoint, Request, Sink};
 use crate::snapshot::{self, WatermarkedChunks, Window};
@@ -58,43 +57,6 @@ const DUE_PER_PASS: i64 = 10_000;
 /// three request timeouts: its retry waits for what is queued ahead of it
 /// in the stream.
 const HANDOVER_SLACK: Duration = Duration::from_secs(60);
-
-/// Stores a row the mapping could not send (its values, not the table's
-/// shape, are at fault) as an `unmappable` dead letter, then logs and
-/// counts it once. Durable when it returns, so the stream may go past it.
-pub(crate) async fn set_aside(
-    state: &State,
-    mapper: &Mapper,
-    relation: u32,
-    tuple: &Tuple,
-    e: &MapError,
-) -> Result<(), Error> {
-    let endpoint = match mapper.is_track(relation) {
-        true => Endpoint::Track,
-        false => Endpoint::Identify,
-    };
-    let contact = mapper.contact_text(relation, tuple).unwrap_or_default();
-    let key = mapper.key_of(relation, tuple);
-    let added = state
-        .dead_letter_row(
-            endpoint.name(),
-            &e.table,
-            &contact,
-            e.lsn,
-            key.as_ref(),
-            &e.to_string(),
-        )
-        .await?;
-    let m = telemetry::metrics();
-    m.dead_letters.inc();
-    // Not counted per row (a table scan each, for every row of a copy full
-    // of them): the retry task sets the exact depth on every pass.
-    if added {
-        m.dead_letters_stored.inc();
-    }
-    tracing::warn!(table = %e.table, lsn = %e.lsn, "stored an unmappable row as a dead letter (see dead-letters list): {e}");
-    Ok(())
-}
 
 /// An entry's message with why its retry was not made: the failure it was
 /// stored for, and only the latest such note (each retry would otherwise

@@ -16,7 +16,6 @@ mod delivery;
 mod reader;
 mod session;
 
-pub(crate) use dead_letters::set_aside;
 pub use dead_letters::{retry_dead_letters, RetryOutcome};
 
 use crate::config::Settings;

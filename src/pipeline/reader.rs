@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
-use super::dead_letters;
 use super::delivery::Replay;
 use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
 use crate::event::Event;
@@ -16,7 +15,7 @@ use crate::mapping::{ContactRef, Mapper, Outcome};
 use crate::shutdown::Shutdown;
 use crate::snapshot::{self, Carried, Seen, Watermark};
 use crate::source::{self, ReplicationMessage, ReplicationReader, Resolver};
-use crate::state::{Progress, State};
+use crate::state::{self, Progress, State};
 use crate::{telemetry, Error};
 
 /// Events per chunk at most. The reader hands over a chunk when it is full
@@ -217,8 +216,7 @@ pub(super) async fn read_loop(
                                         .as_ref()
                                         .map(|(OldTuple::Key(t) | OldTuple::Full(t))| t));
                                     if let Some(row) = row {
-                                        dead_letters::set_aside(state, &mapper, relation, row, &e)
-                                            .await?;
+                                        state::set_aside(state, &mapper, relation, row, &e).await?;
                                     }
                                     (Outcome::Nothing, true)
                                 }

@@ -69,7 +69,7 @@ pub(crate) async fn row_actions(
         Ok(outcome) => outcome,
         Err(e) if e.is_row_fault() && set_aside.is_some() => {
             if let Some(state) = set_aside {
-                crate::pipeline::set_aside(state, mapper, relation, tuple, &e).await?;
+                crate::state::set_aside(state, mapper, relation, tuple, &e).await?;
             }
             return Ok(Vec::new());
         }

@@ -13,9 +13,48 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use super::{State, SCHEMA};
-use crate::mapping::RowKey;
-use crate::sink::{Request, SinkError};
+use crate::decode::Tuple;
+use crate::mapping::{MapError, Mapper, RowKey};
+use crate::sink::{Endpoint, Request, SinkError};
 use crate::source::SourceError;
+use crate::{telemetry, Error};
+
+/// Stores a row the mapping could not send (its values, not the table's
+/// shape, are at fault) as an `unmappable` dead letter, then logs and
+/// counts it once. Durable when it returns, so the stream may go past it.
+pub(crate) async fn set_aside(
+    state: &State,
+    mapper: &Mapper,
+    relation: u32,
+    tuple: &Tuple,
+    e: &MapError,
+) -> Result<(), Error> {
+    let endpoint = match mapper.is_track(relation) {
+        true => Endpoint::Track,
+        false => Endpoint::Identify,
+    };
+    let contact = mapper.contact_text(relation, tuple).unwrap_or_default();
+    let key = mapper.key_of(relation, tuple);
+    let added = state
+        .dead_letter_row(
+            endpoint.name(),
+            &e.table,
+            &contact,
+            e.lsn,
+            key.as_ref(),
+            &e.to_string(),
+        )
+        .await?;
+    let m = telemetry::metrics();
+    m.dead_letters.inc();
+    // Not counted per row (a table scan each, for every row of a copy full
+    // of them): the retry task sets the exact depth on every pass.
+    if added {
+        m.dead_letters_stored.inc();
+    }
+    tracing::warn!(table = %e.table, lsn = %e.lsn, "stored an unmappable row as a dead letter (see dead-letters list): {e}");
+    Ok(())
+}
 
 /// Why an entry is stored: its `reason` column, shown by
 /// `dead-letters list`. Codes are stable.

@@ -18,7 +18,7 @@ mod dead_letters;
 
 pub(crate) use dead_letters::{
     count_dead_letters, db_now, due_dead_letters, note_retry_failure, note_retry_skipped,
-    request_retry, retried, settle_reread,
+    request_retry, retried, set_aside, settle_reread,
 };
 pub use dead_letters::{list_dead_letters, purge_dead_letters, DeadLetter, Reason};
 
