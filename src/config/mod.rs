@@ -11,10 +11,12 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 mod ca_file;
+mod conn_params;
 mod settings;
 mod tables;
 
 pub use ca_file::CaFile;
+pub use conn_params::{ConnParams, Host, SslMode, TargetSessionAttrs};
 pub use settings::{load, Settings, SinkSettings};
 pub use tables::{
     ColumnRole, ColumnUse, ContactSource, EventName, FieldMapping, FieldSource, IncrementBy,

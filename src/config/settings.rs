@@ -2,12 +2,11 @@
 //! and the checks between the file as written and it.
 
 use super::{
-    err, tables, CaFile, Concurrency, Config, ConfigError, ConfigErrorKind, ContactSource,
-    MappingKind, OnReject, OnUnmappable, Secret, TableMapping, TableName, APPKEY_ENV,
-    DEAD_LETTER_RETRY_MAX_MS, INSERT_PUBLICATION_SUFFIX, MAX_IN_FLIGHT_CEILING, PGPASSWORD_ENV,
-    TOKEN_ENV,
+    err, tables, CaFile, Concurrency, Config, ConfigError, ConfigErrorKind, ConnParams,
+    ContactSource, MappingKind, OnReject, OnUnmappable, Secret, TableMapping, TableName,
+    APPKEY_ENV, DEAD_LETTER_RETRY_MAX_MS, INSERT_PUBLICATION_SUFFIX, MAX_IN_FLIGHT_CEILING,
+    PGPASSWORD_ENV, TOKEN_ENV,
 };
-use crate::source::ConnParams;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;

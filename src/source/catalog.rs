@@ -5,10 +5,10 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, NoTls};
 
-use super::params::{ConnParams, TargetSessionAttrs};
 use super::tls::{self, MakeRustls};
 use super::SourceError;
 use crate::config::{ColumnRole, ContactSource, Lookup, TableMapping, TableName};
+use crate::config::{ConnParams, TargetSessionAttrs};
 use crate::decode::value::ValueKind;
 use crate::lsn::Lsn;
 use crate::mapping::{LookupTarget, Schema};
@@ -50,7 +50,7 @@ async fn read_only(client: &Client) -> Result<Option<bool>, SourceError> {
 
 /// Opens an SQL session with the one host `params` names first.
 pub(super) async fn connect_sql_host(params: &ConnParams) -> Result<Client, SourceError> {
-    let config = params.sql_config();
+    let config = super::session::sql_config(&params);
     let client = match tls::client_config(params).map_err(SourceError::config)? {
         None => {
             let (client, conn) = config

@@ -5,8 +5,8 @@
 use tokio_postgres::Client;
 
 use super::catalog::connect_sql_host;
-use super::params::{ConnParams, TargetSessionAttrs};
 use super::SourceError;
+use crate::config::{ConnParams, TargetSessionAttrs};
 
 /// The first version whose logical slots can be synchronized to a
 /// physical standby (`failover`, `sync_replication_slots`).

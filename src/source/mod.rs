@@ -6,17 +6,18 @@ mod failover;
 mod generated;
 mod invalidation;
 mod lookup;
-mod params;
 mod placement;
 mod publication;
 mod replication;
 mod rows;
+mod session;
 mod stream;
 mod tls;
 mod visibility;
 
 use std::fmt;
 
+pub use crate::config::{ConnParams, Host, SslMode, TargetSessionAttrs};
 pub(crate) use catalog::{
     check_slot, connect_sql, ensure_slot, lookup_indexed, slot_confirmed, slot_info, Catalog,
 };
@@ -33,7 +34,6 @@ pub(crate) use generated::{
 pub use invalidation::Invalidation;
 pub(crate) use invalidation::{invalidated, slot_invalidation};
 pub(crate) use lookup::Resolver;
-pub use params::{ConnParams, Host, SslMode, TargetSessionAttrs};
 pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
 pub(crate) use publication::{
     create_statement, current_filters, ensure_publication, probe_filter, replica_identity,

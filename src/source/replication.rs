@@ -11,12 +11,12 @@ use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::params::{ConnParams, Host, SslMode, TargetSessionAttrs};
 use super::stream::{
     self, read_frame, Frame, Io, ReplicationReader, ReplicationWriter, READ_CHUNK,
 };
 use super::tls;
 use super::SourceError;
+use crate::config::{ConnParams, Host, SslMode, TargetSessionAttrs};
 use crate::lsn::Lsn;
 
 /// A slot just created with its snapshot exported.
@@ -182,7 +182,7 @@ impl ReplicationConn {
             ("replication", "database"),
             ("application_name", params.application_name.as_str()),
             ("client_encoding", "UTF8"),
-            ("options", super::params::SESSION_OPTIONS),
+            ("options", super::session::SESSION_OPTIONS),
         ];
         frontend::startup_message(startup.iter().copied(), &mut self.wbuf).map_err(proto)?;
         self.flush().await?;

@@ -5,15 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::Secret;
-
-/// Settings every session runs with (replication and SQL alike), so that
-/// values in text form are in one known format whatever the server's
-/// defaults are: ISO dates, UTC timestamps, floats that round-trip, ISO
-/// 8601 intervals. The initial sync and `preview` read rows as text in the
-/// same format the stream carries them.
-pub(crate) const SESSION_OPTIONS: &str =
-    "-c datestyle=ISO,MDY -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601";
+use super::Secret;
 
 /// How hard to insist on TLS and how much of the server's certificate to
 /// check, with libpq's meanings.
@@ -302,32 +294,6 @@ impl ConnParams {
             Host::Tcp(h) => format!("{h}:{}", self.port),
             Host::Socket(dir) => format!("{}/.s.PGSQL.{}", dir.display(), self.port),
         }
-    }
-
-    /// The tokio-postgres configuration for an ordinary SQL session with
-    /// the first host (see [`ConnParams::each_host`]).
-    /// TLS is negotiated by the connector passed alongside.
-    pub(crate) fn sql_config(&self) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        match &self.host {
-            Host::Tcp(h) => c.host(h),
-            Host::Socket(p) => c.host_path(p),
-        };
-        c.port(self.port)
-            .user(&self.user)
-            .dbname(&self.dbname)
-            .application_name(&self.application_name)
-            .options(SESSION_OPTIONS)
-            .connect_timeout(self.connect_timeout)
-            .ssl_mode(match self.sslmode {
-                SslMode::Disable => tokio_postgres::config::SslMode::Disable,
-                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-                _ => tokio_postgres::config::SslMode::Require,
-            });
-        if let Some(p) = &self.password {
-            c.password(p.expose());
-        }
-        c
     }
 }
 
