@@ -50,7 +50,7 @@ async fn read_only(client: &Client) -> Result<Option<bool>, SourceError> {
 
 /// Opens an SQL session with the one host `params` names first.
 pub(super) async fn connect_sql_host(params: &ConnParams) -> Result<Client, SourceError> {
-    let config = super::session::sql_config(&params);
+    let config = super::session::sql_config(params);
     let client = match tls::client_config(params).map_err(SourceError::config)? {
         None => {
             let (client, conn) = config
