@@ -6,12 +6,9 @@
 //! resolves it (`source::lookup`'s resolver) and keeps its cache fresh from the
 //! related table's own changes ([`Mapper::observe`]).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::config::{Lookup, TableName};
-use crate::decode::value::ValueKind;
 use crate::lsn::Lsn;
 
 mod fields;
@@ -22,6 +19,7 @@ mod time;
 
 pub use mapper::Mapper;
 
+pub use crate::source::{CacheChange, ContactRef, LookupTarget, Schema};
 pub use fields::Fields;
 
 /// One thing to tell ConveYour about one row change.
@@ -105,62 +103,6 @@ impl fmt::Display for MapError {
 
 impl std::error::Error for MapError {}
 
-/// A related table's column that holds contact ids, resolved against the
-/// catalog: `SELECT column FROM from WHERE references = key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LookupTarget {
-    pub from: TableName,
-    /// The indexed column the foreign key points at.
-    pub references: String,
-    /// The column holding the contact id.
-    pub column: String,
-    /// `references`' SQL type, to compare the key in its own type (and so
-    /// use the index).
-    pub key_type: String,
-}
-
-impl LookupTarget {
-    /// Whether this target serves a configured lookup (whose `references`
-    /// may have been left to default to the primary key).
-    pub fn serves(&self, l: &Lookup) -> bool {
-        self.from == l.from
-            && self.column == l.column
-            && l.references.as_ref().is_none_or(|r| *r == self.references)
-    }
-}
-
-/// What the catalog said at startup: the mapped tables' column types and
-/// the lookups' targets.
-#[derive(Debug, Clone, Default)]
-pub struct Schema {
-    /// How each non-built-in column type becomes JSON, by type OID.
-    pub kinds: HashMap<u32, ValueKind>,
-    /// Column name → type OID, per mapped (or looked-up) table.
-    pub columns: HashMap<TableName, HashMap<String, u32>>,
-    /// One per distinct lookup; [`ContactRef::Lookup`] indexes this.
-    pub lookups: Vec<LookupTarget>,
-    /// Primary-key columns, in key order, per mapped table that has one.
-    pub keys: HashMap<TableName, Vec<String>>,
-}
-
-impl Schema {
-    /// The index of the target serving `l`.
-    pub fn lookup_index(&self, l: &Lookup) -> Option<usize> {
-        self.lookups.iter().position(|t| t.serves(l))
-    }
-}
-
-/// Whose change it is: known from the row, or to be looked up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ContactRef {
-    Known(String),
-    /// Look up `key` in [`Schema::lookups`]`[lookup]`.
-    Lookup {
-        lookup: usize,
-        key: String,
-    },
-}
-
 /// What one row change becomes before its contact is resolved: one or two
 /// bodies (a `$inc` identify, then the track event), in send order.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,19 +158,6 @@ pub enum Outcome {
     },
 }
 
-/// A change to a lookup's cache, seen in the related table's own stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CacheChange {
-    /// `key` now resolves to this contact id.
-    Set {
-        lookup: usize,
-        key: String,
-        contact: String,
-    },
-    /// `key` resolves to nothing known any more.
-    Forget { lookup: usize, key: String },
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -237,7 +166,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::config::{Config, TableMapping};
+    use crate::config::{Config, TableMapping, TableName};
     use crate::decode::{Column, Datum, OldTuple, Relation, Tuple};
 
     const TEXT: u32 = 25;

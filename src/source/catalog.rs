@@ -7,11 +7,11 @@ use tokio_postgres::{Client, NoTls};
 
 use super::tls::{self, MakeRustls};
 use super::SourceError;
+use super::{LookupTarget, Schema};
 use crate::config::{ColumnRole, ContactSource, Lookup, TableMapping, TableName};
 use crate::config::{ConnParams, TargetSessionAttrs};
 use crate::decode::value::ValueKind;
 use crate::lsn::Lsn;
-use crate::mapping::{LookupTarget, Schema};
 
 /// Opens an SQL session with the same TLS policy as the replication
 /// connection, to the first host of the URL that accepts it (and, with

@@ -18,9 +18,32 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Statement};
 
-use super::{SourceError, Visibility};
+use super::{LookupTarget, SourceError, Visibility};
 use crate::config::quote_ident;
-use crate::mapping::{CacheChange, ContactRef, LookupTarget};
+
+/// Whose change it is: known from the row, or to be looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContactRef {
+    Known(String),
+    /// Look up `key` in [`Schema::lookups`](super::Schema::lookups)`[lookup]`.
+    Lookup {
+        lookup: usize,
+        key: String,
+    },
+}
+
+/// A change to a lookup's cache, seen in the related table's own stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheChange {
+    /// `key` now resolves to this contact id.
+    Set {
+        lookup: usize,
+        key: String,
+        contact: String,
+    },
+    /// `key` resolves to nothing known any more.
+    Forget { lookup: usize, key: String },
+}
 
 /// Contact ids cached per lookup. 100,000 covers a large roster whole
 /// (about 10 MiB of short emails), so steady streaming seldom queries.

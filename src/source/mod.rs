@@ -10,6 +10,7 @@ mod placement;
 mod publication;
 mod replication;
 mod rows;
+mod schema;
 mod session;
 mod stream;
 mod tls;
@@ -34,6 +35,7 @@ pub(crate) use generated::{
 pub use invalidation::Invalidation;
 pub(crate) use invalidation::{invalidated, slot_invalidation};
 pub(crate) use lookup::Resolver;
+pub use lookup::{CacheChange, ContactRef};
 pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
 pub(crate) use publication::{
     create_statement, current_filters, ensure_publication, probe_filter, replica_identity,
@@ -41,6 +43,7 @@ pub(crate) use publication::{
 };
 pub(crate) use replication::ReplicationConn;
 pub(crate) use rows::{key_at, Key, TableReader};
+pub use schema::{LookupTarget, Schema};
 pub(crate) use stream::{ReplicationMessage, ReplicationReader, ReplicationWriter, CATCH_UP_PAUSE};
 pub(crate) use visibility::{begin_snapshot, current_snapshot, Visibility};
 

@@ -11,10 +11,10 @@
 use bytes::Bytes;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use super::Schema;
 use super::SourceError;
 use crate::config::{quote_ident, TableMapping, TableName};
 use crate::decode::{Column, Datum, Relation, Tuple};
-use crate::mapping::Schema;
 
 /// A row's key in text form, one entry per key column.
 pub(crate) type Key = Vec<Option<String>>;
