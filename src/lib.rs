@@ -38,8 +38,20 @@ pub enum Error {
     Decode(decode::DecodeError),
     Map(mapping::MapError),
     Sink(sink::SinkError),
-    /// A setup problem found outside the layers above.
+    /// A setup problem found outside the layers above: the connector's
+    /// own surroundings (its metrics address, the runtime, the output).
     Setup(String),
+    /// A task of the connector ended in a way it never should (a panic):
+    /// a bug. Nothing past what ConveYour acknowledged was confirmed.
+    Internal(String),
+}
+
+impl Error {
+    /// A task that ended without its result (it panicked, or was cancelled
+    /// where nothing cancels it): `what` names the task.
+    pub(crate) fn task_failed(what: &str, e: tokio::task::JoinError) -> Error {
+        Error::Internal(format!("{what} ended unexpectedly: {e}"))
+    }
 }
 
 impl Error {
@@ -52,6 +64,7 @@ impl Error {
             Error::Map(_) => "fix the row or the mapping, then restart; the position was not advanced, so nothing is lost",
             Error::Sink(e) => e.hint(),
             Error::Setup(_) => "fix the setup named above, then restart",
+            Error::Internal(_) => "this is a bug, please report it with the log above; restarting resumes from the last confirmed position, so nothing is lost",
         }
     }
 }
@@ -64,7 +77,7 @@ impl fmt::Display for Error {
             Error::Decode(e) => e.fmt(f),
             Error::Map(e) => e.fmt(f),
             Error::Sink(e) => e.fmt(f),
-            Error::Setup(e) => f.write_str(e),
+            Error::Setup(e) | Error::Internal(e) => f.write_str(e),
         }
     }
 }
@@ -94,5 +107,30 @@ impl From<mapping::MapError> for Error {
 impl From<sink::SinkError> for Error {
     fn from(e: sink::SinkError) -> Self {
         Error::Sink(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_that_panics_is_reported_as_a_bug_not_a_setup_problem() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let joined = rt.block_on(async { tokio::spawn(async { panic!("boom") }).await });
+        let e = Error::task_failed("the replication reader", joined.unwrap_err());
+        assert!(matches!(e, Error::Internal(_)));
+        assert!(
+            e.to_string()
+                .starts_with("the replication reader ended unexpectedly"),
+            "{e}"
+        );
+        assert!(
+            e.hint().starts_with("this is a bug, please report it"),
+            "{}",
+            e.hint()
+        );
     }
 }

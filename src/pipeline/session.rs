@@ -158,7 +158,7 @@ pub(super) async fn session(
     let mut delivery = AbortOnDrop(tokio::spawn(dispatcher.run(events_rx, shutdown.clone())));
     let joined = |r: Result<Result<(), Error>, tokio::task::JoinError>| match r {
         Ok(r) => r,
-        Err(e) => Err(Error::Setup(format!("delivery failed: {e}"))),
+        Err(e) => Err(Error::task_failed("delivery", e)),
     };
 
     // The first run: existing rows, inside the slot's snapshot, delivered
@@ -318,7 +318,7 @@ pub(super) async fn session(
                     // Stopped for a stop request: delivery drains and ends.
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => break Err(e),
-                    Err(e) => break Err(Error::Setup(format!("the replication reader failed: {e}"))),
+                    Err(e) => break Err(Error::task_failed("the replication reader", e)),
                 }
             }
         }
@@ -342,7 +342,7 @@ pub(super) async fn session(
         false => match reader.await {
             Ok(r) => r,
             Err(e) if e.is_cancelled() => Ok(()),
-            Err(e) => Err(Error::Setup(format!("the replication reader failed: {e}"))),
+            Err(e) => Err(Error::task_failed("the replication reader", e)),
         },
     };
     let _ = stop_feedback.send(());
@@ -430,9 +430,7 @@ pub(super) async fn watch_slot(
                 }
             }
             Ok(None) => {
-                return Error::Source(source::SourceError::config(format!(
-                    "postgres.slot: slot {slot} was dropped while streaming"
-                )))
+                return Error::Source(source::SourceError::slot_dropped(slot, "while streaming"))
             }
             Err(e) => return Error::Source(source::SourceError::from_sql("checking the slot", e)),
         }

@@ -514,7 +514,7 @@ pub(crate) async fn slot_confirmed(client: &Client, slot: &str) -> Result<Lsn, S
         )
         .await
         .map_err(|e| SourceError::from_sql("reading the slot's position", e))?
-        .ok_or_else(|| SourceError::config(format!("postgres.slot: slot {slot} disappeared")))?;
+        .ok_or_else(|| SourceError::slot_dropped(slot, "while the connector started"))?;
     let text: Option<String> = row.get(0);
     Ok(text.and_then(|t| t.parse().ok()).unwrap_or_default())
 }

@@ -17,6 +17,7 @@ mod tls;
 mod visibility;
 
 use std::fmt;
+use std::sync::Arc;
 
 pub use crate::config::{ConnParams, Host, SslMode, TargetSessionAttrs};
 pub(crate) use catalog::{
@@ -68,6 +69,9 @@ pub enum SourceErrorKind {
     /// The server invalidated the slot: its changes are gone, and a person
     /// must drop it; the hint says how to keep it from happening again.
     SlotInvalidated(Invalidation),
+    /// The slot was dropped under the running connector: its position is
+    /// gone with it.
+    SlotDropped,
 }
 
 /// An error from the source database, with what to do about it.
@@ -75,6 +79,10 @@ pub enum SourceErrorKind {
 pub struct SourceError {
     kind: SourceErrorKind,
     message: String,
+    /// The server's SQLSTATE, when the server refused.
+    sqlstate: Option<String>,
+    /// What went wrong underneath, for [`std::error::Error::source`].
+    cause: Option<Arc<tokio_postgres::Error>>,
 }
 
 impl SourceError {
@@ -82,6 +90,8 @@ impl SourceError {
         SourceError {
             kind: SourceErrorKind::Transient,
             message,
+            sqlstate: None,
+            cause: None,
         }
     }
 
@@ -90,6 +100,8 @@ impl SourceError {
         SourceError {
             kind: SourceErrorKind::SlotInvalidated(why),
             message,
+            sqlstate: None,
+            cause: None,
         }
     }
 
@@ -97,7 +109,24 @@ impl SourceError {
         SourceError {
             kind: SourceErrorKind::Setup,
             message: message.into(),
+            sqlstate: None,
+            cause: None,
         }
+    }
+
+    /// The slot `slot` was dropped while this connector used it.
+    pub(crate) fn slot_dropped(slot: &str, when: &str) -> Self {
+        SourceError {
+            kind: SourceErrorKind::SlotDropped,
+            message: format!("postgres.slot: slot {slot} was dropped {when}: its position is gone"),
+            sqlstate: None,
+            cause: None,
+        }
+    }
+
+    /// The server's SQLSTATE, when the server refused.
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.sqlstate.as_deref()
     }
 
     /// Classifies a server error by its SQLSTATE.
@@ -107,6 +136,8 @@ impl SourceError {
             return SourceError {
                 kind: SourceErrorKind::SlotBusy,
                 message,
+                sqlstate: Some(code.to_owned()),
+                cause: None,
             };
         }
         let transient = matches!(
@@ -125,6 +156,8 @@ impl SourceError {
                 SourceErrorKind::Setup
             },
             message,
+            sqlstate: Some(code.to_owned()),
+            cause: None,
         }
     }
 
@@ -139,11 +172,18 @@ impl SourceError {
                 if let Some(hint) = db.hint() {
                     text.push_str(&format!("; hint: {hint}"));
                 }
-                Self::from_sqlstate(db.code().code(), text)
+                Self::from_sqlstate(db.code().code(), text).caused_by(e)
             }
-            None if e.is_closed() => Self::transient(format!("{context}: the connection closed")),
-            None => Self::transient(format!("{context}: {}", with_causes(&e))),
+            None if e.is_closed() => {
+                Self::transient(format!("{context}: the connection closed")).caused_by(e)
+            }
+            None => Self::transient(format!("{context}: {}", with_causes(&e))).caused_by(e),
         }
+    }
+
+    fn caused_by(mut self, e: tokio_postgres::Error) -> Self {
+        self.cause = Some(Arc::new(e));
+        self
     }
 
     /// A failed attempt to open an SQL session to `params`. Names the
@@ -263,6 +303,7 @@ impl SourceError {
             SourceErrorKind::Setup => "run `conveyour-cdc check --config FILE` to see what the database is missing",
             SourceErrorKind::SlotBusy => "another connector holds the slot; this one takes over when it stops",
             SourceErrorKind::SlotInvalidated(why) => why.prevention(),
+            SourceErrorKind::SlotDropped => "the changes since the last confirmed position are gone with the slot; restart to create a new one (tables with `snapshot: initial` are copied again), and find who dropped it",
         }
     }
 }
@@ -299,4 +340,36 @@ impl fmt::Display for SourceError {
     }
 }
 
-impl std::error::Error for SourceError {}
+impl std::error::Error for SourceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_server_refusal_keeps_its_sqlstate_and_a_dropped_slot_says_its_position_is_gone() {
+        let e = SourceError::from_sqlstate("42501", "permission denied".into());
+        assert_eq!(e.sqlstate(), Some("42501"));
+        assert!(!e.is_transient());
+        let e = SourceError::from_sqlstate("57P01", "terminating connection".into());
+        assert_eq!(e.sqlstate(), Some("57P01"));
+        assert!(e.is_transient());
+        assert!(SourceError::transient("x".into()).source().is_none());
+
+        let dropped = SourceError::slot_dropped("conveyour_cdc", "while streaming");
+        assert!(!dropped.is_transient());
+        assert_eq!(dropped.kind(), SourceErrorKind::SlotDropped);
+        assert!(dropped.to_string().contains("its position is gone"));
+        // Not the setup hint: nothing is missing that `check` would find.
+        assert!(!dropped.hint().contains("check"), "{}", dropped.hint());
+        assert!(dropped.hint().contains("restart"), "{}", dropped.hint());
+    }
+}

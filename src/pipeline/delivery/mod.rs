@@ -403,7 +403,7 @@ impl Dispatcher {
                 self.order.finish(id, &contacts);
                 result
             }
-            Err(e) => Err(Error::Setup(format!("a delivery request failed: {e}"))),
+            Err(e) => Err(Error::task_failed("a delivery request", e)),
         }
     }
 
@@ -497,15 +497,13 @@ impl Dispatcher {
 fn flatten(r: Result<Result<(), Error>, tokio::task::JoinError>) -> Result<(), Error> {
     match r {
         Ok(r) => r,
-        Err(e) => Err(Error::Setup(format!(
-            "recording delivery progress failed: {e}"
-        ))),
+        Err(e) => Err(Error::task_failed("recording delivery progress", e)),
     }
 }
 
 fn recorder_failed(r: Result<Result<(), Error>, tokio::task::JoinError>) -> Error {
     match flatten(r) {
         Err(e) => e,
-        Ok(()) => Error::Setup("recording delivery progress stopped unexpectedly".into()),
+        Ok(()) => Error::Internal("recording delivery progress stopped unexpectedly".into()),
     }
 }
