@@ -21,6 +21,7 @@ pub mod mapping;
 mod pg_time;
 pub mod pipeline;
 pub mod preview;
+mod sendable;
 pub mod shutdown;
 pub mod sink;
 pub mod snapshot;

@@ -23,7 +23,8 @@ use crate::config::{ContactSource, Settings, TableMapping, TableName};
 use crate::decode::value::{to_json, ValueKind};
 use crate::decode::{Column, Datum, Relation, Tuple};
 use crate::lsn::Lsn;
-use crate::mapping::{MapError, Mapper, Outcome, Schema};
+use crate::mapping::{MapError, Mapper, Schema};
+use crate::sendable::{self, Sendable, SkipKind};
 use crate::sink::{single_body, Endpoint};
 use crate::source::{connect_sql, Catalog, Resolver, SourceError, TableReader};
 use crate::Error;
@@ -184,24 +185,23 @@ async fn verdict(
     relation: u32,
     tuple: &Tuple,
 ) -> Result<Verdict, Error> {
-    let mapped = match mapper.insert(relation, tuple, Lsn::ZERO) {
-        Ok(Outcome::Nothing) => return Ok(Ok(Vec::new())),
-        Ok(Outcome::Skip { column, reason, .. }) => {
-            return Ok(Err(format!("column {column}: {reason}")))
-        }
-        Ok(Outcome::Send(mapped)) => mapped,
+    let outcome = match mapper.insert(relation, tuple, Lsn::ZERO) {
+        Ok(outcome) => outcome,
         // Unlike a skip, `run` stops on such a row: say so.
         Err(e) => return Ok(Err(format!("{}; {STOPS}", row_problem(&e)))),
     };
-    let contact = match resolver.contact(&mapped.contact).await? {
-        Ok(c) => c,
-        Err(reason) => {
-            let column = match &m.contact {
-                ContactSource::Lookup(l) => l.key.as_str(),
-                ContactSource::Column(c) => c.as_str(),
+    let (mapped, contact) = match sendable::resolve(outcome, resolver).await? {
+        Sendable::Nothing => return Ok(Ok(Vec::new())),
+        Sendable::Skip(skip) => {
+            // A lookup that found nothing names its key column.
+            let column = match (skip.kind, &m.contact) {
+                (SkipKind::ContactNotFound, ContactSource::Lookup(l)) => l.key.as_str(),
+                (SkipKind::ContactNotFound, ContactSource::Column(c)) => c.as_str(),
+                _ => skip.column.as_str(),
             };
-            return Ok(Err(format!("column {column}: {reason}")));
+            return Ok(Err(format!("column {column}: {}", skip.reason)));
         }
+        Sendable::Send { mapped, contact } => (mapped, contact),
     };
     Ok(Ok(mapped
         .into_actions(contact, Lsn::ZERO)

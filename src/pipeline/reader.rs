@@ -11,7 +11,8 @@ use super::delivery::Replay;
 use crate::decode::{decode, OldTuple, PgOutput, Relation, Tuple};
 use crate::event::Event;
 use crate::lsn::Lsn;
-use crate::mapping::{ContactRef, Mapper, Outcome};
+use crate::mapping::{Mapper, Outcome};
+use crate::sendable::{self, Sendable};
 use crate::shutdown::Shutdown;
 use crate::snapshot::{self, Carried, Seen, Watermark};
 use crate::source::{self, ReplicationMessage, ReplicationReader, Resolver};
@@ -419,35 +420,13 @@ pub(super) async fn deliver(
     replay: Option<&Replay>,
     chunk: &mut Vec<Event>,
 ) -> Result<(), Error> {
-    let skip = |table: &str, column: &str, reason: &str, label: &str| {
-        tracing::warn!(%lsn, table, column, "row not sent: {reason}");
-        telemetry::metrics()
-            .rows_skipped
-            .with_label_values(&[table, label])
-            .inc();
-    };
-    let mut mapped = match outcome {
-        Outcome::Nothing => return Ok(()),
-        Outcome::Skip {
-            table,
-            column,
-            reason,
-        } => {
-            skip(&table, &column, &reason, "unsendable");
+    let (mapped, contact) = match sendable::resolve(outcome, resolver).await? {
+        Sendable::Nothing => return Ok(()),
+        Sendable::Skip(skip) => {
+            skip.report("row not sent", lsn);
             return Ok(());
         }
-        Outcome::Send(mapped) => mapped,
-    };
-    // A known contact is moved into the actions, not copied.
-    let contact = match std::mem::replace(&mut mapped.contact, ContactRef::Known(String::new())) {
-        ContactRef::Known(c) => c,
-        lookup => match resolver.contact(&lookup).await? {
-            Ok(c) => c,
-            Err(reason) => {
-                skip(&mapped.table, "", &reason, "contact_not_found");
-                return Ok(());
-            }
-        },
+        Sendable::Send { mapped, contact } => (mapped, contact),
     };
     let first = at.change + 1 - ROW_ORDINALS;
     for (i, action) in mapped.into_actions(contact, lsn).enumerate() {

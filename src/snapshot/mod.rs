@@ -45,10 +45,11 @@ pub(crate) use window::{watermark, Seen, Watermark, Window};
 use crate::config::{Settings, SnapshotPolicy, TableMapping, TableName};
 use crate::decode::{Relation, Tuple};
 use crate::lsn::Lsn;
-use crate::mapping::{Action, Mapped, Mapper, Outcome, Schema};
+use crate::mapping::{Action, Mapped, Mapper, Schema};
+use crate::sendable::{self, Sendable, Skip};
 use crate::source::Resolver;
 use crate::state::State;
-use crate::{telemetry, Error};
+use crate::Error;
 
 /// The actions one copied row becomes, through the same mapping as a
 /// streamed insert. A row that cannot be sent is logged and counted, as in
@@ -78,40 +79,17 @@ pub(crate) async fn row_actions(
         // goes on without it rather than stop at it on every start; the
         // stream stops at such a row because it is news, this one is not.
         Err(e) => {
-            tracing::warn!("row not copied: {e}");
-            telemetry::metrics()
-                .rows_skipped
-                .with_label_values(&[&e.table, "unmappable"])
-                .inc();
+            Skip::unmappable(&e).report("row not copied", lsn);
             return Ok(Vec::new());
         }
     };
-    let mapped = match outcome {
-        Outcome::Nothing => return Ok(Vec::new()),
-        Outcome::Skip {
-            table,
-            column,
-            reason,
-        } => {
-            tracing::warn!(%table, column, "row not copied: {reason}");
-            telemetry::metrics()
-                .rows_skipped
-                .with_label_values(&[&table, "unsendable"])
-                .inc();
+    let (mapped, contact) = match sendable::resolve(outcome, resolver).await? {
+        Sendable::Nothing => return Ok(Vec::new()),
+        Sendable::Skip(skip) => {
+            skip.report("row not copied", lsn);
             return Ok(Vec::new());
         }
-        Outcome::Send(m) => m,
-    };
-    let contact = match resolver.contact(&mapped.contact).await? {
-        Ok(c) => c,
-        Err(reason) => {
-            tracing::warn!(table = %mapped.table, "row not copied: {reason}");
-            telemetry::metrics()
-                .rows_skipped
-                .with_label_values(&[&mapped.table, "contact_not_found"])
-                .inc();
-            return Ok(Vec::new());
-        }
+        Sendable::Send { mapped, contact } => (mapped, contact),
     };
     // A copied row is an existing row, not a new one: counters were
     // bumped when it was inserted, so only its event (or traits) go.
