@@ -4,31 +4,42 @@
 //! confirmed to Postgres only after ConveYour acknowledged everything up to
 //! it.
 //!
-//! Stages: [`source`] (connections, slot, replication stream), [`decode`]
-//! (pgoutput and values), [`mapping`] (rows to actions), [`sink`] (requests
-//! to ConveYour), [`pipeline`] (the running connector), [`check`]
-//! (preflight) and [`preview`] (what the mapping would send, read-only).
+//! The stages, private, in the order a change goes through them: `source`
+//! (connections, slot, replication stream), `decode` (pgoutput and
+//! values), `mapping` (rows to actions), `sendable` (the contact
+//! resolved), `sink` (requests to ConveYour); `snapshot` (initial sync and
+//! resync) and `state` (progress and dead letters in the database) beside
+//! them. The public surface is what the binary drives: [`config`],
+//! [`pipeline`] (the running connector), [`check`] (preflight),
+//! [`preview`] (what the mapping would send, read-only), [`status`],
+//! [`telemetry`], [`shutdown`], and the few functions re-exported below.
 
 use std::fmt;
 
 pub mod check;
 pub mod config;
-pub mod decode;
+mod decode;
 pub(crate) mod event;
 mod json;
 pub mod lsn;
-pub mod mapping;
+mod mapping;
 mod pg_time;
 pub mod pipeline;
 pub mod preview;
 mod sendable;
 pub mod shutdown;
-pub mod sink;
-pub mod snapshot;
-pub mod source;
-pub mod state;
+mod sink;
+mod snapshot;
+mod source;
+mod state;
 pub mod status;
 pub mod telemetry;
+
+// What the binary's commands need from the stages, beside the command
+// modules above; the stages themselves stay private.
+pub use snapshot::request_resync;
+pub use source::connect;
+pub use state::{list_dead_letters, purge_dead_letters};
 
 /// Why the connector stopped. Each variant says whether waiting helps and
 /// what the operator should look at.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use conveyour_cdc::{check, config, pipeline, preview, snapshot, state, status, telemetry, Error};
+use conveyour_cdc::{check, config, pipeline, preview, status, telemetry, Error};
 
 /// Streams Postgres row changes into ConveYour identify and track calls.
 #[derive(Parser)]
@@ -202,7 +202,8 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
         Command::DeadLetters { action } => dead_letters(action, threads),
         Command::Resync { config, table } => {
             let settings = config::load(&config)?;
-            let table = runtime(threads)?.block_on(snapshot::request_resync(&settings, &table))?;
+            let table =
+                runtime(threads)?.block_on(conveyour_cdc::request_resync(&settings, &table))?;
             println!(
                 "resync of {table} requested: the running connector (or the next to start) copies it alongside the stream; watch conveyour_cdc_snapshot_tables_remaining or `status`"
             );
@@ -264,8 +265,10 @@ fn dead_letters(action: DeadLetterAction, threads: u16) -> Result<ExitCode, Erro
         DeadLetterAction::List { config, json } => {
             let settings = config::load(&config)?;
             let letters = runtime(threads)?.block_on(async {
-                let client = conveyour_cdc::source::connect(&settings.postgres).await?;
-                Ok::<_, Error>(state::list_dead_letters(&client, &settings.slot, None).await?)
+                let client = conveyour_cdc::connect(&settings.postgres).await?;
+                Ok::<_, Error>(
+                    conveyour_cdc::list_dead_letters(&client, &settings.slot, None).await?,
+                )
             })?;
             if json {
                 let text = serde_json::to_string_pretty(&letters)
@@ -332,8 +335,10 @@ fn dead_letters(action: DeadLetterAction, threads: u16) -> Result<ExitCode, Erro
         DeadLetterAction::Purge { config, id } => {
             let settings = config::load(&config)?;
             let n = runtime(threads)?.block_on(async {
-                let client = conveyour_cdc::source::connect(&settings.postgres).await?;
-                Ok::<_, Error>(state::purge_dead_letters(&client, &settings.slot, id).await?)
+                let client = conveyour_cdc::connect(&settings.postgres).await?;
+                Ok::<_, Error>(
+                    conveyour_cdc::purge_dead_letters(&client, &settings.slot, id).await?,
+                )
             })?;
             println!("deleted {n} dead letter(s)");
             Ok(ExitCode::SUCCESS)

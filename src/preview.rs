@@ -3,8 +3,8 @@
 //!
 //! It runs the connector's own pieces, so what it prints is what `run`
 //! would send for an insert of that row: the catalog check
-//! ([`Catalog::load`]), a [`Relation`] per table built from the catalog,
-//! the [`Mapper`], the lookup [`Resolver`] and the sink's request encoding.
+//! (`Catalog::load`), a `Relation` per table built from the catalog,
+//! the `Mapper`, the lookup `Resolver` and the sink's request encoding.
 //! Values are read in Postgres's text output format with the replication
 //! session's settings, which is the text pgoutput carries.
 //!

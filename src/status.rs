@@ -116,7 +116,7 @@ pub struct SlotStatus {
     pub retained_wal_bytes: Option<i64>,
     pub wal_status: Option<String>,
     /// Why the server invalidated the slot: `invalidation_reason` (17+),
-    /// else inferred from `wal_status` (see [`source::Invalidation`]).
+    /// else inferred from `wal_status` (see `source::Invalidation`).
     /// None while it is valid.
     pub invalidation_reason: Option<String>,
     /// For an invalidated slot: what happened, how to recover, and how to

@@ -146,44 +146,6 @@ pub enum OldTuple {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Tuple(pub Vec<Datum>);
 
-impl Tuple {
-    /// The same values in one allocation of their own: a value decoded
-    /// from the stream is a slice of the read buffer it came in, and
-    /// keeping it keeps that whole buffer. For a row held beyond its
-    /// message (a sync window's record of changes).
-    pub fn detached(&self) -> Tuple {
-        let len = self
-            .0
-            .iter()
-            .map(|d| match d {
-                Datum::Text(b) => b.len(),
-                _ => 0,
-            })
-            .sum();
-        let mut buf = bytes::BytesMut::with_capacity(len);
-        for d in &self.0 {
-            if let Datum::Text(b) = d {
-                buf.extend_from_slice(b);
-            }
-        }
-        let buf = buf.freeze();
-        let mut at = 0;
-        Tuple(
-            self.0
-                .iter()
-                .map(|d| match d {
-                    Datum::Text(b) => {
-                        let value = buf.slice(at..at + b.len());
-                        at += b.len();
-                        Datum::Text(value)
-                    }
-                    other => other.clone(),
-                })
-                .collect(),
-        )
-    }
-}
-
 /// One column value of a [`Tuple`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Datum {
@@ -593,27 +555,6 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_detached_tuple_holds_the_same_values_in_its_own_buffer() {
-        let message = Bytes::from_static(b"....alice....bob....");
-        let t = Tuple(vec![
-            Datum::Text(message.slice(4..9)),
-            Datum::Null,
-            Datum::UnchangedToast,
-            Datum::Text(message.slice(13..16)),
-            Datum::Text(Bytes::new()),
-        ]);
-        let d = t.detached();
-        assert_eq!(d, t);
-        for (a, b) in t.0.iter().zip(&d.0) {
-            if let (Datum::Text(a), Datum::Text(b)) = (a, b) {
-                if !a.is_empty() {
-                    assert_ne!(a.as_ptr(), b.as_ptr(), "still a slice of the message");
-                }
-            }
-        }
-    }
 
     const LSN: Lsn = Lsn(0x0000_0000_016B_3748);
 

@@ -50,6 +50,7 @@ impl Fields {
     }
 
     /// How many fields the object has.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }

@@ -19,7 +19,7 @@ mod visibility;
 use std::fmt;
 use std::sync::Arc;
 
-pub use crate::config::{ConnParams, Host, SslMode, TargetSessionAttrs};
+pub use crate::config::{ConnParams, Host, TargetSessionAttrs};
 pub(crate) use catalog::{
     check_slot, connect_sql, ensure_slot, lookup_indexed, slot_confirmed, slot_info, Catalog,
 };
