@@ -31,6 +31,7 @@ pub mod shutdown;
 mod sink;
 mod snapshot;
 mod source;
+mod sql;
 mod state;
 pub mod status;
 pub mod telemetry;

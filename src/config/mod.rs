@@ -462,10 +462,7 @@ impl fmt::Display for TableName {
 /// without a usable replica identity) adds to `postgres.publication`.
 pub const INSERT_PUBLICATION_SUFFIX: &str = "_inserts";
 
-/// Quotes an identifier for SQL, doubling embedded quotes.
-pub fn quote_ident(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
+pub use crate::sql::quote_ident;
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,7 @@ use crate::mapping::{Action, Schema};
 use crate::pg_time::pg_now;
 use crate::shutdown::Shutdown;
 use crate::source::{Key, Resolver, SourceError, TableReader};
+use crate::sql::quote_literal;
 use crate::state::{Progress, State, SyncStatus};
 use crate::{telemetry, Error};
 
@@ -127,8 +128,8 @@ pub(crate) async fn copy_exported(
 ) -> Result<(), Error> {
     client
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "''")
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
         ))
         .await
         .map_err(|e| SourceError::from_sql("importing the slot's snapshot", e))?;

@@ -18,6 +18,7 @@ use super::tls;
 use super::SourceError;
 use crate::config::{ConnParams, Host, SslMode, TargetSessionAttrs};
 use crate::lsn::Lsn;
+use crate::sql::quote_command_literal;
 
 /// A slot just created with its snapshot exported.
 #[derive(Debug, Clone)]
@@ -420,7 +421,7 @@ impl ReplicationConn {
             "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}{})",
             crate::config::quote_ident(slot),
             start,
-            quote_literal(&names.join(",")),
+            quote_command_literal(&names.join(",")),
             if messages { ", \"messages\" 'true'" } else { "" },
         );
         frontend::query(&sql, &mut self.wbuf).map_err(proto)?;
@@ -435,10 +436,6 @@ impl ReplicationConn {
         }
         Ok(stream::split(self.io, self.rbuf, self.tcp))
     }
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 pub(super) fn proto<E: std::fmt::Display>(e: E) -> SourceError {

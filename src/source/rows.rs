@@ -15,6 +15,7 @@ use super::Schema;
 use super::SourceError;
 use crate::config::{quote_ident, TableMapping, TableName};
 use crate::decode::{Column, Datum, Relation, Tuple};
+use crate::sql::quote_literal;
 
 /// A row's key in text form, one entry per key column.
 pub(crate) type Key = Vec<Option<String>>;
@@ -273,22 +274,4 @@ pub(crate) fn key_at(tuple: &Tuple, indexes: &[usize]) -> Key {
             _ => None,
         })
         .collect()
-}
-
-/// A string literal that means the same whatever
-/// `standard_conforming_strings` says: an `E''` literal with quotes and
-/// backslashes doubled.
-fn quote_literal(value: &str) -> String {
-    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::quote_literal;
-
-    #[test]
-    fn literals_escape_quotes_and_backslashes() {
-        assert_eq!(quote_literal("plain"), "E'plain'");
-        assert_eq!(quote_literal(r"o'brien\x"), r"E'o''brien\\x'");
-    }
 }
