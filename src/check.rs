@@ -213,22 +213,18 @@ pub async fn run_checks(settings: &Settings) -> Vec<CheckResult> {
             Ok(()) => out.push(pass(
                 "replication slot",
                 match info.active_pid {
-                    Some(pid) => format!("{slot} exists and is in use by process {pid} (another connector?)"),
+                    Some(pid) => {
+                        format!("{slot} exists and is in use by process {pid} (another connector?)")
+                    }
                     None => format!("{slot} exists and is free"),
                 },
             )),
             Err(e) => out.push(fail("replication slot", slot_problem(&e))),
         },
-        Ok(None) => match client
-            .query_one(
-                "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int",
-                &[],
-            )
-            .await
-        {
-            Ok(row) if row.get::<_, i32>(0) > 0 => out.push(pass(
+        Ok(None) => match source::free_slots(&client).await {
+            Ok(free) if free > 0 => out.push(pass(
                 "replication slot",
-                format!("{slot} does not exist yet; run will create it ({} free)", row.get::<_, i32>(0)),
+                format!("{slot} does not exist yet; run will create it ({free} free)"),
             )),
             Ok(_) => out.push(fail(
                 "replication slot",

@@ -140,27 +140,17 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
         let what = what.to_owned();
         move |e| Error::Source(source::SourceError::from_sql(&what, e))
     };
-    let slot = match client
-        .query_opt(
-            "SELECT active, active_pid, plugin::text, confirmed_flush_lsn::text,
-                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
-                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status
-               FROM pg_replication_slots WHERE slot_name = $1",
-            &[&settings.slot],
-        )
-        .await
-        .map_err(sql_err("reading the slot"))?
-    {
+    let slot = match source::slot_state(&client, &settings.slot).await? {
         Some(r) => SlotStatus {
             name: settings.slot.clone(),
             exists: true,
-            active: r.get(0),
-            active_pid: r.get(1),
-            plugin: r.get(2),
-            confirmed_flush_lsn: r.get(3),
-            lag_bytes: r.get(4),
-            retained_wal_bytes: r.get(5),
-            wal_status: r.get(6),
+            active: r.active,
+            active_pid: r.active_pid,
+            plugin: r.plugin,
+            confirmed_flush_lsn: r.confirmed_flush_lsn,
+            lag_bytes: r.lag_bytes,
+            retained_wal_bytes: r.retained_wal_bytes,
+            wal_status: r.wal_status,
             invalidation_reason: None,
             invalidation_hint: None,
         },

@@ -234,14 +234,9 @@ pub async fn retry_dead_letters(
 ) -> Result<RetryOutcome, Error> {
     let client = connect_sql(&settings.postgres).await?;
     let limit = settings.conveyour.request_timeout * 3;
-    let streaming = client
-        .query_opt(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-            &[&settings.slot],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("looking up the slot", e))?
-        .is_some_and(|r| r.get::<_, bool>(0));
+    let streaming = crate::source::slot_active(&client, &settings.slot)
+        .await?
+        .unwrap_or(false);
     if streaming {
         return hand_over(&client, &settings.slot, id, limit + HANDOVER_SLACK).await;
     }

@@ -394,15 +394,8 @@ pub(super) async fn watch_slot(
     let mut warned = false;
     loop {
         tick.tick().await;
-        let row = client
-            .query_opt(
-                "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, wal_status FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await;
-        match row {
-            Ok(Some(row)) => {
-                let retained: Option<i64> = row.get(0);
+        match source::slot_retention(client, slot).await {
+            Ok(Some((retained, wal_status))) => {
                 let retained = retained.unwrap_or(0).max(0) as u64;
                 telemetry::metrics()
                     .slot_retained_wal_bytes
@@ -415,7 +408,7 @@ pub(super) async fn watch_slot(
                     );
                 }
                 warned = retained > warn_bytes;
-                if row.get::<_, Option<String>>(1).as_deref() == Some("lost") {
+                if wal_status.as_deref() == Some("lost") {
                     return match source::slot_invalidation(client, slot).await {
                         Ok(Some((why, reported))) => {
                             Error::Source(source::invalidated(slot, why, reported.as_deref()))
@@ -432,7 +425,7 @@ pub(super) async fn watch_slot(
             Ok(None) => {
                 return Error::Source(source::SourceError::slot_dropped(slot, "while streaming"))
             }
-            Err(e) => return Error::Source(source::SourceError::from_sql("checking the slot", e)),
+            Err(e) => return Error::Source(e),
         }
     }
 }

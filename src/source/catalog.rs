@@ -11,7 +11,6 @@ use super::{LookupTarget, Schema};
 use crate::config::{ColumnRole, ContactSource, Lookup, TableMapping, TableName};
 use crate::config::{ConnParams, TargetSessionAttrs};
 use crate::decode::value::ValueKind;
-use crate::lsn::Lsn;
 
 /// Opens an SQL session with the same TLS policy as the replication
 /// connection, to the first host of the URL that accepts it (and, with
@@ -417,106 +416,6 @@ pub(crate) async fn lookup_indexed(
         .await
         .map_err(|e| SourceError::from_sql(&format!("looking up indexes of {}", target.from), e))?;
     Ok(row.get(0))
-}
-
-/// The slot as `pg_replication_slots` shows it.
-#[derive(Debug, Clone)]
-pub(crate) struct SlotInfo {
-    pub plugin: Option<String>,
-    pub database: Option<String>,
-    pub active_pid: Option<i32>,
-    /// Why the server invalidated it, and its word for it (17+); None
-    /// while it is valid.
-    pub invalidation: Option<(super::Invalidation, Option<String>)>,
-}
-
-pub(crate) async fn slot_info(
-    client: &Client,
-    slot: &str,
-) -> Result<Option<SlotInfo>, SourceError> {
-    let row = client
-        .query_opt(
-            "SELECT plugin::text, database::text, active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("looking up the replication slot", e))?;
-    let Some(r) = row else {
-        return Ok(None);
-    };
-    Ok(Some(SlotInfo {
-        plugin: r.get(0),
-        database: r.get(1),
-        active_pid: r.get(2),
-        invalidation: super::slot_invalidation(client, slot).await?,
-    }))
-}
-
-/// Makes sure the slot exists, is a pgoutput slot of this database, and has
-/// not been invalidated. Creates it when missing; returns whether it did.
-pub(crate) async fn ensure_slot(
-    client: &Client,
-    slot: &str,
-    dbname: &str,
-) -> Result<bool, SourceError> {
-    if slot_info(client, slot).await?.is_none() {
-        let created = client
-            .query_one(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
-            .await;
-        match created {
-            Ok(_) => return Ok(true),
-            // Another connector created it just now: check it below.
-            Err(e) if SourceError::already_exists(&e) => {}
-            Err(e) => {
-                return Err(SourceError::from_sql(
-                    &format!("creating replication slot {slot}"),
-                    e,
-                ))
-            }
-        }
-    }
-    let info = slot_info(client, slot)
-        .await?
-        .ok_or_else(|| SourceError::transient(format!("slot {slot} vanished while starting")))?;
-    check_slot(slot, dbname, &info)?;
-    Ok(false)
-}
-
-/// Refuses a slot the connector cannot use.
-pub(crate) fn check_slot(slot: &str, dbname: &str, info: &SlotInfo) -> Result<(), SourceError> {
-    if info.plugin.as_deref() != Some("pgoutput") {
-        return Err(SourceError::config(format!(
-            "postgres.slot: slot {slot} uses plugin {:?}, not pgoutput; pick another slot name or drop it",
-            info.plugin.as_deref().unwrap_or("none (a physical slot)")
-        )));
-    }
-    if info.database.as_deref() != Some(dbname) {
-        return Err(SourceError::config(format!(
-            "postgres.slot: slot {slot} belongs to database {:?}, not {dbname}; pick another slot name",
-            info.database.as_deref().unwrap_or("?")
-        )));
-    }
-    if let Some((why, reported)) = &info.invalidation {
-        return Err(super::invalidated(slot, *why, reported.as_deref()));
-    }
-    Ok(())
-}
-
-/// The slot's confirmed position; status updates never report less.
-pub(crate) async fn slot_confirmed(client: &Client, slot: &str) -> Result<Lsn, SourceError> {
-    let row = client
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("reading the slot's position", e))?
-        .ok_or_else(|| SourceError::slot_dropped(slot, "while the connector started"))?;
-    let text: Option<String> = row.get(0);
-    Ok(text.and_then(|t| t.parse().ok()).unwrap_or_default())
 }
 
 #[cfg(test)]

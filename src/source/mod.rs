@@ -12,6 +12,7 @@ mod replication;
 mod rows;
 mod schema;
 mod session;
+mod slot;
 mod stream;
 mod tls;
 mod visibility;
@@ -20,9 +21,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use crate::config::{ConnParams, Host, TargetSessionAttrs};
-pub(crate) use catalog::{
-    check_slot, connect_sql, ensure_slot, lookup_indexed, slot_confirmed, slot_info, Catalog,
-};
+pub(crate) use catalog::{connect_sql, lookup_indexed, Catalog};
 pub(crate) use failover::{
     failover_wanted, slot_failover, standbys, PrimaryFailover, StandbyFailover,
     FAILOVER_SLOTS_SINCE,
@@ -45,6 +44,10 @@ pub(crate) use publication::{
 pub(crate) use replication::ReplicationConn;
 pub(crate) use rows::{key_at, Key, TableReader};
 pub use schema::{LookupTarget, Schema};
+pub(crate) use slot::{
+    check_slot, ensure_slot, free_slots, slot_active, slot_confirmed, slot_info, slot_retention,
+    slot_state,
+};
 pub(crate) use stream::{ReplicationMessage, ReplicationReader, ReplicationWriter, CATCH_UP_PAUSE};
 pub(crate) use visibility::{begin_snapshot, current_snapshot, Visibility};
 

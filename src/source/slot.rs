@@ -1,0 +1,188 @@
+//! The replication slot: every query of `pg_replication_slots` about the
+//! connector's own slot, in one place (a standby's copy is read in
+//! `failover`).
+
+use tokio_postgres::Client;
+
+use super::invalidation::{invalidated, slot_invalidation, Invalidation};
+use super::SourceError;
+use crate::lsn::Lsn;
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    /// Why the server invalidated it, and its word for it (17+); None
+    /// while it is valid.
+    pub invalidation: Option<(Invalidation, Option<String>)>,
+}
+
+pub(crate) async fn slot_info(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<SlotInfo>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("looking up the replication slot", e))?;
+    let Some(r) = row else {
+        return Ok(None);
+    };
+    Ok(Some(SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active_pid: r.get(2),
+        invalidation: slot_invalidation(client, slot).await?,
+    }))
+}
+
+/// Makes sure the slot exists, is a pgoutput slot of this database, and has
+/// not been invalidated. Creates it when missing; returns whether it did.
+pub(crate) async fn ensure_slot(
+    client: &Client,
+    slot: &str,
+    dbname: &str,
+) -> Result<bool, SourceError> {
+    if slot_info(client, slot).await?.is_none() {
+        let created = client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await;
+        match created {
+            Ok(_) => return Ok(true),
+            // Another connector created it just now: check it below.
+            Err(e) if SourceError::already_exists(&e) => {}
+            Err(e) => {
+                return Err(SourceError::from_sql(
+                    &format!("creating replication slot {slot}"),
+                    e,
+                ))
+            }
+        }
+    }
+    let info = slot_info(client, slot)
+        .await?
+        .ok_or_else(|| SourceError::transient(format!("slot {slot} vanished while starting")))?;
+    check_slot(slot, dbname, &info)?;
+    Ok(false)
+}
+
+/// Refuses a slot the connector cannot use.
+pub(crate) fn check_slot(slot: &str, dbname: &str, info: &SlotInfo) -> Result<(), SourceError> {
+    if info.plugin.as_deref() != Some("pgoutput") {
+        return Err(SourceError::config(format!(
+            "postgres.slot: slot {slot} uses plugin {:?}, not pgoutput; pick another slot name or drop it",
+            info.plugin.as_deref().unwrap_or("none (a physical slot)")
+        )));
+    }
+    if info.database.as_deref() != Some(dbname) {
+        return Err(SourceError::config(format!(
+            "postgres.slot: slot {slot} belongs to database {:?}, not {dbname}; pick another slot name",
+            info.database.as_deref().unwrap_or("?")
+        )));
+    }
+    if let Some((why, reported)) = &info.invalidation {
+        return Err(invalidated(slot, *why, reported.as_deref()));
+    }
+    Ok(())
+}
+
+/// The slot's confirmed position; status updates never report less.
+pub(crate) async fn slot_confirmed(client: &Client, slot: &str) -> Result<Lsn, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the slot's position", e))?
+        .ok_or_else(|| SourceError::slot_dropped(slot, "while the connector started"))?;
+    let text: Option<String> = row.get(0);
+    Ok(text.and_then(|t| t.parse().ok()).unwrap_or_default())
+}
+
+/// Whether a session streams from the slot now (None: no such slot).
+pub(crate) async fn slot_active(client: &Client, slot: &str) -> Result<Option<bool>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("looking up the slot", e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The WAL the slot holds back, in bytes, and its `wal_status` (None: no
+/// such slot).
+pub(crate) async fn slot_retention(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<(Option<i64>, Option<String>)>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("checking the slot", e))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// How many more replication slots the server allows.
+pub(crate) async fn free_slots(client: &Client) -> Result<i32, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int",
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("counting replication slots", e))?;
+    Ok(row.get(0))
+}
+
+/// The slot's row as `status` shows it.
+pub(crate) struct SlotState {
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub plugin: Option<String>,
+    pub confirmed_flush_lsn: Option<String>,
+    /// WAL written since the confirmed position, in bytes.
+    pub lag_bytes: Option<i64>,
+    /// WAL the slot holds back, in bytes.
+    pub retained_wal_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+}
+
+/// The slot's row (None: no such slot).
+pub(crate) async fn slot_state(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<SlotState>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT active, active_pid, plugin::text, confirmed_flush_lsn::text,
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
+                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the slot", e))?;
+    Ok(row.map(|r| SlotState {
+        active: r.get(0),
+        active_pid: r.get(1),
+        plugin: r.get(2),
+        confirmed_flush_lsn: r.get(3),
+        lag_bytes: r.get(4),
+        retained_wal_bytes: r.get(5),
+        wal_status: r.get(6),
+    }))
+}
