@@ -8,118 +8,19 @@
 //! flush order cannot keep, an identify after an event for the same
 //! contact, makes [`Batcher::must_flush_before`] ask for a flush first.
 
-use bytes::Bytes;
-use serde_json::{Map, Value};
 use std::collections::HashMap;
 #[cfg(test)]
 use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use super::coalesce::fold_traits;
+use super::request::{build, Request};
 use super::Endpoint;
-use crate::json;
 use crate::mapping::{Action, ActionBody, Fields};
 
 /// An action with its place in the stream, so acknowledgements can be
 /// matched back to positions.
 pub(crate) type Item = (u64, Action);
-
-/// One HTTP request, body already encoded so retries resend the same bytes.
-#[derive(Debug, Clone)]
-pub(crate) struct Request {
-    pub endpoint: Endpoint,
-    pub body: Bytes,
-    /// The identify entries or track events in the body, in order.
-    pub items: Vec<Item>,
-    /// Per item, the sequence numbers of later identifies folded into it
-    /// by coalescing (empty when nothing was folded); they are
-    /// acknowledged with it.
-    pub merged: Vec<Vec<u64>>,
-}
-
-impl Request {
-    /// A request with a body stored earlier (a dead letter sent again).
-    pub(crate) fn stored(endpoint: Endpoint, body: Bytes) -> Request {
-        Request {
-            endpoint,
-            body,
-            items: Vec::new(),
-            merged: Vec::new(),
-        }
-    }
-
-    /// Every sequence number this request acknowledges.
-    pub(crate) fn seqs(&self) -> Vec<u64> {
-        let mut seqs: Vec<u64> = self.items.iter().map(|(seq, _)| *seq).collect();
-        seqs.extend(self.merged.iter().flatten());
-        seqs
-    }
-
-    /// Identify entries or track events in the body.
-    pub(crate) fn count(&self) -> usize {
-        self.items.len()
-    }
-
-    /// The first action, for error messages.
-    pub(crate) fn first(&self) -> Option<&Action> {
-        self.items.first().map(|(_, a)| a)
-    }
-
-    /// Deterministic for the request's content and position, so a receiver
-    /// that deduplicates can recognise a retry, also after a restart.
-    pub(crate) fn idempotency_key(&self) -> String {
-        // A hash of the body: changes from one multi-row WAL record share
-        // an LSN, so positions alone would collide.
-        let h = body_hash(&self.body);
-        let first = self.items.first().map(|(_, a)| a.lsn.0).unwrap_or_default();
-        format!("{}-{first:X}-{h:016x}", self.endpoint.name())
-    }
-
-    /// Halves the request, to find the entries ConveYour rejects (it
-    /// rejects whole requests). A single entry comes back as it is.
-    pub(crate) fn split(self) -> Result<(Request, Request), Request> {
-        if self.items.len() < 2 {
-            return Err(self);
-        }
-        let mid = self.items.len() / 2;
-        let mut left = self.items;
-        let right = left.split_off(mid);
-        let mut left_merged = self.merged;
-        let right_merged = if left_merged.is_empty() {
-            Vec::new()
-        } else {
-            left_merged.split_off(mid)
-        };
-        Ok((
-            build(self.endpoint, left, left_merged),
-            build(self.endpoint, right, right_merged),
-        ))
-    }
-}
-
-/// A 64-bit hash of a request body for its idempotency key: FNV-1a's
-/// constants taken eight bytes at a time, the length mixed in, and a final
-/// avalanche. Every body is hashed once; byte-at-a-time FNV-1a was 6% of
-/// the connector's CPU at full speed. Not for security: a receiver uses
-/// the key only to recognise a retry of the same request.
-fn body_hash(body: &[u8]) -> u64 {
-    const PRIME: u64 = 0x0100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ body.len() as u64;
-    let mut words = body.chunks_exact(8);
-    for w in &mut words {
-        let w = <[u8; 8]>::try_from(w).unwrap_or_default();
-        h = (h ^ u64::from_le_bytes(w))
-            .wrapping_mul(PRIME)
-            .rotate_left(29);
-    }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(PRIME);
-    // Every input bit reaches every output bit.
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h
-}
 
 /// Pending actions, grouped into requests.
 pub(crate) struct Batcher {
@@ -382,174 +283,11 @@ impl Batcher {
     }
 }
 
-/// The traits of two identifies of one contact folded into one entry with
-/// the same effect as sending both in order, or None when they do not fold:
-/// - a plain value replaces whatever came before;
-/// - `{"$inc": b}` after `{"$inc": a}` is `{"$inc": a+b}` (integers only,
-///   so no precision is lost), after a plain integer `v` it is `v+b`;
-/// - list operations combine: `{add: (A1 − R2) ∪ A2, remove: (R1 − A2) ∪ R2}`,
-///   disjoint, so the result does not depend on whether ConveYour removes
-///   or adds first.
-fn fold_traits(
-    earlier: &Map<String, Value>,
-    later: &Map<String, Value>,
-) -> Option<Map<String, Value>> {
-    let mut out = earlier.clone();
-    for (key, next) in later {
-        let folded = match out.get(key) {
-            None => Some(next.clone()),
-            Some(prev) => fold_value(prev, next)?,
-        };
-        match folded {
-            Some(v) => out.insert(key.clone(), v),
-            None => out.remove(key),
-        };
-    }
-    Some(out)
-}
-
-/// One trait value with the effect of `prev` then `next`: Some(None) when
-/// they cancel out, None when they do not fold.
-fn fold_value(prev: &Value, next: &Value) -> Option<Option<Value>> {
-    let Value::Object(op) = next else {
-        return Some(Some(next.clone()));
-    };
-    if let Some(by) = op.get("$inc") {
-        let by = by.as_i64()?;
-        return Some(Some(match prev {
-            Value::Object(p) => {
-                serde_json::json!({"$inc": p.get("$inc")?.as_i64()?.checked_add(by)?})
-            }
-            Value::Number(n) => Value::from(n.as_i64()?.checked_add(by)?),
-            _ => return None,
-        }));
-    }
-    let Value::Object(p) = prev else { return None };
-    if p.contains_key("$inc") {
-        return None;
-    }
-    let list = |m: &Map<String, Value>, k: &str| -> Vec<Value> {
-        m.get(k)
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
-    let (a2, r2) = (list(op, "add"), list(op, "remove"));
-    let mut add: Vec<Value> = list(p, "add")
-        .into_iter()
-        .filter(|v| !r2.contains(v))
-        .collect();
-    let mut remove: Vec<Value> = list(p, "remove")
-        .into_iter()
-        .filter(|v| !a2.contains(v))
-        .collect();
-    for v in a2 {
-        if !add.contains(&v) {
-            add.push(v);
-        }
-    }
-    for v in r2 {
-        if !remove.contains(&v) {
-            remove.push(v);
-        }
-    }
-    let mut m = Map::new();
-    if !add.is_empty() {
-        m.insert("add".into(), Value::Array(add));
-    }
-    if !remove.is_empty() {
-        m.insert("remove".into(), Value::Array(remove));
-    }
-    Some((!m.is_empty()).then_some(Value::Object(m)))
-}
-
-/// The body the sink sends for this one action in a request of its own,
-/// byte for byte: an identify as a one-entry array of `{id, traits}`, a
-/// track event as `{id, events: [..]}`. `preview` prints these, so what it
-/// shows is what `run` encodes.
-pub(crate) fn single_body(action: &Action) -> (Endpoint, Bytes) {
-    let endpoint = match action.body {
-        ActionBody::Identify { .. } => Endpoint::Identify,
-        ActionBody::Track { .. } => Endpoint::Track,
-    };
-    let request = build(endpoint, vec![(0, action.clone())], Vec::new());
-    (endpoint, request.body)
-}
-
-/// Encodes a request. Identify: an array of `{id, traits}`. Track: one
-/// contact (every item has the same) with its `events`, each
-/// `{event, properties}`. The fields were rendered when the rows were
-/// mapped; their bytes are copied in.
-pub(crate) fn build(endpoint: Endpoint, items: Vec<Item>, merged: Vec<Vec<u64>>) -> Request {
-    let size: usize = items
-        .iter()
-        .map(|(_, a)| {
-            let fields = match &a.body {
-                ActionBody::Identify { traits: f } | ActionBody::Track { properties: f, .. } => f,
-            };
-            fields.as_bytes().len() + a.contact.len() + 32
-        })
-        .sum();
-    let mut body = Vec::with_capacity(size + 32);
-    match endpoint {
-        Endpoint::Identify => {
-            let traits = items.iter().filter_map(|(_, a)| match &a.body {
-                ActionBody::Identify { traits } => Some((a.contact.as_str(), traits)),
-                ActionBody::Track { .. } => None,
-            });
-            write_entries(&mut body, b"id", b"traits", traits);
-        }
-        Endpoint::Track => {
-            let id = items
-                .first()
-                .map(|(_, a)| a.contact.as_str())
-                .unwrap_or_default();
-            body.extend_from_slice(b"{\"id\":");
-            json::write_str(&mut body, id);
-            body.extend_from_slice(b",\"events\":");
-            let events = items.iter().filter_map(|(_, a)| match &a.body {
-                ActionBody::Track { event, properties } => Some((&**event, properties)),
-                ActionBody::Identify { .. } => None,
-            });
-            write_entries(&mut body, b"event", b"properties", events);
-            body.push(b'}');
-        }
-    }
-    Request {
-        endpoint,
-        body: Bytes::from(body),
-        items,
-        merged,
-    }
-}
-
-/// Appends a JSON array of `{"<name>": string, "<fields>": object}`.
-fn write_entries<'a>(
-    body: &mut Vec<u8>,
-    name: &[u8],
-    fields: &[u8],
-    entries: impl Iterator<Item = (&'a str, &'a Fields)>,
-) {
-    body.push(b'[');
-    for (i, (value, object)) in entries.enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(b"{\"");
-        body.extend_from_slice(name);
-        body.extend_from_slice(b"\":");
-        json::write_str(body, value);
-        body.extend_from_slice(b",\"");
-        body.extend_from_slice(fields);
-        body.extend_from_slice(b"\":");
-        body.extend_from_slice(object.as_bytes());
-        body.push(b'}');
-    }
-    body.push(b']');
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::request::{body_hash, single_body};
+    use serde_json::Value;
+
     use super::*;
     use std::sync::Arc;
 

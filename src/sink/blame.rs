@@ -19,7 +19,7 @@
 
 use std::time::Instant;
 
-use super::batch::Request;
+use super::request::Request;
 use super::Endpoint;
 use crate::mapping::ActionBody;
 
@@ -185,7 +185,7 @@ mod tests {
     #[test]
     fn a_probe_uses_an_acknowledged_contact_else_the_requests_own_identify() {
         let fields = Fields::from_map(&serde_json::Map::new());
-        let identify = super::super::batch::build(
+        let identify = super::super::request::build(
             Endpoint::Identify,
             vec![action(
                 "a@x.test",
@@ -195,7 +195,7 @@ mod tests {
             )],
             Vec::new(),
         );
-        let track = super::super::batch::build(
+        let track = super::super::request::build(
             Endpoint::Track,
             vec![action(
                 "b@x.test",

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 
-use super::batch::Request;
 use super::concurrency::{Limiter, Permit, Signal};
+use super::request::Request;
 use super::retry::{backoff, classify, retry_wait, Verdict};
 use super::throttle::Throttle;
 use super::Endpoint;

@@ -4,15 +4,18 @@
 mod batch;
 mod blame;
 mod client;
+mod coalesce;
 mod concurrency;
+mod request;
 mod retry;
 mod throttle;
 
-pub(crate) use batch::{contact_key, single_body, Batcher, Request};
+pub(crate) use batch::{contact_key, Batcher};
 pub(crate) use blame::{probe_contact, Blame, Trial};
 pub(crate) use client::Sink;
 pub use client::SinkError;
 pub(crate) use concurrency::{Limiter, Permit};
+pub(crate) use request::{single_body, Request};
 pub(crate) use retry::{backoff, Verdict};
 
 /// Which ConveYour API a request goes to.
