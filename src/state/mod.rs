@@ -1,7 +1,7 @@
 //! The connector's own schema in the source database: acknowledged progress
-//! at row grain, per delivery lane (so a restart resends only what was in
-//! flight, not everything after the slot's position), the initial sync's
-//! progress, and dead letters (`dead_letters.rs`: entries ConveYour
+//! at row grain (here: a restart resends only what was in flight, not
+//! everything after the slot's position), the initial sync's progress
+//! (`sync.rs`), and dead letters (`dead_letters.rs`: entries ConveYour
 //! rejected for good, rows the mapping could not send).
 //!
 //! Writes are autocommitted, so what is recorded survives a crash of the
