@@ -54,6 +54,9 @@ pub enum Error {
     /// A setup problem found outside the layers above: the connector's
     /// own surroundings (its metrics address, the runtime, the output).
     Setup(String),
+    /// A command was given an argument it cannot act on (an unknown table,
+    /// a malformed name): nothing was changed.
+    Usage(String),
     /// A task of the connector ended in a way it never should (a panic):
     /// a bug. Nothing past what ConveYour acknowledged was confirmed.
     Internal(String),
@@ -77,6 +80,7 @@ impl Error {
             Error::Map(_) => "fix the row or the mapping, then restart; the position was not advanced, so nothing is lost",
             Error::Sink(e) => e.hint(),
             Error::Setup(_) => "fix the setup named above, then restart",
+            Error::Usage(_) => "nothing was changed; fix the argument named above (see --help)",
             Error::Internal(_) => "this is a bug, please report it with the log above; restarting resumes from the last confirmed position, so nothing is lost",
         }
     }
@@ -90,7 +94,7 @@ impl fmt::Display for Error {
             Error::Decode(e) => e.fmt(f),
             Error::Map(e) => e.fmt(f),
             Error::Sink(e) => e.fmt(f),
-            Error::Setup(e) | Error::Internal(e) => f.write_str(e),
+            Error::Setup(e) | Error::Usage(e) | Error::Internal(e) => f.write_str(e),
         }
     }
 }

@@ -392,6 +392,12 @@ async fn a_resync_while_a_writer_updates_ends_with_the_final_values() {
     );
     assert!(!status.success());
     assert!(err.contains("snapshot is never"), "{err}");
+    // An argument problem, not a setup one: nothing changed, fix the
+    // argument.
+    assert!(
+        err.contains("nothing was changed; fix the argument named above"),
+        "{err}"
+    );
     conn.stop().await;
 }
 

@@ -129,7 +129,7 @@ pub(crate) fn table_mapper(
 /// connector (or the next one to start). Returns the table's name.
 pub async fn request_resync(settings: &Settings, table: &str) -> Result<TableName, Error> {
     let name = TableName::parse(table).ok_or_else(|| {
-        Error::Setup(format!(
+        Error::Usage(format!(
             "--table: `{table}` is not a table name of the form schema.table"
         ))
     })?;
@@ -138,12 +138,12 @@ pub async fn request_resync(settings: &Settings, table: &str) -> Result<TableNam
         .iter()
         .find(|t| t.table == name)
         .ok_or_else(|| {
-            Error::Setup(format!(
+            Error::Usage(format!(
                 "--table: {name} is not a mapped table of this config"
             ))
         })?;
     if mapping.snapshot != SnapshotPolicy::Initial {
-        return Err(Error::Setup(format!(
+        return Err(Error::Usage(format!(
             "--table: {}.snapshot is never for {name}: a resync would send its rows as new events; set snapshot: initial on it to allow this",
             mapping.key
         )));
