@@ -43,7 +43,7 @@ pub(crate) struct Batcher {
 /// allocation per identify). The entry's own contact settles whether a
 /// hit is the contact or another with the same hash.
 struct ContactIndex {
-    entries: HashMap<u64, usize, BuildHasherDefault<KeyHasher>>,
+    entries: HashMap<u64, usize, ContactKeyHash>,
     /// [`contact_key`]; tests put a colliding one here.
     key: fn(&str) -> u64,
 }
@@ -97,9 +97,13 @@ fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
     })
 }
 
-/// Hands a [`ContactIndex`] key, already a hash, to the map unchanged.
+/// Builds the hasher of maps keyed by [`contact_key`]s: the key, already a
+/// hash, goes to the map unchanged (no SipHash per lookup).
+pub(crate) type ContactKeyHash = BuildHasherDefault<KeyHasher>;
+
+/// Hands a [`contact_key`], already a hash, to the map unchanged.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {

@@ -10,7 +10,7 @@ mod request;
 mod retry;
 mod throttle;
 
-pub(crate) use batch::{contact_key, Batcher};
+pub(crate) use batch::{contact_key, Batcher, ContactKeyHash};
 pub(crate) use blame::{probe_contact, Blame, Trial};
 pub(crate) use client::Sink;
 pub use client::SinkError;

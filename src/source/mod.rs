@@ -75,6 +75,9 @@ pub enum SourceErrorKind {
     /// The slot was dropped under the running connector: its position is
     /// gone with it.
     SlotDropped,
+    /// The publication the stream reads does not exist (dropped, or never
+    /// made by a role that may not create it).
+    PublicationMissing,
 }
 
 /// An error from the source database, with what to do about it.
@@ -138,6 +141,15 @@ impl SourceError {
             // object_in_use: "replication slot … is active for PID …"
             return SourceError {
                 kind: SourceErrorKind::SlotBusy,
+                message,
+                sqlstate: Some(code.to_owned()),
+                cause: None,
+            };
+        }
+        if code == "42704" && message.contains("publication") {
+            // undefined_object, for the publication START_REPLICATION names
+            return SourceError {
+                kind: SourceErrorKind::PublicationMissing,
                 message,
                 sqlstate: Some(code.to_owned()),
                 cause: None,
@@ -306,6 +318,7 @@ impl SourceError {
             SourceErrorKind::Setup => "run `conveyour-cdc check --config FILE` to see what the database is missing",
             SourceErrorKind::SlotBusy => "another connector holds the slot; this one takes over when it stops",
             SourceErrorKind::SlotInvalidated(why) => why.prevention(),
+            SourceErrorKind::PublicationMissing => "restart: `run` creates the publication when its role may; otherwise create it as sql/setup.sql shows, then restart",
             SourceErrorKind::SlotDropped => "the changes since the last confirmed position are gone with the slot; restart to create a new one (tables with `snapshot: initial` are copied again), and find who dropped it",
         }
     }
@@ -366,6 +379,17 @@ mod tests {
         assert_eq!(e.sqlstate(), Some("57P01"));
         assert!(e.is_transient());
         assert!(SourceError::transient("x".into()).source().is_none());
+
+        let missing = SourceError::from_sqlstate(
+            "42704",
+            "Postgres: publication \"conveyour_cdc\" does not exist (SQLSTATE 42704)".into(),
+        );
+        assert_eq!(missing.kind(), SourceErrorKind::PublicationMissing);
+        assert!(
+            missing.hint().contains("sql/setup.sql"),
+            "{}",
+            missing.hint()
+        );
 
         let dropped = SourceError::slot_dropped("conveyour_cdc", "while streaming");
         assert!(!dropped.is_transient());

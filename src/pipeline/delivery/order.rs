@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::sink::{contact_key, Request};
+use crate::sink::{contact_key, ContactKeyHash, Request};
 
 /// A request's number, in the order requests are formed.
 pub(super) type RequestId = u64;
@@ -20,7 +20,7 @@ pub(super) struct Order {
     /// Each contact with an unfinished request → the latest such request.
     /// Keys are [`contact_key`]s: two contacts sharing one only wait for
     /// each other, which is safe.
-    claims: HashMap<u64, RequestId>,
+    claims: HashMap<u64, RequestId, ContactKeyHash>,
     /// Whether each request from `base` on has finished.
     finished: VecDeque<bool>,
     base: RequestId,
