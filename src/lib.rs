@@ -68,9 +68,7 @@ impl Error {
     pub(crate) fn task_failed(what: &str, e: tokio::task::JoinError) -> Error {
         Error::Internal(format!("{what} ended unexpectedly: {e}"))
     }
-}
 
-impl Error {
     /// A hint for the operator, shown after the error.
     pub fn hint(&self) -> &'static str {
         match self {
@@ -99,7 +97,16 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+/// Transparent: the layer's error is what `Display` shows, and its cause
+/// (a source error's tokio-postgres error) is this one's.
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Source(e) => std::error::Error::source(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<config::ConfigError> for Error {
     fn from(e: config::ConfigError) -> Self {
