@@ -12,7 +12,7 @@ use crate::mapping::Action;
 use crate::source::{key_at, Key};
 use crate::state::WATERMARK_PREFIX;
 
-use super::carried::{Carried, CarriedChange, CARRIED_CHANGES};
+use super::carried::{Carried, CARRIED_CHANGES};
 use crate::source::Visibility;
 
 /// A chunk between its watermarks, shared by the copy and the reader.
@@ -87,40 +87,50 @@ impl OpenWindow {
         }
     }
 
-    /// Notes a change carried earlier, under the relation as it was then.
-    /// True when the chunk cannot tell which of its rows the change touched
-    /// (its key columns are not all in that relation's replica identity):
-    /// the whole chunk is then read again.
-    fn note_carried(&mut self, t: &Carried, c: &CarriedChange) -> bool {
-        let Some(relation) = t.tables.get(c.table as usize) else {
-            return false;
-        };
-        if relation.namespace != self.table.schema || relation.name != self.table.name {
-            return false;
+    /// Notes the changes of a transaction carried earlier, under each
+    /// relation as it was then. True when the chunk cannot tell which of its
+    /// rows a change touched (its key columns are not all in that
+    /// relation's replica identity): the whole chunk is then read again.
+    fn note_carried(&mut self, t: &Carried) -> bool {
+        // Per table of the transaction, once: each key column's place among
+        // the relation's key columns, or None when one is not there; no
+        // entry for another table than the chunk's.
+        let positions: Vec<Option<Option<Vec<usize>>>> = t
+            .tables
+            .iter()
+            .map(|relation| {
+                if relation.namespace != self.table.schema || relation.name != self.table.name {
+                    return None;
+                }
+                let identity: Vec<&str> = relation
+                    .columns
+                    .iter()
+                    .filter(|c| c.key)
+                    .map(|c| c.name.as_str())
+                    .collect();
+                Some(
+                    self.key_columns
+                        .iter()
+                        .map(|k| identity.iter().position(|c| c == k))
+                        .collect(),
+                )
+            })
+            .collect();
+        let mut unsure = false;
+        for c in &t.changes {
+            match positions.get(c.table as usize) {
+                Some(Some(Some(positions))) => note_keys(
+                    &mut self.superseded,
+                    &mut self.partial,
+                    c.old.map(|s| t.key(s, positions)),
+                    c.new.map(|s| t.key(s, positions)),
+                    c.seen,
+                ),
+                Some(Some(None)) => unsure = true,
+                _ => {}
+            }
         }
-        // Each key column's place among the relation's key columns.
-        let identity: Vec<&str> = relation
-            .columns
-            .iter()
-            .filter(|c| c.key)
-            .map(|c| c.name.as_str())
-            .collect();
-        let positions: Option<Vec<usize>> = self
-            .key_columns
-            .iter()
-            .map(|k| identity.iter().position(|c| c == k))
-            .collect();
-        let Some(positions) = positions else {
-            return true;
-        };
-        note_keys(
-            &mut self.superseded,
-            &mut self.partial,
-            c.old.map(|s| t.key(s, &positions)),
-            c.new.map(|s| t.key(s, &positions)),
-            c.seen,
-        );
-        false
+        unsure
     }
 }
 
@@ -307,9 +317,7 @@ impl Window {
         let mut whole = false;
         for t in self.unseen.iter().filter(|t| !chunk.snapshot.sees(t.xid)) {
             whole |= t.whole && t.changed(&open.table);
-            for c in &t.changes {
-                whole |= open.note_carried(t, c);
-            }
+            whole |= open.note_carried(t);
         }
         self.settle(&chunk.snapshot);
         let mut actions = Vec::new();
