@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::plan::{error_at, plan_for, ActPlan, ContactPlan, DeletePlan, KeyPlan, Plan, Watch};
-use super::row::{build, changed, contact_of, text_at, write_field};
+use super::row::{build, changed, contact_of, write_field};
 use super::{
-    ActionBody, CacheChange, Fields, LookupTarget, MapError, MapFault, Mapped, Outcome, RowKey,
-    Schema,
+    text_at, ActionBody, CacheChange, Fields, LookupTarget, MapError, MapFault, Mapped, Op,
+    Outcome, RowKey, Schema,
 };
 use crate::config::{NullPolicy, TableMapping, TableName};
 use crate::decode::value::ValueKind;
@@ -40,13 +40,6 @@ impl Plans {
             None => self.0.push((relation, plan)),
         }
     }
-}
-
-/// The row operation being mapped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Op {
-    Insert,
-    Update,
 }
 
 impl Mapper {

@@ -9,6 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::decode::{Datum, Tuple};
 use crate::lsn::Lsn;
 
 mod fields;
@@ -156,6 +157,22 @@ pub enum Outcome {
         column: String,
         reason: String,
     },
+}
+
+/// The row operation being mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Insert,
+    Update,
+}
+
+/// The text of column `i`, when it is sent as text (not NULL, unchanged
+/// TOAST or binary).
+fn text_at(t: &Tuple, i: usize) -> Option<String> {
+    match t.0.get(i) {
+        Some(Datum::Text(b)) => std::str::from_utf8(b).ok().map(str::to_owned),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::fields::FieldKey;
-use super::row::text_at;
+use super::text_at;
 use super::{Fields, MapError, MapFault, RowKey, Schema};
 use crate::config::{
     ContactSource, EventName, FieldSource, IncrementBy, MappingKind, NullPolicy, OnDelete,

@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::mapper::Op;
 use super::plan::{
     error_at, ActPlan, ContactPlan, EventPlan, Field, FieldPlan, IncrementPlan, Plan,
 };
 use super::time::write_formatted;
-use super::{ActionBody, ContactRef, Fields, MapError, Mapped, Outcome};
+use super::{ActionBody, ContactRef, Fields, MapError, Mapped, Op, Outcome};
 use crate::config::NullPolicy;
 use crate::decode::value::{to_json, ValueKind};
 use crate::decode::{Datum, Tuple};
@@ -23,13 +22,6 @@ pub(super) fn changed(old: &Tuple, new: &Tuple, i: usize) -> bool {
         (_, Some(Datum::UnchangedToast)) => false,
         (Some(a), Some(b)) => a != b,
         _ => true,
-    }
-}
-
-pub(super) fn text_at(t: &Tuple, i: usize) -> Option<String> {
-    match t.0.get(i) {
-        Some(Datum::Text(b)) => std::str::from_utf8(b).ok().map(str::to_owned),
-        _ => None,
     }
 }
 

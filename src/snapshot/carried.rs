@@ -7,7 +7,18 @@ use crate::config::TableName;
 use crate::decode::{Datum, Relation, Tuple};
 use crate::source::Key;
 
-use super::window::Seen;
+/// What a change the stream carried during a window means for the chunk's
+/// copy of its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Sent in full, or deleted: the copy is older, drop it.
+    Superseded,
+    /// Sent in part: read the row again in a later chunk.
+    Partial,
+    /// Nothing mapped changed (or the operation does not count): the copy
+    /// holds what the stream would, keep it.
+    Unchanged,
+}
 
 /// Changes of carried transactions kept row by row, in one transaction and
 /// in all: beyond, the oldest keep only which tables they changed, and a

@@ -37,10 +37,10 @@ mod progress;
 mod window;
 
 pub(crate) use crate::source::current_snapshot;
-pub(crate) use carried::Carried;
+pub(crate) use carried::{Carried, Seen};
 pub(crate) use chunks::WatermarkedChunks;
 pub(crate) use copy::{copy_alongside, copy_exported, map_rows, CopyContext, UNSURE_PAUSE};
-pub(crate) use window::{watermark, Seen, Watermark, Window};
+pub(crate) use window::{watermark, Watermark, Window};
 
 use crate::config::{Settings, SnapshotPolicy, TableMapping, TableName};
 use crate::decode::{Relation, Tuple};
@@ -152,9 +152,9 @@ pub async fn request_resync(settings: &Settings, table: &str) -> Result<TableNam
     crate::state::request_resync(&client, &settings.slot, &name.to_string())
         .await
         .map_err(|e| {
-            Error::Setup(format!(
-                "{e}; the connector's schema must exist (run the connector once, or sql/setup.sql)"
-            ))
+            e.with_advice(
+                "the connector's schema must exist (run the connector once, or sql/setup.sql)",
+            )
         })?;
     Ok(name)
 }

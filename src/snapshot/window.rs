@@ -12,7 +12,7 @@ use crate::mapping::Action;
 use crate::source::{key_at, Key};
 use crate::state::WATERMARK_PREFIX;
 
-use super::carried::{Carried, CARRIED_CHANGES};
+use super::carried::{Carried, Seen, CARRIED_CHANGES};
 use crate::source::Visibility;
 
 /// A chunk between its watermarks, shared by the copy and the reader.
@@ -171,19 +171,6 @@ pub(crate) struct Chunk {
     /// The snapshot the rows were read in.
     pub(super) snapshot: Visibility,
     pub(super) done: oneshot::Sender<()>,
-}
-
-/// What a change the stream carried during a window means for the chunk's
-/// copy of its row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Seen {
-    /// Sent in full, or deleted: the copy is older, drop it.
-    Superseded,
-    /// Sent in part: read the row again in a later chunk.
-    Partial,
-    /// Nothing mapped changed (or the operation does not count): the copy
-    /// holds what the stream would, keep it.
-    Unchanged,
 }
 
 /// What a watermark message asks of the reader.

@@ -5,37 +5,14 @@
 use tokio_postgres::Client;
 
 use super::catalog::connect_sql_host;
+use super::slot::{self, SyncedSlot, FAILOVER_SLOTS_SINCE};
 use super::SourceError;
 use crate::config::{ConnParams, TargetSessionAttrs};
-
-/// The first version whose logical slots can be synchronized to a
-/// physical standby (`failover`, `sync_replication_slots`).
-pub(crate) const FAILOVER_SLOTS_SINCE: i32 = 170_000;
 
 /// Whether the slot should be a failover slot: `postgres.failover_slot`,
 /// by default yes on a server that has them.
 pub(crate) fn failover_wanted(setting: Option<bool>, server_version: i32) -> bool {
     server_version >= FAILOVER_SLOTS_SINCE && setting.unwrap_or(true)
-}
-
-/// The slot's `failover` flag; None before PostgreSQL 17 or when the slot
-/// does not exist.
-pub(crate) async fn slot_failover(
-    client: &Client,
-    slot: &str,
-    server_version: i32,
-) -> Result<Option<bool>, SourceError> {
-    if server_version < FAILOVER_SLOTS_SINCE {
-        return Ok(None);
-    }
-    let row = client
-        .query_opt(
-            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("reading the slot's failover flag", e))?;
-    Ok(row.map(|r| r.get(0)))
 }
 
 /// What the primary knows about failover.
@@ -69,17 +46,7 @@ impl PrimaryFailover {
         // Slot sync needs the standby on a physical slot (primary_slot_name),
         // and pg_replication_slots is readable by any role, unlike the
         // details of pg_stat_replication.
-        let physical_slots = client
-            .query(
-                "SELECT slot_name::text FROM pg_replication_slots
-                  WHERE slot_type = 'physical' AND active ORDER BY 1",
-                &[],
-            )
-            .await
-            .map_err(sql_err("reading the physical slots"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let physical_slots = slot::active_physical_slots(client).await?;
         let mut standby_slots = Vec::new();
         if server_version >= FAILOVER_SLOTS_SINCE {
             let names: String = client
@@ -89,22 +56,16 @@ impl PrimaryFailover {
                 .get(0);
             for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                 let name = name.trim_matches('"').to_owned();
-                let row = client
-                    .query_opt(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'physical'",
-                        &[&name],
-                    )
-                    .await
-                    .map_err(sql_err("reading synchronized_standby_slots' slots"))?;
+                let active = slot::physical_slot_active(client, &name).await?;
                 standby_slots.push(StandbySlot {
                     name,
-                    exists: row.is_some(),
-                    active: row.is_some_and(|r| r.get(0)),
+                    exists: active.is_some(),
+                    active: active.unwrap_or(false),
                 });
             }
         }
         Ok(PrimaryFailover {
-            slot_failover: slot_failover(client, slot, server_version).await?,
+            slot_failover: slot::slot_failover(client, slot, server_version).await?,
             standby_slots,
             physical_slots,
         })
@@ -124,25 +85,6 @@ pub(crate) struct StandbyFailover {
     pub conninfo_has_dbname: Option<bool>,
     /// The standby's copy of the slot; None when it has none.
     pub slot: Option<SyncedSlot>,
-}
-
-/// The standby's copy of the slot, from its `pg_replication_slots`.
-#[derive(Debug, Clone)]
-pub(crate) struct SyncedSlot {
-    /// Created by slot sync from the primary's slot.
-    pub synced: bool,
-    /// Still temporary: dropped at promotion. It turns permanent (Postgres
-    /// logs "is sync-ready now") once the primary's slot has passed what
-    /// the standby has replayed.
-    pub temporary: bool,
-    pub confirmed_flush_lsn: Option<String>,
-}
-
-impl SyncedSlot {
-    /// Survives a promotion: a synchronized, permanent copy.
-    pub(crate) fn ready(&self) -> bool {
-        self.synced && !self.temporary
-    }
 }
 
 /// Each host of a multi-host URL: `Ok(Some(..))` for a standby (a server in
@@ -206,23 +148,13 @@ async fn read_standby(client: &Client, slot: &str) -> Result<Option<StandbyFailo
         Ok(row) => Some(conninfo_names_dbname(&row.get::<_, String>(0))),
         Err(_) => None,
     };
-    let copy = client
-        .query_opt(
-            "SELECT synced, temporary, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(sql_err("reading the standby's copy of the slot"))?;
+    let copy = slot::synced_copy(client, slot).await?;
     Ok(Some(StandbyFailover {
         sync_replication_slots: settings.get(0),
         hot_standby_feedback: settings.get(1),
         primary_slot_name: settings.get(2),
         conninfo_has_dbname,
-        slot: copy.map(|r| SyncedSlot {
-            synced: r.get(0),
-            temporary: r.get(1),
-            confirmed_flush_lsn: r.get(2),
-        }),
+        slot: copy,
     }))
 }
 

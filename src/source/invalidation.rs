@@ -8,8 +8,6 @@
 //! `wal_removed`; 16's slots on a standby can also lose to recovery, and
 //! then the reason is unknown.
 
-use tokio_postgres::Client;
-
 use super::SourceError;
 
 /// Why the server invalidated a slot. Whatever the reason, the changes the
@@ -118,27 +116,6 @@ pub(crate) fn invalidated(slot: &str, why: Invalidation, reported: Option<&str>)
             why.recovery(slot),
         ),
     )
-}
-
-/// The slot's invalidation as the server reports it: the reason, and the
-/// server's own word for it (17+). Works on every version: the columns a
-/// version lacks read as NULL.
-pub(crate) async fn slot_invalidation(
-    client: &Client,
-    slot: &str,
-) -> Result<Option<(Invalidation, Option<String>)>, SourceError> {
-    let row = client
-        .query_opt(
-            "SELECT to_jsonb(s) ->> 'invalidation_reason', pg_is_in_recovery(), wal_status
-               FROM pg_replication_slots s WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("reading the slot's invalidation", e))?;
-    Ok(row.and_then(|r| {
-        let reason: Option<String> = r.get(0);
-        Invalidation::from_slot(reason.as_deref(), r.get(1), r.get(2)).map(|why| (why, reason))
-    }))
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ mod failover;
 mod generated;
 mod invalidation;
 mod lookup;
-mod placement;
 mod publication;
 mod replication;
 mod rows;
@@ -16,37 +15,37 @@ mod slot;
 mod stream;
 mod tls;
 mod visibility;
+mod wire;
 
 use std::fmt;
 use std::sync::Arc;
 
 pub use crate::config::{ConnParams, Host, TargetSessionAttrs};
 pub(crate) use catalog::{connect_sql, lookup_indexed, Catalog};
-pub(crate) use failover::{
-    failover_wanted, slot_failover, standbys, PrimaryFailover, StandbyFailover,
-    FAILOVER_SLOTS_SINCE,
-};
 #[cfg(test)]
-pub(crate) use failover::{StandbySlot, SyncedSlot};
+pub(crate) use failover::StandbySlot;
+pub(crate) use failover::{failover_wanted, standbys, PrimaryFailover, StandbyFailover};
 pub(crate) use generated::{
     generated_columns, needing_publish, publish_statement, publishes_generated,
     PUBLISH_GENERATED_SINCE,
 };
+pub(crate) use invalidation::invalidated;
 pub use invalidation::Invalidation;
-pub(crate) use invalidation::{invalidated, slot_invalidation};
 pub(crate) use lookup::Resolver;
 pub use lookup::{CacheChange, ContactRef};
-pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
 pub(crate) use publication::{
-    create_statement, current_filters, ensure_publication, probe_filter, replica_identity,
-    server_version_num, FilterVerdict, PublicationState, ReplicaIdentity,
+    create_statement, current_filters, ensure_publication, insert_publication, plan, probe_filter,
+    replica_identity, server_version_num, visible_to_slot, FilterVerdict, Plan, PublicationState,
+    ReplicaIdentity, Route,
 };
 pub(crate) use replication::ReplicationConn;
 pub(crate) use rows::{key_at, Key, TableReader};
 pub use schema::{LookupTarget, Schema};
+#[cfg(test)]
+pub(crate) use slot::SyncedSlot;
 pub(crate) use slot::{
-    check_slot, ensure_slot, free_slots, slot_active, slot_confirmed, slot_info, slot_retention,
-    slot_state,
+    check_slot, ensure_slot, free_slots, slot_active, slot_confirmed, slot_failover, slot_info,
+    slot_invalidation, slot_retention, slot_state, FAILOVER_SLOTS_SINCE,
 };
 pub(crate) use stream::{ReplicationMessage, ReplicationReader, ReplicationWriter, CATCH_UP_PAUSE};
 pub(crate) use visibility::{begin_snapshot, current_snapshot, Visibility};
@@ -128,6 +127,13 @@ impl SourceError {
             sqlstate: None,
             cause: None,
         }
+    }
+
+    /// The same error with what to do in this place added to its message;
+    /// its kind, SQLSTATE and cause stay.
+    pub(crate) fn with_advice(mut self, advice: &str) -> Self {
+        self.message = format!("{}; {advice}", self.message);
+        self
     }
 
     /// The server's SQLSTATE, when the server refused.

@@ -11,10 +11,9 @@ use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::stream::{
-    self, read_frame, Frame, Io, ReplicationReader, ReplicationWriter, READ_CHUNK,
-};
+use super::stream::{self, ReplicationReader, ReplicationWriter};
 use super::tls;
+use super::wire::{proto, read_frame, server_error, unexpected, Frame, Io, READ_CHUNK};
 use super::SourceError;
 use crate::config::{ConnParams, Host, SslMode, TargetSessionAttrs};
 use crate::lsn::Lsn;
@@ -438,51 +437,10 @@ impl ReplicationConn {
     }
 }
 
-pub(super) fn proto<E: std::fmt::Display>(e: E) -> SourceError {
-    SourceError::transient(format!("protocol error on the replication connection: {e}"))
-}
-
 fn io_err(params: &ConnParams) -> impl Fn(std::io::Error) -> SourceError + '_ {
     move |e| SourceError::transient(format!("talking to {params}: {e}"))
 }
 
 fn auth_failed(params: &ConnParams) -> impl Fn(std::io::Error) -> SourceError + '_ {
     move |e| SourceError::config(format!("SCRAM authentication with {params} failed: {e}"))
-}
-
-pub(super) fn unexpected(during: &str, m: &Message) -> SourceError {
-    let name = match m {
-        Message::CommandComplete(_) => "CommandComplete",
-        Message::RowDescription(_) => "RowDescription",
-        Message::DataRow(_) => "DataRow",
-        Message::ReadyForQuery(_) => "ReadyForQuery",
-        Message::CopyData(_) => "CopyData",
-        Message::CopyDone => "CopyDone",
-        _ => "another message",
-    };
-    SourceError::transient(format!("unexpected {name} from the server during {during}"))
-}
-
-/// Turns a server ErrorResponse into an error, classified by SQLSTATE.
-pub(super) fn server_error(
-    body: &postgres_protocol::message::backend::ErrorResponseBody,
-) -> SourceError {
-    let mut code = String::new();
-    let mut message = String::new();
-    let mut hint = String::new();
-    let mut fields = body.fields();
-    while let Ok(Some(f)) = fields.next() {
-        let text = String::from_utf8_lossy(f.value_bytes()).into_owned();
-        match f.type_() {
-            b'C' => code = text,
-            b'M' => message = text,
-            b'H' => hint = text,
-            _ => {}
-        }
-    }
-    let mut text = format!("Postgres: {message} (SQLSTATE {code})");
-    if !hint.is_empty() {
-        text.push_str(&format!("; hint: {hint}"));
-    }
-    SourceError::from_sqlstate(&code, text)
 }

@@ -1,12 +1,17 @@
-//! The replication slot: every query of `pg_replication_slots` about the
-//! connector's own slot, in one place (a standby's copy is read in
-//! `failover`).
+//! The replication slots: every query of `pg_replication_slots`, in one
+//! place: the connector's own slot on the primary, its copy on a standby,
+//! and the physical slots failover depends on. What the rows mean is
+//! judged elsewhere (`invalidation`, `failover`, `check`).
 
 use tokio_postgres::Client;
 
-use super::invalidation::{invalidated, slot_invalidation, Invalidation};
+use super::invalidation::{invalidated, Invalidation};
 use super::SourceError;
 use crate::lsn::Lsn;
+
+/// The first version whose logical slots can be synchronized to a
+/// physical standby (`failover`, `sync_replication_slots`).
+pub(crate) const FAILOVER_SLOTS_SINCE: i32 = 170_000;
 
 /// The slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone)]
@@ -184,5 +189,150 @@ pub(crate) async fn slot_state(
         lag_bytes: r.get(4),
         retained_wal_bytes: r.get(5),
         wal_status: r.get(6),
+    }))
+}
+
+/// The slot's invalidation as the server reports it: the reason, and the
+/// server's own word for it (17+). Works on every version: the columns a
+/// version lacks read as NULL.
+pub(crate) async fn slot_invalidation(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<(Invalidation, Option<String>)>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT to_jsonb(s) ->> 'invalidation_reason', pg_is_in_recovery(), wal_status
+               FROM pg_replication_slots s WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the slot's invalidation", e))?;
+    Ok(row.and_then(|r| {
+        let reason: Option<String> = r.get(0);
+        Invalidation::from_slot(reason.as_deref(), r.get(1), r.get(2)).map(|why| (why, reason))
+    }))
+}
+
+/// The slot's `failover` flag; None before PostgreSQL 17 or when the slot
+/// does not exist.
+pub(crate) async fn slot_failover(
+    client: &Client,
+    slot: &str,
+    server_version: i32,
+) -> Result<Option<bool>, SourceError> {
+    if server_version < FAILOVER_SLOTS_SINCE {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the slot's failover flag", e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Where the slot stands against a publication's creation.
+pub(crate) struct Horizon {
+    pub slot_exists: bool,
+    /// The slot's catalog horizon is past the publication's creation, so
+    /// its decoding sees the publication.
+    pub older: bool,
+    /// Another session streams from the slot, or it is not a pgoutput slot
+    /// of this database: it cannot be read ahead from here.
+    pub unreadable: bool,
+}
+
+/// The slot against the publication `publication` (which must exist).
+pub(crate) async fn horizon(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+) -> Result<Horizon, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT s.slot_name IS NOT NULL,
+                    s.catalog_xmin IS NOT NULL AND age(p.xmin) > age(s.catalog_xmin),
+                    coalesce(s.active OR s.plugin <> 'pgoutput' OR s.database <> current_database(), false)
+               FROM pg_publication p
+               LEFT JOIN pg_replication_slots s ON s.slot_name = $2
+              WHERE p.pubname = $1",
+            &[&publication, &slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the slot's catalog horizon", e))?;
+    Ok(Horizon {
+        slot_exists: row.get(0),
+        older: row.get(1),
+        unreadable: row.get(2),
+    })
+}
+
+/// The physical slots a standby streams through now.
+pub(crate) async fn active_physical_slots(client: &Client) -> Result<Vec<String>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots
+              WHERE slot_type = 'physical' AND active ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the physical slots", e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Whether a standby streams through the physical slot `name` now (None:
+/// no such physical slot).
+pub(crate) async fn physical_slot_active(
+    client: &Client,
+    name: &str,
+) -> Result<Option<bool>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'physical'",
+            &[&name],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading synchronized_standby_slots' slots", e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The standby's copy of the slot, from its `pg_replication_slots`.
+#[derive(Debug, Clone)]
+pub(crate) struct SyncedSlot {
+    /// Created by slot sync from the primary's slot.
+    pub synced: bool,
+    /// Still temporary: dropped at promotion. It turns permanent (Postgres
+    /// logs "is sync-ready now") once the primary's slot has passed what
+    /// the standby has replayed.
+    pub temporary: bool,
+    pub confirmed_flush_lsn: Option<String>,
+}
+
+impl SyncedSlot {
+    /// Survives a promotion: a synchronized, permanent copy.
+    pub(crate) fn ready(&self) -> bool {
+        self.synced && !self.temporary
+    }
+}
+
+/// A standby's copy of the slot (17+; None when it has none), read from a
+/// session on the standby.
+pub(crate) async fn synced_copy(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<SyncedSlot>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT synced, temporary, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::from_sql("reading the standby's copy of the slot", e))?;
+    Ok(row.map(|r| SyncedSlot {
+        synced: r.get(0),
+        temporary: r.get(1),
+        confirmed_flush_lsn: r.get(2),
     }))
 }

@@ -7,25 +7,15 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use postgres_protocol::message::{backend::Message, frontend};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
-use super::replication::{proto, server_error, unexpected};
+use super::wire::{
+    closed, parse_frame, proto, read_failed, reserve, server_error, unexpected, Frame, Io,
+    READ_CHUNK,
+};
 use super::SourceError;
 use crate::lsn::Lsn;
 use crate::pg_time::pg_now;
-
-/// Read buffer growth step; big enough for a typical XLogData burst.
-pub(super) const READ_CHUNK: usize = 64 * 1024;
-
-pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// A frame off the wire: either a message postgres-protocol decodes, or one
-/// of the CopyBoth messages it does not know.
-pub(super) enum Frame {
-    Message(Message),
-    CopyBothResponse,
-}
 
 /// The stream's two halves over the connection `io` once replication has
 /// started, keeping what was already read into `buf`; `tcp` is the socket,
@@ -304,49 +294,6 @@ impl ReplicationWriter {
         let _ = self.wr.flush().await;
         let _ = self.wr.shutdown().await;
     }
-}
-
-pub(super) async fn read_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-) -> Result<Frame, SourceError> {
-    loop {
-        if let Some(frame) = parse_frame(buf)? {
-            return Ok(frame);
-        }
-        reserve(buf);
-        if rd.read_buf(buf).await.map_err(read_failed)? == 0 {
-            return Err(closed());
-        }
-    }
-}
-
-/// Takes one whole frame off the front of `buf`, if one is there.
-pub(super) fn parse_frame(buf: &mut BytesMut) -> Result<Option<Frame>, SourceError> {
-    if buf.len() >= 5 && buf[0] == b'W' {
-        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-        if buf.len() > len {
-            buf.advance(len + 1);
-            return Ok(Some(Frame::CopyBothResponse));
-        }
-        return Ok(None);
-    }
-    Ok(Message::parse(buf).map_err(proto)?.map(Frame::Message))
-}
-
-/// Makes room for the next read.
-pub(super) fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
-}
-
-pub(super) fn read_failed(e: std::io::Error) -> SourceError {
-    SourceError::transient(format!("reading from Postgres: {e}"))
-}
-
-pub(super) fn closed() -> SourceError {
-    SourceError::transient("Postgres closed the connection".into())
 }
 
 /// Socket low-water mark while the stream is busy: the reader wakes once

@@ -2,7 +2,7 @@
 //! mapped table and every table a lookup reads, each mapped table filtered
 //! by its `where:` (Postgres 15+), except the insert-only tables without a
 //! usable replica identity, which go through `<publication>_inserts` (see
-//! [`super::placement`]). Both are brought in line with the config on every
+//! [`placement`]). Both are brought in line with the config on every
 //! start.
 //!
 //! Postgres accepts a row filter that reads columns outside the table's
@@ -15,15 +15,18 @@ use tokio_postgres::Client;
 
 mod filters;
 mod identity;
+mod placement;
+mod tables;
 
 pub(crate) use filters::{current_filters, probe_filter, FilterVerdict};
 use filters::{filter_refused, sync_filters};
 pub(crate) use identity::{identity_problem, replica_identity, ReplicaIdentity};
+pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
+pub(crate) use tables::{published_tables, PublishedTable};
 
 use super::generated;
-use super::placement::{self, Route};
 use super::SourceError;
-use crate::config::{quote_ident, ContactSource, Settings, TableName};
+use crate::config::{quote_ident, Settings, TableName};
 
 /// `server_version_num` of the first release with publication row filters.
 const ROW_FILTERS_SINCE: i32 = 150_000;
@@ -38,69 +41,6 @@ const PROBE_TABLE: &str = "conveyour_cdc_filter_probe";
 
 /// SQLSTATE insufficient_privilege.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
-
-/// One table the publication must hold.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PublishedTable<'a> {
-    pub table: &'a TableName,
-    /// `tables[i]` for a mapped table; None for a table only lookups read.
-    pub key: Option<&'a str>,
-    /// The row filter from `where:`.
-    pub filter: Option<&'a str>,
-    /// Mapped, and its mapping acts on inserts only (and no lookup reads
-    /// it): its updates and deletes need not be published.
-    pub insert_only: bool,
-    /// A lookup reads it: its updates keep the lookup cache fresh.
-    pub read_by_lookup: bool,
-}
-
-impl PublishedTable<'_> {
-    /// The config key errors about this table's filter name.
-    fn where_key(&self) -> String {
-        match self.key {
-            Some(key) => format!("{key}.where"),
-            None => "postgres.publication".to_owned(),
-        }
-    }
-
-    /// The table as `ADD TABLE` / `FOR TABLE` take it, with its filter and
-    /// (when the publication already limits them) its columns.
-    pub(crate) fn clause(&self, columns: Option<&[String]>) -> String {
-        let mut out = self.table.quoted();
-        if let Some(columns) = columns {
-            let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-            out.push_str(&format!(" ({})", list.join(", ")));
-        }
-        if let Some(filter) = self.filter {
-            out.push_str(&format!(" WHERE ({filter})"));
-        }
-        out
-    }
-}
-
-/// Every table the publication must hold ([`Settings::published_tables`]),
-/// with each mapped table's key and row filter.
-pub(crate) fn published_tables(settings: &Settings) -> Vec<PublishedTable<'_>> {
-    settings
-        .published_tables()
-        .into_iter()
-        .map(|table| {
-            let mapping = settings.tables.iter().find(|m| &m.table == table);
-            let read_by_lookup = settings
-                .tables
-                .iter()
-                .any(|m| matches!(&m.contact, ContactSource::Lookup(l) if &l.from == table));
-            PublishedTable {
-                table,
-                key: mapping.map(|m| m.key.as_str()),
-                filter: mapping.and_then(|m| m.row_filter.as_deref()),
-                insert_only: !read_by_lookup
-                    && mapping.is_some_and(|m| !m.operations.update && !m.operations.delete),
-                read_by_lookup,
-            }
-        })
-        .collect()
-}
 
 /// The server's `server_version_num`, e.g. 150004.
 pub(crate) async fn server_version_num(client: &Client) -> Result<i32, SourceError> {

@@ -20,9 +20,11 @@ use std::collections::HashSet;
 
 use tokio_postgres::Client;
 
-use super::publication::{published_tables, replica_identity, PublishedTable, ReplicaIdentity};
-use super::SourceError;
+use super::identity::{replica_identity, ReplicaIdentity};
+use super::tables::{published_tables, PublishedTable};
 use crate::config::{quote_ident, Settings, TableName, INSERT_PUBLICATION_SUFFIX};
+use crate::source::slot::{self, Horizon};
+use crate::source::SourceError;
 
 /// The insert-only publication that goes with the main `publication`.
 pub(crate) fn insert_publication(publication: &str) -> String {
@@ -408,19 +410,11 @@ pub(crate) async fn visible_to_slot(
     main: &str,
     publication: &str,
 ) -> Result<bool, SourceError> {
-    let row = client
-        .query_one(
-            "SELECT s.slot_name IS NOT NULL,
-                    s.catalog_xmin IS NOT NULL AND age(p.xmin) > age(s.catalog_xmin),
-                    coalesce(s.active OR s.plugin <> 'pgoutput' OR s.database <> current_database(), false)
-               FROM pg_publication p
-               LEFT JOIN pg_replication_slots s ON s.slot_name = $2
-              WHERE p.pubname = $1",
-            &[&publication, &slot],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("reading the slot's catalog horizon", e))?;
-    let (slot_exists, older, unreadable): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let Horizon {
+        slot_exists,
+        older,
+        unreadable,
+    } = slot::horizon(client, slot, publication).await?;
     if !slot_exists || older {
         return Ok(true);
     }
