@@ -214,7 +214,7 @@ fn try_main(cli: Cli) -> Result<ExitCode, Error> {
             let status = runtime(threads)?.block_on(status::read(&settings))?;
             if json {
                 let text = serde_json::to_string_pretty(&status)
-                    .map_err(|e| Error::Setup(e.to_string()))?;
+                    .map_err(|e| Error::Internal(format!("writing JSON: {e}")))?;
                 println!("{text}");
             } else {
                 print!("{}", status.human());
@@ -272,7 +272,7 @@ fn dead_letters(action: DeadLetterAction, threads: u16) -> Result<ExitCode, Erro
             })?;
             if json {
                 let text = serde_json::to_string_pretty(&letters)
-                    .map_err(|e| Error::Setup(e.to_string()))?;
+                    .map_err(|e| Error::Internal(format!("writing JSON: {e}")))?;
                 println!("{text}");
             } else if letters.is_empty() {
                 println!("no dead letters for slot {}", settings.slot);

@@ -19,7 +19,7 @@ const PROBE: &str = "conveyour identify";
 pub async fn conveyour_checks(settings: &SinkSettings, probe_id: Option<&str>) -> Vec<CheckResult> {
     let sink = match Sink::new(settings) {
         Ok(sink) => sink,
-        Err(e) => return vec![fail(REACHABLE, e)],
+        Err(e) => return vec![fail(REACHABLE, e.to_string())],
     };
     let url = &settings.url;
     let reached = match sink.reach().await {

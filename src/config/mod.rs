@@ -389,6 +389,12 @@ pub enum ConfigErrorKind {
 }
 
 impl ConfigError {
+    /// A wrong value at `field`, found outside config loading (by the
+    /// layer that uses the value).
+    pub(crate) fn key(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        err(field, problem)
+    }
+
     /// What the operator should do.
     pub fn hint(&self) -> &'static str {
         match self.kind {
@@ -593,6 +599,30 @@ tables: [{table: employees, identify: {id: email}}]
         assert_eq!(s.conveyour.token.expose(), "env-token");
         let s = validate(GOOD).unwrap();
         assert_eq!(s.conveyour.appkey.expose(), "file-appkey");
+    }
+
+    #[test]
+    fn a_credential_that_cannot_go_in_a_header_is_refused_without_showing_it() {
+        let env = |name: &str| match name {
+            APPKEY_ENV => Some("s3cr3t-key\n".to_owned()),
+            _ => None,
+        };
+        let e = Config::from_yaml(GOOD)
+            .unwrap()
+            .validate(&env)
+            .expect_err("a newline cannot go in a header");
+        let text = e.to_string();
+        assert_eq!(e.field, "conveyour.appkey");
+        assert!(
+            text.contains(&format!("(from {APPKEY_ENV})")) && text.contains("line break"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cr3t"), "the secret leaked: {text}");
+        expect_error(
+            &GOOD.replace("token: file-token", "token: café"),
+            "conveyour.token",
+            "outside ASCII",
+        );
     }
 
     #[test]

@@ -311,14 +311,38 @@ pub(super) fn credential(
     field: &str,
     env_name: &str,
 ) -> Result<Secret, ConfigError> {
-    match (from_env, from_file) {
-        (Some(v), _) => Ok(Secret(v)),
-        (None, Some(v)) if !v.0.is_empty() => Ok(v.clone()),
-        _ => Err(err(
+    let (secret, from) = match (from_env, from_file) {
+        (Some(v), _) => (Secret(v), format!(" (from {env_name})")),
+        (None, Some(v)) if !v.0.is_empty() => (v.clone(), String::new()),
+        _ => {
+            return Err(err(
+                field,
+                format!(
+                    "missing: set it in the config file or in the {env_name} environment variable"
+                ),
+            ))
+        }
+    };
+    // It goes in an HTTP header, which takes visible ASCII, spaces and tabs.
+    // The value itself is never shown.
+    if let Some(bad) = secret
+        .0
+        .chars()
+        .find(|c| !matches!(c, ' ' | '\t' | '!'..='~'))
+    {
+        let what = match bad {
+            '\n' | '\r' => "a line break (a secret file's trailing newline?)".to_owned(),
+            c if c.is_control() => "a control character".to_owned(),
+            _ => "a character outside ASCII".to_owned(),
+        };
+        return Err(err(
             field,
-            format!("missing: set it in the config file or in the {env_name} environment variable"),
-        )),
+            format!(
+                "the value{from} holds {what}, which cannot go in an HTTP header; remove it (ConveYour's keys are plain ASCII)"
+            ),
+        ));
     }
+    Ok(secret)
 }
 
 /// The base URL without a trailing `/api/analytics`,

@@ -32,7 +32,7 @@ use tokio_postgres::Client;
 use crate::config::{MappingKind, Settings, TableMapping, DEAD_LETTER_RETRY_MAX_MS};
 use crate::mapping::Schema;
 use crate::shutdown::Shutdown;
-use crate::sink::{Endpoint, Request, Sink};
+use crate::sink::{Endpoint, Request, Sink, SinkError};
 use crate::snapshot::{self, WatermarkedChunks, Window};
 use crate::source::{connect_sql, Key, SourceError, TableReader};
 use crate::state::{self, DeadLetter, Reason, State, WATERMARK_PREFIX};
@@ -126,9 +126,9 @@ fn route<'a>(settings: &'a Settings, l: &DeadLetter) -> Route<'a> {
 enum Sent {
     Delivered,
     Rejected,
-    /// No answer in time, or an answer no entry is to blame for
+    /// No answer in time (None), or an answer no entry is to blame for
     /// (credentials, URL): later entries would fare no better.
-    Unreachable,
+    Unreachable(Option<SinkError>),
     /// Being sent by another process (or gone meanwhile): left to it.
     Elsewhere,
 }
@@ -194,7 +194,7 @@ async fn claimed_send(
         }
         Ok(Err(e)) => {
             state::note_retry_skipped(client, l.id, &noted(&l.message, &e.to_string())).await?;
-            Ok(Sent::Unreachable)
+            Ok(Sent::Unreachable(Some(e)))
         }
         Err(_) => {
             state::note_retry_skipped(
@@ -206,7 +206,7 @@ async fn claimed_send(
                 ),
             )
             .await?;
-            Ok(Sent::Unreachable)
+            Ok(Sent::Unreachable(None))
         }
     }
 }
@@ -240,7 +240,7 @@ pub async fn retry_dead_letters(
     if streaming {
         return hand_over(&client, &settings.slot, id, limit + HANDOVER_SLACK).await;
     }
-    let sink = Sink::new(&settings.conveyour).map_err(Error::Setup)?;
+    let sink = Sink::new(&settings.conveyour)?;
     let mut outcome = RetryOutcome::default();
     for l in state::list_dead_letters(&client, &settings.slot, id).await? {
         match route(settings, &l) {
@@ -257,9 +257,12 @@ pub async fn retry_dead_letters(
                     Sent::Delivered => outcome.delivered += 1,
                     Sent::Rejected => outcome.rejected += 1,
                     Sent::Elsewhere => outcome.waiting += 1,
-                    Sent::Unreachable => {
+                    // Who sent it or where is wrong: the sink's own error
+                    // names it (credentials, URL, 501).
+                    Sent::Unreachable(Some(e)) => return Err(Error::Sink(e)),
+                    Sent::Unreachable(None) => {
                         return Err(Error::Setup(format!(
-                            "dead letter {}: ConveYour did not acknowledge it; is it reachable, are the credentials right?",
+                            "dead letter {}: ConveYour did not acknowledge it within {limit:?}; it stays a dead letter: is ConveYour reachable from here (conveyour.url)?",
                             l.id
                         )))
                     }
@@ -388,7 +391,7 @@ impl Redeliver<'_> {
                 Route::Stored(endpoint) if reachable => {
                     let sent =
                         send_stored(self.sink, client, &settings.slot, &l, endpoint, limit).await?;
-                    reachable = !matches!(sent, Sent::Unreachable);
+                    reachable = !matches!(sent, Sent::Unreachable(_));
                 }
                 // ConveYour did not answer the last one: the rest wait for
                 // the next pass.

@@ -37,7 +37,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// Connection losses to Postgres reconnect with backoff and resume from the
 /// slot's confirmed position.
 pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
-    let sink = Arc::new(Sink::new(&settings.conveyour).map_err(Error::Setup)?);
+    let sink = Arc::new(Sink::new(&settings.conveyour)?);
     let mut failures: u32 = 0;
     let mut standing_by = false;
     loop {

@@ -91,9 +91,9 @@ pub(super) async fn session(
         Err(e) if e.is_transient() => return Err(e.into()),
         Err(e) => {
             if settings.conveyour.on_reject == OnReject::DeadLetter {
-                return Err(Error::Setup(format!(
-                    "{e}; dead letters need the connector's schema: run sql/setup.sql, or set conveyour.on_reject: stop"
-                )));
+                return Err(e
+                    .with_advice("dead letters need the connector's schema: run sql/setup.sql, or set conveyour.on_reject: stop")
+                    .into());
             }
             tracing::warn!("progress is tracked per transaction only, and existing rows are not copied (the connector's schema is unavailable): {e}");
             None

@@ -1,100 +1,18 @@
 //! The HTTP client that delivers requests to ConveYour and retries until
 //! each is acknowledged or definitely rejected.
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 
 use super::concurrency::{Limiter, Permit, Signal};
+use super::error::{SinkError, UNTRUSTED_CERTIFICATE};
 use super::request::Request;
 use super::retry::{backoff, classify, retry_wait, Verdict};
 use super::throttle::Throttle;
 use super::Endpoint;
-use crate::config::SinkSettings;
-
-/// A request ConveYour will not accept as it is. The position does not
-/// move past it.
-#[derive(Debug, Clone)]
-pub struct SinkError {
-    endpoint: Endpoint,
-    count: usize,
-    first: Option<(String, String, crate::lsn::Lsn)>,
-    /// The HTTP status; 2xx when the body did not say ok.
-    status: u16,
-    /// ConveYour's message.
-    message: String,
-    attempts: u32,
-}
-
-impl SinkError {
-    /// What the operator should do.
-    pub fn hint(&self) -> &'static str {
-        if self.status == UNTRUSTED_CERTIFICATE {
-            "the certificate ConveYour's address presented is not trusted here: if a TLS-inspecting proxy or a private endpoint serves it, give its CA certificate (PEM) in conveyour.ca_file; otherwise check conveyour.url; the position was not advanced, so nothing is lost"
-        } else if self.status == 501 {
-            "ConveYour answered 501 Not Implemented: conveyour.url must be the account's address (https://SUBDOMAIN.conveyour.com), without a path; the position was not advanced, so nothing is lost"
-        } else if self.is_content_rejection() {
-            "fix the row or the mapping named above (or what ConveYour's message says), then restart; the position was not advanced, so nothing is lost"
-        } else {
-            "check conveyour.url, conveyour.appkey and conveyour.token; the position was not advanced, so nothing is lost"
-        }
-    }
-
-    /// Whether ConveYour refused what the request says (a bad entry, or
-    /// ConveYour failing in a way that looks the same), as opposed to who
-    /// sent it or where (credentials, URL, 501), which no entry can be
-    /// blamed for and which stops the connector.
-    pub fn is_content_rejection(&self) -> bool {
-        matches!(self.status, 200..=299 | 400..=499)
-            && !matches!(self.status, 401 | 403 | 404 | 405 | 407)
-    }
-
-    pub fn status(&self) -> u16 {
-        self.status
-    }
-
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-
-    pub fn attempts(&self) -> u32 {
-        self.attempts
-    }
-}
-
-impl fmt::Display for SinkError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.endpoint {
-            Endpoint::Identify => "identify entries",
-            Endpoint::Track => "track events",
-        };
-        write!(f, "ConveYour rejected a request of {} {what}", self.count)?;
-        if let Some((table, contact, lsn)) = &self.first {
-            let lead = if self.count > 1 { "first: " } else { "" };
-            write!(f, " ({lead}table {table}, id {contact}, LSN {lsn})")?;
-        }
-        if self.status == UNTRUSTED_CERTIFICATE {
-            return write!(
-                f,
-                " after {} attempt(s): no reply, the TLS handshake refused its certificate: {}",
-                self.attempts, self.message
-            );
-        }
-        write!(
-            f,
-            " after {} attempt(s): HTTP {}: {}",
-            self.attempts, self.status, self.message
-        )
-    }
-}
-
-impl std::error::Error for SinkError {}
-
-/// The status a [`SinkError`] carries when no reply came because the TLS
-/// handshake refused ConveYour's certificate: no HTTP status is 1.
-const UNTRUSTED_CERTIFICATE: u16 = 1;
+use crate::config::{ConfigError, SinkSettings};
 
 /// Delivers requests to one ConveYour account.
 pub(crate) struct Sink {
@@ -135,11 +53,17 @@ const PROBE_CONTACTS: usize = 4;
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(60);
 
 impl Sink {
-    pub(crate) fn new(settings: &SinkSettings) -> Result<Sink, String> {
+    /// The client for `settings`. Fails only on settings that config
+    /// validation lets through (an unusable certificate, a TLS backend that
+    /// cannot start), naming the key.
+    pub(crate) fn new(settings: &SinkSettings) -> Result<Sink, ConfigError> {
         let mut headers = HeaderMap::new();
-        let secret = |value: &str, what: &str| -> Result<HeaderValue, String> {
+        let secret = |value: &str, what: &str| -> Result<HeaderValue, ConfigError> {
             let mut v = HeaderValue::from_str(value).map_err(|_| {
-                format!("conveyour.{what}: holds characters that cannot go in an HTTP header")
+                ConfigError::key(
+                    format!("conveyour.{what}"),
+                    "holds characters that cannot go in an HTTP header",
+                )
             })?;
             v.set_sensitive(true);
             Ok(v)
@@ -171,16 +95,18 @@ impl Sink {
             .redirect(reqwest::redirect::Policy::none());
         // Trusted besides the built-in roots, e.g. a TLS-inspecting proxy's CA.
         for der in settings.ca_file.iter().flat_map(|ca| ca.certificates()) {
-            let cert = reqwest::Certificate::from_der(der)
-                .map_err(|e| format!("conveyour.ca_file: unusable certificate: {e}"))?;
+            let cert = reqwest::Certificate::from_der(der).map_err(|e| {
+                ConfigError::key("conveyour.ca_file", format!("unusable certificate: {e}"))
+            })?;
             builder = builder.add_root_certificate(cert);
         }
-        let http = builder
-            .build()
-            .map_err(|e| format!("conveyour: cannot build the HTTP client: {e}"))?;
+        let http = builder.build().map_err(|e| {
+            ConfigError::key("conveyour", format!("cannot build the HTTP client: {e}"))
+        })?;
         let url = |e: Endpoint| {
-            reqwest::Url::parse(&format!("{}{}", settings.url, e.path()))
-                .map_err(|err| format!("conveyour.url: not a usable URL ({err})"))
+            reqwest::Url::parse(&format!("{}{}", settings.url, e.path())).map_err(|err| {
+                ConfigError::key("conveyour.url", format!("not a usable URL ({err})"))
+            })
         };
         Ok(Sink {
             http,

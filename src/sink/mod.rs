@@ -6,6 +6,7 @@ mod blame;
 mod client;
 mod coalesce;
 mod concurrency;
+mod error;
 mod request;
 mod retry;
 mod throttle;
@@ -13,8 +14,8 @@ mod throttle;
 pub(crate) use batch::{contact_key, Batcher, ContactKeyHash};
 pub(crate) use blame::{probe_contact, Blame, Trial};
 pub(crate) use client::Sink;
-pub use client::SinkError;
 pub(crate) use concurrency::{Limiter, Permit};
+pub use error::SinkError;
 pub(crate) use request::{single_body, Request};
 pub(crate) use retry::{backoff, Verdict};
 
