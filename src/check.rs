@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::config::{quote_ident, ContactSource, Settings, TableMapping, TableName};
+use crate::config::{ContactSource, Settings, TableMapping, TableName};
 use crate::mapping::Schema;
 use crate::source::{
     self, connect_sql, Catalog, FilterVerdict, Plan, ReplicaIdentity, ReplicationConn, Route,
 };
+use crate::sql::quote_ident;
 
 mod conveyour;
 mod failover;

@@ -323,11 +323,19 @@ fn dead_letters(action: DeadLetterAction, threads: u16) -> Result<ExitCode, Erro
                     outcome.waiting, settings.slot
                 );
             }
+            if outcome.pending > 0 {
+                eprintln!(
+                    "error: the connector streaming slot {} has not retried {} dead letter(s) yet; they stay marked and it retries them when it gets to them (see its log, then `dead-letters list`)",
+                    settings.slot, outcome.pending
+                );
+            }
             if outcome.rejected > 0 {
                 eprintln!(
                     "error: {} dead letter(s) rejected again; see `dead-letters list`",
                     outcome.rejected
                 );
+            }
+            if outcome.rejected > 0 || outcome.pending > 0 {
                 return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)

@@ -182,21 +182,8 @@ pub async fn read(settings: &Settings) -> Result<Status, Error> {
     let read_publication = |name: String| {
         let client = &client;
         async move {
-            let exists = client
-                .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
-                .await
-                .map_err(sql_err("reading the publication"))?
-                .is_some();
-            let tables: Vec<String> = client
-                .query(
-                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
-                    &[&name],
-                )
-                .await
-                .map_err(sql_err("reading the publication's tables"))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let exists = source::publication_exists(client, &name).await?;
+            let tables = source::published_table_names(client, &name).await?;
             Ok::<_, Error>(PublicationStatus {
                 name,
                 exists,

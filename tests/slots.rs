@@ -3,12 +3,14 @@
 //! single server can force: `wal_removed` (`max_slot_wal_keep_size`) and,
 //! on 18, `idle_timeout` (`idle_replication_slot_timeout`).
 //! (`rows_removed` and `wal_level_insufficient` need a standby.)
+//! And a slot dropped under a running connector: it stops, rather than
+//! starting over on a new slot that skips the changes made meanwhile.
 
 use std::time::{Duration, Instant};
 
 use crate::support::connector::{run_cli, Connector, CONFIG_PLACEHOLDER as CONFIG};
 use crate::support::pg::{private_cluster, server_major, skip_below, Cluster};
-use crate::support::setup::{reconfigure, world_on, World, ROSTER_SQL};
+use crate::support::setup::{reconfigure, world, world_on, World, ROSTER_SQL};
 
 const SCHEMA_SQL: &str = "CREATE TABLE filler (id bigserial PRIMARY KEY, pad text);";
 
@@ -205,5 +207,81 @@ async fn a_slot_idle_past_idle_replication_slot_timeout_is_reported_as_idle_time
         &config,
         "idle_timeout",
         "raise idle_replication_slot_timeout",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_dropped_under_a_running_connector_stops_it_instead_of_starting_over() {
+    let w = world("slot_dropped", ROSTER_SQL).await;
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(30)).await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('a@x.test', 'a');")
+        .await;
+    w.rx.wait_until("the first identify", Duration::from_secs(20), |r| {
+        r.identify_count() == 1
+    })
+    .await;
+
+    // End the walsender, then drop the slot before the connector is back
+    // (an active slot cannot be dropped; it reconnects after a pause).
+    let admin = w.db.client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                  WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&w.slot],
+            )
+            .await
+            .unwrap();
+        if admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&w.slot])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot could not be dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Made while no slot exists: a new slot would never see it.
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('b@x.test', 'b');")
+        .await;
+
+    let exit = conn.wait(Duration::from_secs(60)).await;
+    let log = conn.log();
+    assert!(
+        !exit.success(),
+        "a dropped slot must stop the connector:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "slot {} was dropped while the connector was reconnecting",
+            w.slot
+        )) && log.contains("find who dropped it"),
+        "the error must say the slot was dropped, and the hint what that cost:\n{log}"
+    );
+    let slots =
+        w.db.query_i64(&format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+            w.slot
+        ))
+        .await;
+    assert_eq!(
+        slots, 0,
+        "no new slot may have been made behind the operator's back"
+    );
+
+    // Started again, it makes a new slot, saying what the old one's loss cost.
+    let conn = Connector::run(&w.roster_config(), &[]);
+    w.wait_streaming(Duration::from_secs(30)).await;
+    conn.sigterm();
+    assert!(conn.wait(Duration::from_secs(30)).await.success());
+    let log = conn.log();
+    assert!(
+        log.contains("the slot is missing although progress up to")
+            && log.contains("are lost; a new slot is created"),
+        "a restart must say that the recorded progress outran the new slot:\n{log}"
     );
 }

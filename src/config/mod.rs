@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::sql::quote_ident;
+
 mod ca_file;
 mod conn_params;
 mod settings;
@@ -467,8 +469,6 @@ impl fmt::Display for TableName {
 /// What the name of the insert-only publication (for insert-only tables
 /// without a usable replica identity) adds to `postgres.publication`.
 pub const INSERT_PUBLICATION_SUFFIX: &str = "_inserts";
-
-pub use crate::sql::quote_ident;
 
 #[cfg(test)]
 mod tests {

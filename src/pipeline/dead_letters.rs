@@ -222,6 +222,10 @@ pub struct RetryOutcome {
     /// Left for the connector, which is not streaming: rows are read
     /// again only by a running connector (see the module's doc).
     pub waiting: usize,
+    /// Handed to the connector streaming the slot, which had not retried
+    /// them when the wait ended; they stay marked, and it retries them when
+    /// it gets to them.
+    pub pending: usize,
 }
 
 /// `dead-letters retry`: sends stored dead letters again (all, or one by
@@ -299,14 +303,16 @@ async fn hand_over(
             return Ok(RetryOutcome {
                 delivered: gone,
                 rejected: kept,
-                waiting: 0,
+                ..RetryOutcome::default()
             });
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(Error::Setup(format!(
-                "the connector streaming slot {slot} did not retry {} dead letter(s) within {limit:?}; they stay marked and are retried when it gets to them (see its log)",
-                ids.len() - gone - kept
-            )));
+            return Ok(RetryOutcome {
+                delivered: gone,
+                rejected: kept,
+                pending: ids.len() - gone - kept,
+                ..RetryOutcome::default()
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

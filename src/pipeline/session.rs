@@ -67,10 +67,17 @@ pub(super) async fn align_failover(
 }
 
 /// One replication session, from connecting to the end of the stream.
+///
+/// `slot_seen` is set once the slot is there. A later session that finds
+/// it gone stops with [`SourceErrorKind::SlotDropped`] instead of creating
+/// a new slot, which would silently skip every change made meanwhile.
+///
+/// [`SourceErrorKind::SlotDropped`]: crate::source::SourceErrorKind::SlotDropped
 pub(super) async fn session(
     settings: &Settings,
     sink: &Arc<Sink>,
     shutdown: Shutdown,
+    slot_seen: &mut bool,
 ) -> Result<(), Error> {
     let client = Arc::new(connect_sql(&settings.postgres).await?);
     let schema = Catalog::load(&client, &settings.tables).await?;
@@ -116,8 +123,21 @@ pub(super) async fn session(
     let server_version = source::server_version_num(&client).await?;
     let failover = source::failover_wanted(settings.failover_slot, server_version);
     let exported = match source::slot_info(&client, &settings.slot).await? {
+        None if *slot_seen => {
+            return Err(source::SourceError::slot_dropped(
+                &settings.slot,
+                "while the connector was reconnecting",
+            )
+            .into())
+        }
         None => {
             if let Some(state) = &state {
+                // Progress recorded for a slot that is gone: say what that
+                // cost, once, before starting over.
+                let recorded = state.lane_progress().await?;
+                if let Some(last) = recorded.iter().map(|(_, _, p)| p.commit_lsn).max() {
+                    tracing::warn!(slot = %settings.slot, recorded = %last, "the slot is missing although progress up to {last} is recorded for it: it was dropped, or the database was restored or failed over without it. Changes after that position that were not yet delivered are lost; a new slot is created and tables with snapshot: initial are copied again");
+                }
                 state.start_sync(&copied).await?;
             }
             conn.create_slot_exporting(&settings.slot, failover).await?
@@ -128,6 +148,7 @@ pub(super) async fn session(
         tracing::info!(slot = %settings.slot, failover, "created the replication slot");
     }
     source::ensure_slot(&client, &settings.slot, &settings.postgres.dbname).await?;
+    *slot_seen = true;
     align_failover(&client, &mut conn, settings, server_version, failover).await?;
     // Tables new to the mapping (or never copied) are copied too.
     if let Some(state) = &state {

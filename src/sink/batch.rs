@@ -14,13 +14,9 @@ use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::coalesce::fold_traits;
-use super::request::{build, Request};
+use super::request::{build, Item, Request};
 use super::Endpoint;
 use crate::mapping::{Action, ActionBody, Fields};
-
-/// An action with its place in the stream, so acknowledgements can be
-/// matched back to positions.
-pub(crate) type Item = (u64, Action);
 
 /// Pending actions, grouped into requests.
 pub(crate) struct Batcher {

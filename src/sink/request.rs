@@ -3,10 +3,13 @@
 
 use bytes::Bytes;
 
-use super::batch::Item;
 use super::Endpoint;
 use crate::json;
 use crate::mapping::{Action, ActionBody, Fields};
+
+/// An action with its place in the stream, so acknowledgements can be
+/// matched back to positions.
+pub(crate) type Item = (u64, Action);
 
 /// One HTTP request, body already encoded so retries resend the same bytes.
 #[derive(Debug, Clone)]

@@ -13,7 +13,8 @@
 use tokio_postgres::Client;
 
 use super::SourceError;
-use crate::config::{quote_ident, ContactSource, TableMapping, TableName};
+use crate::config::{ContactSource, TableMapping, TableName};
+use crate::sql::quote_ident;
 
 /// `server_version_num` of the first release whose pgoutput publishes
 /// stored generated columns (`publish_generated_columns`).

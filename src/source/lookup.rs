@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Statement};
 
 use super::{LookupTarget, SourceError, Visibility};
-use crate::config::quote_ident;
+use crate::sql::quote_ident;
 
 /// Whose change it is: known from the row, or to be looked up.
 #[derive(Debug, Clone, PartialEq, Eq)]

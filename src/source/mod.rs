@@ -35,8 +35,8 @@ pub(crate) use lookup::Resolver;
 pub use lookup::{CacheChange, ContactRef};
 pub(crate) use publication::{
     create_statement, current_filters, ensure_publication, insert_publication, plan, probe_filter,
-    replica_identity, server_version_num, visible_to_slot, FilterVerdict, Plan, PublicationState,
-    ReplicaIdentity, Route,
+    publication_exists, published_table_names, replica_identity, server_version_num,
+    visible_to_slot, FilterVerdict, Plan, PublicationState, ReplicaIdentity, Route,
 };
 pub(crate) use replication::ReplicationConn;
 pub(crate) use rows::{key_at, Key, TableReader};

@@ -358,17 +358,18 @@ impl ReplicationConn {
         let sql = if failover {
             format!(
                 "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)",
-                crate::config::quote_ident(slot)
+                crate::sql::quote_ident(slot)
             )
         } else {
             format!(
                 "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                crate::config::quote_ident(slot)
+                crate::sql::quote_ident(slot)
             )
         };
         let rows = match self.simple_query(&sql).await {
             Ok(rows) => rows,
-            Err(e) if e.to_string().contains("SQLSTATE 42710") => return Ok(None),
+            // duplicate_object: the slot exists already.
+            Err(e) if e.sqlstate() == Some("42710") => return Ok(None),
             Err(e) => return Err(e),
         };
         let row = rows.first().filter(|r| r.len() >= 3).ok_or_else(|| {
@@ -394,7 +395,7 @@ impl ReplicationConn {
     pub(crate) async fn set_failover(&mut self, slot: &str, on: bool) -> Result<(), SourceError> {
         let sql = format!(
             "ALTER_REPLICATION_SLOT {} (FAILOVER {on})",
-            crate::config::quote_ident(slot)
+            crate::sql::quote_ident(slot)
         );
         self.simple_query(&sql).await.map(|_| ())
     }
@@ -414,11 +415,11 @@ impl ReplicationConn {
     ) -> Result<(ReplicationReader, ReplicationWriter), SourceError> {
         let names: Vec<String> = publications
             .iter()
-            .map(|p| crate::config::quote_ident(p))
+            .map(|p| crate::sql::quote_ident(p))
             .collect();
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}{})",
-            crate::config::quote_ident(slot),
+            crate::sql::quote_ident(slot),
             start,
             quote_command_literal(&names.join(",")),
             if messages { ", \"messages\" 'true'" } else { "" },

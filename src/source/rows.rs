@@ -13,8 +13,9 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::Schema;
 use super::SourceError;
-use crate::config::{quote_ident, TableMapping, TableName};
+use crate::config::{TableMapping, TableName};
 use crate::decode::{Column, Datum, Relation, Tuple};
+use crate::sql::quote_ident;
 use crate::sql::quote_literal;
 
 /// A row's key in text form, one entry per key column.

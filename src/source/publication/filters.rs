@@ -7,12 +7,20 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 
 use super::identity::identity_problem;
-use super::{
-    begin, finish, is_privilege, pg_message, PublicationInfo, PublishedTable, PROBE_PUBLICATION,
-    PROBE_TABLE,
-};
-use crate::config::{quote_ident, TableName};
+use super::info::PublicationInfo;
+use super::tables::PublishedTable;
+use super::tx::{begin, finish, is_privilege, pg_message};
+use crate::config::TableName;
 use crate::source::SourceError;
+use crate::sql::quote_ident;
+
+/// The publication `check` creates (and always rolls back) to let Postgres
+/// judge a row filter without touching the real one.
+const PROBE_PUBLICATION: &str = "conveyour_cdc_filter_probe";
+
+/// The temporary table a row filter is spelled out on when the role may not
+/// change the publication (see [`deparse`]).
+const PROBE_TABLE: &str = "conveyour_cdc_filter_probe";
 /// A table the publication holds, as `pg_publication_tables` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct HeldTable {

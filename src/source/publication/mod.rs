@@ -15,32 +15,27 @@ use tokio_postgres::Client;
 
 mod filters;
 mod identity;
+mod info;
 mod placement;
 mod tables;
+mod tx;
 
 pub(crate) use filters::{current_filters, probe_filter, FilterVerdict};
 use filters::{filter_refused, sync_filters};
 pub(crate) use identity::{identity_problem, replica_identity, ReplicaIdentity};
+use info::publication_info;
+pub(crate) use info::{publication_exists, published_table_names};
 pub(crate) use placement::{insert_publication, plan, visible_to_slot, Plan, Route};
 pub(crate) use tables::{published_tables, PublishedTable};
+use tx::{begin, finish, is_privilege, pg_message};
 
 use super::generated;
 use super::SourceError;
-use crate::config::{quote_ident, Settings, TableName};
+use crate::config::{Settings, TableName};
+use crate::sql::quote_ident;
 
 /// `server_version_num` of the first release with publication row filters.
 const ROW_FILTERS_SINCE: i32 = 150_000;
-
-/// The publication `check` creates (and always rolls back) to let Postgres
-/// judge a row filter without touching the real one.
-const PROBE_PUBLICATION: &str = "conveyour_cdc_filter_probe";
-
-/// The temporary table a row filter is spelled out on when the role may not
-/// change the publication (see [`deparse`]).
-const PROBE_TABLE: &str = "conveyour_cdc_filter_probe";
-
-/// SQLSTATE insufficient_privilege.
-const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 /// The server's `server_version_num`, e.g. 150004.
 pub(crate) async fn server_version_num(client: &Client) -> Result<i32, SourceError> {
@@ -79,32 +74,6 @@ pub(crate) fn require_row_filters(
 pub(crate) enum PublicationState {
     Created,
     Ready,
-}
-
-/// The publication as `pg_publication` describes it.
-struct PublicationInfo {
-    /// `FOR ALL TABLES`: holds everything, and cannot filter rows.
-    all_tables: bool,
-    /// Publishes UPDATE or DELETE, which is when Postgres enforces the
-    /// replica identity rule on row filters.
-    changes_rows: bool,
-}
-
-async fn publication_info(
-    client: &Client,
-    publication: &str,
-) -> Result<Option<PublicationInfo>, SourceError> {
-    let row = client
-        .query_opt(
-            "SELECT puballtables, pubupdate OR pubdelete FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql("looking up the publication", e))?;
-    Ok(row.map(|r| PublicationInfo {
-        all_tables: r.get(0),
-        changes_rows: r.get(1),
-    }))
 }
 
 /// The publications to stream from, once [`ensure_publication`] made them
@@ -481,54 +450,6 @@ pub(crate) async fn missing_from_publication<'a>(
         .copied()
         .filter(|t| !held.contains(t))
         .collect())
-}
-
-/// The role lacks a privilege (owner of the table or publication, CREATE
-/// on the database).
-fn is_privilege(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error()
-        .is_some_and(|db| db.code().code() == INSUFFICIENT_PRIVILEGE)
-}
-
-/// Postgres's message with its detail and SQLSTATE, for an error about
-/// something the user wrote.
-fn pg_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut text = db.message().to_owned();
-            if let Some(detail) = db.detail() {
-                text.push_str(&format!(": {detail}"));
-            }
-            if let Some(hint) = db.hint() {
-                text.push_str(&format!(" (hint: {hint})"));
-            }
-            format!("{text} (SQLSTATE {})", db.code().code())
-        }
-        None => e.to_string(),
-    }
-}
-
-async fn begin(client: &Client) -> Result<(), SourceError> {
-    client
-        .batch_execute("BEGIN")
-        .await
-        .map_err(|e| SourceError::from_sql("starting a transaction", e))
-}
-
-/// Ends the transaction [`begin`] started: commits when `outcome` is
-/// `Ok((true, _))`, rolls back otherwise, and passes the outcome on.
-async fn finish<T>(
-    client: &Client,
-    outcome: Result<(bool, T), SourceError>,
-) -> Result<T, SourceError> {
-    let end = match &outcome {
-        Ok((true, _)) => "COMMIT",
-        _ => "ROLLBACK",
-    };
-    let ended = client.batch_execute(end).await;
-    let (_, value) = outcome?;
-    ended.map_err(|e| SourceError::from_sql(&format!("ending a transaction ({end})"), e))?;
-    Ok(value)
 }
 
 #[cfg(test)]

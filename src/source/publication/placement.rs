@@ -21,10 +21,12 @@ use std::collections::HashSet;
 use tokio_postgres::Client;
 
 use super::identity::{replica_identity, ReplicaIdentity};
+use super::info::publication_info;
 use super::tables::{published_tables, PublishedTable};
-use crate::config::{quote_ident, Settings, TableName, INSERT_PUBLICATION_SUFFIX};
+use crate::config::{Settings, TableName, INSERT_PUBLICATION_SUFFIX};
 use crate::source::slot::{self, Horizon};
 use crate::source::SourceError;
+use crate::sql::quote_ident;
 
 /// The insert-only publication that goes with the main `publication`.
 pub(crate) fn insert_publication(publication: &str) -> String {
@@ -183,14 +185,7 @@ pub(crate) async fn existing(
     client: &Client,
     publication: &str,
 ) -> Result<Option<Existing>, SourceError> {
-    let Some(row) = client
-        .query_opt(
-            "SELECT puballtables, pubupdate OR pubdelete FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| SourceError::from_sql(&format!("looking up publication {publication}"), e))?
-    else {
+    let Some(info) = publication_info(client, publication).await? else {
         return Ok(None);
     };
     let rows = client
@@ -220,8 +215,8 @@ pub(crate) async fn existing(
         tables.insert(table);
     }
     Ok(Some(Existing {
-        all_tables: row.get(0),
-        changes_rows: row.get(1),
+        all_tables: info.all_tables,
+        changes_rows: info.changes_rows,
         tables,
         through_schema,
     }))

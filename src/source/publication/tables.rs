@@ -1,6 +1,7 @@
 //! The tables the publications must hold, as the config asks for them.
 
-use crate::config::{quote_ident, ContactSource, Settings, TableName};
+use crate::config::{ContactSource, Settings, TableName};
+use crate::sql::quote_ident;
 
 /// One table the publication must hold.
 #[derive(Debug, Clone, Copy)]
