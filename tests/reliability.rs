@@ -1,4 +1,4 @@
-//! Issue 5's fault suite: real Postgres, the strict receiver and the real
+//! The fault suite: real Postgres, the strict receiver and the real
 //! binary under random HTTP faults, a long receiver outage, a Postgres
 //! restart, repeated SIGKILLs, two replicas racing for one slot and an
 //! invalidated slot. Every test ends with a consistency check against the
