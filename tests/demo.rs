@@ -252,9 +252,9 @@ impl Demo {
         )
         .await;
         println!(
-            "   50 inserts, {} requests: contacts are spread over `max_in_flight` (4) lanes, \
-             and a lane packs up to `batch_size` (500) identify entries in a request, waiting \
-             at most `batch_wait_ms` (50 ms here) for it to fill",
+            "   50 inserts, {} requests: up to `batch_size` (500) identify entries share a \
+             request, sent when the stream goes quiet after a commit or after `batch_wait_ms` \
+             (50 ms here); requests wait for each other only for the same contact",
             self.seen - before
         );
     }
@@ -447,7 +447,8 @@ impl Demo {
         println!(
             "   sent twice because of the kill: {} identify entries (idempotent), {} track \
              events, {repeated_requests} requests with an Idempotency-Key seen before: a restart \
-             resends only what was in flight (each lane records what it delivered)",
+             resends only what lay past the recorded mark (the connector records how far \
+             everything is acknowledged)",
             identifies.len() - distinct.len(),
             tracks.len() - received.len()
         );
