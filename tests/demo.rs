@@ -251,11 +251,12 @@ impl Demo {
              SELECT 'rep' || g || '@acme.test', 'Rep', 'No. ' || g, 0 FROM generate_series(1, 50) g;",
         )
         .await;
+        let requests = self.seen - before;
         println!(
-            "   50 inserts, {} requests: up to `batch_size` (500) identify entries share a \
-             request, sent when the stream goes quiet after a commit or after `batch_wait_ms` \
+            "   50 inserts, {requests} request{}: up to `batch_size` (500) identify entries share \
+             a request, sent when the stream goes quiet after a commit or after `batch_wait_ms` \
              (50 ms here); requests wait for each other only for the same contact",
-            self.seen - before
+            if requests == 1 { "" } else { "s" }
         );
     }
 
