@@ -74,7 +74,7 @@ fn connector_bin() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| Some(exe.parent()?.parent()?.join("conveyour-cdc")))
-        .unwrap_or_else(|| PathBuf::from(support::connector::BIN))
+        .unwrap_or_else(support::connector::bin)
 }
 
 struct Demo {
