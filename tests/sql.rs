@@ -382,7 +382,11 @@ async fn setup_refuses_bad_input_before_changing_anything() {
         "{out}"
     );
     assert!(
-        !exists(&db, "SELECT 1 FROM pg_namespace WHERE nspname = 'elsewhere'").await,
+        !exists(
+            &db,
+            "SELECT 1 FROM pg_namespace WHERE nspname = 'elsewhere'"
+        )
+        .await,
         "a refused schema was created"
     );
     assert!(
