@@ -23,8 +23,8 @@ pub(crate) struct Sink {
     throttle: Throttle,
     /// How many attempts may be on the wire at once.
     limiter: Arc<Limiter>,
-    /// What every request has seen ConveYour acknowledge, and whether it
-    /// is in an outage.
+    /// What ConveYour has acknowledged, across all requests, and whether
+    /// it is in an outage.
     health: Mutex<Health>,
 }
 

@@ -53,8 +53,8 @@ pub(crate) struct State {
     /// on another cluster (a restored dump) means nothing here, since its
     /// positions are another history's.
     system_id: String,
-    /// The progress upsert, prepared once: delivery records its mark each
-    /// time it moves, and an unprepared statement costs a second round trip.
+    /// The progress upsert, prepared once: delivery records its mark as it
+    /// moves, and an unprepared statement costs a second round trip.
     save_progress: Statement,
 }
 
