@@ -27,10 +27,6 @@
 --                         statement if log_statement is 'ddl' or 'all'.
 --   publication           default conveyour_cdc. Must match the connector's
 --                         postgres.publication.
---   schema                default conveyour_cdc, and it must stay that: the
---                         connector keeps its state and dead-letter tables
---                         in the schema of that name (created here, owned
---                         by the role) and has no setting for another.
 --   full_identity_tables  default empty. Comma-separated tables to switch to
 --                         REPLICA IDENTITY FULL, so updates and deletes carry
 --                         the whole old row (needed when a mapped column is
@@ -52,7 +48,9 @@
 -- What the role gets: LOGIN and REPLICATION (to create and stream its
 -- logical slot), CONNECT on this database, USAGE on the mapped tables'
 -- schemas and SELECT on the mapped tables only (for the initial snapshot),
--- and its own schema. Nothing else: no writes to the mapped tables, no other
+-- and its own schema, `conveyour_cdc`, where the connector keeps its state
+-- and dead letters (the name is fixed: the connector has no setting for
+-- another). Nothing else: no writes to the mapped tables, no other
 -- tables, no CREATE elsewhere.
 --
 -- Managed services: where REPLICATION cannot be granted (e.g. Amazon RDS),
@@ -71,9 +69,16 @@ SET client_min_messages = warning;
 \else
   \set publication conveyour_cdc
 \endif
+-- The connector's own schema: always this name.
+\set cdc_schema conveyour_cdc
 \if :{?schema}
-\else
-  \set schema conveyour_cdc
+  SELECT :'schema' <> :'cdc_schema' AS cdc_other_schema
+  \gset
+  \if :cdc_other_schema
+    SELECT format('DO %L', format('BEGIN RAISE EXCEPTION USING MESSAGE = %L, HINT = %L; END',
+                  'setup.sql: schema ' || :'schema' || ' cannot be used: the connector keeps its state in the schema conveyour_cdc and has no setting for another',
+                  'leave out -v schema')) \gexec
+  \endif
 \endif
 \if :{?full_identity_tables}
 \else
@@ -164,14 +169,14 @@ SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'role')
 \gexec
 
 -- Its own schema, owned by it: the connector keeps its state there.
-SELECT format('CREATE SCHEMA %I AUTHORIZATION %I', :'schema', :'role')
- WHERE NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :'schema')
+SELECT format('CREATE SCHEMA %I AUTHORIZATION %I', :'cdc_schema', :'role')
+ WHERE NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :'cdc_schema')
 \gexec
-SELECT format('ALTER SCHEMA %I OWNER TO %I', :'schema', :'role')
+SELECT format('ALTER SCHEMA %I OWNER TO %I', :'cdc_schema', :'role')
   FROM pg_namespace
- WHERE nspname = :'schema' AND nspowner <> (SELECT oid FROM pg_roles WHERE rolname = :'role')
+ WHERE nspname = :'cdc_schema' AND nspowner <> (SELECT oid FROM pg_roles WHERE rolname = :'role')
 \gexec
-SELECT format('GRANT USAGE, CREATE ON SCHEMA %I TO %I', :'schema', :'role')
+SELECT format('GRANT USAGE, CREATE ON SCHEMA %I TO %I', :'cdc_schema', :'role')
 \gexec
 
 -- Read access to the mapped tables, and nothing more.
@@ -189,7 +194,7 @@ SELECT format('REVOKE SELECT ON TABLE %I.%I FROM %I', n.nspname, c.relname, :'ro
   CROSS JOIN LATERAL aclexplode(c.relacl) AS a
  WHERE a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :'role')
    AND a.privilege_type = 'SELECT'
-   AND n.nspname <> :'schema'
+   AND n.nspname <> :'cdc_schema'
    AND format('%I.%I', n.nspname, c.relname) <> ALL (string_to_array(:'cdc_table_list', ', '))
 \gexec
 

@@ -21,7 +21,9 @@
 --                in this database and is inactive.
 --   publication  default conveyour_cdc (postgres.publication). Its
 --                insert-only companion `<publication>_inserts` goes too.
---   schema       default conveyour_cdc. Dropped with everything in it.
+--   schema       default conveyour_cdc, the schema the connector keeps its
+--                state in. Dropped with everything in it. Another name only
+--                removes a schema an earlier setup.sql made with -v schema.
 --
 -- REPLICA IDENTITY FULL set by setup.sql is left in place: it is harmless
 -- beyond some extra WAL, and the table may have had it before. Reset it with

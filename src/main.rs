@@ -25,7 +25,7 @@ struct Cli {
 /// process produces, and one thread maps and sends it faster than the
 /// walsender decodes (the benchmark's ceiling, about 140k changes/s on one
 /// core). A second thread added no throughput there and cost CPU, since
-/// every hand-over between the reader, the lanes and the coordinator then
+/// every hand-over between the reader, delivery and its request tasks then
 /// woke another thread (5.1 → 4.7 CPU seconds per million changes).
 const DEFAULT_THREADS: u16 = 1;
 

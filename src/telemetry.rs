@@ -76,7 +76,8 @@ pub(crate) struct Metrics {
     pub slot_retained_wal_bytes: Gauge,
     pub connected: IntGauge,
     pub dead_letters: IntCounter,
-    /// 1 while ConveYour refuses every request alike and the lanes hold.
+    /// 1 while ConveYour refuses every request alike and refused requests
+    /// are held.
     pub outage: IntGauge,
     /// Dead letters stored for this slot now (rejected and unmappable),
     /// read from the table after each store and retry pass.

@@ -133,7 +133,7 @@ async fn kill_mid_transaction(hint: &str, rows: usize, kill_after: usize, fill_s
     w.rx.set_keep_bodies(false);
     let config = w.config(
         ROSTER_TABLES,
-        &format!("  batch_size: {KILL_BATCH}\n  max_in_flight: {KILL_LANES}\n"),
+        &format!("  batch_size: {KILL_BATCH}\n  max_in_flight: {KILL_IN_FLIGHT}\n"),
     );
     let conn = Connector::run(&config, &[]);
     w.wait_streaming(Duration::from_secs(60)).await;
@@ -161,9 +161,10 @@ async fn kill_mid_transaction(hint: &str, rows: usize, kill_after: usize, fill_s
 }
 
 const KILL_BATCH: usize = 100;
-const KILL_LANES: usize = 2;
-/// In flight at a kill: each lane's current flush.
-const KILL_BOUND: usize = 2 * KILL_LANES * KILL_BATCH;
+const KILL_IN_FLIGHT: usize = 2;
+/// What a kill may make repeat, with room to spare: delivery batches no
+/// action more than `max_in_flight × batch_size` past the recorded mark.
+const KILL_BOUND: usize = 2 * KILL_IN_FLIGHT * KILL_BATCH;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_mid_transaction_resends_at_most_what_was_in_flight() {

@@ -74,7 +74,7 @@ fn connector_bin() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| Some(exe.parent()?.parent()?.join("conveyour-cdc")))
-        .unwrap_or_else(|| PathBuf::from(support::connector::BIN))
+        .unwrap_or_else(support::connector::bin)
 }
 
 struct Demo {
@@ -251,11 +251,12 @@ impl Demo {
              SELECT 'rep' || g || '@acme.test', 'Rep', 'No. ' || g, 0 FROM generate_series(1, 50) g;",
         )
         .await;
+        let requests = self.seen - before;
         println!(
-            "   50 inserts, {} requests: contacts are spread over `max_in_flight` (4) lanes, \
-             and a lane packs up to `batch_size` (500) identify entries in a request, waiting \
-             at most `batch_wait_ms` (50 ms here) for it to fill",
-            self.seen - before
+            "   50 inserts, {requests} request{}: up to `batch_size` (500) identify entries share \
+             a request, sent when the stream goes quiet after a commit or after `batch_wait_ms` \
+             (50 ms here); requests wait for each other only for the same contact",
+            if requests == 1 { "" } else { "s" }
         );
     }
 
@@ -447,7 +448,8 @@ impl Demo {
         println!(
             "   sent twice because of the kill: {} identify entries (idempotent), {} track \
              events, {repeated_requests} requests with an Idempotency-Key seen before: a restart \
-             resends only what was in flight (each lane records what it delivered)",
+             resends only what lay past the recorded mark (the connector records how far \
+             everything is acknowledged)",
             identifies.len() - distinct.len(),
             tracks.len() - received.len()
         );

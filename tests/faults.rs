@@ -404,9 +404,10 @@ fn receiver_state(rx: &Receiver) -> (BTreeMap<String, Value>, Vec<(String, i64)>
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_minute_of_status_error_on_every_request_is_an_outage_not_dead_letters() {
-    // Issue 15: ConveYour answered every request with 200 and
-    // {"status":"error"}; the connector dead-lettered each change after
-    // body_error_retries and moved on, and nothing was re-sent afterwards.
+    // ConveYour answers every request with 200 and {"status":"error"}
+    // for a minute: an outage. The connector must hold the position and
+    // send everything again once ConveYour recovers, not dead-letter each
+    // change after body_error_retries and move on.
     let w = world("body_outage", ROSTER_SQL).await;
     let conn = Connector::run(
         &w.config(crate::support::setup::ROSTER_TABLES, "  batch_size: 20\n"),

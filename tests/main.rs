@@ -7,6 +7,7 @@
 mod support;
 
 mod auth;
+mod ci;
 mod cli;
 mod concurrency;
 mod dead_letters;

@@ -1,4 +1,4 @@
-//! Issue 3's mapping language end to end: the real binary, a real Postgres
+//! The mapping language end to end: the real binary, a real Postgres
 //! and the strict receiver, asserting the exact JSON ConveYour receives
 //! for contact ids through foreign keys, list traits, `$inc` counters,
 //! skipped no-op updates, shaping options, load-time errors and schema

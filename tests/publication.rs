@@ -107,7 +107,7 @@ async fn a_row_filter_streams_only_matching_rows() {
     })
     .await;
     wait_caught_up(&w).await;
-    // Different contacts may travel in different lanes: compare in id order.
+    // Different contacts' requests may go out in parallel: compare in id order.
     let mut sent = w.rx.identifies();
     sent.sort_by_key(|b| b["id"].as_str().unwrap_or_default().to_owned());
     assert_eq!(

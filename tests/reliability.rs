@@ -1,4 +1,4 @@
-//! Issue 5's fault suite: real Postgres, the strict receiver and the real
+//! The fault suite: real Postgres, the strict receiver and the real
 //! binary under random HTTP faults, a long receiver outage, a Postgres
 //! restart, repeated SIGKILLs, two replicas racing for one slot and an
 //! invalidated slot. Every test ends with a consistency check against the
@@ -714,18 +714,18 @@ async fn a_postgres_restart_mid_stream_is_reconnected_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn five_sigkills_lose_nothing_and_repeat_at_most_what_was_in_flight() {
     const BATCH: usize = 20;
-    const LANES: usize = 2;
-    // What can be in flight at a kill: each lane's current flush, at most
-    // one batch of events. Lanes record their progress after every flush,
-    // so nothing acknowledged before that repeats.
-    const BOUND: usize = LANES * BATCH;
+    const IN_FLIGHT: usize = 2;
+    // What a kill can make repeat: delivery batches no action more than
+    // `max_in_flight × batch_size` past the mark it records as
+    // acknowledgements move it, and nothing before the mark repeats.
+    const BOUND: usize = IN_FLIGHT * BATCH;
     let seed = seed(0x5EED_0004);
     eprintln!("sigkill x5: seed {seed} (RELIABILITY_SEED={seed} replays it)");
     let mut rng = fastrand::Rng::with_seed(seed);
     let w = world("rel_sigkill", SCHEMA_SQL).await;
     let config = w.config(
         TABLES,
-        &format!("  batch_size: {BATCH}\n  max_in_flight: {LANES}\n"),
+        &format!("  batch_size: {BATCH}\n  max_in_flight: {IN_FLIGHT}\n"),
     );
     let mut conn = Connector::run(&config, &[]);
     w.wait_streaming(Duration::from_secs(30)).await;

@@ -292,7 +292,7 @@ async fn a_backlog_goes_out_in_full_batches_and_its_end_is_not_held_back() {
     let requests = w.rx.request_count();
     assert!(
         requests <= TXNS / 4,
-        "{} rows in {TXNS} transactions, batch_size 500, one lane: {requests} requests, expected full batches rather than one per transaction",
+        "{} rows in {TXNS} transactions, batch_size 500, max_in_flight 1: {requests} requests, expected full batches rather than one per transaction",
         TXNS * ROWS
     );
 

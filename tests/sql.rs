@@ -101,7 +101,9 @@ async fn exists(db: &TestDb, sql: &str) -> bool {
         > 0
 }
 
-/// Roles, publication, schema and slot names for one test.
+/// Roles, publication, schema and slot names for one test. The schema is
+/// always the connector's own, `conveyour_cdc` (schemas belong to one
+/// database, so tests in their own databases do not share it).
 struct Names {
     role: String,
     publication: String,
@@ -115,7 +117,7 @@ impl Names {
         Names {
             role: format!("r_{base}"),
             publication: format!("pub_{base}"),
-            schema: format!("cdc_{base}"),
+            schema: "conveyour_cdc".to_owned(),
             slot: format!("slot_{base}"),
         }
     }
@@ -173,7 +175,6 @@ async fn setup_grants_exactly_what_the_connector_needs_and_teardown_removes_it()
         ("password", PASSWORD),
         ("tables", "public.employees, sales"),
         ("publication", n.publication.as_str()),
-        ("schema", n.schema.as_str()),
         ("full_identity_tables", "public.employees"),
     ];
 
@@ -333,7 +334,6 @@ async fn setup_grants_exactly_what_the_connector_needs_and_teardown_removes_it()
         ("role", n.role.as_str()),
         ("slot", n.slot.as_str()),
         ("publication", n.publication.as_str()),
-        ("schema", n.schema.as_str()),
     ];
     psql_ok(&db, "teardown.sql", &teardown);
     n.gone(&db).await;
@@ -364,6 +364,31 @@ async fn setup_refuses_bad_input_before_changing_anything() {
         ],
     );
     assert!(out.contains("\"public.nope\" does not exist"), "{out}");
+    // The connector keeps its state in `conveyour_cdc` only: another
+    // schema would be made for nothing.
+    let out = psql_fails(
+        &db,
+        "setup.sql",
+        &[
+            ("role", &n.role),
+            ("tables", "employees"),
+            ("schema", "elsewhere"),
+        ],
+    );
+    assert!(
+        out.contains("schema elsewhere cannot be used")
+            && out.contains("conveyour_cdc")
+            && out.contains("leave out -v schema"),
+        "{out}"
+    );
+    assert!(
+        !exists(
+            &db,
+            "SELECT 1 FROM pg_namespace WHERE nspname = 'elsewhere'"
+        )
+        .await,
+        "a refused schema was created"
+    );
     assert!(
         !exists(
             &db,

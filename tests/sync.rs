@@ -279,11 +279,11 @@ async fn a_copy_killed_midway_resumes_from_its_last_chunk() {
     let w = world("sync_kill", SCHEMA_SQL).await;
     let n = 30_000;
     let chunk = 500;
-    let lanes = 2;
+    let in_flight = 2;
     seed_employees(&w, n).await;
     let mut config = w.config(
         TABLES,
-        &format!("  batch_size: 250\n  max_in_flight: {lanes}"),
+        &format!("  batch_size: 250\n  max_in_flight: {in_flight}"),
     );
     config.push_str(&format!("sync:\n  chunk_rows: {chunk}\n"));
     let conn = Connector::run(&config, &[]);
@@ -321,13 +321,13 @@ async fn a_copy_killed_midway_resumes_from_its_last_chunk() {
     let sent = w.rx.identify_count();
     // The update of 29999 is a second identify of its own.
     let duplicates = sent - n - 1;
-    let bound = chunk * lanes;
+    let bound = chunk * in_flight;
     eprintln!(
         "killed at {before} identifies after {copied} recorded; {duplicates} rows sent twice (bound {bound})"
     );
     assert!(
         duplicates <= bound,
-        "{duplicates} rows sent twice, more than one chunk ({chunk}) per in-flight request ({lanes})"
+        "{duplicates} rows sent twice, more than one chunk ({chunk}) per request in flight ({in_flight})"
     );
     conn.stop().await;
 }

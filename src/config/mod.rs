@@ -158,9 +158,9 @@ fn default_dead_letter_retry_every_ms() -> u64 {
 }
 
 /// Rows read per chunk of the initial sync or a resync. 2,000 rows make
-/// four full identify requests at the default batch size, so one chunk
-/// keeps every default lane busy, while a crash resends at most this many
-/// rows per chunk in flight.
+/// four full identify requests at the default batch size, so the few
+/// chunks in flight keep many requests busy, while a crash resends at most
+/// this many rows per chunk in flight.
 pub const DEFAULT_SYNC_CHUNK_ROWS: usize = 2_000;
 
 /// `sync:` — how existing rows are copied.

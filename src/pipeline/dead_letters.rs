@@ -12,10 +12,11 @@
 //! **No stale overwrite.** The running connector reads the rows between a
 //! low and a high watermark written into the WAL, as a resync's chunk is
 //! read ([`WatermarkedChunks`]): the reader drops every row the stream
-//! changed in full between the two and hands the rest to the lanes at the
+//! changed in full between the two and hands the rest to delivery at the
 //! high watermark's place in the stream. A change committed after the read
-//! comes after the high watermark, so its lane sends it after the retried
-//! entry; a change before the read was either seen by the read or dropped
+//! comes after the high watermark, so delivery, which sends each contact's
+//! requests in stream order, sends it after the retried entry; a change
+//! before the read was either seen by the read or dropped
 //! the row from the chunk. So a retried entry never lands after a newer
 //! change of its row. `dead-letters retry` hands such entries to the
 //! running connector for this reason; with no connector streaming it sends
@@ -424,7 +425,7 @@ impl Redeliver<'_> {
     }
 
     /// Reads one table's rows of `letters` again between watermarks and
-    /// hands what they map to to the lanes (with their counters for
+    /// hands what they map to to delivery (with their counters for
     /// `new_rows`, see [`never_sent_insert`]); then removes the entries not
     /// stored again meanwhile. False on a stop.
     async fn reread(

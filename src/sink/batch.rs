@@ -80,9 +80,11 @@ impl ContactIndex {
     }
 }
 
-/// FNV-1a of a contact id: a few cycles for a short id. Stable across
-/// restarts and versions, since delivery lanes are chosen by it
-/// (`pipeline::delivery::lane_for`) and progress is recorded per lane.
+/// FNV-1a of a contact id: a few cycles for a short id. Keys the
+/// batcher's pending entries and delivery's per-contact claims
+/// (`pipeline::delivery::order`); both live in memory only, and a
+/// collision costs no correctness (the batcher checks the contact, and
+/// two claims sharing a key only wait for each other).
 pub(crate) fn contact_key(contact: &str) -> u64 {
     fnv1a(0xcbf2_9ce4_8422_2325, contact.as_bytes())
 }

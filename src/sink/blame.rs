@@ -11,10 +11,10 @@
 //! that is an outage: the request is held and sent again, forever, and the
 //! position does not move past it.
 //!
-//! The witness is whatever ConveYour acknowledges: any lane's request, or a
-//! probe the lane sends when none came on its own (an identify with empty
-//! traits of a contact ConveYour acknowledged before: a no-op; see
-//! [`probe_contact`]). Halving finds a bad entry among good ones, and the
+//! The witness is whatever ConveYour acknowledges: any other request, or a
+//! probe sent for the held request when none came on its own (an identify
+//! with empty traits of a contact ConveYour acknowledged before: a no-op;
+//! see [`probe_contact`]). Halving finds a bad entry among good ones, and the
 //! good ones' acknowledgements make probes rarely needed then.
 
 use std::time::Instant;

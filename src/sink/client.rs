@@ -23,12 +23,12 @@ pub(crate) struct Sink {
     throttle: Throttle,
     /// How many attempts may be on the wire at once.
     limiter: Arc<Limiter>,
-    /// What every lane has seen ConveYour acknowledge, and whether it is
-    /// in an outage.
+    /// What ConveYour has acknowledged, across all requests, and whether
+    /// it is in an outage.
     health: Mutex<Health>,
 }
 
-/// ConveYour's health as the lanes saw it together.
+/// ConveYour's health as all requests saw it together.
 #[derive(Debug, Default)]
 struct Health {
     /// When the latest acknowledged request was sent (its last attempt):
@@ -125,8 +125,8 @@ impl Sink {
         self.health.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// When the latest request ConveYour acknowledged was sent, by any
-    /// lane (its acknowledged attempt).
+    /// When the latest request ConveYour acknowledged was sent, whichever
+    /// request it was (its acknowledged attempt).
     pub(crate) fn last_ack_sent(&self) -> Option<Instant> {
         self.health().last_ack_sent
     }
@@ -162,13 +162,13 @@ impl Sink {
         }
     }
 
-    /// Whether the lanes are holding for an outage.
+    /// Whether refused requests are being held for an outage.
     pub(crate) fn in_outage(&self) -> bool {
         self.health().outage_since.is_some()
     }
 
-    /// A lane holds `refused` for lack of a witness: ConveYour refuses
-    /// everything alike. Exported as the outage gauge; logged when the
+    /// A request is held after `refused` for lack of a witness: ConveYour
+    /// refuses everything alike. Exported as the outage gauge; logged when the
     /// outage starts and then every [`OUTAGE_REPORT_EVERY`], not per
     /// request.
     pub(crate) fn hold(&self, refused: &SinkError) {
@@ -335,7 +335,7 @@ impl Sink {
                 }
                 Verdict::NotOk { status, message } => {
                     not_ok += 1;
-                    // In an outage the holding lane's growing backoff
+                    // In an outage the held request's growing backoff
                     // paces the tries: retrying here only adds load.
                     if once || self.in_outage() || not_ok > self.settings.body_error_retries {
                         outcome("rejected");

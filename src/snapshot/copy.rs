@@ -224,7 +224,7 @@ pub(crate) async fn copy_exported(
                 }
                 in_flight.push_back((fired, key.clone(), rows_read));
                 last = Some(key);
-                // Several chunks in flight keep every lane busy; each is
+                // Several chunks in flight keep many requests busy; each is
                 // recorded once acknowledged, oldest first. At the end,
                 // every one is, before the table counts as done.
                 while in_flight.len() >= cx.chunks_in_flight {

@@ -53,8 +53,8 @@ pub(crate) struct State {
     /// on another cluster (a restored dump) means nothing here, since its
     /// positions are another history's.
     system_id: String,
-    /// The progress upsert, prepared once: a lane records progress after
-    /// every flush, and an unprepared statement costs a second round trip.
+    /// The progress upsert, prepared once: delivery records its mark as it
+    /// moves, and an unprepared statement costs a second round trip.
     save_progress: Statement,
 }
 
@@ -173,8 +173,10 @@ impl State {
         self.system_id = system_id.to_owned();
     }
 
-    /// Recorded progress: `(lane, lanes, progress)` for each lane, where
-    /// `lanes` is how many lanes the connector that wrote it had.
+    /// Recorded progress: `(lane, lanes, progress)` for each row, where
+    /// `lanes` is how many rows the connector that wrote it kept. This
+    /// version keeps one (lane 0 of 1); versions before adaptive
+    /// concurrency kept one per delivery lane.
     pub(crate) async fn lane_progress(&self) -> Result<Vec<(usize, usize, Progress)>, SourceError> {
         let rows = self
             .client
@@ -200,7 +202,7 @@ impl State {
     }
 
     /// Forgets progress written with another lane count, once it has been
-    /// read: the new lanes record their own.
+    /// read: from then on only this version's rows are recorded.
     pub(crate) async fn forget_other_lanes(&self, lanes: usize) -> Result<(), SourceError> {
         self.client
             .execute(
@@ -214,8 +216,8 @@ impl State {
         Ok(())
     }
 
-    /// Records that `lane` (of `lanes`) has everything up to `p`
-    /// acknowledged. Durable when it returns.
+    /// Records that everything up to `p` is acknowledged, in row `lane`
+    /// (of `lanes`; delivery writes lane 0 of 1). Durable when it returns.
     pub(crate) async fn save_lane_progress(
         &self,
         lane: usize,

@@ -366,7 +366,13 @@ def test_the_schema_rejects_bad_values(values, complaint):
 
 
 def binary() -> Path:
-    path = Path(os.environ.get("CONVEYOUR_CDC_BIN", "target/debug/conveyour-cdc"))
+    """The binary to check: CONVEYOUR_CDC_BIN when set, else the debug build
+    in CARGO_TARGET_DIR when set, else in the repository's target/ (relative
+    paths are taken from the repository root)."""
+    if os.environ.get("CONVEYOUR_CDC_BIN"):
+        path = Path(os.environ["CONVEYOUR_CDC_BIN"])
+    else:
+        path = Path(os.environ.get("CARGO_TARGET_DIR") or "target") / "debug" / "conveyour-cdc"
     if not path.is_absolute():
         path = REPO / path
     if not path.is_file():

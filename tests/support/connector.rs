@@ -11,13 +11,23 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The binary under test.
-/// Cargo sets it for integration tests; other targets that share this
-/// harness (the demo, benchmarks) fall back to the debug build's path.
-pub const BIN: &str = match option_env!("CARGO_BIN_EXE_conveyour-cdc") {
-    Some(path) => path,
-    None => concat!(env!("CARGO_MANIFEST_DIR"), "/target/debug/conveyour-cdc"),
-};
+/// The binary under test. Cargo names it for integration tests; other
+/// targets that share this harness (the demo) fall back to
+/// `CONVEYOUR_CDC_BIN` when set, else the debug build in `CARGO_TARGET_DIR`
+/// when set, else in the repository's `target/` (relative paths are taken
+/// from the repository root).
+pub fn bin() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_conveyour-cdc") {
+        return PathBuf::from(path);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(path) = set("CONVEYOUR_CDC_BIN") {
+        return repo.join(path);
+    }
+    let target = set("CARGO_TARGET_DIR").map_or_else(|| repo.join("target"), |dir| repo.join(dir));
+    target.join("debug").join("conveyour-cdc")
+}
 
 /// Placeholder in `args` that is replaced by the config file's path.
 pub const CONFIG_PLACEHOLDER: &str = "{config}";
@@ -78,10 +88,10 @@ impl Connector {
     /// (`{config}` → that file) and `env` added to the inherited environment.
     /// stdout and stderr both go to one log file, see [`Connector::log`].
     pub fn spawn(args: &[&str], config_yaml: &str, env: &[(&str, &str)]) -> Connector {
-        Connector::spawn_bin(Path::new(BIN), args, config_yaml, env)
+        Connector::spawn_bin(&bin(), args, config_yaml, env)
     }
 
-    /// Like [`Connector::spawn`], with the binary at `bin` instead of [`BIN`]
+    /// Like [`Connector::spawn`], with the binary at `bin` instead of [`bin()`]
     /// (the demo runs the one built next to it).
     pub fn spawn_bin(
         bin: &Path,
@@ -261,14 +271,15 @@ pub fn run_cli(
     env: &[(&str, &str)],
 ) -> (ExitStatus, String, String) {
     let scratch = Scratch::new(config_yaml);
+    let bin = bin();
     let out_path = scratch.dir.join("stdout");
     let err_path = scratch.dir.join("stderr");
     let mut child = scratch
-        .command(Path::new(BIN), args, env)
+        .command(&bin, args, env)
         .stdout(Stdio::from(fs::File::create(&out_path).unwrap()))
         .stderr(Stdio::from(fs::File::create(&err_path).unwrap()))
         .spawn()
-        .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(status) = child.try_wait().expect("waiting for conveyour-cdc") {
