@@ -15,6 +15,7 @@ mod docs;
 mod failover;
 mod faults;
 mod harness;
+mod layout;
 mod mapping;
 mod observe;
 mod preview;

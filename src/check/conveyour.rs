@@ -2,7 +2,7 @@
 //! operator names a contact, one identify with the configured credentials
 //! is accepted. Nothing is sent to the API unless a contact is named.
 
-use super::{fail, pass, CheckResult};
+use super::result::{fail, pass, CheckResult};
 use crate::config::{SinkSettings, APPKEY_ENV, TOKEN_ENV};
 use crate::sink::{Endpoint, Request, Sink, Verdict};
 

@@ -4,7 +4,7 @@
 
 use tokio_postgres::Client;
 
-use super::{fail, pass, warn, CheckResult};
+use super::result::{fail, pass, warn, CheckResult};
 use crate::config::Settings;
 use crate::source::{self, PrimaryFailover, StandbyFailover, FAILOVER_SLOTS_SINCE};
 

@@ -4,7 +4,7 @@
 //! may. (A generated column the stream cannot carry fails "tables and
 //! columns".)
 
-use super::{fail, pass, CheckResult};
+use super::result::{fail, pass, CheckResult};
 use crate::config::Settings;
 use crate::source::{self, Plan, Route};
 

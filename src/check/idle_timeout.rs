@@ -3,7 +3,7 @@
 //! changes are gone. A connector that is down longer than that (a crash
 //! over a weekend, a broken deploy) loses its slot.
 
-use super::{pass, warn, CheckResult};
+use super::result::{pass, warn, CheckResult};
 
 const NAME: &str = "idle_replication_slot_timeout";
 

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{State, SCHEMA};
+use super::schema::SCHEMA;
+use super::State;
 use crate::decode::Tuple;
 use crate::mapping::{MapError, Mapper, RowKey};
 use crate::sink::{Endpoint, Request, SinkError};
@@ -75,69 +76,6 @@ impl Reason {
             Reason::Unmappable => "unmappable",
         }
     }
-}
-
-/// Columns added after the table's first release, for installs made
-/// before: each `ADD COLUMN IF NOT EXISTS`, so an existing table upgrades
-/// in place and a new one gets them too. Rows stored before have no key
-/// (NULL) and reason `rejected` (the only reason there was).
-const UPGRADE: &str = "
-    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS reason text NOT NULL DEFAULT 'rejected';
-    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS key_columns text[];
-    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS key_values text[];
-    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS retries int NOT NULL DEFAULT 0;
-    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS retry_requested boolean NOT NULL DEFAULT false;
-    ALTER TABLE {SCHEMA}.dead_letters ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();
-    CREATE INDEX IF NOT EXISTS dead_letters_row ON {SCHEMA}.dead_letters (slot, source_table, key_values);";
-
-/// How many of [`UPGRADE`]'s columns there are, plus its index.
-const UPGRADE_OBJECTS: i64 = 7;
-
-/// Adds the columns and the index of [`UPGRADE`] the table lacks. Looked
-/// up first: an ALTER TABLE locks the table even when it changes nothing,
-/// and a standby connector opens the schema every few seconds. The index
-/// finds a row's entry when it is stored again: without it, storing each
-/// of many unmappable rows reads the whole table.
-pub(super) async fn upgrade(client: &Client) -> Result<(), tokio_postgres::Error> {
-    let present: i64 = client
-        .query_one(
-            &format!(
-                "SELECT (SELECT count(*) FROM pg_attribute
-                          WHERE attrelid = '{SCHEMA}.dead_letters'::regclass AND NOT attisdropped
-                            AND attname IN ('reason', 'key_columns', 'key_values', 'retries', 'retry_requested', 'updated_at'))
-                      + (SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-                          WHERE i.indrelid = '{SCHEMA}.dead_letters'::regclass AND c.relname = 'dead_letters_row')"
-            ),
-            &[],
-        )
-        .await?
-        .get(0);
-    if present == UPGRADE_OBJECTS {
-        return Ok(());
-    }
-    client
-        .batch_execute(&UPGRADE.replace("{SCHEMA}", SCHEMA))
-        .await
-}
-
-/// Why [`upgrade`] failed, with the fix: a table another role owns (made
-/// by an earlier version run as that role) takes new columns only from its
-/// owner.
-pub(super) async fn upgrade_error(client: &Client, e: tokio_postgres::Error) -> SourceError {
-    let context = format!("adding this version's columns and index to {SCHEMA}.dead_letters");
-    if e.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
-        return SourceError::from_sql(&context, e);
-    }
-    let role: String = match client.query_one("SELECT current_user::text", &[]).await {
-        Ok(r) => r.get(0),
-        Err(_) => "<the connector's role>".into(),
-    };
-    SourceError::from_sql(
-        &format!(
-            "{context} (another role owns the table; as that role or a superuser run ALTER TABLE {SCHEMA}.dead_letters OWNER TO \"{role}\", then restart)"
-        ),
-        e,
-    )
 }
 
 /// One row to store.

@@ -15,7 +15,10 @@ use crate::lsn::Lsn;
 use crate::source::SourceError;
 
 mod dead_letters;
+mod schema;
 mod sync;
+
+pub use schema::SCHEMA;
 
 pub use sync::request_resync;
 pub(crate) use sync::SyncStatus;
@@ -25,10 +28,6 @@ pub(crate) use dead_letters::{
     request_retry, retried, set_aside, settle_reread,
 };
 pub use dead_letters::{list_dead_letters, purge_dead_letters, DeadLetter, Reason};
-
-/// The schema's name. `sql/setup.sql` creates it owned by the connector's
-/// role; the connector creates it itself when it may.
-pub const SCHEMA: &str = "conveyour_cdc";
 
 /// A row change's place in the stream: transactions in commit order, then
 /// changes in their order within the transaction. Ordering follows the
@@ -59,99 +58,10 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// Makes sure the schema and its tables exist. The existence check comes
-    /// first: `CREATE SCHEMA IF NOT EXISTS` needs CREATE on the database
-    /// even when the schema is already there.
+    /// Makes sure the schema and its tables exist ([`schema::create`]), and
+    /// prepares the progress statement.
     pub(crate) async fn open(client: Arc<Client>, slot: &str) -> Result<State, SourceError> {
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&SCHEMA])
-            .await
-            .map_err(|e| SourceError::from_sql("looking up the connector's schema", e))?
-            .is_some();
-        if !exists {
-            match client.batch_execute(&format!("CREATE SCHEMA {SCHEMA}")).await {
-                Ok(()) => {}
-                // Another connector created it just now.
-                Err(e) if SourceError::already_exists(&e) => {}
-                Err(e) => {
-                    return Err(SourceError::from_sql(
-                        &format!("creating the connector's schema {SCHEMA} (run sql/setup.sql, or GRANT CREATE ON DATABASE to the role)"),
-                        e,
-                    ))
-                }
-            }
-        }
-        // Created only when one is missing: IF NOT EXISTS on a table that
-        // exists makes the server send a NOTICE, logged on every start.
-        let present = client
-            .query_one(
-                "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename IN ('progress', 'snapshot_progress', 'dead_letters')",
-                &[&SCHEMA],
-            )
-            .await
-            .map_err(|e| SourceError::from_sql("looking up the connector's tables", e))?
-            .get::<_, i64>(0);
-        let tables = if present == 3 {
-            Ok(())
-        } else {
-            client
-                .batch_execute(&format!(
-                    "CREATE TABLE IF NOT EXISTS {SCHEMA}.progress (
-                     slot text NOT NULL,
-                     lane int NOT NULL,
-                     lanes int NOT NULL,
-                     system_id text NOT NULL,
-                     commit_lsn pg_lsn NOT NULL,
-                     change bigint NOT NULL,
-                     updated_at timestamptz NOT NULL DEFAULT now(),
-                     PRIMARY KEY (slot, lane)
-                 );
-                 CREATE TABLE IF NOT EXISTS {SCHEMA}.snapshot_progress (
-                     slot text NOT NULL,
-                     source_table text NOT NULL,
-                     status text NOT NULL,
-                     last_key text[],
-                     rows_copied bigint NOT NULL DEFAULT 0,
-                     rows_total bigint,
-                     generation bigint NOT NULL DEFAULT 0,
-                     started_at timestamptz,
-                     updated_at timestamptz NOT NULL DEFAULT now(),
-                     finished_at timestamptz,
-                     PRIMARY KEY (slot, source_table)
-                 );
-                 CREATE TABLE IF NOT EXISTS {SCHEMA}.dead_letters (
-                     id bigserial PRIMARY KEY,
-                     slot text NOT NULL,
-                     endpoint text NOT NULL,
-                     source_table text NOT NULL,
-                     contact text NOT NULL,
-                     lsn pg_lsn NOT NULL,
-                     payload jsonb NOT NULL,
-                     status int NOT NULL,
-                     message text NOT NULL,
-                     attempts int NOT NULL,
-                     created_at timestamptz NOT NULL DEFAULT now()
-                 );"
-                ))
-                .await
-        };
-        match tables {
-            Ok(()) => {}
-            // Two connectors creating the same table at once: the loser's
-            // IF NOT EXISTS still trips on the catalog's unique index.
-            Err(e) if SourceError::already_exists(&e) => {}
-            Err(e) => {
-                return Err(SourceError::from_sql(
-                    &format!("creating the tables in schema {SCHEMA}"),
-                    e,
-                ))
-            }
-        }
-        match dead_letters::upgrade(&client).await {
-            Ok(()) => {}
-            Err(e) if SourceError::already_exists(&e) => {}
-            Err(e) => return Err(dead_letters::upgrade_error(&client, e).await),
-        }
+        schema::create(&client).await?;
         let save_progress = client
             .prepare(&format!(
                 "INSERT INTO {SCHEMA}.progress (slot, lane, lanes, system_id, commit_lsn, change) VALUES ($1, $2, $3, $6, $4::text::pg_lsn, $5)
