@@ -34,7 +34,7 @@ pub(super) async fn failover_checks(client: &Client, settings: &Settings) -> Vec
     };
     if version < FAILOVER_SLOTS_SINCE {
         return vec![mark(format!(
-            "PostgreSQL {} cannot synchronize a logical slot to a standby (17 and later can): a failover loses the slot and its position, and the connector starts over with a new slot (existing rows copied again; changes not delivered before the failover are not sent)",
+            "PostgreSQL {} cannot synchronize a logical slot to a standby (17 and later can): a failover loses the slot and its position: the running connector stops, saying so, and started again it makes a new slot (existing rows copied again; changes not delivered before the failover are not sent)",
             version / 10_000
         ))];
     }

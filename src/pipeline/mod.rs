@@ -40,9 +40,9 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Error> {
     let sink = Arc::new(Sink::new(&settings.conveyour)?);
     let mut failures: u32 = 0;
     let mut standing_by = false;
-    // Whether a session of this run found the slot: from then on a missing
-    // slot was dropped under the connector, not never made.
-    let mut slot_seen = false;
+    // The timeline on which a session of this run last found the slot:
+    // from then on a missing slot was lost, not never made.
+    let mut slot_seen = None;
     loop {
         let started = Instant::now();
         let ended = session::session(settings, &sink, shutdown.clone(), &mut slot_seen).await;

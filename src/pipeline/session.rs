@@ -68,16 +68,15 @@ pub(super) async fn align_failover(
 
 /// One replication session, from connecting to the end of the stream.
 ///
-/// `slot_seen` is set once the slot is there. A later session that finds
-/// it gone stops with [`SourceErrorKind::SlotDropped`] instead of creating
-/// a new slot, which would silently skip every change made meanwhile.
-///
-/// [`SourceErrorKind::SlotDropped`]: crate::source::SourceErrorKind::SlotDropped
+/// `slot_seen` is set, to the server's timeline, once the slot is there. A
+/// later session that finds it gone stops ([`slot_gone`]) instead of
+/// creating a new slot, which would silently skip every change made
+/// meanwhile.
 pub(super) async fn session(
     settings: &Settings,
     sink: &Arc<Sink>,
     shutdown: Shutdown,
-    slot_seen: &mut bool,
+    slot_seen: &mut Option<u32>,
 ) -> Result<(), Error> {
     let client = Arc::new(connect_sql(&settings.postgres).await?);
     let schema = Catalog::load(&client, &settings.tables).await?;
@@ -123,32 +122,34 @@ pub(super) async fn session(
     let server_version = source::server_version_num(&client).await?;
     let failover = source::failover_wanted(settings.failover_slot, server_version);
     let exported = match source::slot_info(&client, &settings.slot).await? {
-        None if *slot_seen => {
-            return Err(source::SourceError::slot_dropped(
-                &settings.slot,
-                "while the connector was reconnecting",
-            )
-            .into())
-        }
         None => {
+            if let Some(timeline) = *slot_seen {
+                return Err(slot_gone(&client, &settings.slot, timeline, system.timeline).await);
+            }
+            // Progress recorded for a slot that is gone: what that cost is
+            // said once the new slot exists.
+            let recorded = match &state {
+                Some(state) => (state.lane_progress().await?.iter())
+                    .map(|(_, _, p)| p.commit_lsn)
+                    .min(),
+                None => None,
+            };
             if let Some(state) = &state {
-                // Progress recorded for a slot that is gone: say what that
-                // cost, once, before starting over.
-                let recorded = state.lane_progress().await?;
-                if let Some(last) = recorded.iter().map(|(_, _, p)| p.commit_lsn).max() {
-                    tracing::warn!(slot = %settings.slot, recorded = %last, "the slot is missing although progress up to {last} is recorded for it: it was dropped, or the database was restored or failed over without it. Changes after that position that were not yet delivered are lost; a new slot is created and tables with snapshot: initial are copied again");
-                }
                 state.start_sync(&copied).await?;
             }
-            conn.create_slot_exporting(&settings.slot, failover).await?
+            let exported = conn.create_slot_exporting(&settings.slot, failover).await?;
+            if let (Some(_), Some(mark)) = (&exported, recorded) {
+                tracing::warn!(slot = %settings.slot, recorded = %mark, "the slot was missing although progress up to {mark} is recorded for it: it was dropped, or the database was restored or failed over without it. Changes after that position that were not yet delivered are lost; a new slot is created and tables with snapshot: initial are copied again");
+            }
+            exported
         }
         Some(_) => None,
     };
     if exported.is_some() {
         tracing::info!(slot = %settings.slot, failover, "created the replication slot");
     }
-    source::ensure_slot(&client, &settings.slot, &settings.postgres.dbname).await?;
-    *slot_seen = true;
+    source::require_slot(&client, &settings.slot, &settings.postgres.dbname).await?;
+    *slot_seen = Some(system.timeline);
     align_failover(&client, &mut conn, settings, server_version, failover).await?;
     // Tables new to the mapping (or never copied) are copied too.
     if let Some(state) = &state {
@@ -448,6 +449,31 @@ pub(super) async fn watch_slot(
             }
             Err(e) => return Error::Source(e),
         }
+    }
+}
+
+/// Why the slot a session of this run streamed from is missing from the
+/// server a reconnect reached (seen on timeline `seen`, now `now`).
+async fn slot_gone(client: &tokio_postgres::Client, slot: &str, seen: u32, now: u32) -> Error {
+    match source::in_recovery(client).await {
+        Err(e) => e.into(),
+        // Not the server to stream from: the primary may be back soon.
+        Ok(true) => source::SourceError::transient(format!(
+            "postgres.url led to a standby, which has no slot {slot}; reconnecting (add target_session_attrs=read-write to postgres.url to reach only the primary)"
+        ))
+        .into(),
+        Ok(false) if now != seen => source::SourceError::slot_gone(
+            slot,
+            &format!(
+                "is missing on the server reached after a failover (timeline {seen} to {now}): it was not carried over (PostgreSQL before 17, postgres.failover_slot: false, or a standby copy not yet sync-ready)"
+            ),
+        )
+        .into(),
+        Ok(false) => source::SourceError::slot_gone(
+            slot,
+            "was dropped while the connector was reconnecting",
+        )
+        .into(),
     }
 }
 

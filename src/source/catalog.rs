@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, NoTls};
 
+use super::session::READ_ONLY_PROBE;
 use super::tls::{self, MakeRustls};
 use super::SourceError;
 use super::{LookupTarget, Schema};
@@ -38,13 +39,19 @@ pub(crate) async fn connect_sql(params: &ConnParams) -> Result<Client, SourceErr
 /// recovery (a standby).
 async fn read_only(client: &Client) -> Result<Option<bool>, SourceError> {
     let row = client
-        .query_one(
-            "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
-            &[],
-        )
+        .query_one(READ_ONLY_PROBE, &[])
         .await
         .map_err(|e| SourceError::from_sql("asking whether the server accepts writes", e))?;
     Ok(row.get::<_, bool>(0).then(|| row.get(1)))
+}
+
+/// Whether the server is a standby (in recovery).
+pub(crate) async fn in_recovery(client: &Client) -> Result<bool, SourceError> {
+    let row = client
+        .query_one(READ_ONLY_PROBE, &[])
+        .await
+        .map_err(|e| SourceError::from_sql("asking whether the server is a standby", e))?;
+    Ok(row.get(1))
 }
 
 /// Opens an SQL session with the one host `params` names first.

@@ -21,7 +21,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use crate::config::{ConnParams, Host, TargetSessionAttrs};
-pub(crate) use catalog::{connect_sql, lookup_indexed, Catalog};
+pub(crate) use catalog::{connect_sql, in_recovery, lookup_indexed, Catalog};
 #[cfg(test)]
 pub(crate) use failover::StandbySlot;
 pub(crate) use failover::{failover_wanted, standbys, PrimaryFailover, StandbyFailover};
@@ -44,7 +44,7 @@ pub use schema::{LookupTarget, Schema};
 #[cfg(test)]
 pub(crate) use slot::SyncedSlot;
 pub(crate) use slot::{
-    check_slot, ensure_slot, free_slots, slot_active, slot_confirmed, slot_failover, slot_info,
+    check_slot, free_slots, require_slot, slot_active, slot_confirmed, slot_failover, slot_info,
     slot_invalidation, slot_retention, slot_state, FAILOVER_SLOTS_SINCE,
 };
 pub(crate) use stream::{ReplicationMessage, ReplicationReader, ReplicationWriter, CATCH_UP_PAUSE};
@@ -121,9 +121,14 @@ impl SourceError {
 
     /// The slot `slot` was dropped while this connector used it.
     pub(crate) fn slot_dropped(slot: &str, when: &str) -> Self {
+        Self::slot_gone(slot, &format!("was dropped {when}"))
+    }
+
+    /// The slot `slot`, which this connector used, is gone: `what` says how.
+    pub(crate) fn slot_gone(slot: &str, what: &str) -> Self {
         SourceError {
             kind: SourceErrorKind::SlotDropped,
-            message: format!("postgres.slot: slot {slot} was dropped {when}: its position is gone"),
+            message: format!("postgres.slot: slot {slot} {what}: its position is gone"),
             sqlstate: None,
             cause: None,
         }
@@ -148,6 +153,16 @@ impl SourceError {
             return SourceError {
                 kind: SourceErrorKind::SlotBusy,
                 message,
+                sqlstate: Some(code.to_owned()),
+                cause: None,
+            };
+        }
+        if code == "42704" && message.contains("replication slot") {
+            // undefined_object, for the slot START_REPLICATION names: it
+            // was there a moment ago, when the session checked.
+            return SourceError {
+                kind: SourceErrorKind::SlotDropped,
+                message: format!("{message}: the slot was dropped as the connector started to stream from it, and its position is gone"),
                 sqlstate: Some(code.to_owned()),
                 cause: None,
             };
@@ -325,7 +340,7 @@ impl SourceError {
             SourceErrorKind::SlotBusy => "another connector holds the slot; this one takes over when it stops",
             SourceErrorKind::SlotInvalidated(why) => why.prevention(),
             SourceErrorKind::PublicationMissing => "restart: `run` creates the publication when its role may; otherwise create it as sql/setup.sql shows, then restart",
-            SourceErrorKind::SlotDropped => "the changes since the last confirmed position are gone with the slot; restart to create a new one (tables with `snapshot: initial` are copied again), and find who dropped it",
+            SourceErrorKind::SlotDropped => "the changes since the last confirmed position are gone with the slot; restart to create a new one (tables with `snapshot: initial` are copied again), and find who dropped it or, after a failover, why the new primary had no copy (docs/operations.md, Failover)",
         }
     }
 }

@@ -76,11 +76,7 @@ impl ReplicationConn {
     /// None when sessions on this server may write; else whether it is in
     /// recovery (a standby).
     async fn read_only(&mut self) -> Result<Option<bool>, SourceError> {
-        let rows = self
-            .simple_query(
-                "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
-            )
-            .await?;
+        let rows = self.simple_query(super::session::READ_ONLY_PROBE).await?;
         let row = rows.first().filter(|r| r.len() >= 2).ok_or_else(|| {
             SourceError::transient("asking whether the server accepts writes: no row".into())
         })?;

@@ -10,6 +10,11 @@ use crate::config::{ConnParams, Host, SslMode};
 pub(crate) const SESSION_OPTIONS: &str =
     "-c datestyle=ISO,MDY -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601";
 
+/// Whether the server takes writes: `(transaction_read_only, in recovery)`,
+/// asked of every host before using it.
+pub(crate) const READ_ONLY_PROBE: &str =
+    "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()";
+
 /// The tokio-postgres configuration for an ordinary SQL session with
 /// the first host (see [`ConnParams::each_host`]).
 /// TLS is negotiated by the connector passed alongside.

@@ -47,36 +47,18 @@ pub(crate) async fn slot_info(
 }
 
 /// Makes sure the slot exists, is a pgoutput slot of this database, and has
-/// not been invalidated. Creates it when missing; returns whether it did.
-pub(crate) async fn ensure_slot(
+/// not been invalidated. Never creates it: the session creates a missing
+/// slot on its replication connection, so one missing here was dropped
+/// after the session found or made it.
+pub(crate) async fn require_slot(
     client: &Client,
     slot: &str,
     dbname: &str,
-) -> Result<bool, SourceError> {
-    if slot_info(client, slot).await?.is_none() {
-        let created = client
-            .query_one(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
-            .await;
-        match created {
-            Ok(_) => return Ok(true),
-            // Another connector created it just now: check it below.
-            Err(e) if SourceError::already_exists(&e) => {}
-            Err(e) => {
-                return Err(SourceError::from_sql(
-                    &format!("creating replication slot {slot}"),
-                    e,
-                ))
-            }
-        }
-    }
+) -> Result<(), SourceError> {
     let info = slot_info(client, slot)
         .await?
-        .ok_or_else(|| SourceError::transient(format!("slot {slot} vanished while starting")))?;
-    check_slot(slot, dbname, &info)?;
-    Ok(false)
+        .ok_or_else(|| SourceError::slot_dropped(slot, "as the connector started to stream"))?;
+    check_slot(slot, dbname, &info)
 }
 
 /// Refuses a slot the connector cannot use.
