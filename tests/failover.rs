@@ -1,7 +1,9 @@
 //! A failover with real servers (PostgreSQL 17+): a primary, a physical
 //! standby with slot sync, the connector on a two-host URL. The primary
 //! dies (`-m immediate`) while changes stream, the standby is promoted, and
-//! the connector resumes on it from the synchronized slot.
+//! the connector resumes on it from the synchronized slot. And on every
+//! version, a failover to a standby without the slot: the connector stops,
+//! naming the timeline change, rather than start over on a new slot.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -429,4 +431,65 @@ async fn a_multi_host_url_skips_a_dead_host_and_names_each_one_that_fails() {
         "{out}\n{err}"
     );
     assert!(!out.contains(&password) && !err.contains(&password));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failover_to_a_standby_without_the_slot_stops_naming_the_timeline_change() {
+    let primary = tokio::task::spawn_blocking(private_cluster).await.unwrap();
+    let w = world_on(primary, "failover_no_slot", SCHEMA_SQL).await;
+    let standby: &'static Cluster =
+        tokio::task::spawn_blocking(move || standby::start_standby(primary))
+            .await
+            .unwrap();
+    let db = w.db.name().to_owned();
+    let hosts = format!("127.0.0.1:{},127.0.0.1:{}", primary.port(), standby.port());
+    let url = format!("postgres://postgres@{hosts}/{db}?target_session_attrs=read-write");
+    // Not a failover slot (before 17 there are none): the standby has no
+    // copy.
+    let config = w.config_with_url(&url, TABLES, "").replace(
+        "  status_interval_ms: 1000\n",
+        "  status_interval_ms: 1000\n  failover_slot: false\n",
+    );
+    let conn = Connector::run(&config, &[]);
+    w.wait_streaming(Duration::from_secs(30)).await;
+    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('a@x.test', 'a');")
+        .await;
+    w.rx.wait_until("the first identify", Duration::from_secs(20), |r| {
+        r.identify_count() == 1
+    })
+    .await;
+
+    tokio::task::spawn_blocking(move || standby::crash(primary))
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(move || standby::promote(standby))
+        .await
+        .unwrap();
+
+    let exit = conn.wait(Duration::from_secs(120)).await;
+    let log = conn.log();
+    assert!(
+        !exit.success(),
+        "a new primary without the slot must stop the connector:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "slot {} is missing on the server reached after a failover (timeline 1 to 2)",
+            w.slot
+        )) && log.contains("why the new primary had no copy"),
+        "the error must name the failover and the hint what it cost:\n{log}"
+    );
+    let client = pg::connect(&standby.superuser_url(&db)).await.unwrap();
+    let slots: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&w.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        slots, 0,
+        "no new slot may have been made on the new primary"
+    );
 }

@@ -60,12 +60,18 @@ fn try_start(primary: &Cluster) -> Result<Cluster, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    // The copied postgresql.conf is the primary's; later lines win.
+    // The copied postgresql.conf is the primary's; later lines win. Slot
+    // sync is new in 17: an older standby carries no logical slot.
+    let sync = if crate::support::pg::server_major() >= 17 {
+        "sync_replication_slots = on\n"
+    } else {
+        ""
+    };
     let conf = format!(
         "\n# conveyour-cdc test harness: a standby with slot sync\n\
          port = {port}\n\
          unix_socket_directories = '{dir}'\n\
-         sync_replication_slots = on\n\
+         {sync}\
          hot_standby_feedback = on\n\
          log_min_messages = log\n",
         port = standby.port(),
