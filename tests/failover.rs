@@ -16,7 +16,7 @@ use tokio_postgres::NoTls;
 use crate::support::connector::{run_cli, Connector};
 use crate::support::pg::{self, private_cluster, Cluster};
 use crate::support::receiver::{id_string, Receiver};
-use crate::support::setup::{reconfigure, world_on};
+use crate::support::setup::{reconfigure, world_on, World};
 use crate::support::standby::{self, PHYSICAL_SLOT};
 
 const SCHEMA_SQL: &str = "
@@ -203,13 +203,19 @@ fn line_starting<'a>(out: &'a str, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line starting {prefix:?}:\n{out}"))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_failover_resumes_on_the_promoted_standby_from_the_synchronized_slot() {
-    if pg::skip_below(17, "failover slots and slot sync need PostgreSQL 17") {
-        return;
-    }
+/// A primary (a private cluster) with a world on it, its physical standby,
+/// and a two-host read-write URL to the world's database on both.
+struct Pair {
+    primary: &'static Cluster,
+    standby: &'static Cluster,
+    w: World,
+    db: String,
+    url: String,
+}
+
+async fn pair(hint: &str) -> Pair {
     let primary = tokio::task::spawn_blocking(private_cluster).await.unwrap();
-    let w = world_on(primary, "failover", SCHEMA_SQL).await;
+    let w = world_on(primary, hint, SCHEMA_SQL).await;
     let standby: &'static Cluster =
         tokio::task::spawn_blocking(move || standby::start_standby(primary))
             .await
@@ -217,6 +223,27 @@ async fn a_failover_resumes_on_the_promoted_standby_from_the_synchronized_slot()
     let db = w.db.name().to_owned();
     let hosts = format!("127.0.0.1:{},127.0.0.1:{}", primary.port(), standby.port());
     let url = format!("postgres://postgres@{hosts}/{db}?target_session_attrs=read-write");
+    Pair {
+        primary,
+        standby,
+        w,
+        db,
+        url,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failover_resumes_on_the_promoted_standby_from_the_synchronized_slot() {
+    if pg::skip_below(17, "failover slots and slot sync need PostgreSQL 17") {
+        return;
+    }
+    let Pair {
+        primary,
+        standby,
+        w,
+        db,
+        url,
+    } = pair("failover").await;
     let config = w.config_with_url(&url, TABLES, "");
     let standby_at = format!("127.0.0.1:{}", standby.port());
     let slot = w.slot.clone();
@@ -435,29 +462,20 @@ async fn a_multi_host_url_skips_a_dead_host_and_names_each_one_that_fails() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failover_to_a_standby_without_the_slot_stops_naming_the_timeline_change() {
-    let primary = tokio::task::spawn_blocking(private_cluster).await.unwrap();
-    let w = world_on(primary, "failover_no_slot", SCHEMA_SQL).await;
-    let standby: &'static Cluster =
-        tokio::task::spawn_blocking(move || standby::start_standby(primary))
-            .await
-            .unwrap();
-    let db = w.db.name().to_owned();
-    let hosts = format!("127.0.0.1:{},127.0.0.1:{}", primary.port(), standby.port());
-    let url = format!("postgres://postgres@{hosts}/{db}?target_session_attrs=read-write");
+    let Pair {
+        primary,
+        standby,
+        w,
+        db,
+        url,
+    } = pair("failover_no_slot").await;
     // Not a failover slot (before 17 there are none): the standby has no
     // copy.
     let config = w.config_with_url(&url, TABLES, "").replace(
         "  status_interval_ms: 1000\n",
         "  status_interval_ms: 1000\n  failover_slot: false\n",
     );
-    let conn = Connector::run(&config, &[]);
-    w.wait_streaming(Duration::from_secs(30)).await;
-    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('a@x.test', 'a');")
-        .await;
-    w.rx.wait_until("the first identify", Duration::from_secs(20), |r| {
-        r.identify_count() == 1
-    })
-    .await;
+    let conn = w.run_and_stream_one(&config, "a@x.test", 1).await;
 
     tokio::task::spawn_blocking(move || standby::crash(primary))
         .await

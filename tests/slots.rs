@@ -17,14 +17,7 @@ const SCHEMA_SQL: &str = "CREATE TABLE filler (id bigserial PRIMARY KEY, pad tex
 /// Streams one row through a connector on `w`, then stops it: the slot
 /// exists, holds a position, and no one streams from it.
 async fn streamed_once_then_stopped(w: &World, config: &str) {
-    let conn = Connector::run(config, &[]);
-    w.wait_streaming(Duration::from_secs(30)).await;
-    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('l@x.test', 'l');")
-        .await;
-    w.rx.wait_until("the first identify", Duration::from_secs(20), |r| {
-        r.identify_count() == 1
-    })
-    .await;
+    let conn = w.run_and_stream_one(config, "l@x.test", 1).await;
     conn.sigterm();
     assert!(conn.wait(Duration::from_secs(30)).await.success());
 }
@@ -213,14 +206,9 @@ async fn a_slot_idle_past_idle_replication_slot_timeout_is_reported_as_idle_time
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_dropped_under_a_running_connector_stops_it_instead_of_starting_over() {
     let w = world("slot_dropped", ROSTER_SQL).await;
-    let conn = Connector::run(&w.roster_config(), &[]);
-    w.wait_streaming(Duration::from_secs(30)).await;
-    w.db.exec("INSERT INTO employees (email, first_name) VALUES ('a@x.test', 'a');")
+    let conn = w
+        .run_and_stream_one(&w.roster_config(), "a@x.test", 1)
         .await;
-    w.rx.wait_until("the first identify", Duration::from_secs(20), |r| {
-        r.identify_count() == 1
-    })
-    .await;
 
     // Its mark recorded, so that a later start knows what it had delivered.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -97,6 +97,30 @@ impl World {
         )
     }
 
+    /// Starts a connector on `config` and streams one new employee through
+    /// it (`email`, into a table `employees` with `email` and `first_name`):
+    /// when this returns, ConveYour has seen `identifies` entries in all.
+    pub async fn run_and_stream_one(
+        &self,
+        config: &str,
+        email: &str,
+        identifies: usize,
+    ) -> super::connector::Connector {
+        let conn = super::connector::Connector::run(config, &[]);
+        self.wait_streaming(Duration::from_secs(30)).await;
+        self.db
+            .exec(&format!(
+                "INSERT INTO employees (email, first_name) VALUES ('{email}', 'x');"
+            ))
+            .await;
+        self.rx
+            .wait_until("the streamed identify", Duration::from_secs(20), |r| {
+                r.identify_count() == identifies
+            })
+            .await;
+        conn
+    }
+
     pub fn roster_config(&self) -> String {
         self.config(ROSTER_TABLES, "")
     }
