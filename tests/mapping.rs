@@ -981,7 +981,9 @@ const CITEXT_SQL: &str = "
     CREATE TABLE visits (id serial PRIMARY KEY, member citext, page text);
 ";
 
-const CITEXT_TABLES: &str = "
+/// Members identified by email; a visit's contact looked up by its member
+/// key.
+const MEMBER_VISITS_TABLES: &str = "
 tables:
   - table: public.members
     identify: {id: email, traits: {name: name}}
@@ -1004,7 +1006,7 @@ async fn citext_columns_serve_as_contact_ids_and_lookup_keys() {
     let w = world("citext", CITEXT_SQL).await;
     w.db.exec("INSERT INTO members VALUES ('Ann', 'Ann@Acme.test', 'Ann');")
         .await;
-    let conn = start(&w, CITEXT_TABLES).await;
+    let conn = start(&w, MEMBER_VISITS_TABLES).await;
     // Bob commits before his visit: `bob` misses the cache the stream keeps
     // (keyed by the text `Bob`), and the query on a miss may not yet see a
     // row of the very transaction being read.
@@ -1099,20 +1101,7 @@ async fn a_lookup_of_a_row_written_in_the_same_not_yet_visible_transaction_waits
          CREATE TABLE visits (id serial PRIMARY KEY, member numeric, page text);",
     )
     .await;
-    let conn = start(
-        &w,
-        "
-tables:
-  - table: public.members
-    identify: {id: email, traits: {name: name}}
-  - table: public.visits
-    track:
-      id: {from: public.members, key: member, column: email}
-      event: visited
-      properties: {page: page}
-",
-    )
-    .await;
+    let conn = start(&w, MEMBER_VISITS_TABLES).await;
     let writer = crate::support::setup::HeldCommit::start(
         cluster,
         &w.db.url(),

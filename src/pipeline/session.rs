@@ -121,7 +121,8 @@ pub(super) async fn session(
     // earlier slot's "done" marks on tables this slot never copied.
     let server_version = source::server_version_num(&client).await?;
     let failover = source::failover_wanted(settings.failover_slot, server_version);
-    let exported = match source::slot_info(&client, &settings.slot).await? {
+    let found = source::slot_info(&client, &settings.slot).await?;
+    let exported = match &found {
         None => {
             if let Some(timeline) = *slot_seen {
                 return Err(slot_gone(&client, &settings.slot, timeline, system.timeline).await);
@@ -148,7 +149,11 @@ pub(super) async fn session(
     if exported.is_some() {
         tracing::info!(slot = %settings.slot, failover, "created the replication slot");
     }
-    source::require_slot(&client, &settings.slot, &settings.postgres.dbname).await?;
+    match &found {
+        Some(info) => source::check_slot(&settings.slot, &settings.postgres.dbname, info)?,
+        // Made just now (here or by another connector): read it once more.
+        None => source::require_slot(&client, &settings.slot, &settings.postgres.dbname).await?,
+    }
     *slot_seen = Some(system.timeline);
     align_failover(&client, &mut conn, settings, server_version, failover).await?;
     // Tables new to the mapping (or never copied) are copied too.
